@@ -1,0 +1,69 @@
+//! The broker carries room events between gateway nodes (fan-out). On one node the in-process
+//! [`MemoryBroker`] hands each event straight to the local [`EventSink`] (the room registry).
+//!
+//! Contract: a message is published only after its insert committed; events of one room may arrive
+//! out of sequence order or twice (the registry reorders by `seq` and drops duplicates), and may be
+//! lost (the registry fills gaps from the store), so the broker need not be perfect to be correct.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::extract::ws::Utf8Bytes;
+
+/// A message ready to push: its sequence and the `message` frame, serialized once, shared by all.
+#[derive(Debug)]
+pub struct Published {
+    pub seq: i64,
+    pub frame: Utf8Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub enum RoomEvent {
+    /// A persisted message.
+    Message(Arc<Published>),
+    /// A membership was removed: that user's sockets stop receiving the room.
+    MemberRemoved { user_id: String },
+}
+
+/// Where a broker hands the events it receives.
+pub trait EventSink: Send + Sync + 'static {
+    fn deliver(&self, room: &str, event: RoomEvent);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("broker unavailable: {0}")]
+pub struct BrokerError(pub String);
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    async fn publish(&self, room: &str, event: RoomEvent) -> Result<(), BrokerError>;
+    /// Start receiving a room's events on this node (called when its first local member joins).
+    async fn subscribe(&self, room: &str) -> Result<(), BrokerError>;
+    /// Stop receiving them (called when its last local member leaves).
+    async fn unsubscribe(&self, room: &str);
+}
+
+/// One node: every published event goes straight to the local sink, synchronously.
+pub struct MemoryBroker {
+    sink: Arc<dyn EventSink>,
+}
+
+impl MemoryBroker {
+    pub fn new(sink: Arc<dyn EventSink>) -> Self {
+        Self { sink }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn publish(&self, room: &str, event: RoomEvent) -> Result<(), BrokerError> {
+        self.sink.deliver(room, event);
+        Ok(())
+    }
+
+    async fn subscribe(&self, _room: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, _room: &str) {}
+}

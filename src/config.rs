@@ -1,0 +1,308 @@
+//! Typed settings: `config/default.toml` (compiled in) -> an optional file -> environment.
+//!
+//! Environment variables: `CHAT_GATEWAY__<SECTION>__<KEY>` for every key, plus the short names
+//! operators expect (`BIND_ADDR`, `DATABASE_URL`, `REDIS_URL`, `JWT_SECRET`,
+//! `JWT_PUBLIC_KEY_FILE`, `LOG_FORMAT`). Secrets are wrapped in [`SecretString`] so that a
+//! `{:?}` of the settings never prints them. Invalid settings fail start-up with one line that
+//! names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Environment prefix for every key, e.g. `CHAT_GATEWAY__LIMITS__OUTBOUND_QUEUE`.
+pub const ENV_PREFIX: &str = "CHAT_GATEWAY";
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub auth: AuthSettings,
+    pub limits: Limits,
+    pub heartbeat: HeartbeatSettings,
+    pub rate_limit: RateLimitSettings,
+    pub cache: CacheSettings,
+    pub queue: QueueSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub bind_addr: SocketAddr,
+    pub max_connections: usize,
+    pub shutdown_grace_secs: u64,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub migrate_on_start: bool,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    pub url: SecretString,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    pub algorithm: JwtAlgorithm,
+    pub jwt_secret: SecretString,
+    pub public_key_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway_secs: u64,
+    pub auth_timeout_ms: u64,
+    pub expiry_warning_secs: u64,
+    pub membership_ttl_secs: u64,
+    pub dev_open_rooms: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_content_chars: usize,
+    pub max_rooms_per_connection: usize,
+    pub max_connections_per_user: usize,
+    pub outbound_queue: usize,
+    pub catch_up_limit: u32,
+    pub history_default_limit: u32,
+    pub history_max_limit: u32,
+    pub max_client_msg_id_bytes: usize,
+    pub ws_read_buffer_bytes: usize,
+    pub ws_write_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeartbeatSettings {
+    pub interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    pub user_per_second: u32,
+    pub user_burst: u32,
+    pub room_per_second: u32,
+    pub room_burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CacheSettings {
+    pub history_ttl_ms: u64,
+    pub max_pages: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct QueueSettings {
+    pub capacity: usize,
+    pub batch: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// A configuration error, phrased as one line that names the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Short environment names and the key each one sets.
+const SHORT_ENV: &[(&str, &str)] = &[
+    ("BIND_ADDR", "server.bind_addr"),
+    ("DATABASE_URL", "database.url"),
+    ("REDIS_URL", "redis.url"),
+    ("JWT_SECRET", "auth.jwt_secret"),
+    ("JWT_PUBLIC_KEY_FILE", "auth.public_key_file"),
+    ("LOG_FORMAT", "log.format"),
+];
+
+impl Settings {
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).required(true));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        for (var, key) in SHORT_ENV {
+            if let Ok(value) = std::env::var(var) {
+                builder = builder
+                    .set_override(*key, value)
+                    .map_err(|e| ConfigError(e.to_string()))?;
+            }
+        }
+        Self::build(builder)
+    }
+
+    /// The compiled-in defaults alone, with no file and no environment (tests start here).
+    pub fn defaults() -> Self {
+        Self::build(Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml)))
+            .expect("config/default.toml is valid")
+    }
+
+    fn build(builder: config::ConfigBuilder<config::builder::DefaultState>) -> Result<Self, ConfigError> {
+        let settings: Settings = builder
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what serde cannot: ranges and combinations. Each failure names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        let l = &self.limits;
+        if self.server.max_connections == 0 {
+            return fail("server.max_connections", "must be at least 1");
+        }
+        if l.max_frame_bytes < 1024 {
+            return fail("limits.max_frame_bytes", "must be at least 1024");
+        }
+        if l.max_content_chars == 0 {
+            return fail("limits.max_content_chars", "must be at least 1");
+        }
+        if l.outbound_queue < 8 {
+            return fail("limits.outbound_queue", "must be at least 8");
+        }
+        if l.max_rooms_per_connection == 0 {
+            return fail("limits.max_rooms_per_connection", "must be at least 1");
+        }
+        if l.max_connections_per_user == 0 {
+            return fail("limits.max_connections_per_user", "must be at least 1");
+        }
+        if l.history_max_limit == 0 || l.history_default_limit == 0 {
+            return fail("limits.history_default_limit", "limits must be at least 1");
+        }
+        if l.history_default_limit > l.history_max_limit {
+            return fail(
+                "limits.history_default_limit",
+                "must not exceed limits.history_max_limit",
+            );
+        }
+        if self.heartbeat.interval_ms < 10 {
+            return fail("heartbeat.interval_ms", "must be at least 10");
+        }
+        let r = &self.rate_limit;
+        if r.enabled {
+            for (key, v) in [
+                ("rate_limit.user_per_second", r.user_per_second),
+                ("rate_limit.user_burst", r.user_burst),
+                ("rate_limit.room_per_second", r.room_per_second),
+                ("rate_limit.room_burst", r.room_burst),
+            ] {
+                if v == 0 {
+                    return fail(key, "must be at least 1 (or set rate_limit.enabled = false)");
+                }
+            }
+        }
+        if self.queue.capacity == 0 || self.queue.batch == 0 {
+            return fail("queue.capacity", "capacity and batch must be at least 1");
+        }
+        let url = self.database.url.expose_secret();
+        if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return fail("database.url", "must be empty (embedded SQLite) or a postgres:// URL");
+        }
+        let a = &self.auth;
+        let has_secret = !a.jwt_secret.expose_secret().is_empty();
+        let has_key_file = !a.public_key_file.as_os_str().is_empty();
+        match a.algorithm {
+            JwtAlgorithm::HS256 => {
+                if has_key_file {
+                    return fail(
+                        "auth.public_key_file",
+                        "is for RS256/ES256; set auth.algorithm accordingly or use auth.jwt_secret",
+                    );
+                }
+                if has_secret && a.jwt_secret.expose_secret().len() < 32 {
+                    return fail("auth.jwt_secret", "must be at least 32 bytes");
+                }
+            }
+            JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                if has_secret {
+                    return fail("auth.jwt_secret", "is for HS256; RS256/ES256 use auth.public_key_file");
+                }
+                if !has_key_file {
+                    return fail("auth.public_key_file", "is required for RS256/ES256");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when no signing key is configured: the server makes its own secret and may mint tokens.
+    pub fn dev_mode(&self) -> bool {
+        self.auth.jwt_secret.expose_secret().is_empty()
+            && self.auth.public_key_file.as_os_str().is_empty()
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.server.data_dir.join("chat.db")
+    }
+}
+
+impl HeartbeatSettings {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_in_dev_mode() {
+        let s = Settings::defaults();
+        assert!(s.dev_mode());
+        assert_eq!(s.limits.max_content_chars, 2000);
+        assert_eq!(s.rate_limit.user_burst, 5);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let mut s = Settings::defaults();
+        s.auth.jwt_secret = SecretString::from("super-secret-value-that-must-not-leak!!");
+        assert!(!format!("{s:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let mut s = Settings::defaults();
+        s.limits.outbound_queue = 1;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.outbound_queue"), "{err}");
+    }
+}

@@ -1,0 +1,284 @@
+//! HTTP routes: the WebSocket upgrade, the REST fallback (compatible with the app the gateway
+//! replaces), the management API for backends (role SERVICE), health, readiness and metrics.
+//! Every route is a thin adapter over [`crate::service::ChatService`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State, WebSocketUpgrade};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::App;
+use crate::auth::{Identity, Role};
+use crate::error::ChatError;
+use crate::protocol::WireMessage;
+use crate::service::Door;
+use crate::transport::Connection;
+
+pub fn router(app: Arc<App>) -> Router {
+    let body_limit = app.service.settings.limits.max_frame_bytes;
+    let mut router = Router::new()
+        .route("/ws", get(ws_upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/chat/rooms", post(create_room))
+        .route("/api/chat/rooms/{room}/messages", get(history).post(send))
+        .route("/api/chat/rooms/{room}/members/{user}", put(add_member).delete(remove_member));
+    if app.service.dev_minter.is_some() {
+        router = router.route("/dev/token", post(dev_token));
+    }
+    router.layer(DefaultBodyLimit::max(body_limit)).with_state(app)
+}
+
+/// The caller of a REST route, from `Authorization: Bearer <jwt>`.
+pub struct AuthUser(pub Identity);
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+impl FromRequestParts<Arc<App>> for AuthUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        let result = match bearer(&parts.headers) {
+            None => Err(ChatError::NotAuthenticated),
+            Some(token) => app.service.authenticate(token).map_err(ChatError::Auth),
+        };
+        result.map(AuthUser).map_err(|e| error_response(app, e))
+    }
+}
+
+fn error_response(app: &App, e: ChatError) -> Response {
+    app.service.metrics.error(e.code());
+    e.into_response()
+}
+
+async fn ws_upgrade(
+    State(app): State<Arc<App>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if app.shutdown.is_cancelled() {
+        return unavailable("shutting down");
+    }
+    let Ok(permit) = app.conn_slots.clone().try_acquire_owned() else {
+        return unavailable("connection limit reached");
+    };
+    let token = query.get("token").cloned().or_else(|| bearer(&headers).map(str::to_string));
+    let limits = &app.service.settings.limits;
+    let guard = app.tracker.token();
+    upgrade
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .read_buffer_size(limits.ws_read_buffer_bytes)
+        .write_buffer_size(limits.ws_write_buffer_bytes)
+        .on_upgrade(move |socket| async move {
+            Connection::run(app, socket, token, permit).await;
+            drop(guard);
+        })
+}
+
+fn unavailable(why: &str) -> Response {
+    let body = json!({"error": {"code": "unavailable", "message": why, "retryAfterMs": 1000}});
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "draining": true})))
+            .into_response();
+    }
+    match app.service.store.ping().await {
+        Ok(()) => Json(json!({"ready": true, "store": "ok"})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: store unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "store": "unreachable"})))
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let body = app.service.metrics.render();
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// Parses an optional positive integer query parameter with a JSON error naming it.
+fn query_number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, ChatError> {
+    match q.get(name).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| ChatError::BadRequest(format!("{name} must be a positive integer"))),
+    }
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ChatError> {
+    serde_json::from_slice(body).map_err(|e| ChatError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+async fn history(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path(room): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let limit = query_number::<u32>(&q, "limit")?;
+        let before = query_number::<i64>(&q, "before")?;
+        app.service.history(&who, &room, before, limit).await
+    }
+    .await;
+    match result {
+        Ok(page) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "private, max-age=3, stale-while-revalidate=5"),
+            ],
+            page.to_string(),
+        )
+            .into_response(),
+        Err(e) => error_response(&app, e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    content: String,
+    #[serde(rename = "clientMsgId", default)]
+    client_msg_id: Option<String>,
+}
+
+async fn send(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path(room): Path<String>,
+    body: Bytes,
+) -> Response {
+    let result = async {
+        let body: SendBody = parse_json(&body)?;
+        app.service
+            .send(&who, &room, &body.content, body.client_msg_id.as_deref(), Door::Rest)
+            .await
+    }
+    .await;
+    match result {
+        Ok(inserted) => {
+            let status = if inserted.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+            let body = json!({
+                "message": WireMessage::from(&inserted.message),
+                "duplicate": inserted.duplicate,
+            });
+            (status, Json(body)).into_response()
+        }
+        Err(e) => error_response(&app, e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRoomBody {
+    #[serde(default)]
+    id: Option<String>,
+    name: String,
+}
+
+async fn create_room(State(app): State<Arc<App>>, AuthUser(who): AuthUser, body: Bytes) -> Response {
+    let result = async {
+        let body: CreateRoomBody = parse_json(&body)?;
+        app.service.create_room(&who, body.id.as_deref(), &body.name).await
+    }
+    .await;
+    match result {
+        Ok(room) => (
+            StatusCode::CREATED,
+            Json(json!({"room": {"id": room.id, "name": room.name, "lastSeq": room.last_seq}})),
+        )
+            .into_response(),
+        Err(e) => error_response(&app, e),
+    }
+}
+
+async fn add_member(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path((room, user)): Path<(String, String)>,
+) -> Response {
+    match app.service.add_member(&who, &room, &user).await {
+        Ok(added) => {
+            let status = if added { StatusCode::CREATED } else { StatusCode::OK };
+            (status, Json(json!({"roomId": room, "userId": user, "added": added}))).into_response()
+        }
+        Err(e) => error_response(&app, e),
+    }
+}
+
+async fn remove_member(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path((room, user)): Path<(String, String)>,
+) -> Response {
+    match app.service.remove_member(&who, &room, &user).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error_response(&app, ChatError::NotFound("membership")),
+        Err(e) => error_response(&app, e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevTokenBody {
+    #[serde(rename = "userId", default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    role: Option<Role>,
+    #[serde(rename = "ttlSecs", default)]
+    ttl_secs: Option<i64>,
+}
+
+/// Dev mode only: mints a token. The route does not exist when a key is configured.
+async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let body: DevTokenBody = match parse_json(&body) {
+        Ok(b) => b,
+        Err(e) => return error_response(&app, e),
+    };
+    let name = body.name.as_deref().map(str::trim).filter(|n| !n.is_empty());
+    let user = body
+        .user_id
+        .or_else(|| name.map(|n| n.to_lowercase().replace(char::is_whitespace, "-")))
+        .unwrap_or_else(|| format!("guest-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let ttl = body.ttl_secs.unwrap_or(3600).clamp(1, 7 * 24 * 3600);
+    match app.service.dev_token(&user, name.or(Some(&user)), body.role.unwrap_or_default(), ttl) {
+        Some(token) => Json(json!({"token": token, "userId": user})).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}

@@ -1,0 +1,234 @@
+//! chat-gateway: a realtime chat gateway. Browser clients hold one multiplexed WebSocket each;
+//! the gateway authorizes them, keeps rooms in memory, persists every message with a gap-free
+//! per-room sequence, and delivers each room's messages in order, exactly once per socket.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed settings (defaults -> file -> env); owns every limit.
+//! - [`telemetry`]: logging setup. [`metrics`]: Prometheus registry of one running gateway.
+//! - [`protocol`]: the wire contract (mirrors `proto-docs/protocol.md`): frames, codes.
+//! - [`auth`]: JWT verification (algorithm pinned by config) and dev-mode minting.
+//! - [`error`]: the service error type and its mapping to HTTP and protocol codes.
+//! - [`service`]: every chat operation and rule, once; both doors call it.
+//! - [`transport`]: one WebSocket connection (reader task, writer task, heartbeat).
+//! - [`http`]: routes (WebSocket upgrade, REST fallback, management API, health, metrics).
+//! - [`rooms`]: the room registry and per-room sequencer (in-order, exactly-once delivery).
+//! - [`membership`]: cached membership answers.
+//! - Backing parts, each a trait with its in-process implementation:
+//!   [`store`] (SQLite), [`broker`] (fan-out), [`cache`] (history pages),
+//!   [`queue`] (side-effect jobs + worker), [`ratelimit`] (send limits).
+//!
+//! Calls go one way: `http`/`transport` -> `service` -> (`rooms`, backing parts). `rooms` reads
+//! the `store` only to fill sequence gaps. Nothing calls back into `service`.
+
+pub mod auth;
+pub mod broker;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod membership;
+pub mod metrics;
+pub mod protocol;
+pub mod queue;
+pub mod ratelimit;
+pub mod rooms;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod transport;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Authenticator, TokenMinter};
+use crate::broker::MemoryBroker;
+use crate::cache::MemoryHistoryCache;
+use crate::config::Settings;
+use crate::membership::MembershipCache;
+use crate::metrics::Metrics;
+use crate::queue::{MemoryJobQueue, Worker};
+use crate::ratelimit::{MemoryRateLimiter, RateLimiter, Unlimited};
+use crate::rooms::RoomRegistry;
+use crate::service::ChatService;
+use crate::store::sqlite::SqliteStore;
+use crate::transport::UserConnections;
+
+/// How long a sequence gap may stay open before the registry reads it from the store.
+const GAP_FILL_AFTER: Duration = Duration::from_millis(250);
+
+/// Server-wide state shared by every connection and route.
+pub struct App {
+    pub service: Arc<ChatService>,
+    /// Cancelled on SIGTERM/SIGINT (or the caller's shutdown future): stop accepting, drain.
+    pub shutdown: CancellationToken,
+    /// One permit per open WebSocket; taken before the upgrade (`server.max_connections`).
+    pub conn_slots: Arc<Semaphore>,
+    pub user_connections: UserConnections,
+    pub next_conn_id: AtomicU64,
+    /// Every WebSocket connection task, so shutdown can wait for them to close.
+    pub tracker: TaskTracker,
+}
+
+/// Background tasks owned by a running gateway.
+struct Background {
+    store: Arc<SqliteStore>,
+    worker: JoinHandle<()>,
+    worker_stop: CancellationToken,
+}
+
+/// Opens the store and applies migrations (the `migrate` subcommand and start-up).
+pub async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<SqliteStore>> {
+    if !settings.database.url.expose_secret().is_empty() {
+        anyhow::bail!(
+            "invalid configuration: database.url: this build stores messages in the embedded SQLite \
+             database only; leave DATABASE_URL unset"
+        );
+    }
+    let path = settings.sqlite_path();
+    let store = SqliteStore::open(&path, settings.database.max_connections)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    if migrate {
+        store.migrate().await?;
+    }
+    Ok(Arc::new(store))
+}
+
+async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
+    if !settings.redis.url.expose_secret().is_empty() {
+        anyhow::bail!(
+            "invalid configuration: redis.url: this build runs the broker, cache, queue and rate \
+             limiter in-process only; leave REDIS_URL unset"
+        );
+    }
+    let store = open_store(&settings, settings.database.migrate_on_start).await?;
+    let dev_secret = if settings.dev_mode() {
+        let secret = auth::load_or_create_dev_secret(&settings.server.data_dir)?;
+        tracing::warn!(
+            "DEV MODE: no JWT key configured. Tokens are signed with a generated secret in {} and \
+             can be minted by anyone with `chat-gateway token` or POST /dev/token. Set JWT_SECRET \
+             (or JWT_PUBLIC_KEY_FILE) before exposing this server.",
+            settings.server.data_dir.display()
+        );
+        Some(secret)
+    } else {
+        None
+    };
+    let authenticator = Authenticator::new(&settings.auth, dev_secret.as_ref())?;
+    let dev_minter = dev_secret.as_ref().map(TokenMinter::hs256);
+
+    let metrics = Arc::new(Metrics::new());
+    let membership = Arc::new(MembershipCache::new(Duration::from_secs(
+        settings.auth.membership_ttl_secs,
+    )));
+    let dyn_store: Arc<dyn store::Store> = store.clone();
+    let registry = RoomRegistry::new(
+        dyn_store.clone(),
+        membership.clone(),
+        metrics.clone(),
+        GAP_FILL_AFTER,
+        settings.limits.outbound_queue + settings.limits.catch_up_limit as usize,
+    );
+    let broker = Arc::new(MemoryBroker::new(Arc::new(registry.clone())));
+    let cache = Arc::new(MemoryHistoryCache::new(
+        Duration::from_millis(settings.cache.history_ttl_ms),
+        settings.cache.max_pages,
+    ));
+    let (queue, jobs) = MemoryJobQueue::new(settings.queue.capacity);
+    let limiter: Arc<dyn RateLimiter> = if settings.rate_limit.enabled {
+        Arc::new(MemoryRateLimiter::new(&settings.rate_limit))
+    } else {
+        Arc::new(Unlimited)
+    };
+
+    let worker_stop = CancellationToken::new();
+    let worker = tokio::spawn(
+        Worker { store: dyn_store.clone(), metrics: metrics.clone(), batch: settings.queue.batch }
+            .run(jobs, worker_stop.clone()),
+    );
+    let shutdown = CancellationToken::new();
+    {
+        let limiter = limiter.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => limiter.sweep(),
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    let max_connections = settings.server.max_connections;
+    let service = Arc::new(ChatService {
+        settings,
+        store: dyn_store,
+        broker,
+        cache,
+        queue: Arc::new(queue),
+        limiter,
+        registry,
+        membership,
+        metrics,
+        authenticator,
+        dev_minter,
+    });
+    let app = Arc::new(App {
+        service,
+        shutdown,
+        conn_slots: Arc::new(Semaphore::new(max_connections)),
+        user_connections: UserConnections::default(),
+        next_conn_id: AtomicU64::new(1),
+        tracker: TaskTracker::new(),
+    });
+    Ok((app, Background { store, worker, worker_stop }))
+}
+
+/// Runs the gateway on `listener` until `shutdown` completes, then drains: stops accepting, lets
+/// every socket finish its in-flight request and close with 1012, flushes queued jobs, closes the
+/// store. Returns when all of that is done (or `server.shutdown_grace_secs` passed).
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
+    let (app, background) = build(settings).await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "chat-gateway listening");
+    {
+        let token = app.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            token.cancel();
+        });
+    }
+    let router = http::router(app.clone());
+    axum::serve(listener, router)
+        .with_graceful_shutdown(app.shutdown.clone().cancelled_owned())
+        .await?;
+    tracing::info!("draining sockets");
+    app.tracker.close();
+    if tokio::time::timeout(grace, app.tracker.wait()).await.is_err() {
+        tracing::warn!("some sockets did not close within the grace period");
+    }
+    background.worker_stop.cancel();
+    let _ = tokio::time::timeout(grace, background.worker).await;
+    background.store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

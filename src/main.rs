@@ -1,0 +1,156 @@
+//! The `chat-gateway` binary: parses the command line, loads settings, starts logging, binds, and
+//! hands over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use chat_gateway::auth::{self, Role, TokenMinter};
+use chat_gateway::config::{JwtAlgorithm, Settings};
+
+#[derive(Parser)]
+#[command(name = "chat-gateway", version, about = "Realtime chat gateway")]
+struct Cli {
+    /// Settings file overriding config/default.toml (environment variables override both).
+    #[arg(long, global = true, env = "CHAT_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Mint JWTs for local use (dev mode secret, JWT_SECRET, or --private-key).
+    Token {
+        /// User id (`sub`). With --count, the prefix: users are <user>1 .. <user>N.
+        #[arg(long)]
+        user: String,
+        /// Display name (`name` claim); defaults to the user id.
+        #[arg(long)]
+        name: Option<String>,
+        /// USER, ADMIN or SERVICE.
+        #[arg(long, default_value = "USER", value_parser = parse_role)]
+        role: Role,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+        /// Mint this many tokens, one per line (`<user><i> <token>`), for load tests.
+        #[arg(long)]
+        count: Option<u32>,
+        /// PEM private key for RS256/ES256 (auth.algorithm says which).
+        #[arg(long)]
+        private_key: Option<PathBuf>,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s.to_ascii_uppercase().as_str() {
+        "USER" => Ok(Role::User),
+        "ADMIN" => Ok(Role::Admin),
+        "SERVICE" => Ok(Role::Service),
+        _ => Err(format!("unknown role {s:?}: USER, ADMIN or SERVICE")),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("chat-gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(dispatch(cli.command.unwrap_or(Command::Serve), settings)));
+    if let Err(e) = result {
+        eprintln!("chat-gateway: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(settings).await,
+        Command::Migrate => {
+            chat_gateway::telemetry::init(&settings.log);
+            chat_gateway::open_store(&settings, true).await?;
+            println!("migrations applied to {}", settings.sqlite_path().display());
+            Ok(())
+        }
+        Command::Token { user, name, role, ttl, count, private_key } => {
+            let minter = minter(&settings, private_key)?;
+            let mint = |user: &str| {
+                let name = name.as_deref().unwrap_or(user);
+                minter.mint(&auth::claims_for(user, Some(name), role, ttl))
+            };
+            match count {
+                None => println!("{}", mint(&user)),
+                Some(n) => {
+                    for i in 1..=n {
+                        let user = format!("{user}{i}");
+                        println!("{user} {}", mint(&user));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn minter(settings: &Settings, private_key: Option<PathBuf>) -> anyhow::Result<TokenMinter> {
+    if let Some(path) = private_key {
+        let pem = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        return TokenMinter::from_private_pem(settings.auth.algorithm, &pem);
+    }
+    if settings.auth.algorithm != JwtAlgorithm::HS256 {
+        anyhow::bail!("{:?} tokens need --private-key", settings.auth.algorithm);
+    }
+    if !settings.auth.jwt_secret.expose_secret().is_empty() {
+        return Ok(TokenMinter::hs256(&settings.auth.jwt_secret));
+    }
+    let secret = auth::read_dev_secret(settings).context(
+        "no signing key: set JWT_SECRET, or start the server once in dev mode to create its secret",
+    )?;
+    Ok(TokenMinter::hs256(&secret))
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    chat_gateway::telemetry::init(&settings.log);
+    let listener = tokio::net::TcpListener::bind(settings.server.bind_addr)
+        .await
+        .with_context(|| format!("binding {}", settings.server.bind_addr))?;
+    chat_gateway::run(listener, settings, shutdown_signal()).await
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

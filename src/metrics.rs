@@ -1,0 +1,115 @@
+//! Prometheus metrics, one registry per running gateway (so tests in one process do not share).
+//! Exposed at `GET /metrics` in the text format. docs/operations.md says what to watch.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// WebSocket connections accepted since start (a client that reconnects counts again).
+    pub connections_opened: Counter,
+    /// Closes initiated by the server, by reason.
+    pub closes: Family<Labels, Counter>,
+    /// Rooms with at least one local member.
+    pub rooms_active: Gauge,
+    /// Messages accepted and stored (duplicates by clientMsgId not counted), by door.
+    pub messages_received: Family<Labels, Counter>,
+    /// Message pushes queued to sockets (one per receiving socket).
+    pub messages_delivered: Counter,
+    /// Send latency from request to ack, seconds.
+    pub send_duration: Histogram,
+    /// History requests by cache result.
+    pub history_requests: Family<Labels, Counter>,
+    /// Sends refused by a rate limit, by scope.
+    pub rate_limited: Family<Labels, Counter>,
+    /// Side-effect jobs: enqueued, done, failed, dropped (queue full).
+    pub jobs: Family<Labels, Counter>,
+    /// Error replies and REST errors, by code.
+    pub errors: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("chat");
+        let connections = Gauge::default();
+        let connections_opened = Counter::default();
+        let closes = Family::<Labels, Counter>::default();
+        let rooms_active = Gauge::default();
+        let messages_received = Family::<Labels, Counter>::default();
+        let messages_delivered = Counter::default();
+        let send_duration = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let history_requests = Family::<Labels, Counter>::default();
+        let rate_limited = Family::<Labels, Counter>::default();
+        let jobs = Family::<Labels, Counter>::default();
+        let errors = Family::<Labels, Counter>::default();
+        registry.register("connections", "Open WebSocket connections", connections.clone());
+        registry.register(
+            "connections_opened",
+            "WebSocket connections accepted",
+            connections_opened.clone(),
+        );
+        registry.register("closes", "Server-initiated closes by reason", closes.clone());
+        registry.register("rooms_active", "Rooms with local members", rooms_active.clone());
+        registry.register("messages_received", "Messages stored", messages_received.clone());
+        registry.register(
+            "messages_delivered",
+            "Message pushes queued to sockets",
+            messages_delivered.clone(),
+        );
+        registry.register("send_duration_seconds", "Send to ack latency", send_duration.clone());
+        registry.register(
+            "history_requests",
+            "History requests by cache result",
+            history_requests.clone(),
+        );
+        registry.register("rate_limited", "Sends refused by a rate limit", rate_limited.clone());
+        registry.register("jobs", "Side-effect jobs by outcome", jobs.clone());
+        registry.register("errors", "Errors returned to clients by code", errors.clone());
+        Self {
+            registry,
+            connections,
+            connections_opened,
+            closes,
+            rooms_active,
+            messages_received,
+            messages_delivered,
+            send_duration,
+            history_requests,
+            rate_limited,
+            jobs,
+            errors,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn close(&self, reason: &'static str) {
+        self.closes.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn error(&self, code: &'static str) {
+        self.errors.get_or_create(&vec![("code", code)]).inc();
+    }
+
+    pub fn job(&self, outcome: &'static str, n: u64) {
+        self.jobs.get_or_create(&vec![("outcome", outcome)]).inc_by(n);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

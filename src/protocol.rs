@@ -1,0 +1,325 @@
+//! The WebSocket wire protocol. This module mirrors `proto-docs/protocol.md`; change both together.
+//!
+//! Frames are JSON text. A client request carries a client-chosen `id`; the server answers it
+//! with exactly one `result` or `error` frame carrying the same `id`. Everything else the server
+//! sends is a push (no `id`). Requests on one socket are processed in the order they arrive, so
+//! replies come back in request order.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+use crate::store::Message;
+
+/// A request id as the client sent it: any JSON string or number, echoed back verbatim.
+pub type RequestId = Box<RawValue>;
+
+/// Frames a client sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// Authenticate the socket, or refresh its token (same `sub`) before it expires.
+    Auth { id: RequestId, token: String },
+    /// Join a room; `since` = the last sequence already seen, to receive what was missed.
+    Join {
+        id: RequestId,
+        room: String,
+        #[serde(default)]
+        since: Option<i64>,
+    },
+    /// Stop receiving a room's messages on this socket.
+    Leave { id: RequestId, room: String },
+    /// Persist and fan out a message; a retry with the same `clientMsgId` returns the original.
+    Send {
+        id: RequestId,
+        room: String,
+        content: String,
+        #[serde(rename = "clientMsgId")]
+        client_msg_id: String,
+    },
+    /// A page of a room's history, older than `before` (a sequence number), oldest first.
+    History {
+        id: RequestId,
+        room: String,
+        #[serde(default)]
+        before: Option<i64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Application-level round trip (the server also sends WebSocket pings on its own).
+    Ping { id: RequestId },
+}
+
+impl ClientFrame {
+    pub fn id(&self) -> &RequestId {
+        match self {
+            ClientFrame::Auth { id, .. }
+            | ClientFrame::Join { id, .. }
+            | ClientFrame::Leave { id, .. }
+            | ClientFrame::Send { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Ping { id } => id,
+        }
+    }
+}
+
+/// Frames the server sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a, T: Serialize> {
+    /// The successful answer to the request with the same `id`.
+    Result { id: &'a RawValue, result: T },
+    /// The failed answer to the request with the same `id` (`null` when the frame had none).
+    Error {
+        id: Option<&'a RawValue>,
+        error: ErrorBody<'a>,
+    },
+    /// Push: a message in a joined room, in sequence order, exactly once per socket.
+    Message { room: &'a str, message: WireMessage<'a> },
+    /// Push: this socket no longer receives the room (membership removed).
+    Removed { room: &'a str, reason: &'a str },
+    /// Push: the token expires soon; send `auth` with a fresh one on this socket.
+    SessionExpiring {
+        #[serde(rename = "expiresAt")]
+        expires_at: i64,
+    },
+}
+
+/// The `error` object of an error reply.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+    #[serde(rename = "retryAfterMs", skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// A server frame that is not a `result` (pushes and errors carry no result payload).
+pub type Push<'a> = ServerFrame<'a, ()>;
+
+/// Result of `auth`.
+#[derive(Debug, Serialize)]
+pub struct AuthResult<'a> {
+    #[serde(rename = "userId")]
+    pub user_id: &'a str,
+    #[serde(rename = "expiresAt")]
+    pub expires_at: i64,
+}
+
+/// Result of `join`. When `reload` is true, `missed` is 0 and the client should refetch history.
+#[derive(Debug, Serialize)]
+pub struct JoinResult<'a> {
+    pub room: &'a str,
+    /// The room's last sequence at the moment of joining; live pushes continue after it.
+    pub head: i64,
+    /// How many `message` pushes follow this reply before live traffic (the catch-up).
+    pub missed: usize,
+    /// Too many messages were missed to replay (over `limits.catch_up_limit`).
+    pub reload: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoomResult<'a> {
+    pub room: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SendResult<'a> {
+    pub message: WireMessage<'a>,
+    /// True when this `clientMsgId` had already been stored: nothing new was created.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PongResult {
+    #[serde(rename = "serverTime")]
+    pub server_time: String,
+}
+
+/// A history page, oldest first. `nextBefore` is the cursor for the next (older) page.
+#[derive(Debug, Serialize)]
+pub struct HistoryPage<'a> {
+    pub room: &'a str,
+    pub messages: Vec<WireMessage<'a>>,
+    #[serde(rename = "nextBefore")]
+    pub next_before: Option<i64>,
+}
+
+/// A message as every door shows it (socket pushes, replies, REST), compatible with the
+/// `ChatMessage` JSON of the app the gateway replaces, plus `seq`, `clientMsgId` and `sender`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireMessage<'a> {
+    pub id: &'a str,
+    pub room_id: &'a str,
+    pub seq: i64,
+    pub sender_id: &'a str,
+    pub sender_name: Option<&'a str>,
+    pub sender_avatar_url: Option<&'a str>,
+    pub sender: WireSender<'a>,
+    pub content: &'a str,
+    pub content_type: &'a str,
+    pub status: &'a str,
+    pub moderation_status: &'a str,
+    #[serde(serialize_with = "millis_rfc3339")]
+    pub created_at: DateTime<Utc>,
+    pub client_msg_id: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireSender<'a> {
+    pub id: &'a str,
+    pub name: Option<&'a str>,
+    pub avatar_url: Option<&'a str>,
+}
+
+impl<'a> From<&'a Message> for WireMessage<'a> {
+    fn from(m: &'a Message) -> Self {
+        WireMessage {
+            id: &m.id,
+            room_id: &m.room_id,
+            seq: m.seq,
+            sender_id: &m.sender_id,
+            sender_name: m.sender_name.as_deref(),
+            sender_avatar_url: m.sender_avatar_url.as_deref(),
+            sender: WireSender {
+                id: &m.sender_id,
+                name: m.sender_name.as_deref(),
+                avatar_url: m.sender_avatar_url.as_deref(),
+            },
+            content: &m.content,
+            content_type: &m.content_type,
+            status: &m.status,
+            moderation_status: &m.moderation_status,
+            created_at: m.created_at,
+            client_msg_id: m.client_msg_id.as_deref(),
+        }
+    }
+}
+
+fn millis_rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+/// WebSocket close codes the server uses (see proto-docs/protocol.md, "Close codes").
+pub mod close {
+    /// Client asked to close; nothing to do.
+    pub const NORMAL: u16 = 1000;
+    /// A frame exceeded `limits.max_frame_bytes`. Do not resend it.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The server failed unexpectedly. Reconnect with backoff and resume.
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// The node is shutting down. Reconnect (another node will answer) and resume.
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// No pong or other frame for two heartbeat intervals. Reconnect and resume.
+    pub const HEARTBEAT_TIMEOUT: u16 = 4000;
+    /// No `auth` within `auth.auth_timeout_ms`. Reconnect and authenticate first.
+    pub const AUTH_TIMEOUT: u16 = 4001;
+    /// The token is invalid (bad signature, malformed, wrong algorithm, unsigned, expired).
+    /// Get a new token before reconnecting.
+    pub const INVALID_TOKEN: u16 = 4002;
+    /// The token expired during the session and was not refreshed. Refresh, reconnect, resume.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The client read too slowly and its outbound queue overflowed. Reconnect and resume.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// The user already holds `limits.max_connections_per_user` sockets on this node.
+    pub const TOO_MANY_CONNECTIONS: u16 = 4029;
+}
+
+/// Stable error codes carried by `error` replies and REST error bodies.
+pub mod code {
+    pub const BAD_FRAME: &str = "bad_frame";
+    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const NOT_AUTHENTICATED: &str = "not_authenticated";
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    pub const TOKEN_EXPIRED: &str = "token_expired";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const ROOM_NOT_FOUND: &str = "room_not_found";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const CONFLICT: &str = "conflict";
+    pub const CONTENT_EMPTY: &str = "content_empty";
+    pub const CONTENT_TOO_LONG: &str = "content_too_long";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const TOO_MANY_ROOMS: &str = "too_many_rooms";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// Encodes a frame to text. Serializing our own types cannot fail; if it ever did, that is a bug.
+pub fn encode<T: Serialize>(frame: &T) -> String {
+    serde_json::to_string(frame).expect("server frames always serialize")
+}
+
+/// Parses one client frame. Returns the request id (when one could be read) with the failure,
+/// so the error reply can still be matched by the client.
+pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
+    serde_json::from_str::<ClientFrame>(text).map_err(|err| {
+        #[derive(Deserialize)]
+        struct Envelope {
+            id: Option<RequestId>,
+            #[serde(rename = "type")]
+            kind: Option<String>,
+        }
+        match serde_json::from_str::<Envelope>(text) {
+            Err(_) => DecodeError {
+                id: None,
+                code: code::BAD_FRAME,
+                message: format!("not a JSON object: {err}"),
+            },
+            Ok(env) => {
+                let known = matches!(
+                    env.kind.as_deref(),
+                    Some("auth" | "join" | "leave" | "send" | "history" | "ping")
+                );
+                let (code, message) = match env.kind {
+                    None => (code::BAD_FRAME, "missing \"type\"".to_string()),
+                    Some(kind) if !known => (code::UNKNOWN_TYPE, format!("unknown type {kind:?}")),
+                    Some(_) => (code::BAD_REQUEST, err.to_string()),
+                };
+                DecodeError { id: env.id, code, message }
+            }
+        }
+    })
+}
+
+#[derive(Debug)]
+pub struct DecodeError {
+    pub id: Option<RequestId>,
+    pub code: &'static str,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_every_request() {
+        let f = decode(r#"{"type":"send","id":7,"room":"r","content":"hi","clientMsgId":"c1"}"#)
+            .unwrap();
+        assert!(matches!(f, ClientFrame::Send { ref room, .. } if room == "r"));
+        assert_eq!(f.id().get(), "7");
+        let f = decode(r#"{"type":"join","id":"a","room":"r","since":41}"#).unwrap();
+        assert!(matches!(f, ClientFrame::Join { since: Some(41), .. }));
+    }
+
+    #[test]
+    fn bad_frames_keep_their_id_when_readable() {
+        let e = decode("{nope").unwrap_err();
+        assert_eq!((e.code, e.id.is_none()), (code::BAD_FRAME, true));
+        let e = decode(r#"{"type":"dance","id":"x"}"#).unwrap_err();
+        assert_eq!(e.code, code::UNKNOWN_TYPE);
+        assert_eq!(e.id.unwrap().get(), r#""x""#);
+        let e = decode(r#"{"type":"send","id":1,"room":"r"}"#).unwrap_err();
+        assert_eq!(e.code, code::BAD_REQUEST);
+    }
+
+    #[test]
+    fn replies_echo_the_id() {
+        let id = RawValue::from_string("\"req-1\"".into()).unwrap();
+        let text = encode(&ServerFrame::Result { id: &id, result: RoomResult { room: "r" } });
+        assert_eq!(text, r#"{"type":"result","id":"req-1","result":{"room":"r"}}"#);
+    }
+}

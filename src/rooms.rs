@@ -1,0 +1,461 @@
+//! Rooms on this node: who is connected to which room, and in-order, exactly-once delivery.
+//!
+//! Each room with local members has a [`RoomHub`]. The hub is a *sequencer*: it pushes messages to
+//! its members strictly in `seq` order, each once. Events that arrive ahead of a gap wait in
+//! `pending`; if the gap is not closed within `gap_fill_after`, the hub reads the missing range from
+//! the store (the source of truth), so a lost or late broker event delays a message but never drops
+//! or reorders it.
+//!
+//! A joining socket is attached in *catching-up* state at the hub's current `delivered` sequence D:
+//! live messages after D are buffered for it while the socket replays what it missed (up to D)
+//! from the store; then the buffer is flushed and the member goes live. No gap, no duplicate.
+//!
+//! Locking rules: a hub's `state` mutex is held only for in-memory work (never across `.await`).
+//! The registry's `DashMap` shard lock may be held while taking a hub's lock (in `detach`), never
+//! the other way round. A socket's `rooms` lock may be taken while holding a hub lock, never the
+//! other way round.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use tokio::sync::{OnceCell, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{EventSink, Published, RoomEvent};
+use crate::membership::MembershipCache;
+use crate::metrics::Metrics;
+use crate::protocol::{self, Push, WireMessage, close};
+use crate::store::{Message, Store};
+
+pub type ConnId = u64;
+
+/// Why a socket is being closed: the first reason set wins.
+pub struct Closer {
+    reason: OnceLock<(u16, &'static str)>,
+    token: CancellationToken,
+}
+
+impl Closer {
+    pub fn new() -> Self {
+        Self { reason: OnceLock::new(), token: CancellationToken::new() }
+    }
+
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.reason.set((code, reason));
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<(u16, &'static str)> {
+        self.reason.get().copied()
+    }
+
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+impl Default for Closer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The sending side of a socket's bounded outbound queue, drained by its writer task.
+/// Overflow policy: a push never waits; a full queue closes the socket as a slow consumer (4008),
+/// so one slow socket never slows a room. It can reconnect and resume.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Utf8Bytes>,
+    pub closer: Arc<Closer>,
+}
+
+impl Outbox {
+    pub fn new(tx: mpsc::Sender<Utf8Bytes>, closer: Arc<Closer>) -> Self {
+        Self { tx, closer }
+    }
+
+    /// Queues a frame without waiting. A full queue closes the socket (slow consumer).
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.closer.close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a frame, waiting up to `patience` for room (replies and catch-up, which the socket's
+    /// own task produces, so they may wait for the client to read). Past that: slow consumer.
+    pub async fn push_wait(&self, frame: Utf8Bytes, patience: Duration) -> bool {
+        match self.tx.send_timeout(frame, patience).await {
+            Ok(()) => true,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.closer.close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        }
+    }
+}
+
+/// What rooms hold of an authenticated socket.
+pub struct ConnShared {
+    pub id: ConnId,
+    pub user_id: String,
+    pub out: Outbox,
+    /// Rooms this socket has joined.
+    pub rooms: Mutex<HashSet<Arc<str>>>,
+}
+
+pub type Conn = Arc<ConnShared>;
+
+impl ConnShared {
+    pub fn new(id: ConnId, user_id: String, out: Outbox) -> Self {
+        Self { id, user_id, out, rooms: Mutex::new(HashSet::new()) }
+    }
+
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        self.out.push(frame)
+    }
+}
+
+struct Member {
+    conn: Conn,
+    /// `Some` while the socket replays missed messages: live frames wait here, bounded by
+    /// `catch_up_buffer`; past it the socket is closed as a slow consumer.
+    catching_up: Option<Vec<Utf8Bytes>>,
+}
+
+#[derive(Default)]
+struct HubState {
+    /// Set when the hub left the registry; a joiner holding a stale `Arc` must look again.
+    closed: bool,
+    /// False until the room's head is known; events meanwhile wait in `pending`.
+    initialized: bool,
+    /// Every message with `seq <= delivered` has been pushed to the members (or was not visible).
+    delivered: i64,
+    /// Messages that arrived ahead of a gap, by seq.
+    pending: BTreeMap<i64, Arc<Published>>,
+    gap_fill_scheduled: bool,
+    members: HashMap<ConnId, Member>,
+}
+
+pub struct RoomHub {
+    room: Arc<str>,
+    /// Completed once the node is subscribed to the room and knows its head.
+    pub ready: OnceCell<()>,
+    state: Mutex<HubState>,
+}
+
+/// Every room with local members.
+pub struct RoomRegistry {
+    hubs: DashMap<Arc<str>, Arc<RoomHub>>,
+    store: Arc<dyn Store>,
+    membership: Arc<MembershipCache>,
+    metrics: Arc<Metrics>,
+    gap_fill_after: Duration,
+    catch_up_buffer: usize,
+    /// Hubs created, for ids in logs.
+    created: AtomicU64,
+}
+
+/// Builds the shared `message` push for a stored message.
+pub fn publish_frame(message: &Message) -> Arc<Published> {
+    let frame = protocol::encode(&Push::Message {
+        room: &message.room_id,
+        message: WireMessage::from(message),
+    });
+    Arc::new(Published { seq: message.seq, frame: frame.into() })
+}
+
+impl RoomRegistry {
+    pub fn new(
+        store: Arc<dyn Store>,
+        membership: Arc<MembershipCache>,
+        metrics: Arc<Metrics>,
+        gap_fill_after: Duration,
+        catch_up_buffer: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            hubs: DashMap::new(),
+            store,
+            membership,
+            metrics,
+            gap_fill_after,
+            catch_up_buffer,
+            created: AtomicU64::new(0),
+        })
+    }
+
+    /// The room's hub, created (not yet ready) if the room has no local members.
+    pub fn hub(&self, room: &str) -> Arc<RoomHub> {
+        if let Some(hub) = self.hubs.get(room) {
+            return hub.clone();
+        }
+        self.hubs
+            .entry(Arc::from(room))
+            .or_insert_with(|| {
+                self.created.fetch_add(1, Ordering::Relaxed);
+                self.metrics.rooms_active.inc();
+                Arc::new(RoomHub {
+                    room: Arc::from(room),
+                    ready: OnceCell::new(),
+                    state: Mutex::new(HubState::default()),
+                })
+            })
+            .clone()
+    }
+
+    /// Sets the head of a freshly created hub; events that arrived meanwhile are sorted out.
+    pub fn initialize(self: &Arc<Self>, hub: &Arc<RoomHub>, head: i64) {
+        let delivered = {
+            let mut st = hub.state.lock().unwrap();
+            st.initialized = true;
+            st.delivered = head;
+            st.pending = st.pending.split_off(&(head + 1));
+            self.drain_contiguous(&mut st)
+        };
+        self.metrics.messages_delivered.inc_by(delivered);
+        self.schedule_gap_fill_if_needed(hub);
+    }
+
+    /// Attaches a socket in catching-up state. Returns the sequence it is live after, or `None`
+    /// if the hub closed meanwhile (look it up again).
+    pub fn attach(&self, hub: &RoomHub, conn: &Conn) -> Option<i64> {
+        let mut st = hub.state.lock().unwrap();
+        if st.closed {
+            return None;
+        }
+        st.members
+            .insert(conn.id, Member { conn: conn.clone(), catching_up: Some(Vec::new()) });
+        Some(st.delivered)
+    }
+
+    /// Ends a member's catch-up: queues what was buffered for it, then it receives live.
+    pub fn go_live(&self, hub: &RoomHub, conn_id: ConnId) {
+        let mut st = hub.state.lock().unwrap();
+        if let Some(member) = st.members.get_mut(&conn_id)
+            && let Some(buffered) = member.catching_up.take()
+        {
+            for frame in buffered {
+                if !member.conn.push(frame) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Removes a socket from a room; drops the hub when it was the last member. Returns true when
+    /// the room has no local members left (the caller unsubscribes from the broker).
+    pub fn detach(&self, room: &str, conn_id: ConnId) -> bool {
+        let Some(hub) = self.hubs.get(room).map(|h| h.clone()) else {
+            return false;
+        };
+        let now_empty = {
+            let mut st = hub.state.lock().unwrap();
+            st.members.remove(&conn_id);
+            st.members.is_empty()
+        };
+        if !now_empty {
+            return false;
+        }
+        let removed = self
+            .hubs
+            .remove_if(room, |_, hub| {
+                let mut st = hub.state.lock().unwrap();
+                if st.members.is_empty() {
+                    st.closed = true;
+                    true
+                } else {
+                    false
+                }
+            })
+            .is_some();
+        if removed {
+            self.metrics.rooms_active.dec();
+        }
+        removed
+    }
+
+    /// Pushes an ephemeral frame to every live local member of a room (not persisted, no seq).
+    pub fn push_ephemeral(&self, room: &str, frame: Utf8Bytes) {
+        if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
+            let st = hub.state.lock().unwrap();
+            for m in st.members.values().filter(|m| m.catching_up.is_none()) {
+                m.conn.push(frame.clone());
+            }
+        }
+    }
+
+    pub fn rooms_active(&self) -> usize {
+        self.hubs.len()
+    }
+
+    fn on_message(self: &Arc<Self>, hub: &Arc<RoomHub>, msg: Arc<Published>) {
+        let delivered = {
+            let mut st = hub.state.lock().unwrap();
+            if !st.initialized || msg.seq > st.delivered + 1 {
+                st.pending.insert(msg.seq, msg);
+                0
+            } else if msg.seq <= st.delivered {
+                0 // a duplicate: already delivered
+            } else {
+                let mut n = self.fan_out(&mut st, &msg.frame);
+                st.delivered = msg.seq;
+                n += self.drain_contiguous(&mut st);
+                n
+            }
+        };
+        self.metrics.messages_delivered.inc_by(delivered);
+        self.schedule_gap_fill_if_needed(hub);
+    }
+
+    /// Pushes one frame to every member; returns how many sockets it was queued for.
+    fn fan_out(&self, st: &mut HubState, frame: &Utf8Bytes) -> u64 {
+        let mut pushed = 0;
+        for m in st.members.values_mut() {
+            match &mut m.catching_up {
+                Some(buffer) => {
+                    if buffer.len() >= self.catch_up_buffer {
+                        m.conn.out.closer.close(close::SLOW_CONSUMER, "slow consumer: catch-up too long");
+                    } else {
+                        buffer.push(frame.clone());
+                    }
+                }
+                None => pushed += m.conn.push(frame.clone()) as u64,
+            }
+        }
+        pushed
+    }
+
+    /// Delivers pending messages that now follow `delivered` without a gap.
+    fn drain_contiguous(&self, st: &mut HubState) -> u64 {
+        let mut pushed = 0;
+        while let Some(entry) = st.pending.first_entry() {
+            let seq = *entry.key();
+            if seq <= st.delivered {
+                entry.remove();
+            } else if seq == st.delivered + 1 {
+                let msg = entry.remove();
+                pushed += self.fan_out(st, &msg.frame);
+                st.delivered = seq;
+            } else {
+                break;
+            }
+        }
+        pushed
+    }
+
+    fn schedule_gap_fill_if_needed(self: &Arc<Self>, hub: &Arc<RoomHub>) {
+        {
+            let mut st = hub.state.lock().unwrap();
+            if !st.initialized || st.pending.is_empty() || st.gap_fill_scheduled {
+                return;
+            }
+            st.gap_fill_scheduled = true;
+        }
+        let registry = Arc::downgrade(self);
+        let hub = Arc::downgrade(hub);
+        let wait = self.gap_fill_after;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            fill_gaps(registry, hub).await;
+        });
+    }
+}
+
+/// Reads the messages missing before the first pending one from the store and delivers them.
+async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
+    loop {
+        let (Some(registry), Some(hub)) = (registry.upgrade(), hub.upgrade()) else {
+            return;
+        };
+        let (after, until) = {
+            let mut st = hub.state.lock().unwrap();
+            match st.pending.first_key_value() {
+                Some((&first, _)) if !st.closed => (st.delivered, first - 1),
+                _ => {
+                    st.gap_fill_scheduled = false;
+                    return;
+                }
+            }
+        };
+        let limit = (until - after).clamp(1, 10_000) as u32;
+        let missing = match registry.store.messages_between(&hub.room, after, until, limit).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(room = %hub.room, error = %e, "gap fill failed; retrying");
+                tokio::time::sleep(registry.gap_fill_after).await;
+                continue;
+            }
+        };
+        let frames: Vec<_> = missing.iter().map(publish_frame).collect();
+        let read_all = frames.len() < limit as usize;
+        let pushed = {
+            let mut st = hub.state.lock().unwrap();
+            let mut pushed = 0;
+            for msg in frames {
+                if msg.seq > st.delivered {
+                    pushed += registry.fan_out(&mut st, &msg.frame);
+                    st.delivered = msg.seq;
+                }
+            }
+            // Whatever the store did not return up to `until` is not visible (moderated away).
+            if read_all && st.delivered < until {
+                st.delivered = until;
+            }
+            pushed += registry.drain_contiguous(&mut st);
+            pushed
+        };
+        registry.metrics.messages_delivered.inc_by(pushed);
+        tracing::debug!(room = %hub.room, after, until, "filled a sequence gap from the store");
+    }
+}
+
+impl EventSink for Arc<RoomRegistry> {
+    fn deliver(&self, room: &str, event: RoomEvent) {
+        match event {
+            RoomEvent::Message(msg) => {
+                if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
+                    self.on_message(&hub, msg);
+                }
+            }
+            RoomEvent::MemberRemoved { user_id } => {
+                self.membership.invalidate(room, &user_id);
+                let Some(hub) = self.hubs.get(room).map(|h| h.clone()) else {
+                    return;
+                };
+                let frame: Utf8Bytes = protocol::encode(&Push::Removed {
+                    room,
+                    reason: "membership removed",
+                })
+                .into();
+                let removed: Vec<ConnId> = {
+                    let st = hub.state.lock().unwrap();
+                    let ids: Vec<ConnId> = st
+                        .members
+                        .values()
+                        .filter(|m| m.conn.user_id == user_id)
+                        .map(|m| m.conn.id)
+                        .collect();
+                    for id in &ids {
+                        if let Some(m) = st.members.get(id) {
+                            m.conn.rooms.lock().unwrap().remove(room);
+                            m.conn.push(frame.clone());
+                        }
+                    }
+                    ids
+                };
+                for id in removed {
+                    self.detach(room, id);
+                }
+            }
+        }
+    }
+}

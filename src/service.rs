@@ -1,0 +1,338 @@
+//! The chat service: every operation and every rule, once. The WebSocket handler (`transport`)
+//! and the REST routes (`http`) are thin adapters over it, so membership, validation, rate limits,
+//! sequences, idempotency and the cache behave the same through both doors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use chrono::{SubsecRound, Utc};
+
+use crate::auth::{AuthError, Authenticator, Identity, Role, TokenMinter};
+use crate::broker::{Broker, RoomEvent};
+use crate::cache::{HistoryCache, Lookup, PageKey};
+use crate::config::Settings;
+use crate::error::ChatError;
+use crate::membership::MembershipCache;
+use crate::metrics::Metrics;
+use crate::protocol::{self, HistoryPage, WireMessage};
+use crate::queue::{Job, JobQueue};
+use crate::ratelimit::RateLimiter;
+use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame};
+use crate::store::{Access, Inserted, NewMessage, Room, Store};
+
+/// Which door a request came through (a metrics label).
+#[derive(Debug, Clone, Copy)]
+pub enum Door {
+    Ws,
+    Rest,
+}
+
+impl Door {
+    fn label(self) -> &'static str {
+        match self {
+            Door::Ws => "ws",
+            Door::Rest => "rest",
+        }
+    }
+}
+
+/// What a join produced: the reply facts and the catch-up to queue before going live.
+pub struct JoinPlan {
+    pub hub: Arc<RoomHub>,
+    pub head: i64,
+    pub catch_up: Vec<Utf8Bytes>,
+    pub reload: bool,
+}
+
+pub struct ChatService {
+    pub settings: Settings,
+    pub store: Arc<dyn Store>,
+    pub broker: Arc<dyn Broker>,
+    pub cache: Arc<dyn HistoryCache>,
+    pub queue: Arc<dyn JobQueue>,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub registry: Arc<RoomRegistry>,
+    pub membership: Arc<MembershipCache>,
+    pub metrics: Arc<Metrics>,
+    pub authenticator: Authenticator,
+    /// Present only in dev mode (no key configured).
+    pub dev_minter: Option<TokenMinter>,
+}
+
+/// Room ids are opaque text: 1..=128 bytes, no control characters.
+pub fn validate_room_id(room: &str) -> Result<(), ChatError> {
+    if room.is_empty() || room.len() > 128 || room.chars().any(char::is_control) {
+        return Err(ChatError::BadRequest("room id must be 1..=128 bytes without control characters".into()));
+    }
+    Ok(())
+}
+
+impl ChatService {
+    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        self.authenticator.verify(token)
+    }
+
+    fn dev_open_rooms(&self) -> bool {
+        self.dev_minter.is_some() && self.settings.auth.dev_open_rooms
+    }
+
+    /// May `who` use `room`? `fresh` bypasses the membership cache (joins do).
+    async fn authorize(&self, who: &Identity, room: &str, fresh: bool) -> Result<(), ChatError> {
+        validate_room_id(room)?;
+        let cached = if fresh { None } else { self.membership.get(room, &who.user_id) };
+        let access = match cached {
+            Some(access) => access,
+            None => {
+                let access = self.store.access(room, &who.user_id).await?;
+                self.membership.put(room, &who.user_id, access);
+                access
+            }
+        };
+        match (access, who.role) {
+            (Access::Member, _) => Ok(()),
+            (Access::NotMember, Role::Admin) => Ok(()),
+            (_, _) if self.dev_open_rooms() => {
+                self.store.ensure_room(room, room).await?;
+                self.store.add_member(room, &who.user_id).await?;
+                self.membership.put(room, &who.user_id, Access::Member);
+                Ok(())
+            }
+            (Access::NoRoom, _) => Err(ChatError::RoomNotFound),
+            (Access::NotMember, _) => Err(ChatError::Forbidden),
+        }
+    }
+
+    /// Joins `conn` to `room`, preparing the replay of what was missed after `since`.
+    #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
+    pub async fn join(
+        &self,
+        who: &Identity,
+        conn: &Conn,
+        room: &str,
+        since: Option<i64>,
+    ) -> Result<JoinPlan, ChatError> {
+        self.authorize(who, room, true).await?;
+        let room_key: Arc<str> = Arc::from(room);
+        {
+            let rooms = conn.rooms.lock().unwrap();
+            let max = self.settings.limits.max_rooms_per_connection;
+            if !rooms.contains(room) && rooms.len() >= max {
+                return Err(ChatError::TooManyRooms { max });
+            }
+        }
+        // A repeated join starts over: the socket is detached and attached again.
+        self.leave(conn, room).await;
+        let (hub, delivered) = loop {
+            let hub = self.registry.hub(room);
+            hub.ready
+                .get_or_try_init(|| async {
+                    self.broker
+                        .subscribe(room)
+                        .await
+                        .map_err(|e| {
+                            tracing::warn!(error = %e, "subscribe failed");
+                            ChatError::Unavailable
+                        })?;
+                    let head = self.store.room_head(room).await?.ok_or(ChatError::RoomNotFound)?;
+                    self.registry.initialize(&hub, head);
+                    Ok::<(), ChatError>(())
+                })
+                .await?;
+            if let Some(delivered) = self.registry.attach(&hub, conn) {
+                break (hub, delivered);
+            }
+        };
+        conn.rooms.lock().unwrap().insert(room_key);
+
+        let limit = self.settings.limits.catch_up_limit;
+        let mut plan = JoinPlan { hub, head: delivered, catch_up: Vec::new(), reload: false };
+        if let Some(since) = since.filter(|&s| s < delivered) {
+            if delivered - since.max(0) > i64::from(limit) {
+                plan.reload = true;
+            } else {
+                let missed = self.store.messages_between(room, since, delivered, limit).await;
+                match missed {
+                    Ok(rows) => {
+                        plan.catch_up = rows.iter().map(|m| publish_frame(m).frame.clone()).collect()
+                    }
+                    Err(e) => {
+                        self.leave(conn, room).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Ends a join: the member receives what was buffered during the catch-up, then live.
+    pub fn finish_join(&self, plan: &JoinPlan, conn: &Conn) {
+        self.registry.go_live(&plan.hub, conn.id);
+    }
+
+    /// Detaches the socket from the room (no error if it was not joined).
+    pub async fn leave(&self, conn: &Conn, room: &str) {
+        let was_joined = conn.rooms.lock().unwrap().remove(room);
+        if was_joined && self.registry.detach(room, conn.id) {
+            self.broker.unsubscribe(room).await;
+        }
+    }
+
+    /// Validates, authorizes, rate-limits, stores (one atomic insert), invalidates the room's
+    /// cached history, publishes, and queues side effects. Returns once the message is durable.
+    #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
+    pub async fn send(
+        &self,
+        who: &Identity,
+        room: &str,
+        content: &str,
+        client_msg_id: Option<&str>,
+        door: Door,
+    ) -> Result<Inserted, ChatError> {
+        let started = Instant::now();
+        let content = content.trim();
+        if content.is_empty() {
+            return Err(ChatError::ContentEmpty);
+        }
+        let max = self.settings.limits.max_content_chars;
+        if content.chars().nth(max).is_some() {
+            return Err(ChatError::ContentTooLong { max });
+        }
+        if let Some(id) = client_msg_id
+            && (id.is_empty() || id.len() > self.settings.limits.max_client_msg_id_bytes)
+        {
+            return Err(ChatError::BadRequest(format!(
+                "clientMsgId must be 1..={} bytes",
+                self.settings.limits.max_client_msg_id_bytes
+            )));
+        }
+        self.authorize(who, room, false).await?;
+        if let Err(refused) = self.limiter.check_send(&who.user_id, room).await {
+            self.metrics
+                .rate_limited
+                .get_or_create(&vec![("scope", refused.scope.label())])
+                .inc();
+            return Err(ChatError::RateLimited { retry_after: refused.retry_after });
+        }
+        let inserted = self
+            .store
+            .insert_message(NewMessage {
+                id: uuid::Uuid::now_v7().to_string(),
+                room_id: room.to_string(),
+                sender_id: who.user_id.clone(),
+                sender_name: who.name.clone(),
+                sender_avatar_url: who.avatar.clone(),
+                content: content.to_string(),
+                created_at: Utc::now().trunc_subsecs(3),
+                client_msg_id: client_msg_id.map(str::to_string),
+            })
+            .await?;
+        if !inserted.duplicate {
+            let m = &inserted.message;
+            self.cache.invalidate_room(room).await;
+            if let Err(e) = self.broker.publish(room, RoomEvent::Message(publish_frame(m))).await {
+                // Stored and acknowledged anyway: receivers fill the gap from the store.
+                tracing::warn!(error = %e, seq = m.seq, "publish failed");
+            }
+            let job = Job::MessageStored { room_id: m.room_id.clone(), seq: m.seq, created_at: m.created_at };
+            match self.queue.enqueue(job).await {
+                Ok(()) => self.metrics.job("enqueued", 1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "side-effect job not queued");
+                    self.metrics.job("dropped", 1);
+                }
+            }
+            self.metrics.messages_received.get_or_create(&vec![("door", door.label())]).inc();
+        }
+        self.metrics.send_duration.observe(started.elapsed().as_secs_f64());
+        Ok(inserted)
+    }
+
+    /// A page of history as JSON (`HistoryPage`), oldest first, from the cache when possible.
+    #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
+    pub async fn history(
+        &self,
+        who: &Identity,
+        room: &str,
+        before: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<Arc<str>, ChatError> {
+        self.authorize(who, room, false).await?;
+        let limits = &self.settings.limits;
+        let limit = limit.unwrap_or(limits.history_default_limit).clamp(1, limits.history_max_limit);
+        if before.is_some_and(|b| b < 1) {
+            return Err(ChatError::BadRequest("before must be a positive sequence number".into()));
+        }
+        let key = PageKey { room: room.to_string(), limit, before };
+        let token = match self.cache.get(key).await {
+            Lookup::Hit(page) => {
+                self.metrics.history_requests.get_or_create(&vec![("cache", "hit")]).inc();
+                return Ok(page);
+            }
+            Lookup::Miss(token) => token,
+        };
+        self.metrics.history_requests.get_or_create(&vec![("cache", "miss")]).inc();
+        // One row more than asked tells whether an older page exists.
+        let mut rows = self.store.history(room, before, limit + 1).await?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        rows.reverse();
+        let page = HistoryPage {
+            room,
+            next_before: if more { rows.first().map(|m| m.seq) } else { None },
+            messages: rows.iter().map(WireMessage::from).collect(),
+        };
+        let page: Arc<str> = Arc::from(protocol::encode(&page));
+        self.cache.put(token, page.clone()).await;
+        Ok(page)
+    }
+
+    fn require_service(who: &Identity) -> Result<(), ChatError> {
+        match who.role {
+            Role::Service => Ok(()),
+            _ => Err(ChatError::RoleRequired("SERVICE")),
+        }
+    }
+
+    pub async fn create_room(&self, who: &Identity, id: Option<&str>, name: &str) -> Result<Room, ChatError> {
+        Self::require_service(who)?;
+        let id = id.map(str::to_string).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        validate_room_id(&id)?;
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err(ChatError::BadRequest("name must be 1..=200 characters".into()));
+        }
+        Ok(self.store.create_room(&id, name).await?)
+    }
+
+    pub async fn add_member(&self, who: &Identity, room: &str, user: &str) -> Result<bool, ChatError> {
+        Self::require_service(who)?;
+        validate_room_id(room)?;
+        if user.is_empty() || user.len() > 256 {
+            return Err(ChatError::BadRequest("user id must be 1..=256 bytes".into()));
+        }
+        let added = self.store.add_member(room, user).await?;
+        self.membership.invalidate(room, user);
+        Ok(added)
+    }
+
+    /// Removes a membership; the user's live sockets on every node stop receiving the room.
+    pub async fn remove_member(&self, who: &Identity, room: &str, user: &str) -> Result<bool, ChatError> {
+        Self::require_service(who)?;
+        validate_room_id(room)?;
+        let removed = self.store.remove_member(room, user).await?;
+        self.membership.invalidate(room, user);
+        let event = RoomEvent::MemberRemoved { user_id: user.to_string() };
+        if let Err(e) = self.broker.publish(room, event).await {
+            tracing::warn!(error = %e, "member removal not broadcast; other nodes see it after the cache TTL");
+        }
+        Ok(removed)
+    }
+
+    /// Mints a token in dev mode; `None` when a key is configured.
+    pub fn dev_token(&self, user: &str, name: Option<&str>, role: Role, ttl_secs: i64) -> Option<String> {
+        let minter = self.dev_minter.as_ref()?;
+        Some(minter.mint(&crate::auth::claims_for(user, name, role, ttl_secs)))
+    }
+}

@@ -1,0 +1,154 @@
+//! The store: the source of truth for rooms, memberships and messages.
+//!
+//! [`Store`] is what the chat service needs from a database; `sqlite` is the embedded default.
+//! Every implementation guarantees: a message's `seq` is allocated in the same transaction as its
+//! insert (strictly increasing, gap-free per room), a message is visible to readers before the
+//! insert returns, and a repeated `(roomId, senderId, clientMsgId)` returns the stored original.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+/// A stored message (a row of `"ChatMessage"`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Message {
+    pub id: String,
+    #[sqlx(rename = "roomId")]
+    pub room_id: String,
+    pub seq: i64,
+    #[sqlx(rename = "senderId")]
+    pub sender_id: String,
+    #[sqlx(rename = "senderName")]
+    pub sender_name: Option<String>,
+    #[sqlx(rename = "senderAvatarUrl")]
+    pub sender_avatar_url: Option<String>,
+    pub content: String,
+    #[sqlx(rename = "contentType")]
+    pub content_type: String,
+    pub status: String,
+    #[sqlx(rename = "moderationStatus")]
+    pub moderation_status: String,
+    #[sqlx(rename = "createdAt")]
+    pub created_at: DateTime<Utc>,
+    #[sqlx(rename = "clientMsgId")]
+    pub client_msg_id: Option<String>,
+}
+
+/// What the send path asks the store to persist. The store assigns `seq`.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub room_id: String,
+    pub sender_id: String,
+    pub sender_name: Option<String>,
+    pub sender_avatar_url: Option<String>,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+    pub client_msg_id: Option<String>,
+}
+
+/// The outcome of an insert: the stored message, and whether it already existed.
+#[derive(Debug, Clone)]
+pub struct Inserted {
+    pub message: Message,
+    pub duplicate: bool,
+}
+
+/// What the store knows about a user and a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    NoRoom,
+    NotMember,
+    Member,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Room {
+    pub id: String,
+    pub name: String,
+    pub last_seq: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (or the connection broke). Retriable; nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("room not found")]
+    RoomNotFound,
+    #[error("{0}")]
+    Conflict(String),
+    /// Input the database cannot store (for example a NUL byte in Postgres text).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict(db.message().to_string())
+            }
+            _ => StoreError::Other(e.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Allocates the room's next sequence and inserts, atomically; idempotent on `clientMsgId`.
+    async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError>;
+
+    /// Up to `limit` visible messages with `seq < before` (all when `None`), newest first.
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// Visible messages with `after < seq <= until`, oldest first, at most `limit`.
+    async fn messages_between(
+        &self,
+        room: &str,
+        after: i64,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError>;
+
+    /// The room's last allocated sequence, or `None` when the room does not exist.
+    async fn room_head(&self, room: &str) -> Result<Option<i64>, StoreError>;
+
+    async fn access(&self, room: &str, user: &str) -> Result<Access, StoreError>;
+
+    /// Creates a room; `Conflict` when the id is taken.
+    async fn create_room(&self, id: &str, name: &str) -> Result<Room, StoreError>;
+
+    /// Creates the room if needed (dev open rooms). Returns true if it was created.
+    async fn ensure_room(&self, id: &str, name: &str) -> Result<bool, StoreError>;
+
+    /// Adds a membership; returns false when it already existed. `RoomNotFound` if no room.
+    async fn add_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
+
+    /// Removes a membership; returns false when there was none.
+    async fn remove_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
+
+    /// Sets `"lastMessageAt"` for several rooms (never moving it backwards).
+    async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError>;
+}
+
+/// Visible = not rejected by moderation. Every read the gateway serves applies it.
+pub const VISIBLE: &str = r#""moderationStatus" <> 'REJECTED'"#;
+
+/// The message columns in the order [`Message`] reads them.
+pub const MESSAGE_COLUMNS: &str = r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId""#;

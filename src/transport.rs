@@ -1,0 +1,409 @@
+//! One WebSocket connection: a reader task (this module's [`Connection`]) and a writer task.
+//!
+//! Life of a connection, in stages:
+//! 1. **handshake**: the upgrade is refused (HTTP 503) when the node holds `server.max_connections`;
+//!    otherwise the socket authenticates with a token from the `token` query parameter, the
+//!    `Authorization` header, or its first `auth` frame (within `auth.auth_timeout_ms`).
+//! 2. **ready loop**: one `select!` over inbound frames, token expiry, close requests and shutdown.
+//!    Requests are handled one at a time, in order; all writes go through the bounded outbox to
+//!    the writer task, which also sends heartbeat pings and reaps silent sockets.
+//! 3. **cleanup**: leave every room, release the user's connection slot, let the writer send the
+//!    close frame. The first task to end cancels the other.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::{Instant as TokioInstant, sleep_until};
+
+use crate::App;
+use crate::auth::{AuthError, Identity};
+use crate::error::ChatError;
+use crate::protocol::{
+    self, AuthResult, ClientFrame, ErrorBody, JoinResult, Push, PongResult, RequestId,
+    RoomResult, SendResult, ServerFrame, WireMessage, close, code,
+};
+use crate::rooms::{Closer, Conn, ConnShared, Outbox};
+use crate::service::Door;
+
+/// How long the socket's own replies may wait for room in its outbox before it counts as slow.
+const REPLY_PATIENCE: Duration = Duration::from_secs(5);
+/// Frames the writer takes from the outbox per write (one flush, usually one syscall).
+const WRITE_BATCH: usize = 64;
+
+/// Everything the reader task owns for one socket.
+pub struct Connection {
+    app: Arc<App>,
+    id: u64,
+    out: Outbox,
+    /// Milliseconds since `epoch` when the client was last heard from (any frame, pongs too).
+    last_seen: Arc<AtomicU64>,
+    epoch: Instant,
+    /// Set once authenticated.
+    session: Option<Session>,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct Session {
+    identity: Identity,
+    conn: Conn,
+    warned: bool,
+}
+
+impl Connection {
+    /// Runs the connection to its end. `query_token` came with the upgrade request, if any.
+    pub async fn run(app: Arc<App>, socket: WebSocket, query_token: Option<String>, permit: OwnedSemaphorePermit) {
+        let id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (sink, stream) = socket.split();
+        let (tx, rx) = mpsc::channel(app.service.settings.limits.outbound_queue);
+        let closer = Arc::new(Closer::new());
+        let epoch = Instant::now();
+        let last_seen = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn(write_loop(
+            sink,
+            rx,
+            closer.clone(),
+            app.service.settings.heartbeat.interval(),
+            last_seen.clone(),
+            epoch,
+        ));
+        app.service.metrics.connections.inc();
+        app.service.metrics.connections_opened.inc();
+        let mut connection = Connection {
+            app: app.clone(),
+            id,
+            out: Outbox::new(tx, closer.clone()),
+            last_seen,
+            epoch,
+            session: None,
+            _permit: permit,
+        };
+        if let Some(token) = query_token {
+            connection.authenticate(None, &token).await;
+        }
+        connection.ready_loop(stream).await;
+        connection.cleanup().await;
+        // The writer ends on the cancelled token; give it a moment to send the close frame.
+        closer.token().cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        app.service.metrics.connections.dec();
+    }
+
+    async fn ready_loop(&mut self, mut stream: SplitStream<WebSocket>) {
+        let settings = &self.app.service.settings;
+        let auth_deadline = TokioInstant::now() + Duration::from_millis(settings.auth.auth_timeout_ms);
+        let warning = Duration::from_secs(settings.auth.expiry_warning_secs);
+        let closer = self.out.closer.clone();
+        let shutdown = self.app.shutdown.clone();
+        loop {
+            let expires_at = self.session.as_ref().map(|s| deadline_of(s.identity.expires_at));
+            let warn_at = match &self.session {
+                Some(s) if !s.warned => expires_at.map(|t| t.checked_sub(warning).unwrap_or(t)),
+                _ => None,
+            };
+            tokio::select! {
+                biased;
+                _ = closer.token().cancelled() => break,
+                _ = shutdown.cancelled() => {
+                    closer.close(close::SERVICE_RESTART, "server shutting down; reconnect and resume");
+                    break;
+                }
+                _ = sleep_until(auth_deadline), if self.session.is_none() => {
+                    closer.close(close::AUTH_TIMEOUT, "authentication timeout");
+                    break;
+                }
+                _ = sleep_until(expires_at.unwrap_or(auth_deadline)), if expires_at.is_some() => {
+                    closer.close(close::TOKEN_EXPIRED, "token expired");
+                    break;
+                }
+                _ = sleep_until(warn_at.unwrap_or(auth_deadline)), if warn_at.is_some() => {
+                    if let Some(s) = self.session.as_mut() {
+                        s.warned = true;
+                        let frame = Push::SessionExpiring { expires_at: s.identity.expires_at };
+                        self.out.push(protocol::encode(&frame).into());
+                    }
+                }
+                frame = stream.next() => {
+                    self.last_seen.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    match frame {
+                        None | Some(Ok(Message::Close(_))) => break,
+                        Some(Ok(Message::Text(text))) => self.handle_text(text).await,
+                        Some(Ok(Message::Binary(_))) => {
+                            self.reply_error(None, code::BAD_FRAME, "binary frames are not supported; send JSON text", None).await
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Err(e)) => {
+                            if is_too_big(e) {
+                                closer.close(close::MESSAGE_TOO_BIG, "frame too large");
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        if let Some((code, _)) = self.out.closer.reason() {
+            self.app.service.metrics.close(close_label(code));
+        }
+        if let Some(session) = self.session.take() {
+            let rooms: Vec<Arc<str>> = session.conn.rooms.lock().unwrap().iter().cloned().collect();
+            for room in rooms {
+                self.app.service.leave(&session.conn, &room).await;
+            }
+            self.app.user_connections.release(&session.identity.user_id);
+        }
+    }
+
+    async fn handle_text(&mut self, text: Utf8Bytes) {
+        let frame = match protocol::decode(text.as_str()) {
+            Ok(frame) => frame,
+            Err(e) => return self.reply_error(e.id.as_deref(), e.code, &e.message, None).await,
+        };
+        if let ClientFrame::Auth { id, token } = &frame {
+            return self.authenticate(Some(id), token).await;
+        }
+        let Some(session) = &self.session else {
+            let id = frame.id();
+            return self
+                .reply_error(Some(id), code::NOT_AUTHENTICATED, "send an auth frame first", None)
+                .await;
+        };
+        let service = &self.app.service;
+        let identity = session.identity.clone();
+        let conn = session.conn.clone();
+        match frame {
+            ClientFrame::Auth { .. } => unreachable!("handled above"),
+            ClientFrame::Ping { id } => {
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                self.reply(&id, PongResult { server_time: now }).await;
+            }
+            ClientFrame::Join { id, room, since } => match service.join(&identity, &conn, &room, since).await {
+                Ok(plan) => {
+                    let result = JoinResult {
+                        room: &room,
+                        head: plan.head,
+                        missed: plan.catch_up.len(),
+                        reload: plan.reload,
+                    };
+                    self.reply(&id, result).await;
+                    for frame in &plan.catch_up {
+                        if !self.out.push_wait(frame.clone(), REPLY_PATIENCE).await {
+                            return;
+                        }
+                    }
+                    service.finish_join(&plan, &conn);
+                }
+                Err(e) => self.reply_chat_error(&id, e).await,
+            },
+            ClientFrame::Leave { id, room } => {
+                service.leave(&conn, &room).await;
+                self.reply(&id, RoomResult { room: &room }).await;
+            }
+            ClientFrame::Send { id, room, content, client_msg_id } => {
+                match service.send(&identity, &room, &content, Some(&client_msg_id), Door::Ws).await {
+                    Ok(inserted) => {
+                        let result = SendResult {
+                            message: WireMessage::from(&inserted.message),
+                            duplicate: inserted.duplicate,
+                        };
+                        self.reply(&id, result).await;
+                    }
+                    Err(e) => {
+                        if matches!(e, ChatError::Forbidden) && conn.rooms.lock().unwrap().contains(room.as_str()) {
+                            // Membership was removed behind our back: stop delivering the room.
+                            service.leave(&conn, &room).await;
+                            let frame = Push::Removed { room: &room, reason: "membership removed" };
+                            self.out.push(protocol::encode(&frame).into());
+                        }
+                        self.reply_chat_error(&id, e).await;
+                    }
+                }
+            }
+            ClientFrame::History { id, room, before, limit } => {
+                match service.history(&identity, &room, before, limit).await {
+                    Ok(page) => {
+                        let raw = RawValue::from_string(page.to_string()).expect("pages are JSON");
+                        self.reply(&id, raw).await;
+                    }
+                    Err(e) => self.reply_chat_error(&id, e).await,
+                }
+            }
+        }
+    }
+
+    /// First authentication (creates the session) or a refresh (same user, new expiry).
+    async fn authenticate(&mut self, id: Option<&RequestId>, token: &str) {
+        let verified = self.app.service.authenticate(token);
+        if let Some(session) = &mut self.session {
+            let result = verified.and_then(|identity| {
+                if identity.user_id == session.identity.user_id {
+                    Ok(identity)
+                } else {
+                    Err(AuthError::SubjectMismatch)
+                }
+            });
+            match result {
+                Ok(identity) => {
+                    session.identity = identity;
+                    session.warned = false;
+                    let (user_id, expires_at) = (session.identity.user_id.clone(), session.identity.expires_at);
+                    if let Some(id) = id {
+                        self.reply(id, AuthResult { user_id: &user_id, expires_at }).await;
+                    }
+                }
+                Err(e) => self.reply_chat_error_opt(id.map(|b| &**b), ChatError::Auth(e)).await,
+            }
+            return;
+        }
+        let identity = match verified {
+            Ok(identity) => identity,
+            Err(e) => {
+                self.reply_chat_error_opt(id.map(|b| &**b), ChatError::Auth(e)).await;
+                self.out.closer.close(close::INVALID_TOKEN, "invalid token");
+                return;
+            }
+        };
+        let max = self.app.service.settings.limits.max_connections_per_user;
+        if !self.app.user_connections.acquire(&identity.user_id, max) {
+            self.out.closer.close(close::TOO_MANY_CONNECTIONS, "too many connections for this user");
+            return;
+        }
+        let conn = Arc::new(ConnShared::new(self.id, identity.user_id.clone(), self.out.clone()));
+        if let Some(id) = id {
+            self.reply(id, AuthResult { user_id: &identity.user_id, expires_at: identity.expires_at }).await;
+        }
+        self.session = Some(Session { identity, conn, warned: false });
+    }
+
+    async fn reply<T: serde::Serialize>(&self, id: &RawValue, result: T) {
+        let frame = protocol::encode(&ServerFrame::Result { id, result });
+        self.out.push_wait(frame.into(), REPLY_PATIENCE).await;
+    }
+
+    async fn reply_error(&self, id: Option<&RawValue>, code: &'static str, message: &str, retry_after_ms: Option<u64>) {
+        self.app.service.metrics.error(code);
+        let frame = Push::Error { id, error: ErrorBody { code, message, retry_after_ms } };
+        self.out.push_wait(protocol::encode(&frame).into(), REPLY_PATIENCE).await;
+    }
+
+    async fn reply_chat_error(&self, id: &RawValue, e: ChatError) {
+        self.reply_chat_error_opt(Some(id), e).await
+    }
+
+    async fn reply_chat_error_opt(&self, id: Option<&RawValue>, e: ChatError) {
+        let retry = e.retry_after().map(|d| d.as_millis() as u64);
+        self.reply_error(id, e.code(), &e.to_string(), retry).await
+    }
+}
+
+/// Drains the outbox into the socket, batching what is queued into one flush; pings every
+/// heartbeat interval and closes a socket silent for two.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Utf8Bytes>,
+    closer: Arc<Closer>,
+    heartbeat: Duration,
+    last_seen: Arc<AtomicU64>,
+    epoch: Instant,
+) {
+    let mut ticker = tokio::time::interval_at(TokioInstant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        tokio::select! {
+            biased;
+            _ = closer.token().cancelled() => break,
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                let write = async {
+                    for frame in batch.drain(..) {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                tokio::select! {
+                    result = write => if result.is_err() { closer.token().cancel(); break },
+                    _ = closer.token().cancelled() => break,
+                }
+            }
+            _ = ticker.tick() => {
+                let silent_ms = (epoch.elapsed().as_millis() as u64).saturating_sub(last_seen.load(Ordering::Relaxed));
+                if silent_ms > 2 * heartbeat.as_millis() as u64 {
+                    closer.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+                    break;
+                }
+                let ping = sink.send(Message::Ping(Default::default()));
+                tokio::select! {
+                    result = ping => if result.is_err() { closer.token().cancel(); break },
+                    _ = closer.token().cancelled() => break,
+                }
+            }
+        }
+    }
+    if let Some((code, reason)) = closer.reason() {
+        let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+fn deadline_of(expires_at: i64) -> TokioInstant {
+    let left = expires_at - chrono::Utc::now().timestamp();
+    TokioInstant::now() + Duration::from_secs(left.max(0) as u64)
+}
+
+fn is_too_big(e: axum::Error) -> bool {
+    matches!(
+        e.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
+
+fn close_label(code: u16) -> &'static str {
+    match code {
+        close::MESSAGE_TOO_BIG => "message_too_big",
+        close::SERVICE_RESTART => "shutdown",
+        close::HEARTBEAT_TIMEOUT => "heartbeat_timeout",
+        close::AUTH_TIMEOUT => "auth_timeout",
+        close::INVALID_TOKEN => "invalid_token",
+        close::TOKEN_EXPIRED => "token_expired",
+        close::SLOW_CONSUMER => "slow_consumer",
+        close::TOO_MANY_CONNECTIONS => "too_many_connections",
+        _ => "other",
+    }
+}
+
+/// Sockets per user on this node, so one user cannot exhaust the node's connection slots.
+#[derive(Default)]
+pub struct UserConnections {
+    counts: dashmap::DashMap<String, usize>,
+}
+
+impl UserConnections {
+    /// Takes a slot for the user; false when they already hold `max`.
+    pub fn acquire(&self, user: &str, max: usize) -> bool {
+        let mut count = self.counts.entry(user.to_string()).or_insert(0);
+        if *count >= max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    pub fn release(&self, user: &str) {
+        self.counts.remove_if_mut(user, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+    }
+}
