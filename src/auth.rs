@@ -82,7 +82,10 @@ impl Authenticator {
         let (key, alg) = match settings.algorithm {
             JwtAlgorithm::HS256 => {
                 let secret = dev_secret.unwrap_or(&settings.jwt_secret);
-                (DecodingKey::from_secret(secret.expose_secret().as_bytes()), Algorithm::HS256)
+                (
+                    DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+                    Algorithm::HS256,
+                )
             }
             JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
                 let pem = std::fs::read(&settings.public_key_file).map_err(|e| {
@@ -159,12 +162,14 @@ impl TokenMinter {
     pub fn from_private_pem(alg: JwtAlgorithm, pem: &[u8]) -> anyhow::Result<Self> {
         Ok(match alg {
             JwtAlgorithm::HS256 => anyhow::bail!("HS256 signs with a secret, not a private key"),
-            JwtAlgorithm::RS256 => {
-                Self { key: EncodingKey::from_rsa_pem(pem)?, alg: Algorithm::RS256 }
-            }
-            JwtAlgorithm::ES256 => {
-                Self { key: EncodingKey::from_ec_pem(pem)?, alg: Algorithm::ES256 }
-            }
+            JwtAlgorithm::RS256 => Self {
+                key: EncodingKey::from_rsa_pem(pem)?,
+                alg: Algorithm::RS256,
+            },
+            JwtAlgorithm::ES256 => Self {
+                key: EncodingKey::from_ec_pem(pem)?,
+                alg: Algorithm::ES256,
+            },
         })
     }
 

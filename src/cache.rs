@@ -62,7 +62,10 @@ pub struct MemoryHistoryCache {
 impl MemoryHistoryCache {
     pub fn new(ttl: Duration, max_pages: u64) -> Self {
         Self {
-            pages: Cache::builder().time_to_live(ttl).max_capacity(max_pages).build(),
+            pages: Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(max_pages)
+                .build(),
             generations: DashMap::new(),
         }
     }
@@ -79,7 +82,10 @@ impl HistoryCache for MemoryHistoryCache {
         let cache_key = (key, generation);
         match self.pages.get(&cache_key) {
             Some(page) => Lookup::Hit(page),
-            None => Lookup::Miss(MissToken { key: cache_key.0, generation }),
+            None => Lookup::Miss(MissToken {
+                key: cache_key.0,
+                generation,
+            }),
         }
     }
 
@@ -99,17 +105,25 @@ mod tests {
     use super::*;
 
     fn key() -> PageKey {
-        PageKey { room: "r".into(), limit: 30, before: None }
+        PageKey {
+            room: "r".into(),
+            limit: 30,
+            before: None,
+        }
     }
 
     #[tokio::test]
     async fn a_send_during_a_miss_keeps_the_stale_page_out() {
         let cache = MemoryHistoryCache::new(Duration::from_secs(3), 100);
-        let Lookup::Miss(token) = cache.get(key()).await else { panic!("empty cache hit") };
+        let Lookup::Miss(token) = cache.get(key()).await else {
+            panic!("empty cache hit")
+        };
         cache.invalidate_room("r").await; // a message committed while the page was read
         cache.put(token, Arc::from("old page")).await;
         assert!(matches!(cache.get(key()).await, Lookup::Miss(_)));
-        let Lookup::Miss(token) = cache.get(key()).await else { unreachable!() };
+        let Lookup::Miss(token) = cache.get(key()).await else {
+            unreachable!()
+        };
         cache.put(token, Arc::from("new page")).await;
         assert!(matches!(cache.get(key()).await, Lookup::Hit(p) if &*p == "new page"));
     }
@@ -117,7 +131,10 @@ mod tests {
     #[test]
     fn seed_key_format() {
         assert_eq!(key().seed_key(), "messages:r:30:latest");
-        let k = PageKey { before: Some(90), ..key() };
+        let k = PageKey {
+            before: Some(90),
+            ..key()
+        };
         assert_eq!(k.seed_key(), "messages:r:30:90");
     }
 }

@@ -172,7 +172,9 @@ impl Settings {
             .expect("config/default.toml is valid")
     }
 
-    fn build(builder: config::ConfigBuilder<config::builder::DefaultState>) -> Result<Self, ConfigError> {
+    fn build(
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+    ) -> Result<Self, ConfigError> {
         let settings: Settings = builder
             .build()
             .and_then(Config::try_deserialize)
@@ -224,7 +226,10 @@ impl Settings {
                 ("rate_limit.room_burst", r.room_burst),
             ] {
                 if v == 0 {
-                    return fail(key, "must be at least 1 (or set rate_limit.enabled = false)");
+                    return fail(
+                        key,
+                        "must be at least 1 (or set rate_limit.enabled = false)",
+                    );
                 }
             }
         }
@@ -232,8 +237,12 @@ impl Settings {
             return fail("queue.capacity", "capacity and batch must be at least 1");
         }
         let url = self.database.url.expose_secret();
-        if !url.is_empty() && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return fail("database.url", "must be empty (embedded SQLite) or a postgres:// URL");
+        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return fail(
+                "database.url",
+                "must be empty (embedded SQLite) or a postgres:// URL",
+            );
         }
         let a = &self.auth;
         let has_secret = !a.jwt_secret.expose_secret().is_empty();
@@ -252,7 +261,10 @@ impl Settings {
             }
             JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
                 if has_secret {
-                    return fail("auth.jwt_secret", "is for HS256; RS256/ES256 use auth.public_key_file");
+                    return fail(
+                        "auth.jwt_secret",
+                        "is for HS256; RS256/ES256 use auth.public_key_file",
+                    );
                 }
                 if !has_key_file {
                     return fail("auth.public_key_file", "is required for RS256/ES256");

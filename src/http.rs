@@ -31,11 +31,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/chat/rooms", post(create_room))
         .route("/api/chat/rooms/{room}/messages", get(history).post(send))
-        .route("/api/chat/rooms/{room}/members/{user}", put(add_member).delete(remove_member));
+        .route(
+            "/api/chat/rooms/{room}/members/{user}",
+            put(add_member).delete(remove_member),
+        );
     if app.service.dev_minter.is_some() {
         router = router.route("/dev/token", post(dev_token));
     }
-    router.layer(DefaultBodyLimit::max(body_limit)).with_state(app)
+    router
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(app)
 }
 
 /// The caller of a REST route, from `Authorization: Bearer <jwt>`.
@@ -53,7 +58,10 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 impl FromRequestParts<Arc<App>> for AuthUser {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<App>,
+    ) -> Result<Self, Self::Rejection> {
         let result = match bearer(&parts.headers) {
             None => Err(ChatError::NotAuthenticated),
             Some(token) => app.service.authenticate(token).map_err(ChatError::Auth),
@@ -79,7 +87,10 @@ async fn ws_upgrade(
     let Ok(permit) = app.conn_slots.clone().try_acquire_owned() else {
         return unavailable("connection limit reached");
     };
-    let token = query.get("token").cloned().or_else(|| bearer(&headers).map(str::to_string));
+    let token = query
+        .get("token")
+        .cloned()
+        .or_else(|| bearer(&headers).map(str::to_string));
     let limits = &app.service.settings.limits;
     let guard = app.tracker.token();
     upgrade
@@ -96,7 +107,9 @@ async fn ws_upgrade(
 fn unavailable(why: &str) -> Response {
     let body = json!({"error": {"code": "unavailable", "message": why, "retryAfterMs": 1000}});
     let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
 }
 
@@ -106,14 +119,20 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "draining": true})))
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "draining": true})),
+        )
             .into_response();
     }
     match app.service.store.ping().await {
         Ok(()) => Json(json!({"ready": true, "store": "ok"})).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness: store unreachable");
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "store": "unreachable"})))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"ready": false, "store": "unreachable"})),
+            )
                 .into_response()
         }
     }
@@ -122,14 +141,20 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let body = app.service.metrics.render();
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         body,
     )
         .into_response()
 }
 
 /// Parses an optional positive integer query parameter with a JSON error naming it.
-fn query_number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, ChatError> {
+fn query_number<T: std::str::FromStr>(
+    q: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<T>, ChatError> {
     match q.get(name).filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => v
@@ -140,7 +165,8 @@ fn query_number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ChatError> {
-    serde_json::from_slice(body).map_err(|e| ChatError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ChatError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 async fn history(
@@ -159,7 +185,10 @@ async fn history(
         Ok(page) => (
             [
                 (header::CONTENT_TYPE, "application/json"),
-                (header::CACHE_CONTROL, "private, max-age=3, stale-while-revalidate=5"),
+                (
+                    header::CACHE_CONTROL,
+                    "private, max-age=3, stale-while-revalidate=5",
+                ),
             ],
             page.to_string(),
         )
@@ -185,13 +214,23 @@ async fn send(
     let result = async {
         let body: SendBody = parse_json(&body)?;
         app.service
-            .send(&who, &room, &body.content, body.client_msg_id.as_deref(), Door::Rest)
+            .send(
+                &who,
+                &room,
+                &body.content,
+                body.client_msg_id.as_deref(),
+                Door::Rest,
+            )
             .await
     }
     .await;
     match result {
         Ok(inserted) => {
-            let status = if inserted.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+            let status = if inserted.duplicate {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
             let body = json!({
                 "message": WireMessage::from(&inserted.message),
                 "duplicate": inserted.duplicate,
@@ -210,10 +249,16 @@ struct CreateRoomBody {
     name: String,
 }
 
-async fn create_room(State(app): State<Arc<App>>, AuthUser(who): AuthUser, body: Bytes) -> Response {
+async fn create_room(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    body: Bytes,
+) -> Response {
     let result = async {
         let body: CreateRoomBody = parse_json(&body)?;
-        app.service.create_room(&who, body.id.as_deref(), &body.name).await
+        app.service
+            .create_room(&who, body.id.as_deref(), &body.name)
+            .await
     }
     .await;
     match result {
@@ -233,8 +278,16 @@ async fn add_member(
 ) -> Response {
     match app.service.add_member(&who, &room, &user).await {
         Ok(added) => {
-            let status = if added { StatusCode::CREATED } else { StatusCode::OK };
-            (status, Json(json!({"roomId": room, "userId": user, "added": added}))).into_response()
+            let status = if added {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (
+                status,
+                Json(json!({"roomId": room, "userId": user, "added": added})),
+            )
+                .into_response()
         }
         Err(e) => error_response(&app, e),
     }
@@ -271,13 +324,22 @@ async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
         Ok(b) => b,
         Err(e) => return error_response(&app, e),
     };
-    let name = body.name.as_deref().map(str::trim).filter(|n| !n.is_empty());
+    let name = body
+        .name
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
     let user = body
         .user_id
         .or_else(|| name.map(|n| n.to_lowercase().replace(char::is_whitespace, "-")))
         .unwrap_or_else(|| format!("guest-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
     let ttl = body.ttl_secs.unwrap_or(3600).clamp(1, 7 * 24 * 3600);
-    match app.service.dev_token(&user, name.or(Some(&user)), body.role.unwrap_or_default(), ttl) {
+    match app.service.dev_token(
+        &user,
+        name.or(Some(&user)),
+        body.role.unwrap_or_default(),
+        ttl,
+    ) {
         Some(token) => Json(json!({"token": token, "userId": user})).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }

@@ -155,8 +155,12 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
 
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(
-        Worker { store: dyn_store.clone(), metrics: metrics.clone(), batch: settings.queue.batch }
-            .run(jobs, worker_stop.clone()),
+        Worker {
+            store: dyn_store.clone(),
+            metrics: metrics.clone(),
+            batch: settings.queue.batch,
+        }
+        .run(jobs, worker_stop.clone()),
     );
     let shutdown = CancellationToken::new();
     {
@@ -195,7 +199,14 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         next_conn_id: AtomicU64::new(1),
         tracker: TaskTracker::new(),
     });
-    Ok((app, Background { store, worker, worker_stop }))
+    Ok((
+        app,
+        Background {
+            store,
+            worker,
+            worker_stop,
+        },
+    ))
 }
 
 /// Runs the gateway on `listener` until `shutdown` completes, then drains: stops accepting, lets
@@ -223,7 +234,10 @@ pub async fn run(
         .await?;
     tracing::info!("draining sockets");
     app.tracker.close();
-    if tokio::time::timeout(grace, app.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(grace, app.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some sockets did not close within the grace period");
     }
     background.worker_stop.cancel();

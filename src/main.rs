@@ -87,7 +87,14 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             println!("migrations applied to {}", settings.sqlite_path().display());
             Ok(())
         }
-        Command::Token { user, name, role, ttl, count, private_key } => {
+        Command::Token {
+            user,
+            name,
+            role,
+            ttl,
+            count,
+            private_key,
+        } => {
             let minter = minter(&settings, private_key)?;
             let mint = |user: &str| {
                 let name = name.as_deref().unwrap_or(user);

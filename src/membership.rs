@@ -19,7 +19,10 @@ pub struct MembershipCache {
 impl MembershipCache {
     pub fn new(ttl: Duration) -> Self {
         Self {
-            entries: Cache::builder().time_to_live(ttl).max_capacity(1_000_000).build(),
+            entries: Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(1_000_000)
+                .build(),
         }
     }
 
@@ -28,10 +31,12 @@ impl MembershipCache {
     }
 
     pub fn put(&self, room: &str, user: &str, access: Access) {
-        self.entries.insert((room.to_string(), user.to_string()), access);
+        self.entries
+            .insert((room.to_string(), user.to_string()), access);
     }
 
     pub fn invalidate(&self, room: &str, user: &str) {
-        self.entries.invalidate(&(room.to_string(), user.to_string()));
+        self.entries
+            .invalidate(&(room.to_string(), user.to_string()));
     }
 }

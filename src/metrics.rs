@@ -50,29 +50,57 @@ impl Metrics {
         let rate_limited = Family::<Labels, Counter>::default();
         let jobs = Family::<Labels, Counter>::default();
         let errors = Family::<Labels, Counter>::default();
-        registry.register("connections", "Open WebSocket connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
         registry.register(
             "connections_opened",
             "WebSocket connections accepted",
             connections_opened.clone(),
         );
-        registry.register("closes", "Server-initiated closes by reason", closes.clone());
-        registry.register("rooms_active", "Rooms with local members", rooms_active.clone());
-        registry.register("messages_received", "Messages stored", messages_received.clone());
+        registry.register(
+            "closes",
+            "Server-initiated closes by reason",
+            closes.clone(),
+        );
+        registry.register(
+            "rooms_active",
+            "Rooms with local members",
+            rooms_active.clone(),
+        );
+        registry.register(
+            "messages_received",
+            "Messages stored",
+            messages_received.clone(),
+        );
         registry.register(
             "messages_delivered",
             "Message pushes queued to sockets",
             messages_delivered.clone(),
         );
-        registry.register("send_duration_seconds", "Send to ack latency", send_duration.clone());
+        registry.register(
+            "send_duration_seconds",
+            "Send to ack latency",
+            send_duration.clone(),
+        );
         registry.register(
             "history_requests",
             "History requests by cache result",
             history_requests.clone(),
         );
-        registry.register("rate_limited", "Sends refused by a rate limit", rate_limited.clone());
+        registry.register(
+            "rate_limited",
+            "Sends refused by a rate limit",
+            rate_limited.clone(),
+        );
         registry.register("jobs", "Side-effect jobs by outcome", jobs.clone());
-        registry.register("errors", "Errors returned to clients by code", errors.clone());
+        registry.register(
+            "errors",
+            "Errors returned to clients by code",
+            errors.clone(),
+        );
         Self {
             registry,
             connections,
@@ -104,7 +132,9 @@ impl Metrics {
     }
 
     pub fn job(&self, outcome: &'static str, n: u64) {
-        self.jobs.get_or_create(&vec![("outcome", outcome)]).inc_by(n);
+        self.jobs
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc_by(n);
     }
 }
 

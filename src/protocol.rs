@@ -7,12 +7,11 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
-use serde_json::value::RawValue;
 
 use crate::store::Message;
 
-/// A request id as the client sent it: any JSON string or number, echoed back verbatim.
-pub type RequestId = Box<RawValue>;
+/// A request id as the client sent it (a string or a number), echoed back as it came.
+pub type RequestId = serde_json::Value;
 
 /// Frames a client sends.
 #[derive(Debug, Deserialize)]
@@ -68,14 +67,17 @@ impl ClientFrame {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame<'a, T: Serialize> {
     /// The successful answer to the request with the same `id`.
-    Result { id: &'a RawValue, result: T },
+    Result { id: &'a RequestId, result: T },
     /// The failed answer to the request with the same `id` (`null` when the frame had none).
     Error {
-        id: Option<&'a RawValue>,
+        id: Option<&'a RequestId>,
         error: ErrorBody<'a>,
     },
     /// Push: a message in a joined room, in sequence order, exactly once per socket.
-    Message { room: &'a str, message: WireMessage<'a> },
+    Message {
+        room: &'a str,
+        message: WireMessage<'a>,
+    },
     /// Push: this socket no longer receives the room (membership removed).
     Removed { room: &'a str, reason: &'a str },
     /// Push: the token expires soon; send `auth` with a fresh one on this socket.
@@ -278,7 +280,11 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
                     Some(kind) if !known => (code::UNKNOWN_TYPE, format!("unknown type {kind:?}")),
                     Some(_) => (code::BAD_REQUEST, err.to_string()),
                 };
-                DecodeError { id: env.id, code, message }
+                DecodeError {
+                    id: env.id,
+                    code,
+                    message,
+                }
             }
         }
     })
@@ -300,9 +306,15 @@ mod tests {
         let f = decode(r#"{"type":"send","id":7,"room":"r","content":"hi","clientMsgId":"c1"}"#)
             .unwrap();
         assert!(matches!(f, ClientFrame::Send { ref room, .. } if room == "r"));
-        assert_eq!(f.id().get(), "7");
+        assert_eq!(f.id(), &serde_json::json!(7));
         let f = decode(r#"{"type":"join","id":"a","room":"r","since":41}"#).unwrap();
-        assert!(matches!(f, ClientFrame::Join { since: Some(41), .. }));
+        assert!(matches!(
+            f,
+            ClientFrame::Join {
+                since: Some(41),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -311,15 +323,21 @@ mod tests {
         assert_eq!((e.code, e.id.is_none()), (code::BAD_FRAME, true));
         let e = decode(r#"{"type":"dance","id":"x"}"#).unwrap_err();
         assert_eq!(e.code, code::UNKNOWN_TYPE);
-        assert_eq!(e.id.unwrap().get(), r#""x""#);
+        assert_eq!(e.id.unwrap(), "x");
         let e = decode(r#"{"type":"send","id":1,"room":"r"}"#).unwrap_err();
         assert_eq!(e.code, code::BAD_REQUEST);
     }
 
     #[test]
     fn replies_echo_the_id() {
-        let id = RawValue::from_string("\"req-1\"".into()).unwrap();
-        let text = encode(&ServerFrame::Result { id: &id, result: RoomResult { room: "r" } });
-        assert_eq!(text, r#"{"type":"result","id":"req-1","result":{"room":"r"}}"#);
+        let id = serde_json::json!("req-1");
+        let text = encode(&ServerFrame::Result {
+            id: &id,
+            result: RoomResult { room: "r" },
+        });
+        assert_eq!(
+            text,
+            r#"{"type":"result","id":"req-1","result":{"room":"r"}}"#
+        );
     }
 }

@@ -21,7 +21,11 @@ use crate::store::Store;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Job {
     /// A message was stored: update the room's `lastMessageAt` (coalesced per batch).
-    MessageStored { room_id: String, seq: i64, created_at: DateTime<Utc> },
+    MessageStored {
+        room_id: String,
+        seq: i64,
+        created_at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +98,11 @@ impl Worker {
         let mut latest: HashMap<String, DateTime<Utc>> = HashMap::new();
         for job in jobs.drain(..) {
             match job {
-                Job::MessageStored { room_id, created_at, .. } => {
+                Job::MessageStored {
+                    room_id,
+                    created_at,
+                    ..
+                } => {
                     let at = latest.entry(room_id).or_insert(created_at);
                     *at = (*at).max(created_at);
                 }

@@ -64,12 +64,19 @@ impl MemoryRateLimiter {
         }
     }
 
-    fn check(&self, limiter: &DefaultKeyedRateLimiter<String>, key: &str, scope: Scope) -> Result<(), Refused> {
+    fn check(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<String>,
+        key: &str,
+        scope: Scope,
+    ) -> Result<(), Refused> {
         // Keys are owned Strings; the lookup allocates once per check, which is cheap next to a send.
-        limiter.check_key(&key.to_string()).map_err(|not_until| Refused {
-            scope,
-            retry_after: not_until.wait_time_from(self.clock.now()),
-        })
+        limiter
+            .check_key(&key.to_string())
+            .map_err(|not_until| Refused {
+                scope,
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            })
     }
 }
 
@@ -107,11 +114,17 @@ mod tests {
     async fn burst_of_five_then_refused_with_a_wait() {
         let limiter = MemoryRateLimiter::new(&Settings::defaults().rate_limit);
         for i in 0..5 {
-            assert!(limiter.check_send("u", &format!("room{i}")).await.is_ok(), "send {i}");
+            assert!(
+                limiter.check_send("u", &format!("room{i}")).await.is_ok(),
+                "send {i}"
+            );
         }
         let refused = limiter.check_send("u", "room9").await.unwrap_err();
         assert_eq!(refused.scope, Scope::User);
-        assert!(refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_millis(334));
+        assert!(
+            refused.retry_after > Duration::ZERO
+                && refused.retry_after <= Duration::from_millis(334)
+        );
         // Another user is unaffected.
         assert!(limiter.check_send("v", "room9").await.is_ok());
     }
@@ -120,7 +133,12 @@ mod tests {
     async fn room_limit_holds_across_users() {
         let limiter = MemoryRateLimiter::new(&Settings::defaults().rate_limit);
         for i in 0..10 {
-            assert!(limiter.check_send(&format!("user{i}"), "busy").await.is_ok());
+            assert!(
+                limiter
+                    .check_send(&format!("user{i}"), "busy")
+                    .await
+                    .is_ok()
+            );
         }
         let refused = limiter.check_send("user10", "busy").await.unwrap_err();
         assert_eq!(refused.scope, Scope::Room);

@@ -41,7 +41,10 @@ pub struct Closer {
 
 impl Closer {
     pub fn new() -> Self {
-        Self { reason: OnceLock::new(), token: CancellationToken::new() }
+        Self {
+            reason: OnceLock::new(),
+            token: CancellationToken::new(),
+        }
     }
 
     pub fn close(&self, code: u16, reason: &'static str) {
@@ -83,7 +86,8 @@ impl Outbox {
         match self.tx.try_send(frame) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.closer.close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                self.closer
+                    .close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -96,7 +100,8 @@ impl Outbox {
         match self.tx.send_timeout(frame, patience).await {
             Ok(()) => true,
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                self.closer.close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                self.closer
+                    .close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
                 false
             }
             Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
@@ -117,7 +122,12 @@ pub type Conn = Arc<ConnShared>;
 
 impl ConnShared {
     pub fn new(id: ConnId, user_id: String, out: Outbox) -> Self {
-        Self { id, user_id, out, rooms: Mutex::new(HashSet::new()) }
+        Self {
+            id,
+            user_id,
+            out,
+            rooms: Mutex::new(HashSet::new()),
+        }
     }
 
     pub fn push(&self, frame: Utf8Bytes) -> bool {
@@ -171,7 +181,10 @@ pub fn publish_frame(message: &Message) -> Arc<Published> {
         room: &message.room_id,
         message: WireMessage::from(message),
     });
-    Arc::new(Published { seq: message.seq, frame: frame.into() })
+    Arc::new(Published {
+        seq: message.seq,
+        frame: frame.into(),
+    })
 }
 
 impl RoomRegistry {
@@ -232,8 +245,13 @@ impl RoomRegistry {
         if st.closed {
             return None;
         }
-        st.members
-            .insert(conn.id, Member { conn: conn.clone(), catching_up: Some(Vec::new()) });
+        st.members.insert(
+            conn.id,
+            Member {
+                conn: conn.clone(),
+                catching_up: Some(Vec::new()),
+            },
+        );
         Some(st.delivered)
     }
 
@@ -323,7 +341,10 @@ impl RoomRegistry {
             match &mut m.catching_up {
                 Some(buffer) => {
                     if buffer.len() >= self.catch_up_buffer {
-                        m.conn.out.closer.close(close::SLOW_CONSUMER, "slow consumer: catch-up too long");
+                        m.conn
+                            .out
+                            .closer
+                            .close(close::SLOW_CONSUMER, "slow consumer: catch-up too long");
                     } else {
                         buffer.push(frame.clone());
                     }
@@ -387,7 +408,11 @@ async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
             }
         };
         let limit = (until - after).clamp(1, 10_000) as u32;
-        let missing = match registry.store.messages_between(&hub.room, after, until, limit).await {
+        let missing = match registry
+            .store
+            .messages_between(&hub.room, after, until, limit)
+            .await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(room = %hub.room, error = %e, "gap fill failed; retrying");

@@ -63,7 +63,9 @@ pub struct ChatService {
 /// Room ids are opaque text: 1..=128 bytes, no control characters.
 pub fn validate_room_id(room: &str) -> Result<(), ChatError> {
     if room.is_empty() || room.len() > 128 || room.chars().any(char::is_control) {
-        return Err(ChatError::BadRequest("room id must be 1..=128 bytes without control characters".into()));
+        return Err(ChatError::BadRequest(
+            "room id must be 1..=128 bytes without control characters".into(),
+        ));
     }
     Ok(())
 }
@@ -80,7 +82,11 @@ impl ChatService {
     /// May `who` use `room`? `fresh` bypasses the membership cache (joins do).
     async fn authorize(&self, who: &Identity, room: &str, fresh: bool) -> Result<(), ChatError> {
         validate_room_id(room)?;
-        let cached = if fresh { None } else { self.membership.get(room, &who.user_id) };
+        let cached = if fresh {
+            None
+        } else {
+            self.membership.get(room, &who.user_id)
+        };
         let access = match cached {
             Some(access) => access,
             None => {
@@ -127,14 +133,15 @@ impl ChatService {
             let hub = self.registry.hub(room);
             hub.ready
                 .get_or_try_init(|| async {
-                    self.broker
-                        .subscribe(room)
-                        .await
-                        .map_err(|e| {
-                            tracing::warn!(error = %e, "subscribe failed");
-                            ChatError::Unavailable
-                        })?;
-                    let head = self.store.room_head(room).await?.ok_or(ChatError::RoomNotFound)?;
+                    self.broker.subscribe(room).await.map_err(|e| {
+                        tracing::warn!(error = %e, "subscribe failed");
+                        ChatError::Unavailable
+                    })?;
+                    let head = self
+                        .store
+                        .room_head(room)
+                        .await?
+                        .ok_or(ChatError::RoomNotFound)?;
                     self.registry.initialize(&hub, head);
                     Ok::<(), ChatError>(())
                 })
@@ -146,15 +153,26 @@ impl ChatService {
         conn.rooms.lock().unwrap().insert(room_key);
 
         let limit = self.settings.limits.catch_up_limit;
-        let mut plan = JoinPlan { hub, head: delivered, catch_up: Vec::new(), reload: false };
+        let mut plan = JoinPlan {
+            hub,
+            head: delivered,
+            catch_up: Vec::new(),
+            reload: false,
+        };
         if let Some(since) = since.filter(|&s| s < delivered) {
             if delivered - since.max(0) > i64::from(limit) {
                 plan.reload = true;
             } else {
-                let missed = self.store.messages_between(room, since, delivered, limit).await;
+                let missed = self
+                    .store
+                    .messages_between(room, since, delivered, limit)
+                    .await;
                 match missed {
                     Ok(rows) => {
-                        plan.catch_up = rows.iter().map(|m| publish_frame(m).frame.clone()).collect()
+                        plan.catch_up = rows
+                            .iter()
+                            .map(|m| publish_frame(m).frame.clone())
+                            .collect()
                     }
                     Err(e) => {
                         self.leave(conn, room).await;
@@ -213,7 +231,9 @@ impl ChatService {
                 .rate_limited
                 .get_or_create(&vec![("scope", refused.scope.label())])
                 .inc();
-            return Err(ChatError::RateLimited { retry_after: refused.retry_after });
+            return Err(ChatError::RateLimited {
+                retry_after: refused.retry_after,
+            });
         }
         let inserted = self
             .store
@@ -231,11 +251,19 @@ impl ChatService {
         if !inserted.duplicate {
             let m = &inserted.message;
             self.cache.invalidate_room(room).await;
-            if let Err(e) = self.broker.publish(room, RoomEvent::Message(publish_frame(m))).await {
+            if let Err(e) = self
+                .broker
+                .publish(room, RoomEvent::Message(publish_frame(m)))
+                .await
+            {
                 // Stored and acknowledged anyway: receivers fill the gap from the store.
                 tracing::warn!(error = %e, seq = m.seq, "publish failed");
             }
-            let job = Job::MessageStored { room_id: m.room_id.clone(), seq: m.seq, created_at: m.created_at };
+            let job = Job::MessageStored {
+                room_id: m.room_id.clone(),
+                seq: m.seq,
+                created_at: m.created_at,
+            };
             match self.queue.enqueue(job).await {
                 Ok(()) => self.metrics.job("enqueued", 1),
                 Err(e) => {
@@ -243,9 +271,14 @@ impl ChatService {
                     self.metrics.job("dropped", 1);
                 }
             }
-            self.metrics.messages_received.get_or_create(&vec![("door", door.label())]).inc();
+            self.metrics
+                .messages_received
+                .get_or_create(&vec![("door", door.label())])
+                .inc();
         }
-        self.metrics.send_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .send_duration
+            .observe(started.elapsed().as_secs_f64());
         Ok(inserted)
     }
 
@@ -260,19 +293,33 @@ impl ChatService {
     ) -> Result<Arc<str>, ChatError> {
         self.authorize(who, room, false).await?;
         let limits = &self.settings.limits;
-        let limit = limit.unwrap_or(limits.history_default_limit).clamp(1, limits.history_max_limit);
+        let limit = limit
+            .unwrap_or(limits.history_default_limit)
+            .clamp(1, limits.history_max_limit);
         if before.is_some_and(|b| b < 1) {
-            return Err(ChatError::BadRequest("before must be a positive sequence number".into()));
+            return Err(ChatError::BadRequest(
+                "before must be a positive sequence number".into(),
+            ));
         }
-        let key = PageKey { room: room.to_string(), limit, before };
+        let key = PageKey {
+            room: room.to_string(),
+            limit,
+            before,
+        };
         let token = match self.cache.get(key).await {
             Lookup::Hit(page) => {
-                self.metrics.history_requests.get_or_create(&vec![("cache", "hit")]).inc();
+                self.metrics
+                    .history_requests
+                    .get_or_create(&vec![("cache", "hit")])
+                    .inc();
                 return Ok(page);
             }
             Lookup::Miss(token) => token,
         };
-        self.metrics.history_requests.get_or_create(&vec![("cache", "miss")]).inc();
+        self.metrics
+            .history_requests
+            .get_or_create(&vec![("cache", "miss")])
+            .inc();
         // One row more than asked tells whether an older page exists.
         let mut rows = self.store.history(room, before, limit + 1).await?;
         let more = rows.len() > limit as usize;
@@ -280,7 +327,11 @@ impl ChatService {
         rows.reverse();
         let page = HistoryPage {
             room,
-            next_before: if more { rows.first().map(|m| m.seq) } else { None },
+            next_before: if more {
+                rows.first().map(|m| m.seq)
+            } else {
+                None
+            },
             messages: rows.iter().map(WireMessage::from).collect(),
         };
         let page: Arc<str> = Arc::from(protocol::encode(&page));
@@ -295,22 +346,38 @@ impl ChatService {
         }
     }
 
-    pub async fn create_room(&self, who: &Identity, id: Option<&str>, name: &str) -> Result<Room, ChatError> {
+    pub async fn create_room(
+        &self,
+        who: &Identity,
+        id: Option<&str>,
+        name: &str,
+    ) -> Result<Room, ChatError> {
         Self::require_service(who)?;
-        let id = id.map(str::to_string).unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let id = id
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         validate_room_id(&id)?;
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 200 {
-            return Err(ChatError::BadRequest("name must be 1..=200 characters".into()));
+            return Err(ChatError::BadRequest(
+                "name must be 1..=200 characters".into(),
+            ));
         }
         Ok(self.store.create_room(&id, name).await?)
     }
 
-    pub async fn add_member(&self, who: &Identity, room: &str, user: &str) -> Result<bool, ChatError> {
+    pub async fn add_member(
+        &self,
+        who: &Identity,
+        room: &str,
+        user: &str,
+    ) -> Result<bool, ChatError> {
         Self::require_service(who)?;
         validate_room_id(room)?;
         if user.is_empty() || user.len() > 256 {
-            return Err(ChatError::BadRequest("user id must be 1..=256 bytes".into()));
+            return Err(ChatError::BadRequest(
+                "user id must be 1..=256 bytes".into(),
+            ));
         }
         let added = self.store.add_member(room, user).await?;
         self.membership.invalidate(room, user);
@@ -318,12 +385,19 @@ impl ChatService {
     }
 
     /// Removes a membership; the user's live sockets on every node stop receiving the room.
-    pub async fn remove_member(&self, who: &Identity, room: &str, user: &str) -> Result<bool, ChatError> {
+    pub async fn remove_member(
+        &self,
+        who: &Identity,
+        room: &str,
+        user: &str,
+    ) -> Result<bool, ChatError> {
         Self::require_service(who)?;
         validate_room_id(room)?;
         let removed = self.store.remove_member(room, user).await?;
         self.membership.invalidate(room, user);
-        let event = RoomEvent::MemberRemoved { user_id: user.to_string() };
+        let event = RoomEvent::MemberRemoved {
+            user_id: user.to_string(),
+        };
         if let Err(e) = self.broker.publish(room, event).await {
             tracing::warn!(error = %e, "member removal not broadcast; other nodes see it after the cache TTL");
         }
@@ -331,7 +405,13 @@ impl ChatService {
     }
 
     /// Mints a token in dev mode; `None` when a key is configured.
-    pub fn dev_token(&self, user: &str, name: Option<&str>, role: Role, ttl_secs: i64) -> Option<String> {
+    pub fn dev_token(
+        &self,
+        user: &str,
+        name: Option<&str>,
+        role: Role,
+        ttl_secs: i64,
+    ) -> Option<String> {
         let minter = self.dev_minter.as_ref()?;
         Some(minter.mint(&crate::auth::claims_for(user, name, role, ttl_secs)))
     }

@@ -25,8 +25,8 @@ use crate::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ChatError;
 use crate::protocol::{
-    self, AuthResult, ClientFrame, ErrorBody, JoinResult, Push, PongResult, RequestId,
-    RoomResult, SendResult, ServerFrame, WireMessage, close, code,
+    self, AuthResult, ClientFrame, ErrorBody, JoinResult, PongResult, Push, RequestId, RoomResult,
+    SendResult, ServerFrame, WireMessage, close, code,
 };
 use crate::rooms::{Closer, Conn, ConnShared, Outbox};
 use crate::service::Door;
@@ -57,7 +57,12 @@ struct Session {
 
 impl Connection {
     /// Runs the connection to its end. `query_token` came with the upgrade request, if any.
-    pub async fn run(app: Arc<App>, socket: WebSocket, query_token: Option<String>, permit: OwnedSemaphorePermit) {
+    pub async fn run(
+        app: Arc<App>,
+        socket: WebSocket,
+        query_token: Option<String>,
+        permit: OwnedSemaphorePermit,
+    ) {
         let id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (sink, stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.service.settings.limits.outbound_queue);
@@ -96,12 +101,16 @@ impl Connection {
 
     async fn ready_loop(&mut self, mut stream: SplitStream<WebSocket>) {
         let settings = &self.app.service.settings;
-        let auth_deadline = TokioInstant::now() + Duration::from_millis(settings.auth.auth_timeout_ms);
+        let auth_deadline =
+            TokioInstant::now() + Duration::from_millis(settings.auth.auth_timeout_ms);
         let warning = Duration::from_secs(settings.auth.expiry_warning_secs);
         let closer = self.out.closer.clone();
         let shutdown = self.app.shutdown.clone();
         loop {
-            let expires_at = self.session.as_ref().map(|s| deadline_of(s.identity.expires_at));
+            let expires_at = self
+                .session
+                .as_ref()
+                .map(|s| deadline_of(s.identity.expires_at));
             let warn_at = match &self.session {
                 Some(s) if !s.warned => expires_at.map(|t| t.checked_sub(warning).unwrap_or(t)),
                 _ => None,
@@ -165,7 +174,11 @@ impl Connection {
     async fn handle_text(&mut self, text: Utf8Bytes) {
         let frame = match protocol::decode(text.as_str()) {
             Ok(frame) => frame,
-            Err(e) => return self.reply_error(e.id.as_deref(), e.code, &e.message, None).await,
+            Err(e) => {
+                return self
+                    .reply_error(e.id.as_ref(), e.code, &e.message, None)
+                    .await;
+            }
         };
         if let ClientFrame::Auth { id, token } = &frame {
             return self.authenticate(Some(id), token).await;
@@ -173,7 +186,12 @@ impl Connection {
         let Some(session) = &self.session else {
             let id = frame.id();
             return self
-                .reply_error(Some(id), code::NOT_AUTHENTICATED, "send an auth frame first", None)
+                .reply_error(
+                    Some(id),
+                    code::NOT_AUTHENTICATED,
+                    "send an auth frame first",
+                    None,
+                )
                 .await;
         };
         let service = &self.app.service;
@@ -185,30 +203,40 @@ impl Connection {
                 let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
                 self.reply(&id, PongResult { server_time: now }).await;
             }
-            ClientFrame::Join { id, room, since } => match service.join(&identity, &conn, &room, since).await {
-                Ok(plan) => {
-                    let result = JoinResult {
-                        room: &room,
-                        head: plan.head,
-                        missed: plan.catch_up.len(),
-                        reload: plan.reload,
-                    };
-                    self.reply(&id, result).await;
-                    for frame in &plan.catch_up {
-                        if !self.out.push_wait(frame.clone(), REPLY_PATIENCE).await {
-                            return;
+            ClientFrame::Join { id, room, since } => {
+                match service.join(&identity, &conn, &room, since).await {
+                    Ok(plan) => {
+                        let result = JoinResult {
+                            room: &room,
+                            head: plan.head,
+                            missed: plan.catch_up.len(),
+                            reload: plan.reload,
+                        };
+                        self.reply(&id, result).await;
+                        for frame in &plan.catch_up {
+                            if !self.out.push_wait(frame.clone(), REPLY_PATIENCE).await {
+                                return;
+                            }
                         }
+                        service.finish_join(&plan, &conn);
                     }
-                    service.finish_join(&plan, &conn);
+                    Err(e) => self.reply_chat_error(&id, e).await,
                 }
-                Err(e) => self.reply_chat_error(&id, e).await,
-            },
+            }
             ClientFrame::Leave { id, room } => {
                 service.leave(&conn, &room).await;
                 self.reply(&id, RoomResult { room: &room }).await;
             }
-            ClientFrame::Send { id, room, content, client_msg_id } => {
-                match service.send(&identity, &room, &content, Some(&client_msg_id), Door::Ws).await {
+            ClientFrame::Send {
+                id,
+                room,
+                content,
+                client_msg_id,
+            } => {
+                match service
+                    .send(&identity, &room, &content, Some(&client_msg_id), Door::Ws)
+                    .await
+                {
                     Ok(inserted) => {
                         let result = SendResult {
                             message: WireMessage::from(&inserted.message),
@@ -217,25 +245,33 @@ impl Connection {
                         self.reply(&id, result).await;
                     }
                     Err(e) => {
-                        if matches!(e, ChatError::Forbidden) && conn.rooms.lock().unwrap().contains(room.as_str()) {
+                        if matches!(e, ChatError::Forbidden)
+                            && conn.rooms.lock().unwrap().contains(room.as_str())
+                        {
                             // Membership was removed behind our back: stop delivering the room.
                             service.leave(&conn, &room).await;
-                            let frame = Push::Removed { room: &room, reason: "membership removed" };
+                            let frame = Push::Removed {
+                                room: &room,
+                                reason: "membership removed",
+                            };
                             self.out.push(protocol::encode(&frame).into());
                         }
                         self.reply_chat_error(&id, e).await;
                     }
                 }
             }
-            ClientFrame::History { id, room, before, limit } => {
-                match service.history(&identity, &room, before, limit).await {
-                    Ok(page) => {
-                        let raw = RawValue::from_string(page.to_string()).expect("pages are JSON");
-                        self.reply(&id, raw).await;
-                    }
-                    Err(e) => self.reply_chat_error(&id, e).await,
+            ClientFrame::History {
+                id,
+                room,
+                before,
+                limit,
+            } => match service.history(&identity, &room, before, limit).await {
+                Ok(page) => {
+                    let raw = RawValue::from_string(page.to_string()).expect("pages are JSON");
+                    self.reply(&id, raw).await;
                 }
-            }
+                Err(e) => self.reply_chat_error(&id, e).await,
+            },
         }
     }
 
@@ -254,58 +290,102 @@ impl Connection {
                 Ok(identity) => {
                     session.identity = identity;
                     session.warned = false;
-                    let (user_id, expires_at) = (session.identity.user_id.clone(), session.identity.expires_at);
+                    let (user_id, expires_at) = (
+                        session.identity.user_id.clone(),
+                        session.identity.expires_at,
+                    );
                     if let Some(id) = id {
-                        self.reply(id, AuthResult { user_id: &user_id, expires_at }).await;
+                        self.reply(
+                            id,
+                            AuthResult {
+                                user_id: &user_id,
+                                expires_at,
+                            },
+                        )
+                        .await;
                     }
                 }
-                Err(e) => self.reply_chat_error_opt(id.map(|b| &**b), ChatError::Auth(e)).await,
+                Err(e) => self.reply_chat_error_opt(id, ChatError::Auth(e)).await,
             }
             return;
         }
         let identity = match verified {
             Ok(identity) => identity,
             Err(e) => {
-                self.reply_chat_error_opt(id.map(|b| &**b), ChatError::Auth(e)).await;
+                self.reply_chat_error_opt(id, ChatError::Auth(e)).await;
                 self.out.closer.close(close::INVALID_TOKEN, "invalid token");
                 return;
             }
         };
         let max = self.app.service.settings.limits.max_connections_per_user;
         if !self.app.user_connections.acquire(&identity.user_id, max) {
-            self.out.closer.close(close::TOO_MANY_CONNECTIONS, "too many connections for this user");
+            self.out.closer.close(
+                close::TOO_MANY_CONNECTIONS,
+                "too many connections for this user",
+            );
             return;
         }
-        let conn = Arc::new(ConnShared::new(self.id, identity.user_id.clone(), self.out.clone()));
+        let conn = Arc::new(ConnShared::new(
+            self.id,
+            identity.user_id.clone(),
+            self.out.clone(),
+        ));
         if let Some(id) = id {
-            self.reply(id, AuthResult { user_id: &identity.user_id, expires_at: identity.expires_at }).await;
+            self.reply(
+                id,
+                AuthResult {
+                    user_id: &identity.user_id,
+                    expires_at: identity.expires_at,
+                },
+            )
+            .await;
         }
-        self.session = Some(Session { identity, conn, warned: false });
+        self.session = Some(Session {
+            identity,
+            conn,
+            warned: false,
+        });
     }
 
-    async fn reply<T: serde::Serialize>(&self, id: &RawValue, result: T) {
+    async fn reply<T: serde::Serialize>(&self, id: &RequestId, result: T) {
         let frame = protocol::encode(&ServerFrame::Result { id, result });
         self.out.push_wait(frame.into(), REPLY_PATIENCE).await;
     }
 
-    async fn reply_error(&self, id: Option<&RawValue>, code: &'static str, message: &str, retry_after_ms: Option<u64>) {
+    async fn reply_error(
+        &self,
+        id: Option<&RequestId>,
+        code: &'static str,
+        message: &str,
+        retry_after_ms: Option<u64>,
+    ) {
         self.app.service.metrics.error(code);
-        let frame = Push::Error { id, error: ErrorBody { code, message, retry_after_ms } };
-        self.out.push_wait(protocol::encode(&frame).into(), REPLY_PATIENCE).await;
+        let frame = Push::Error {
+            id,
+            error: ErrorBody {
+                code,
+                message,
+                retry_after_ms,
+            },
+        };
+        self.out
+            .push_wait(protocol::encode(&frame).into(), REPLY_PATIENCE)
+            .await;
     }
 
-    async fn reply_chat_error(&self, id: &RawValue, e: ChatError) {
+    async fn reply_chat_error(&self, id: &RequestId, e: ChatError) {
         self.reply_chat_error_opt(Some(id), e).await
     }
 
-    async fn reply_chat_error_opt(&self, id: Option<&RawValue>, e: ChatError) {
+    async fn reply_chat_error_opt(&self, id: Option<&RequestId>, e: ChatError) {
         let retry = e.retry_after().map(|d| d.as_millis() as u64);
         self.reply_error(id, e.code(), &e.to_string(), retry).await
     }
 }
 
 /// Drains the outbox into the socket, batching what is queued into one flush; pings every
-/// heartbeat interval and closes a socket silent for two.
+/// heartbeat interval. A socket silent for more than 1.5 intervals at a tick is closed, so a dead
+/// peer (which stopped answering right after a ping) is reaped at most two intervals later.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Utf8Bytes>,
@@ -338,7 +418,7 @@ async fn write_loop(
             }
             _ = ticker.tick() => {
                 let silent_ms = (epoch.elapsed().as_millis() as u64).saturating_sub(last_seen.load(Ordering::Relaxed));
-                if silent_ms > 2 * heartbeat.as_millis() as u64 {
+                if silent_ms > heartbeat.as_millis() as u64 * 3 / 2 {
                     closer.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
                     break;
                 }
@@ -351,8 +431,21 @@ async fn write_loop(
         }
     }
     if let Some((code, reason)) = closer.reason() {
-        let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
+        // What was queued before the close (an error reply, the ack of an in-flight send) goes
+        // out first; a slow consumer's queue is not waited for, its socket is not being read.
+        let flush_queued = async {
+            if code != close::SLOW_CONSUMER {
+                while let Ok(frame) = rx.try_recv() {
+                    sink.feed(Message::Text(frame)).await?;
+                }
+            }
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            sink.send(Message::Close(Some(frame))).await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), flush_queued).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }

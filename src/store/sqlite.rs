@@ -98,7 +98,10 @@ impl Store for SqliteStore {
             .await?;
             if let Some(message) = existing {
                 tx.rollback().await?;
-                return Ok(Inserted { message, duplicate: true });
+                return Ok(Inserted {
+                    message,
+                    duplicate: true,
+                });
             }
         }
         let seq: Option<i64> = sqlx::query_scalar(
@@ -187,10 +190,12 @@ impl Store for SqliteStore {
     }
 
     async fn room_head(&self, room: &str) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar(r#"SELECT "lastSeq" FROM "ChatRoom" WHERE id = ?"#)
-            .bind(room)
-            .fetch_optional(&self.readers)
-            .await?)
+        Ok(
+            sqlx::query_scalar(r#"SELECT "lastSeq" FROM "ChatRoom" WHERE id = ?"#)
+                .bind(room)
+                .fetch_optional(&self.readers)
+                .await?,
+        )
     }
 
     async fn access(&self, room: &str, user: &str) -> Result<Access, StoreError> {
@@ -216,18 +221,26 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(|e| match StoreError::from(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("room {id:?} already exists")),
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(format!("room {id:?} already exists"))
+                }
                 other => other,
             })?;
-        Ok(Room { id: id.to_string(), name: name.to_string(), last_seq: 0 })
+        Ok(Room {
+            id: id.to_string(),
+            name: name.to_string(),
+            last_seq: 0,
+        })
     }
 
     async fn ensure_room(&self, id: &str, name: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"#)
-            .bind(id)
-            .bind(name)
-            .execute(&self.writer)
-            .await?;
+        let done = sqlx::query(
+            r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"#,
+        )
+        .bind(id)
+        .bind(name)
+        .execute(&self.writer)
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -248,11 +261,12 @@ impl Store for SqliteStore {
     }
 
     async fn remove_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = ? AND "userId" = ?"#)
-            .bind(room)
-            .bind(user)
-            .execute(&self.writer)
-            .await?;
+        let done =
+            sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = ? AND "userId" = ?"#)
+                .bind(room)
+                .bind(user)
+                .execute(&self.writer)
+                .await?;
         Ok(done.rows_affected() == 1)
     }
 

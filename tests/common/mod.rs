@@ -1,0 +1,481 @@
+//! Test harness: the real gateway on a port-0 listener with a data directory of its own, and a
+//! WebSocket client whose helpers read like the protocol. Every wait is bounded by a timeout.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chat_gateway::auth::{Claims, Role, TokenMinter, claims_for};
+use chat_gateway::config::Settings;
+use futures::{SinkExt, StreamExt};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    minter: TokenMinter,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Kept alive for the app's life (and reusable across a restart).
+    pub data_dir: DataDir,
+}
+
+pub enum DataDir {
+    Owned(tempfile::TempDir),
+    Borrowed(PathBuf),
+}
+
+impl DataDir {
+    pub fn path(&self) -> &Path {
+        match self {
+            DataDir::Owned(t) => t.path(),
+            DataDir::Borrowed(p) => p,
+        }
+    }
+}
+
+/// Settings for tests: a configured HS256 secret (not dev mode), generous rate limits (tests that
+/// exercise the limits set them back), quick timers.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::defaults();
+    s.auth.jwt_secret = SecretString::from(SECRET);
+    s.rate_limit.enabled = false;
+    s.server.shutdown_grace_secs = 5;
+    s
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = test_settings();
+        configure(&mut settings);
+        Self::start(settings, DataDir::Owned(dir)).await
+    }
+
+    /// Starts a gateway on an existing data directory (restart tests).
+    pub async fn start(mut settings: Settings, data_dir: DataDir) -> Self {
+        chat_gateway::telemetry::init_for_tests();
+        settings.server.data_dir = data_dir.path().to_path_buf();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(chat_gateway::run(listener, settings.clone(), async move {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::new();
+        // Ready when /healthz answers (the store is open and migrated before the listener serves).
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = http.get(format!("http://{addr}/healthz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let minter = TokenMinter::hs256(&SecretString::from(SECRET));
+        TestApp {
+            addr,
+            settings,
+            http,
+            minter,
+            stop: Some(stop),
+            server: Some(server),
+            data_dir,
+        }
+    }
+
+    /// Stops the gateway (as SIGTERM would) and waits for it to finish draining.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.server.take() {
+            Some(server) => tokio::time::timeout(Duration::from_secs(20), server)
+                .await
+                .expect("gateway stops within 20 s")
+                .expect("server task"),
+            None => Ok(()),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.minter.mint(&claims_for(
+            user,
+            Some(&format!("{user} name")),
+            Role::User,
+            3600,
+        ))
+    }
+
+    pub fn token_with(&self, claims: &Claims) -> String {
+        self.minter.mint(claims)
+    }
+
+    pub fn service_token(&self) -> String {
+        self.minter
+            .mint(&claims_for("backend", None, Role::Service, 3600))
+    }
+
+    /// Creates a room and adds the members, through the management API.
+    pub async fn room(&self, room: &str, members: &[&str]) {
+        let r = self
+            .http
+            .post(self.url("/api/chat/rooms"))
+            .bearer_auth(self.service_token())
+            .json(&json!({"id": room, "name": format!("Room {room}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "create room {room}: {}",
+            r.text().await.unwrap()
+        );
+        for user in members {
+            self.add_member(room, user).await;
+        }
+    }
+
+    pub async fn add_member(&self, room: &str, user: &str) {
+        let r = self
+            .http
+            .put(self.url(&format!("/api/chat/rooms/{room}/members/{user}")))
+            .bearer_auth(self.service_token())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "add member: {}", r.status());
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// A sample's value from /metrics: `key` is the name with its labels exactly as exposed
+    /// (e.g. `chat_closes_total{reason="slow_consumer"}`); 0 when absent.
+    pub async fn metric(&self, key: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Connects and authenticates with a first `auth` frame.
+    pub async fn client(&self, user: &str) -> Client {
+        let mut c = Client::connect(self.addr, None).await;
+        let reply = c
+            .request(json!({"type": "auth", "token": self.token(user)}))
+            .await;
+        assert_eq!(reply["type"], "result", "auth failed: {reply}");
+        c
+    }
+
+    /// Sends over REST; returns (status, body).
+    pub async fn rest_send(
+        &self,
+        user: &str,
+        room: &str,
+        content: &str,
+        client_msg_id: Option<&str>,
+    ) -> (u16, Value) {
+        let mut body = json!({"content": content});
+        if let Some(id) = client_msg_id {
+            body["clientMsgId"] = json!(id);
+        }
+        let r = self
+            .http
+            .post(self.url(&format!("/api/chat/rooms/{room}/messages")))
+            .bearer_auth(self.token(user))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn rest_history(&self, user: &str, room: &str, query: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(&format!("/api/chat/rooms/{room}/messages{query}")))
+            .bearer_auth(self.token(user))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A protocol client over a real WebSocket.
+pub struct Client {
+    pub ws: Ws,
+    next_id: u64,
+    /// Pushes received while waiting for a reply, in arrival order.
+    pushes: VecDeque<Value>,
+}
+
+/// How a socket ended, as seen by the client.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    Close(u16, String),
+    /// The connection dropped without a close frame.
+    Dropped,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, query: Option<&str>) -> Client {
+        let url = match query {
+            Some(q) => format!("ws://{addr}/ws?{q}"),
+            None => format!("ws://{addr}/ws"),
+        };
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timeout")
+            .expect("connect");
+        Client {
+            ws,
+            next_id: 0,
+            pushes: VecDeque::new(),
+        }
+    }
+
+    pub fn from_ws(ws: Ws) -> Client {
+        Client {
+            ws,
+            next_id: 0,
+            pushes: VecDeque::new(),
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(WsMessage::text(text))
+            .await
+            .expect("send frame");
+    }
+
+    /// The next JSON frame from the server (pings are answered by the library and skipped).
+    pub async fn next_frame(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("socket ended")
+                .expect("socket error");
+            match msg {
+                WsMessage::Text(t) => {
+                    return serde_json::from_str(t.as_str()).expect("server sent JSON");
+                }
+                WsMessage::Close(c) => panic!("socket closed while waiting for a frame: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a request (an `id` is added) and returns its reply; pushes meanwhile are kept.
+    pub async fn request(&mut self, mut frame: Value) -> Value {
+        self.next_id += 1;
+        let id = format!("r{}", self.next_id);
+        frame["id"] = json!(id);
+        self.send_text(&frame.to_string()).await;
+        self.reply_to(&id).await
+    }
+
+    pub async fn reply_to(&mut self, id: &str) -> Value {
+        loop {
+            let frame = self.next_frame().await;
+            if frame["id"] == id {
+                return frame;
+            }
+            assert!(
+                frame.get("id").is_none() || frame["id"].is_null(),
+                "reply to another request: {frame}"
+            );
+            self.pushes.push_back(frame);
+        }
+    }
+
+    /// Joins; returns the `result` object. Panics on error.
+    pub async fn join(&mut self, room: &str, since: Option<i64>) -> Value {
+        let mut frame = json!({"type": "join", "room": room});
+        if let Some(s) = since {
+            frame["since"] = json!(s);
+        }
+        let reply = self.request(frame).await;
+        assert_eq!(reply["type"], "result", "join {room}: {reply}");
+        reply["result"].clone()
+    }
+
+    /// Sends a message; returns the reply frame (result or error).
+    pub async fn send(&mut self, room: &str, content: &str, client_msg_id: &str) -> Value {
+        self.request(
+            json!({"type": "send", "room": room, "content": content, "clientMsgId": client_msg_id}),
+        )
+        .await
+    }
+
+    /// Sends and asserts success; returns the stored message.
+    pub async fn send_ok(&mut self, room: &str, content: &str) -> Value {
+        let id = uuid::Uuid::new_v4().to_string();
+        let reply = self.send(room, content, &id).await;
+        assert_eq!(reply["type"], "result", "send failed: {reply}");
+        reply["result"]["message"].clone()
+    }
+
+    pub async fn history(&mut self, room: &str, before: Option<i64>, limit: Option<u32>) -> Value {
+        let mut frame = json!({"type": "history", "room": room});
+        if let Some(b) = before {
+            frame["before"] = json!(b);
+        }
+        if let Some(l) = limit {
+            frame["limit"] = json!(l);
+        }
+        self.request(frame).await
+    }
+
+    /// The next push (not a reply), from those already received or the socket.
+    pub async fn next_push(&mut self) -> Value {
+        if let Some(p) = self.pushes.pop_front() {
+            return p;
+        }
+        self.next_frame().await
+    }
+
+    /// The next `message` push; asserts it is for `room`.
+    pub async fn expect_message(&mut self, room: &str) -> Value {
+        let push = self.next_push().await;
+        assert_eq!(
+            push["type"], "message",
+            "expected a message push, got {push}"
+        );
+        assert_eq!(push["room"], room, "message for another room: {push}");
+        push["message"].clone()
+    }
+
+    /// Asserts nothing arrives for `quiet`.
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        assert!(
+            self.pushes.is_empty(),
+            "unexpected pushes: {:?}",
+            self.pushes
+        );
+        loop {
+            match tokio::time::timeout(quiet, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(WsMessage::Text(t)))) => panic!("unexpected frame: {t}"),
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+                Ok(other) => panic!("unexpected socket event: {other:?}"),
+            }
+        }
+    }
+
+    /// Reads one frame of any kind (keeps the connection answering pings); texts are kept.
+    pub async fn ws_next(&mut self) {
+        if let Some(Ok(WsMessage::Text(t))) = self.ws.next().await {
+            self.pushes
+                .push_back(serde_json::from_str(t.as_str()).unwrap());
+        }
+    }
+
+    /// Reads until the socket ends; returns how (text frames on the way are returned too).
+    pub async fn ended(&mut self) -> (Ended, Vec<Value>) {
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("socket did not end in time")
+            {
+                None | Some(Err(_)) => return (Ended::Dropped, frames),
+                Some(Ok(WsMessage::Close(Some(c)))) => {
+                    return (
+                        Ended::Close(u16::from(c.code), c.reason.to_string()),
+                        frames,
+                    );
+                }
+                Some(Ok(WsMessage::Close(None))) => {
+                    return (Ended::Close(1005, String::new()), frames);
+                }
+                Some(Ok(WsMessage::Text(t))) => {
+                    frames.push(serde_json::from_str(t.as_str()).unwrap())
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads until a close frame; returns its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        match self.ended().await.0 {
+            Ended::Close(code, _) => code,
+            Ended::Dropped => panic!("socket dropped without a close frame"),
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
+    }
+}
+
+/// The `seq` of each message.
+pub fn seqs(messages: &[Value]) -> Vec<i64> {
+    messages
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect()
+}

@@ -1,0 +1,238 @@
+//! The gateway as operators run it: restart on the same data, graceful drain, heartbeats,
+//! health/readiness/metrics, configuration errors, the binary's subcommands.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Client, DataDir, TestApp, WAIT, seqs, test_settings};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_the_same_sqlite_file_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let mut app = TestApp::start(test_settings(), DataDir::Borrowed(path.clone())).await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut acked = Vec::new();
+    for i in 1..=20 {
+        acked.push(alice.send_ok("r", &format!("persisted {i}")).await["id"].clone());
+    }
+    app.stop().await.unwrap();
+
+    let app = TestApp::start(test_settings(), DataDir::Borrowed(path)).await;
+    let (status, page) = app.rest_history("alice", "r", "?limit=50").await;
+    assert_eq!(status, 200);
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(seqs(messages), (1..=20).collect::<Vec<_>>());
+    let ids: Vec<_> = messages.iter().map(|m| m["id"].clone()).collect();
+    assert_eq!(ids, acked);
+    // The sequence continues, and a resume across the restart replays from the store.
+    let mut bob = app.client("bob").await;
+    let joined = bob.join("r", Some(15)).await;
+    assert_eq!(
+        (joined["head"].as_i64(), joined["missed"].as_i64()),
+        (Some(20), Some(5))
+    );
+    for seq in 16..=20 {
+        assert_eq!(bob.expect_message("r").await["seq"], seq);
+    }
+    let mut alice = app.client("alice").await;
+    assert_eq!(alice.send_ok("r", "after restart").await["seq"], 21);
+    assert_eq!(bob.expect_message("r").await["seq"], 21);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_sockets_to_reconnect_with_1012_and_finishes() {
+    let mut app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    alice.join("r", None).await;
+    alice.send_ok("r", "before shutdown").await;
+    assert_eq!(alice.expect_message("r").await["seq"], 1);
+    let started = Instant::now();
+    app.stop().await.expect("run returns Ok after draining");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drained promptly"
+    );
+    let (ended, _) = alice.ended().await;
+    assert_eq!(
+        ended,
+        common::Ended::Close(1012, "server shutting down; reconnect and resume".into())
+    );
+    // The listener is gone.
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_reaped_within_two_heartbeat_intervals() {
+    let app = TestApp::spawn_with(|s| s.heartbeat.interval_ms = 300).await;
+    // This client answers pings only while it reads; it stops reading after authenticating.
+    let mut silent = app.client("silent").await;
+    let mut alive = app.client("alive").await;
+    let since = Instant::now();
+    let deadline = since + Duration::from_secs(3);
+    loop {
+        if app
+            .metric("chat_closes_total{reason=\"heartbeat_timeout\"}")
+            .await
+            == 1.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reaped");
+        // The live client keeps reading, so it answers pings and survives.
+        let _ = tokio::time::timeout(Duration::from_millis(50), alive.ws_next()).await;
+    }
+    let reaped_after = since.elapsed();
+    assert!(
+        reaped_after <= Duration::from_millis(2 * 300 + 250),
+        "reaped after {reaped_after:?}"
+    );
+    assert_eq!(silent.expect_close().await, 4000);
+    assert_eq!(
+        alive.request(json!({"type": "ping"})).await["type"],
+        "result",
+        "the reading client lives"
+    );
+    assert_eq!(app.metric("chat_connections").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_answer() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    alice.join("r", None).await;
+    alice.send_ok("r", "counted").await;
+    alice.expect_message("r").await;
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready: serde_json::Value = app
+        .http
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["ready"], true);
+    assert_eq!(app.metric("chat_connections").await, 1.0);
+    assert_eq!(app.metric("chat_connections_opened_total").await, 1.0);
+    assert_eq!(app.metric("chat_rooms_active").await, 1.0);
+    assert_eq!(
+        app.metric("chat_messages_received_total{door=\"ws\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(app.metric("chat_messages_delivered_total").await, 1.0);
+    assert_eq!(app.metric("chat_send_duration_seconds_count").await, 1.0);
+    // The side-effect worker updated the room's lastMessageAt.
+    let deadline = Instant::now() + WAIT;
+    while app.metric("chat_jobs_total{outcome=\"done\"}").await < 1.0 {
+        assert!(Instant::now() < deadline, "job not done");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_answers_503_before_upgrading() {
+    let app = TestApp::spawn_with(|s| s.server.max_connections = 1).await;
+    let _only = app.client("alice").await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr)).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
+}
+
+fn binary() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-gateway"));
+    for var in [
+        "DATABASE_URL",
+        "REDIS_URL",
+        "JWT_SECRET",
+        "JWT_PUBLIC_KEY_FILE",
+        "BIND_ADDR",
+        "CHAT_GATEWAY_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+#[test]
+fn invalid_configuration_stops_start_up_with_one_line_naming_the_key() {
+    for (var, value, key) in [
+        (
+            "CHAT_GATEWAY__LIMITS__OUTBOUND_QUEUE",
+            "1",
+            "limits.outbound_queue",
+        ),
+        (
+            "CHAT_GATEWAY__SERVER__MAX_CONNECTIONS",
+            "lots",
+            "server.max_connections",
+        ),
+        ("BIND_ADDR", "not-an-address", "server.bind_addr"),
+        ("JWT_SECRET", "short", "auth.jwt_secret"),
+    ] {
+        let out = binary().env(var, value).arg("serve").output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(key), "{var}: {stderr} should name {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_subcommand_mints_tokens_the_server_accepts() {
+    let app = TestApp::spawn().await;
+    let out = binary()
+        .env("JWT_SECRET", common::SECRET)
+        .args(["token", "--user", "cli-user", "--name", "From CLI"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut c = Client::connect(app.addr, None).await;
+    let reply = c.request(json!({"type": "auth", "token": token})).await;
+    assert_eq!(reply["result"]["userId"], "cli-user");
+
+    let out = binary()
+        .env("JWT_SECRET", common::SECRET)
+        .args(["token", "--user", "load", "--count", "3"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let users: Vec<_> = text.lines().map(|l| l.split_once(' ').unwrap().0).collect();
+    assert_eq!(users, vec!["load1", "load2", "load3"]);
+}
+
+#[test]
+fn migrate_creates_the_schema_and_is_safe_to_run_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let out = binary()
+            .env("CHAT_GATEWAY__SERVER__DATA_DIR", dir.path())
+            .arg("migrate")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(dir.path().join("chat.db").exists());
+}

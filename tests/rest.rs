@@ -1,0 +1,165 @@
+//! The REST fallback: the old app's routes and JSON, errors with the right statuses, and the same
+//! rules and the same messages as the socket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, seqs};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_history_and_send_speak_the_old_apps_json() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let (status, body) = app
+        .rest_send("alice", "r", "  hello over REST  ", None)
+        .await;
+    assert_eq!(status, 201);
+    let m = &body["message"];
+    assert_eq!(m["content"], "hello over REST", "content is trimmed");
+    for field in [
+        "id",
+        "roomId",
+        "senderId",
+        "senderName",
+        "senderAvatarUrl",
+        "content",
+        "contentType",
+        "status",
+        "moderationStatus",
+        "createdAt",
+        "seq",
+        "sender",
+    ] {
+        assert!(m.get(field).is_some(), "missing {field} in {m}");
+    }
+    assert_eq!(
+        m["sender"],
+        json!({"id": "alice", "name": "alice name", "avatarUrl": null})
+    );
+    assert_eq!(m["seq"], 1);
+    assert!(m["createdAt"].as_str().unwrap().ends_with('Z'));
+
+    let r = app
+        .http
+        .get(app.url("/api/chat/rooms/r/messages?limit=30"))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["cache-control"],
+        "private, max-age=3, stale-while-revalidate=5"
+    );
+    let page: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(page["messages"][0], *m);
+    assert!(page["nextBefore"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_errors_are_json_with_the_documented_statuses() {
+    let app = TestApp::spawn_with(|s| s.rate_limit.enabled = true).await;
+    app.room("r", &["alice"]).await;
+    let post = |body: String| {
+        app.http
+            .post(app.url("/api/chat/rooms/r/messages"))
+            .bearer_auth(app.token("alice"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = post("{oops".into()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "bad_request"
+    );
+    let r = post(json!({"content": " "}).to_string()).await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "content_empty"
+    );
+    let r = post(json!({"content": "y".repeat(2001)}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"]["code"],
+        "content_too_long"
+    );
+    let (status, _) = app.rest_history("alice", "r", "?limit=abc").await;
+    assert_eq!(status, 400);
+    let (status, _) = app.rest_history("alice", "r", "?before=0").await;
+    assert_eq!(status, 400);
+
+    // The sixth of a burst: 429 with Retry-After, and the seventh after the wait is accepted.
+    for i in 0..5 {
+        let (status, _) = app
+            .rest_send("alice", "r", &format!("burst {i}"), None)
+            .await;
+        assert_eq!(status, 201);
+    }
+    let r = post(json!({"content": "sixth"}).to_string()).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    let wait = body["error"]["retryAfterMs"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(wait + 20)).await;
+    let (status, body) = app.rest_send("alice", "r", "seventh", None).await;
+    assert_eq!(status, 201);
+    assert_eq!(body["message"]["seq"], 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_and_socket_see_each_others_messages() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+    let (status, _) = app
+        .rest_send("alice", "r", "from REST", Some("rest-1"))
+        .await;
+    assert_eq!(status, 201);
+    let pushed = bob.expect_message("r").await;
+    assert_eq!(
+        (pushed["content"].as_str(), pushed["senderId"].as_str()),
+        (Some("from REST"), Some("alice"))
+    );
+    assert_eq!(pushed["clientMsgId"], "rest-1");
+
+    bob.send_ok("r", "from the socket").await;
+    let (_, page) = app.rest_history("alice", "r", "").await;
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(seqs(messages), vec![1, 2]);
+    assert_eq!(messages[1]["content"], "from the socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rate_limit_covers_both_doors() {
+    let app = TestApp::spawn_with(|s| s.rate_limit.enabled = true).await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    for i in 0..3 {
+        alice.send_ok("r", &format!("ws {i}")).await;
+    }
+    for i in 0..2 {
+        assert_eq!(
+            app.rest_send("alice", "r", &format!("rest {i}"), None)
+                .await
+                .0,
+            201
+        );
+    }
+    assert_eq!(
+        app.rest_send("alice", "r", "one too many", None).await.0,
+        429
+    );
+    assert_eq!(
+        alice.send("r", "and here", "c").await["error"]["code"],
+        "rate_limited"
+    );
+}

@@ -1,0 +1,467 @@
+//! Chat over the WebSocket: rooms, ordering, multiplexing, idempotency, resume, history, bad input,
+//! backpressure. Each test runs its own gateway on port 0 with its own SQLite file.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Ended, TestApp, seqs};
+use futures::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_see_each_others_messages_in_order() {
+    let app = TestApp::spawn().await;
+    app.room("lobby", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    alice.join("lobby", None).await;
+    bob.join("lobby", None).await;
+
+    for i in 0..10 {
+        let (sender, text) = if i % 2 == 0 {
+            (&mut alice, "from alice")
+        } else {
+            (&mut bob, "from bob")
+        };
+        sender.send_ok("lobby", &format!("{text} {i}")).await;
+    }
+    for client in [&mut alice, &mut bob] {
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            got.push(client.expect_message("lobby").await);
+        }
+        assert_eq!(
+            seqs(&got),
+            (1..=10).collect::<Vec<_>>(),
+            "every message once, in order"
+        );
+        for (i, m) in got.iter().enumerate() {
+            assert!(m["content"].as_str().unwrap().ends_with(&format!(" {i}")));
+        }
+        assert_eq!(got[1]["senderId"], "bob");
+        assert_eq!(
+            got[1]["senderName"], "bob name",
+            "sender name comes from the token"
+        );
+        assert_eq!(got[1]["sender"]["id"], "bob");
+    }
+    alice.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_socket_multiplexes_three_rooms() {
+    let app = TestApp::spawn().await;
+    for room in ["a", "b", "c"] {
+        app.room(room, &["multi", "sender"]).await;
+    }
+    let mut multi = app.client("multi").await;
+    for room in ["a", "b", "c"] {
+        multi.join(room, None).await;
+    }
+    let mut sender = app.client("sender").await;
+    let order = ["b", "a", "c", "c", "a", "b", "a"];
+    for (i, room) in order.iter().enumerate() {
+        sender.send_ok(room, &format!("{room}-{i}")).await;
+    }
+    let mut per_room = std::collections::HashMap::<String, Vec<i64>>::new();
+    for (i, room) in order.iter().enumerate() {
+        let push = multi.next_push().await;
+        assert_eq!(push["type"], "message");
+        assert_eq!(
+            push["room"], *room,
+            "pushes arrive in send order, tagged with their room"
+        );
+        assert_eq!(push["message"]["roomId"], *room);
+        assert_eq!(push["message"]["content"], format!("{room}-{i}"));
+        per_room
+            .entry(room.to_string())
+            .or_default()
+            .push(push["message"]["seq"].as_i64().unwrap());
+    }
+    assert_eq!(per_room["a"], vec![1, 2, 3]);
+    assert_eq!(per_room["b"], vec![1, 2]);
+    assert_eq!(per_room["c"], vec![1, 2]);
+
+    // Leaving one room stops its pushes, the others continue on the same socket.
+    let reply = multi.request(json!({"type": "leave", "room": "b"})).await;
+    assert_eq!(reply["result"]["room"], "b");
+    sender.send_ok("b", "not for multi").await;
+    sender.send_ok("c", "still for multi").await;
+    assert_eq!(
+        multi.expect_message("c").await["content"],
+        "still for multi"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_client_msg_id_creates_no_duplicate() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+
+    let first = alice.send("r", "only once", "client-msg-1").await;
+    let retry = alice.send("r", "only once", "client-msg-1").await;
+    assert_eq!(first["result"]["duplicate"], false);
+    assert_eq!(retry["result"]["duplicate"], true);
+    assert_eq!(
+        first["result"]["message"]["id"],
+        retry["result"]["message"]["id"]
+    );
+    assert_eq!(
+        first["result"]["message"]["seq"],
+        retry["result"]["message"]["seq"]
+    );
+
+    // Over REST too, with the same key: still the original.
+    let (status, body) = app
+        .rest_send("alice", "r", "only once", Some("client-msg-1"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["message"]["id"], first["result"]["message"]["id"]);
+
+    assert_eq!(bob.expect_message("r").await["seq"], 1);
+    bob.expect_silence(Duration::from_millis(300)).await;
+    let page = alice.history("r", None, None).await;
+    assert_eq!(page["result"]["messages"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_delivers_exactly_the_missed_messages() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+    for i in 1..=3 {
+        alice.send_ok("r", &format!("before {i}")).await;
+    }
+    let mut last_seen = 0;
+    for _ in 0..3 {
+        last_seen = bob.expect_message("r").await["seq"].as_i64().unwrap();
+    }
+    assert_eq!(last_seen, 3);
+    bob.close().await;
+
+    for i in 4..=9 {
+        alice.send_ok("r", &format!("missed {i}")).await;
+    }
+    let mut bob = app.client("bob").await;
+    let joined = bob.join("r", Some(last_seen)).await;
+    assert_eq!(joined["missed"], 6);
+    assert_eq!(joined["head"], 9);
+    assert_eq!(joined["reload"], false);
+    // Sent during and after the resume: must follow the catch-up without gap or duplicate.
+    alice.send_ok("r", "live 10").await;
+    let got: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..7 {
+            v.push(bob.expect_message("r").await);
+        }
+        v
+    };
+    assert_eq!(seqs(&got), (4..=10).collect::<Vec<_>>());
+    assert_eq!(got[0]["content"], "missed 4");
+    bob.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_while_messages_keep_arriving_has_no_gap_or_duplicate() {
+    let app = TestApp::spawn().await;
+    app.room("busy", &["writer", "reader"]).await;
+    let mut writer = app.client("writer").await;
+    for i in 0..50 {
+        writer.send_ok("busy", &format!("m{i}")).await;
+    }
+    // Keep sending while the reader resumes from seq 10.
+    let addr = app.addr;
+    let writer_token = app.token("writer");
+    let sending = tokio::spawn(async move {
+        let mut w = Client::connect(addr, Some(&format!("token={writer_token}"))).await;
+        for i in 50..150 {
+            w.send_ok("busy", &format!("m{i}")).await;
+        }
+    });
+    let mut reader = app.client("reader").await;
+    let joined = reader.join("busy", Some(10)).await;
+    let head = joined["head"].as_i64().unwrap();
+    assert_eq!(joined["missed"].as_i64().unwrap(), head - 10);
+    sending.await.unwrap();
+    let mut got = Vec::new();
+    for _ in 11..=150 {
+        got.push(reader.expect_message("busy").await["seq"].as_i64().unwrap());
+    }
+    assert_eq!(got, (11..=150).collect::<Vec<_>>());
+    reader.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_past_the_catch_up_limit_asks_for_a_reload() {
+    let app = TestApp::spawn_with(|s| s.limits.catch_up_limit = 5).await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    for i in 0..8 {
+        alice.send_ok("r", &format!("{i}")).await;
+    }
+    let joined = alice.join("r", Some(1)).await;
+    assert_eq!(joined["reload"], true, "7 missed > limit 5");
+    assert_eq!(joined["missed"], 0);
+    assert_eq!(joined["head"], 8);
+    alice.send_ok("r", "live").await;
+    assert_eq!(
+        alice.expect_message("r").await["seq"],
+        9,
+        "live traffic continues after head"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pagination_walks_120_messages_without_gap_or_duplicate() {
+    let app = TestApp::spawn().await;
+    app.room("long", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    for i in 1..=120 {
+        alice.send_ok("long", &format!("message {i}")).await;
+    }
+    let mut seen = Vec::new();
+    let mut before = None;
+    let mut pages = 0;
+    loop {
+        let reply = alice.history("long", before, Some(50)).await;
+        let page = &reply["result"];
+        let messages = page["messages"].as_array().unwrap();
+        let page_seqs = seqs(messages);
+        assert!(
+            page_seqs.windows(2).all(|w| w[0] < w[1]),
+            "a page is oldest first"
+        );
+        seen.splice(0..0, page_seqs);
+        pages += 1;
+        match page["nextBefore"].as_i64() {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3, "50 + 50 + 20");
+    assert_eq!(seen, (1..=120).collect::<Vec<_>>());
+
+    // Default limit is 30 and the maximum 50.
+    let latest = alice.history("long", None, None).await;
+    assert_eq!(
+        seqs(latest["result"]["messages"].as_array().unwrap()),
+        (91..=120).collect::<Vec<_>>()
+    );
+    let clamped = alice.history("long", None, Some(500)).await;
+    assert_eq!(clamped["result"]["messages"].as_array().unwrap().len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_never_serves_a_page_older_than_an_acknowledged_message() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    alice.send_ok("r", "one").await;
+    let first = alice.history("r", None, None).await;
+    assert_eq!(first["result"]["messages"].as_array().unwrap().len(), 1);
+    // Cached now; a send must invalidate it before its ack.
+    alice.send_ok("r", "two").await;
+    let second = alice.history("r", None, None).await;
+    assert_eq!(
+        seqs(second["result"]["messages"].as_array().unwrap()),
+        vec![1, 2]
+    );
+    assert_eq!(
+        app.metric("chat_history_requests_total{cache=\"miss\"}")
+            .await,
+        2.0
+    );
+    let _ = alice.history("r", None, None).await;
+    assert_eq!(
+        app.metric("chat_history_requests_total{cache=\"hit\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_error_replies_and_the_socket_stays_usable() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+
+    alice.send_text("{not json").await;
+    let e = alice.next_frame().await;
+    assert_eq!(
+        (e["type"].as_str(), e["error"]["code"].as_str()),
+        (Some("error"), Some("bad_frame"))
+    );
+    assert!(e["id"].is_null());
+
+    alice.send_text(r#"{"type":"dance","id":"d1"}"#).await;
+    let e = alice.next_frame().await;
+    assert_eq!(e["error"]["code"], "unknown_type");
+    assert_eq!(e["id"], "d1");
+
+    alice
+        .send_text(r#"{"type":"send","id":7,"room":"r"}"#)
+        .await;
+    let e = alice.next_frame().await;
+    assert_eq!(e["error"]["code"], "bad_request");
+    assert_eq!(e["id"], 7, "numeric ids are echoed as numbers");
+
+    alice
+        .ws
+        .send(WsMessage::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(alice.next_frame().await["error"]["code"], "bad_frame");
+
+    for (content, code) in [
+        ("   ", "content_empty"),
+        (&"x".repeat(2001)[..], "content_too_long"),
+    ] {
+        let e = alice
+            .send("r", content, &uuid::Uuid::new_v4().to_string())
+            .await;
+        assert_eq!(e["error"]["code"], code);
+    }
+    // Exactly the maximum, in multi-byte characters, is fine.
+    let m = alice.send_ok("r", &"é".repeat(2000)).await;
+    assert_eq!(m["seq"], 1, "nothing was stored by the refused sends");
+
+    let pong = alice.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "result");
+    assert!(pong["result"]["serverTime"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_frame_closes_with_1009() {
+    let app = TestApp::spawn_with(|s| s.limits.max_frame_bytes = 4096).await;
+    let mut alice = app.client("alice").await;
+    alice
+        .send_text(&format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(5000)))
+        .await;
+    assert_eq!(alice.expect_close().await, 1009);
+    // The server is fine afterwards.
+    let mut again = app.client("alice").await;
+    assert_eq!(
+        again.request(json!({"type": "ping"})).await["type"],
+        "result"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_rooms_on_one_socket_is_refused() {
+    let app = TestApp::spawn_with(|s| s.limits.max_rooms_per_connection = 2).await;
+    for room in ["a", "b", "c"] {
+        app.room(room, &["alice"]).await;
+    }
+    let mut alice = app.client("alice").await;
+    alice.join("a", None).await;
+    alice.join("b", None).await;
+    let e = alice.request(json!({"type": "join", "room": "c"})).await;
+    assert_eq!(e["error"]["code"], "too_many_rooms");
+    // Re-joining a room already joined is not a new room.
+    alice.join("a", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_refuses_the_sixth_of_a_burst_and_accepts_after_a_pause() {
+    let app = TestApp::spawn_with(|s| s.rate_limit.enabled = true).await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    for i in 1..=5 {
+        alice.send_ok("r", &format!("burst {i}")).await;
+    }
+    let sixth = alice.send("r", "sixth", "c6").await;
+    assert_eq!(sixth["error"]["code"], "rate_limited");
+    let wait = sixth["error"]["retryAfterMs"].as_u64().unwrap();
+    assert!(
+        (1..=334).contains(&wait),
+        "3/s refills one token every ~333 ms, got {wait}"
+    );
+    tokio::time::sleep(Duration::from_millis(wait + 20)).await;
+    let seventh = alice.send("r", "seventh", "c7").await;
+    assert_eq!(seventh["type"], "result", "{seventh}");
+    assert_eq!(
+        seventh["result"]["message"]["seq"], 6,
+        "the refused send stored nothing"
+    );
+    assert_eq!(
+        app.metric("chat_rate_limited_total{scope=\"user\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_and_others_keep_receiving() {
+    let app = TestApp::spawn_with(|s| s.limits.outbound_queue = 8).await;
+    app.room("r", &["slow", "fast", "sender"]).await;
+
+    // A client with a tiny receive buffer that never reads after joining.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws", app.addr),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    let mut slow = Client::from_ws(ws);
+    assert_eq!(
+        slow.request(json!({"type":"auth","token": app.token("slow")}))
+            .await["type"],
+        "result"
+    );
+    slow.join("r", None).await;
+
+    let mut fast = app.client("fast").await;
+    fast.join("r", None).await;
+    let mut sender = app.client("sender").await;
+    let big = "x".repeat(1900);
+    let total = 4000;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(total);
+        for _ in 0..total {
+            got.push(fast.expect_message("r").await["seq"].as_i64().unwrap());
+        }
+        got
+    });
+    for _ in 0..total {
+        sender.send_ok("r", &big).await;
+    }
+    let got = reader.await.unwrap();
+    assert_eq!(
+        got,
+        (1..=total as i64).collect::<Vec<_>>(),
+        "the fast client got everything, in order"
+    );
+    assert_eq!(
+        app.metric("chat_closes_total{reason=\"slow_consumer\"}")
+            .await,
+        1.0
+    );
+
+    // The slow socket was dropped: reading it now drains what the kernel buffered, then it ends.
+    let (ended, frames) = slow.ended().await;
+    assert!(
+        frames.len() < total,
+        "the slow client cannot have received everything"
+    );
+    if let Ended::Close(code, _) = ended {
+        assert_eq!(code, 4008);
+    }
+    // And it can resume from what it saw.
+    let last = frames
+        .iter()
+        .filter_map(|f| f["message"]["seq"].as_i64())
+        .max()
+        .unwrap_or(0);
+    let mut again = app.client("slow").await;
+    let joined = again.join("r", Some(last)).await;
+    assert_eq!(joined["head"], total as i64);
+}
