@@ -237,8 +237,7 @@ impl Settings {
             return fail("queue.capacity", "capacity and batch must be at least 1");
         }
         let url = self.database.url.expose_secret();
-        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
+        if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return fail(
                 "database.url",
                 "must be empty (embedded SQLite) or a postgres:// URL",
