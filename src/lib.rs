@@ -58,7 +58,7 @@ use crate::cache::MemoryHistoryCache;
 use crate::config::Settings;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
-use crate::queue::{MemoryJobQueue, Worker};
+use crate::queue::{MemoryJobQueue, OutboxRelay, Worker};
 use crate::ratelimit::{MemoryRateLimiter, RateLimiter, Unlimited};
 use crate::rooms::RoomRegistry;
 use crate::service::ChatService;
@@ -84,6 +84,8 @@ pub struct App {
 /// Background tasks owned by a running gateway.
 struct Background {
     store: Arc<SqliteStore>,
+    relay: JoinHandle<()>,
+    relay_stop: CancellationToken,
     worker: JoinHandle<()>,
     worker_stop: CancellationToken,
 }
@@ -153,6 +155,20 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         Arc::new(Unlimited)
     };
 
+    let outbox_wake = Arc::new(tokio::sync::Notify::new());
+    let relay_stop = CancellationToken::new();
+    let relay = tokio::spawn(
+        OutboxRelay {
+            store: dyn_store.clone(),
+            queue: Arc::new(queue),
+            metrics: metrics.clone(),
+            wake: outbox_wake.clone(),
+            batch: settings.queue.batch as u32,
+            poll: Duration::from_secs(1),
+            lease: Duration::from_secs(10),
+        }
+        .run(relay_stop.clone()),
+    );
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(
         Worker {
@@ -183,7 +199,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         store: dyn_store,
         broker,
         cache,
-        queue: Arc::new(queue),
+        outbox_wake,
         limiter,
         registry,
         membership,
@@ -203,6 +219,8 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         app,
         Background {
             store,
+            relay,
+            relay_stop,
             worker,
             worker_stop,
         },
@@ -240,6 +258,8 @@ pub async fn run(
     {
         tracing::warn!("some sockets did not close within the grace period");
     }
+    background.relay_stop.cancel();
+    let _ = tokio::time::timeout(grace, background.relay).await;
     background.worker_stop.cancel();
     let _ = tokio::time::timeout(grace, background.worker).await;
     background.store.close().await;

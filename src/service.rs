@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use chrono::{SubsecRound, Utc};
+use tokio::sync::Notify;
 
 use crate::auth::{AuthError, Authenticator, Identity, Role, TokenMinter};
 use crate::broker::{Broker, RoomEvent};
@@ -16,7 +17,6 @@ use crate::error::ChatError;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
 use crate::protocol::{self, HistoryPage, WireMessage};
-use crate::queue::{Job, JobQueue};
 use crate::ratelimit::RateLimiter;
 use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame};
 use crate::store::{Access, Inserted, NewMessage, Room, Store};
@@ -50,7 +50,8 @@ pub struct ChatService {
     pub store: Arc<dyn Store>,
     pub broker: Arc<dyn Broker>,
     pub cache: Arc<dyn HistoryCache>,
-    pub queue: Arc<dyn JobQueue>,
+    /// Wakes the outbox relay after each stored message.
+    pub outbox_wake: Arc<Notify>,
     pub limiter: Arc<dyn RateLimiter>,
     pub registry: Arc<RoomRegistry>,
     pub membership: Arc<MembershipCache>,
@@ -227,6 +228,19 @@ impl ChatService {
         }
         self.authorize(who, room, false).await?;
         if let Err(refused) = self.limiter.check_send(&who.user_id, room).await {
+            // A retry of a message that was stored (its ack got lost) is answered, not refused:
+            // only refused sends pay for this lookup.
+            if let Some(id) = client_msg_id
+                && let Some(message) = self
+                    .store
+                    .find_by_client_msg_id(room, &who.user_id, id)
+                    .await?
+            {
+                return Ok(Inserted {
+                    message,
+                    duplicate: true,
+                });
+            }
             self.metrics
                 .rate_limited
                 .get_or_create(&vec![("scope", refused.scope.label())])
@@ -259,18 +273,8 @@ impl ChatService {
                 // Stored and acknowledged anyway: receivers fill the gap from the store.
                 tracing::warn!(error = %e, seq = m.seq, "publish failed");
             }
-            let job = Job::MessageStored {
-                room_id: m.room_id.clone(),
-                seq: m.seq,
-                created_at: m.created_at,
-            };
-            match self.queue.enqueue(job).await {
-                Ok(()) => self.metrics.job("enqueued", 1),
-                Err(e) => {
-                    tracing::warn!(error = %e, "side-effect job not queued");
-                    self.metrics.job("dropped", 1);
-                }
-            }
+            // The outbox row was written with the message; the relay queues its side effects.
+            self.outbox_wake.notify_one();
             self.metrics
                 .messages_received
                 .get_or_create(&vec![("door", door.label())])

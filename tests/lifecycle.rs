@@ -236,3 +236,53 @@ fn migrate_creates_the_schema_and_is_safe_to_run_twice() {
     }
     assert!(dir.path().join("chat.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn side_effects_left_in_the_outbox_by_a_dead_process_are_performed_at_start() {
+    use chat_gateway::store::{NewMessage, Store, sqlite::SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let mut app = TestApp::start(test_settings(), DataDir::Borrowed(path.clone())).await;
+    app.room("r", &["alice"]).await;
+    app.stop().await.unwrap();
+
+    // A message committed by a process that died before relaying its side effects.
+    let store = SqliteStore::open(&path.join("chat.db"), 1).await.unwrap();
+    let created_at = chrono::Utc::now();
+    let inserted = store
+        .insert_message(NewMessage {
+            id: "orphan".into(),
+            room_id: "r".into(),
+            sender_id: "alice".into(),
+            sender_name: None,
+            sender_avatar_url: None,
+            content: "committed, never relayed".into(),
+            created_at,
+            client_msg_id: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(inserted.message.seq, 1);
+    store.close().await;
+
+    let app = TestApp::start(test_settings(), DataDir::Borrowed(path.clone())).await;
+    let deadline = Instant::now() + WAIT;
+    while app.metric("chat_jobs_total{outcome=\"done\"}").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned outbox row was not relayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.join("chat.db").display()))
+        .await
+        .unwrap();
+    let (last, outbox): (Option<String>, i64) = sqlx::query_as(
+        r#"SELECT (SELECT "lastMessageAt" FROM "ChatRoom" WHERE id = 'r'), (SELECT COUNT(*) FROM "ChatOutbox")"#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(last.is_some(), "lastMessageAt was set by the worker");
+    assert_eq!(outbox, 0, "relayed rows are deleted");
+}

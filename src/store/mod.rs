@@ -3,7 +3,8 @@
 //! [`Store`] is what the chat service needs from a database; `sqlite` is the embedded default.
 //! Every implementation guarantees: a message's `seq` is allocated in the same transaction as its
 //! insert (strictly increasing, gap-free per room), a message is visible to readers before the
-//! insert returns, and a repeated `(roomId, senderId, clientMsgId)` returns the stored original.
+//! insert returns, a repeated `(roomId, senderId, clientMsgId)` returns the stored original, and
+//! the same transaction writes the message's `"ChatOutbox"` row (see `queue::OutboxRelay`).
 
 pub mod sqlite;
 
@@ -109,6 +110,14 @@ pub trait Store: Send + Sync + 'static {
     /// Allocates the room's next sequence and inserts, atomically; idempotent on `clientMsgId`.
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError>;
 
+    /// The message a sender stored in a room under `client_msg_id`, if any.
+    async fn find_by_client_msg_id(
+        &self,
+        room: &str,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Message>, StoreError>;
+
     /// Up to `limit` visible messages with `seq < before` (all when `None`), newest first.
     async fn history(
         &self,
@@ -145,6 +154,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets `"lastMessageAt"` for several rooms (never moving it backwards).
     async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError>;
+
+    /// Claims up to `limit` outbox rows that are unclaimed or whose lease expired, leasing them
+    /// for `lease`. Oldest first.
+    async fn outbox_claim(
+        &self,
+        limit: u32,
+        lease: std::time::Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError>;
+
+    /// Deletes relayed outbox rows.
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError>;
+}
+
+/// A row of `"ChatOutbox"`: a stored message whose side effects are not yet queued.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct OutboxEntry {
+    pub id: i64,
+    #[sqlx(rename = "roomId")]
+    pub room_id: String,
+    pub seq: i64,
+    #[sqlx(rename = "messageId")]
+    pub message_id: String,
+    #[sqlx(rename = "createdAt")]
+    pub created_at: DateTime<Utc>,
 }
 
 /// Visible = not rejected by moderation. Every read the gateway serves applies it.

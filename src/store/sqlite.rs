@@ -15,7 +15,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{Access, Inserted, Message, NewMessage, Room, Store, StoreError};
+use super::{Access, Inserted, Message, NewMessage, OutboxEntry, Room, Store, StoreError};
 
 /// The embedded migrations (migrations/sqlite), applied by `migrate` and at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -25,6 +25,12 @@ macro_rules! columns {
         r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId""#
     };
 }
+
+const FIND_BY_CLIENT_MSG_ID: &str = concat!(
+    "SELECT ",
+    columns!(),
+    r#" FROM "ChatMessage" WHERE "roomId" = ? AND "senderId" = ? AND "clientMsgId" = ?"#
+);
 
 pub struct SqliteStore {
     /// The only connection that writes. Held for one transaction at a time.
@@ -86,16 +92,12 @@ impl Store for SqliteStore {
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
         let mut tx = self.writer.begin().await?;
         if let Some(client_msg_id) = &msg.client_msg_id {
-            let existing: Option<Message> = sqlx::query_as(concat!(
-                "SELECT ",
-                columns!(),
-                r#" FROM "ChatMessage" WHERE "roomId" = ? AND "senderId" = ? AND "clientMsgId" = ?"#
-            ))
-            .bind(&msg.room_id)
-            .bind(&msg.sender_id)
-            .bind(client_msg_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let existing: Option<Message> = sqlx::query_as(FIND_BY_CLIENT_MSG_ID)
+                .bind(&msg.room_id)
+                .bind(&msg.sender_id)
+                .bind(client_msg_id)
+                .fetch_optional(&mut *tx)
+                .await?;
             if let Some(message) = existing {
                 tx.rollback().await?;
                 return Ok(Inserted {
@@ -129,6 +131,15 @@ impl Store for SqliteStore {
         .bind(&msg.client_msg_id)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            r#"INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt") VALUES (?, ?, ?, ?)"#,
+        )
+        .bind(&msg.room_id)
+        .bind(seq)
+        .bind(&msg.id)
+        .bind(ts(&msg.created_at))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Inserted {
             message: Message {
@@ -147,6 +158,20 @@ impl Store for SqliteStore {
             },
             duplicate: false,
         })
+    }
+
+    async fn find_by_client_msg_id(
+        &self,
+        room: &str,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        Ok(sqlx::query_as(FIND_BY_CLIENT_MSG_ID)
+            .bind(room)
+            .bind(sender)
+            .bind(client_msg_id)
+            .fetch_optional(&self.readers)
+            .await?)
     }
 
     async fn history(
@@ -284,6 +309,44 @@ impl Store for SqliteStore {
             .await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn outbox_claim(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        let now = Utc::now();
+        let until =
+            now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
+        let mut rows: Vec<OutboxEntry> = sqlx::query_as(
+            r#"UPDATE "ChatOutbox" SET "claimedUntil" = ?1
+               WHERE id IN (SELECT id FROM "ChatOutbox"
+                            WHERE "claimedUntil" IS NULL OR "claimedUntil" < ?2
+                            ORDER BY id LIMIT ?3)
+               RETURNING id, "roomId", seq, "messageId", "createdAt""#,
+        )
+        .bind(ts(&until))
+        .bind(ts(&now))
+        .bind(limit)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.sort_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let placeholders = vec!["?"; ids.len()].join(",");
+        let sql = format!(r#"DELETE FROM "ChatOutbox" WHERE id IN ({placeholders})"#);
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(id);
+        }
+        query.execute(&self.writer).await?;
         Ok(())
     }
 }

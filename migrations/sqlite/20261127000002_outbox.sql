@@ -1,0 +1,12 @@
+-- Transactional outbox: every stored message writes one row here in the same transaction as the
+-- message itself. A relay moves rows to the job queue and deletes them once queued, so a process
+-- that dies between committing a message and queueing its side effects loses none of them.
+-- "claimedUntil" is a lease: a relay that claimed rows and died releases them when it expires.
+CREATE TABLE IF NOT EXISTS "ChatOutbox" (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    "roomId"       TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    "messageId"    TEXT NOT NULL,
+    "createdAt"    TEXT NOT NULL,
+    "claimedUntil" TEXT
+);
