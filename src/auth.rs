@@ -40,8 +40,9 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// A string or an array of strings (checked by the verifier when `auth.audience` is set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<serde_json::Value>,
 }
 
 /// Who is on the other end of a socket or request, from a verified token.
@@ -51,8 +52,11 @@ pub struct Identity {
     pub name: Option<String>,
     pub avatar: Option<String>,
     pub role: Role,
-    /// Token expiry, seconds since the Unix epoch.
+    /// Token expiry (`exp`), seconds since the Unix epoch.
     pub expires_at: i64,
+    /// When a socket holding this token is closed: `exp` plus the configured leeway, so a token
+    /// accepted at the edge of its life is not closed the same instant.
+    pub valid_until: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +79,7 @@ pub enum AuthError {
 pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
+    leeway_secs: i64,
 }
 
 impl Authenticator {
@@ -112,7 +117,11 @@ impl Authenticator {
         } else {
             validation.set_audience(&[&settings.audience]);
         }
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            leeway_secs: settings.leeway_secs as i64,
+        })
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
@@ -140,6 +149,7 @@ impl Authenticator {
             avatar: c.avatar,
             role: c.role,
             expires_at: c.exp,
+            valid_until: c.exp.saturating_add(self.leeway_secs),
         })
     }
 }

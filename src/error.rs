@@ -30,6 +30,8 @@ pub enum ChatError {
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("request body is larger than {max} bytes")]
+    BodyTooLarge { max: usize },
     #[error("content is empty")]
     ContentEmpty,
     #[error("content is longer than {max} characters")]
@@ -57,6 +59,7 @@ impl ChatError {
             ChatError::RoomNotFound => code::ROOM_NOT_FOUND,
             ChatError::NotFound(_) => code::NOT_FOUND,
             ChatError::Conflict(_) => code::CONFLICT,
+            ChatError::BodyTooLarge { .. } => code::TOO_LARGE,
             ChatError::ContentEmpty => code::CONTENT_EMPTY,
             ChatError::ContentTooLong { .. } => code::CONTENT_TOO_LONG,
             ChatError::RateLimited { .. } => code::RATE_LIMITED,
@@ -73,7 +76,9 @@ impl ChatError {
             ChatError::Forbidden | ChatError::RoleRequired(_) => StatusCode::FORBIDDEN,
             ChatError::RoomNotFound | ChatError::NotFound(_) => StatusCode::NOT_FOUND,
             ChatError::Conflict(_) | ChatError::TooManyRooms { .. } => StatusCode::CONFLICT,
-            ChatError::ContentTooLong { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ChatError::ContentTooLong { .. } | ChatError::BodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ChatError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ChatError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ChatError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -111,9 +116,11 @@ impl From<StoreError> for ChatError {
 impl IntoResponse for ChatError {
     fn into_response(self) -> Response {
         let retry_ms = self.retry_after().map(|d| d.as_millis() as u64);
-        let body = serde_json::json!({
-            "error": { "code": self.code(), "message": self.to_string(), "retryAfterMs": retry_ms }
-        });
+        let mut error = serde_json::json!({ "code": self.code(), "message": self.to_string() });
+        if let Some(ms) = retry_ms {
+            error["retryAfterMs"] = ms.into();
+        }
+        let body = serde_json::json!({ "error": error });
         let mut response = (self.status(), Json(body)).into_response();
         if let Some(ms) = retry_ms {
             // Retry-After is whole seconds; round up so a client never retries too early.

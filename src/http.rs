@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State, WebSocketUpgrade};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -164,8 +165,17 @@ fn query_number<T: std::str::FromStr>(
     }
 }
 
-fn parse_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ChatError> {
-    serde_json::from_slice(body)
+/// A request body, or why it could not be read (too large: 413 with a JSON error body).
+type Body = Result<Bytes, BytesRejection>;
+
+fn parse_json<T: for<'de> Deserialize<'de>>(app: &App, body: Body) -> Result<T, ChatError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ChatError::BodyTooLarge {
+            max: app.service.settings.limits.max_frame_bytes,
+        },
+        _ => ChatError::BadRequest(rejection.body_text()),
+    })?;
+    serde_json::from_slice(&body)
         .map_err(|e| ChatError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
@@ -209,10 +219,10 @@ async fn send(
     State(app): State<Arc<App>>,
     AuthUser(who): AuthUser,
     Path(room): Path<String>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let result = async {
-        let body: SendBody = parse_json(&body)?;
+        let body: SendBody = parse_json(&app, body)?;
         app.service
             .send(
                 &who,
@@ -249,13 +259,9 @@ struct CreateRoomBody {
     name: String,
 }
 
-async fn create_room(
-    State(app): State<Arc<App>>,
-    AuthUser(who): AuthUser,
-    body: Bytes,
-) -> Response {
+async fn create_room(State(app): State<Arc<App>>, AuthUser(who): AuthUser, body: Body) -> Response {
     let result = async {
-        let body: CreateRoomBody = parse_json(&body)?;
+        let body: CreateRoomBody = parse_json(&app, body)?;
         app.service
             .create_room(&who, body.id.as_deref(), &body.name)
             .await
@@ -319,8 +325,8 @@ struct DevTokenBody {
 }
 
 /// Dev mode only: mints a token. The route does not exist when a key is configured.
-async fn dev_token(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let body: DevTokenBody = match parse_json(&body) {
+async fn dev_token(State(app): State<Arc<App>>, body: Body) -> Response {
+    let body: DevTokenBody = match parse_json(&app, body) {
         Ok(b) => b,
         Err(e) => return error_response(&app, e),
     };

@@ -243,6 +243,7 @@ pub mod code {
     pub const CONFLICT: &str = "conflict";
     pub const CONTENT_EMPTY: &str = "content_empty";
     pub const CONTENT_TOO_LONG: &str = "content_too_long";
+    pub const TOO_LARGE: &str = "too_large";
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const TOO_MANY_ROOMS: &str = "too_many_rooms";
     pub const UNAVAILABLE: &str = "unavailable";
@@ -257,7 +258,7 @@ pub fn encode<T: Serialize>(frame: &T) -> String {
 /// Parses one client frame. Returns the request id (when one could be read) with the failure,
 /// so the error reply can still be matched by the client.
 pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
-    serde_json::from_str::<ClientFrame>(text).map_err(|err| {
+    let frame = serde_json::from_str::<ClientFrame>(text).map_err(|err| {
         #[derive(Deserialize)]
         struct Envelope {
             id: Option<RequestId>,
@@ -281,13 +282,21 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
                     Some(_) => (code::BAD_REQUEST, err.to_string()),
                 };
                 DecodeError {
-                    id: env.id,
+                    id: env.id.filter(|id| id.is_string() || id.is_number()),
                     code,
                     message,
                 }
             }
         }
-    })
+    })?;
+    if !(frame.id().is_string() || frame.id().is_number()) {
+        return Err(DecodeError {
+            id: None,
+            code: code::BAD_REQUEST,
+            message: "id must be a string or a number".into(),
+        });
+    }
+    Ok(frame)
 }
 
 #[derive(Debug)]
@@ -326,6 +335,8 @@ mod tests {
         assert_eq!(e.id.unwrap(), "x");
         let e = decode(r#"{"type":"send","id":1,"room":"r"}"#).unwrap_err();
         assert_eq!(e.code, code::BAD_REQUEST);
+        let e = decode(r#"{"type":"ping","id":{"a":1}}"#).unwrap_err();
+        assert_eq!((e.code, e.id.is_none()), (code::BAD_REQUEST, true));
     }
 
     #[test]

@@ -110,6 +110,15 @@ impl ChatService {
         }
     }
 
+    /// Whether `who` may still read `room` (false only on a definite no; an unreachable store
+    /// keeps the socket in the room).
+    pub async fn still_allowed(&self, who: &Identity, room: &str) -> bool {
+        !matches!(
+            self.authorize(who, room, false).await,
+            Err(ChatError::Forbidden | ChatError::RoomNotFound)
+        )
+    }
+
     /// Joins `conn` to `room`, preparing the replay of what was missed after `since`.
     #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
     pub async fn join(
@@ -399,6 +408,9 @@ impl ChatService {
         validate_room_id(room)?;
         let removed = self.store.remove_member(room, user).await?;
         self.membership.invalidate(room, user);
+        if !removed {
+            return Ok(false);
+        }
         let event = RoomEvent::MemberRemoved {
             user_id: user.to_string(),
         };

@@ -106,6 +106,9 @@ impl Connection {
         let warning = Duration::from_secs(settings.auth.expiry_warning_secs);
         let closer = self.out.closer.clone();
         let shutdown = self.app.shutdown.clone();
+        let ttl = Duration::from_secs(settings.auth.membership_ttl_secs.max(1));
+        let mut recheck = tokio::time::interval_at(TokioInstant::now() + ttl, ttl);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let expires_at = self
                 .session
@@ -137,6 +140,7 @@ impl Connection {
                         self.out.push(protocol::encode(&frame).into());
                     }
                 }
+                _ = recheck.tick(), if self.session.is_some() => self.recheck_memberships().await,
                 frame = stream.next() => {
                     self.last_seen.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                     match frame {
@@ -220,7 +224,7 @@ impl Connection {
                         }
                         service.finish_join(&plan, &conn);
                     }
-                    Err(e) => self.reply_chat_error(&id, e).await,
+                    Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
                 }
             }
             ClientFrame::Leave { id, room } => {
@@ -244,20 +248,7 @@ impl Connection {
                         };
                         self.reply(&id, result).await;
                     }
-                    Err(e) => {
-                        if matches!(e, ChatError::Forbidden)
-                            && conn.rooms.lock().unwrap().contains(room.as_str())
-                        {
-                            // Membership was removed behind our back: stop delivering the room.
-                            service.leave(&conn, &room).await;
-                            let frame = Push::Removed {
-                                room: &room,
-                                reason: "membership removed",
-                            };
-                            self.out.push(protocol::encode(&frame).into());
-                        }
-                        self.reply_chat_error(&id, e).await;
-                    }
+                    Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
                 }
             }
             ClientFrame::History {
@@ -270,8 +261,46 @@ impl Connection {
                     let raw = RawValue::from_string(page.to_string()).expect("pages are JSON");
                     self.reply(&id, raw).await;
                 }
-                Err(e) => self.reply_chat_error(&id, e).await,
+                Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
             },
+        }
+    }
+
+    /// Replies with an error about `room`. A refusal for a room this socket has joined means the
+    /// membership was removed behind our back: the socket stops receiving the room first.
+    async fn reply_room_error(&self, conn: &Conn, id: &RequestId, room: &str, e: ChatError) {
+        if matches!(e, ChatError::Forbidden | ChatError::RoomNotFound) {
+            self.drop_room(conn, room).await;
+        }
+        self.reply_chat_error(id, e).await;
+    }
+
+    /// Detaches the socket from a room it may no longer read and tells the client.
+    async fn drop_room(&self, conn: &Conn, room: &str) {
+        if conn.rooms.lock().unwrap().contains(room) {
+            self.app.service.leave(conn, room).await;
+            let frame = Push::Removed {
+                room,
+                reason: "membership removed",
+            };
+            self.out.push(protocol::encode(&frame).into());
+        }
+    }
+
+    /// Re-asks the membership of every joined room (answers are cached for the membership TTL,
+    /// so this reaches the store about once per TTL), detaching the socket from rooms it lost.
+    async fn recheck_memberships(&self) {
+        let Some(session) = &self.session else { return };
+        let rooms: Vec<Arc<str>> = session.conn.rooms.lock().unwrap().iter().cloned().collect();
+        for room in rooms {
+            if !self
+                .app
+                .service
+                .still_allowed(&session.identity, &room)
+                .await
+            {
+                self.drop_room(&session.conn, &room).await;
+            }
         }
     }
 
@@ -384,8 +413,8 @@ impl Connection {
 }
 
 /// Drains the outbox into the socket, batching what is queued into one flush; pings every
-/// heartbeat interval. A socket silent for more than 1.5 intervals at a tick is closed, so a dead
-/// peer (which stopped answering right after a ping) is reaped at most two intervals later.
+/// heartbeat interval. At each tick, a socket that has sent nothing at all (not even the pong)
+/// since the previous ping is closed: a peer that dies is reaped within two intervals.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Utf8Bytes>,
@@ -397,6 +426,8 @@ async fn write_loop(
     let mut ticker = tokio::time::interval_at(TokioInstant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    // When the last ping was sent (ms since `epoch`).
+    let mut last_ping: Option<u64> = None;
     loop {
         tokio::select! {
             biased;
@@ -417,11 +448,14 @@ async fn write_loop(
                 }
             }
             _ = ticker.tick() => {
-                let silent_ms = (epoch.elapsed().as_millis() as u64).saturating_sub(last_seen.load(Ordering::Relaxed));
-                if silent_ms > heartbeat.as_millis() as u64 * 3 / 2 {
+                let now_ms = epoch.elapsed().as_millis() as u64;
+                if let Some(pinged) = last_ping
+                    && last_seen.load(Ordering::Relaxed) < pinged
+                {
                     closer.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
                     break;
                 }
+                last_ping = Some(now_ms);
                 let ping = sink.send(Message::Ping(Default::default()));
                 tokio::select! {
                     result = ping => if result.is_err() { closer.token().cancel(); break },

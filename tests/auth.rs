@@ -398,3 +398,52 @@ async fn too_many_sockets_for_one_user_are_closed_with_4029() {
     // Other users are not affected.
     let _bob = app.client("bob").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_removed_in_the_database_takes_effect_within_the_ttl() {
+    let app = TestApp::spawn_with(|s| s.auth.membership_ttl_secs = 1).await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+    // Removed behind the gateway's back, with plain SQL.
+    let db = app.data_dir.path().join("chat.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = 'r' AND "userId" = 'bob'"#)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Bob only listens; within about two TTLs his socket is told and detached.
+    let push = tokio::time::timeout(Duration::from_secs(4), bob.next_push())
+        .await
+        .expect("removed push");
+    assert_eq!(
+        (push["type"].as_str(), push["room"].as_str()),
+        (Some("removed"), Some("r"))
+    );
+    alice.send_ok("r", "bob must not see this").await;
+    bob.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audience_may_be_a_list_and_is_checked_when_configured() {
+    let app = TestApp::spawn_with(|s| s.auth.audience = "chat".into()).await;
+    let token = |aud: serde_json::Value| {
+        let mut claims = claims_for("alice", None, Role::User, 600);
+        claims.aud = Some(aud);
+        app.token_with(&claims)
+    };
+    for (aud, ok) in [
+        (json!("chat"), true),
+        (json!(["other", "chat"]), true),
+        (json!(["other"]), false),
+    ] {
+        let mut c = Client::connect(app.addr, None).await;
+        let reply = c
+            .request(json!({"type": "auth", "token": token(aud.clone())}))
+            .await;
+        assert_eq!(reply["type"] == "result", ok, "aud {aud}: {reply}");
+    }
+}

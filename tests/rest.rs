@@ -163,3 +163,22 @@ async fn one_rate_limit_covers_both_doors() {
         "rate_limited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_body_gets_a_json_413_and_errors_carry_no_empty_fields() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let r = app
+        .http
+        .post(app.url("/api/chat/rooms/r/messages"))
+        .bearer_auth(app.token("alice"))
+        .header("content-type", "application/json")
+        .body(json!({"content": "z".repeat(70_000)}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_large");
+    assert!(body["error"].get("retryAfterMs").is_none(), "{body}");
+}

@@ -378,6 +378,11 @@ async fn the_rate_limit_refuses_the_sixth_of_a_burst_and_accepts_after_a_pause()
     }
     let sixth = alice.send("r", "sixth", "c6").await;
     assert_eq!(sixth["error"]["code"], "rate_limited");
+    // A retry of a message that was stored (its ack lost) is answered even while limited.
+    let first_id =
+        alice.history("r", None, Some(1)).await["result"]["messages"][0]["clientMsgId"].clone();
+    let retry = alice.send("r", "burst 5", first_id.as_str().unwrap()).await;
+    assert_eq!(retry["result"]["duplicate"], true, "{retry}");
     let wait = sixth["error"]["retryAfterMs"].as_u64().unwrap();
     assert!(
         (1..=334).contains(&wait),
