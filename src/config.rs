@@ -51,6 +51,8 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RedisSettings {
     pub url: SecretString,
+    pub key_prefix: String,
+    pub command_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -113,6 +115,9 @@ pub struct CacheSettings {
 pub struct QueueSettings {
     pub capacity: usize,
     pub batch: usize,
+    pub max_attempts: u32,
+    pub run_worker: bool,
+    pub webhook_url: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -235,6 +240,17 @@ impl Settings {
         }
         if self.queue.capacity == 0 || self.queue.batch == 0 {
             return fail("queue.capacity", "capacity and batch must be at least 1");
+        }
+        let redis = self.redis.url.expose_secret();
+        if !(redis.is_empty() || redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+            return fail("redis.url", "must be empty (in-process) or a redis:// URL");
+        }
+        let hook = &self.queue.webhook_url;
+        if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
+            return fail("queue.webhook_url", "must be empty or an http(s):// URL");
+        }
+        if self.queue.max_attempts == 0 {
+            return fail("queue.max_attempts", "must be at least 1");
         }
         let url = self.database.url.expose_secret();
         if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {

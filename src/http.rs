@@ -126,17 +126,26 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         )
             .into_response();
     }
-    match app.service.store.ping().await {
-        Ok(()) => Json(json!({"ready": true, "store": "ok"})).into_response(),
+    let store_ok = match app.service.store.ping().await {
+        Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "readiness: store unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"ready": false, "store": "unreachable"})),
-            )
-                .into_response()
+            false
         }
+    };
+    let mut body = json!({"ready": store_ok, "store": if store_ok { "ok" } else { "unreachable" }});
+    if let Some((redis, broker)) = &app.redis {
+        // Both the command connection and the pub/sub subscription must be up for fan-out.
+        let redis_ok = broker.connected() && redis.ping().await;
+        body["redis"] = json!(if redis_ok { "ok" } else { "unreachable" });
+        body["ready"] = json!(store_ok && redis_ok);
     }
+    let status = if body["ready"] == true {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod queue;
 pub mod ratelimit;
+pub mod redis_conn;
 pub mod rooms;
 pub mod service;
 pub mod store;
@@ -54,11 +55,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, TokenMinter};
 use crate::broker::MemoryBroker;
+use crate::broker::redis::RedisBroker;
 use crate::cache::MemoryHistoryCache;
+use crate::cache::redis::RedisHistoryCache;
 use crate::config::Settings;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
+use crate::queue::redis::RedisJobQueue;
 use crate::queue::{MemoryJobQueue, OutboxRelay, Worker};
+use crate::ratelimit::redis::RedisRateLimiter;
 use crate::ratelimit::{MemoryRateLimiter, RateLimiter, Unlimited};
 use crate::rooms::RoomRegistry;
 use crate::service::ChatService;
@@ -79,6 +84,8 @@ pub struct App {
     pub next_conn_id: AtomicU64,
     /// Every WebSocket connection task, so shutdown can wait for them to close.
     pub tracker: TaskTracker,
+    /// The Redis connection and broker, when configured (for readiness).
+    pub redis: Option<(redis_conn::RedisConn, Arc<RedisBroker>)>,
 }
 
 /// Background tasks owned by a running gateway.
@@ -86,7 +93,8 @@ struct Background {
     store: Arc<SqliteStore>,
     relay: JoinHandle<()>,
     relay_stop: CancellationToken,
-    worker: JoinHandle<()>,
+    /// None when the worker runs apart (`queue.run_worker = false`).
+    worker: Option<JoinHandle<()>>,
     worker_stop: CancellationToken,
 }
 
@@ -108,14 +116,80 @@ pub async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Ar
     Ok(Arc::new(store))
 }
 
-async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
-    if !settings.redis.url.expose_secret().is_empty() {
-        anyhow::bail!(
-            "invalid configuration: redis.url: this build runs the broker, cache, queue and rate \
-             limiter in-process only; leave REDIS_URL unset"
-        );
+/// The Redis-backed parts, when `redis.url` is set.
+struct RedisParts {
+    conn: redis_conn::RedisConn,
+    broker: Arc<RedisBroker>,
+}
+
+/// The broker, cache, queue and limiter: in-process, or Redis-backed when `redis` is given.
+struct Backing {
+    broker: Arc<dyn broker::Broker>,
+    cache: Arc<dyn cache::HistoryCache>,
+    queue: Arc<dyn queue::JobQueue>,
+    limiter: Arc<dyn RateLimiter>,
+    redis: Option<RedisParts>,
+    /// The receiving end of the in-process queue, for the in-process worker.
+    memory_jobs: Option<tokio::sync::mpsc::Receiver<queue::Job>>,
+}
+
+fn backing(
+    settings: &Settings,
+    redis: Option<redis_conn::RedisConn>,
+    registry: &Arc<RoomRegistry>,
+    shutdown: &CancellationToken,
+) -> Backing {
+    let sink: Arc<dyn broker::EventSink> = Arc::new(registry.clone());
+    let history_ttl = Duration::from_millis(settings.cache.history_ttl_ms);
+    let enabled = settings.rate_limit.enabled;
+    match redis {
+        None => {
+            let (memory_queue, jobs) = MemoryJobQueue::new(settings.queue.capacity);
+            Backing {
+                broker: Arc::new(MemoryBroker::new(sink)),
+                cache: Arc::new(MemoryHistoryCache::new(
+                    history_ttl,
+                    settings.cache.max_pages,
+                )),
+                queue: Arc::new(memory_queue),
+                limiter: if enabled {
+                    Arc::new(MemoryRateLimiter::new(&settings.rate_limit))
+                } else {
+                    Arc::new(Unlimited)
+                },
+                redis: None,
+                memory_jobs: Some(jobs),
+            }
+        }
+        Some(conn) => {
+            let resync = {
+                let registry = registry.clone();
+                Arc::new(move || registry.resync_all()) as Arc<dyn Fn() + Send + Sync>
+            };
+            let broker = RedisBroker::start(conn.clone(), sink, resync, shutdown.clone());
+            Backing {
+                broker: broker.clone(),
+                cache: Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl)),
+                queue: Arc::new(RedisJobQueue::new(conn.clone())),
+                limiter: if enabled {
+                    Arc::new(RedisRateLimiter::new(conn.clone(), &settings.rate_limit))
+                } else {
+                    Arc::new(Unlimited)
+                },
+                redis: Some(RedisParts { conn, broker }),
+                memory_jobs: None,
+            }
+        }
     }
+}
+
+async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let store = open_store(&settings, settings.database.migrate_on_start).await?;
+    let redis = if settings.redis.url.expose_secret().is_empty() {
+        None
+    } else {
+        Some(redis_conn::RedisConn::connect(&settings.redis).await?)
+    };
     let dev_secret = if settings.dev_mode() {
         let secret = auth::load_or_create_dev_secret(&settings.server.data_dir)?;
         tracing::warn!(
@@ -143,24 +217,22 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         GAP_FILL_AFTER,
         settings.limits.outbound_queue + settings.limits.catch_up_limit as usize,
     );
-    let broker = Arc::new(MemoryBroker::new(Arc::new(registry.clone())));
-    let cache = Arc::new(MemoryHistoryCache::new(
-        Duration::from_millis(settings.cache.history_ttl_ms),
-        settings.cache.max_pages,
-    ));
-    let (queue, jobs) = MemoryJobQueue::new(settings.queue.capacity);
-    let limiter: Arc<dyn RateLimiter> = if settings.rate_limit.enabled {
-        Arc::new(MemoryRateLimiter::new(&settings.rate_limit))
-    } else {
-        Arc::new(Unlimited)
-    };
-
+    // Stops the background tasks that have nothing to drain (subscriber, sweeps).
+    let shutdown = CancellationToken::new();
+    let Backing {
+        broker,
+        cache,
+        queue,
+        limiter,
+        redis: redis_parts,
+        memory_jobs,
+    } = backing(&settings, redis, &registry, &shutdown);
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let relay_stop = CancellationToken::new();
     let relay = tokio::spawn(
         OutboxRelay {
             store: dyn_store.clone(),
-            queue: Arc::new(queue),
+            queue,
             metrics: metrics.clone(),
             wake: outbox_wake.clone(),
             batch: settings.queue.batch as u32,
@@ -170,15 +242,19 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         .run(relay_stop.clone()),
     );
     let worker_stop = CancellationToken::new();
-    let worker = tokio::spawn(
-        Worker {
-            store: dyn_store.clone(),
-            metrics: metrics.clone(),
-            batch: settings.queue.batch,
+    let worker = new_worker(&settings, dyn_store.clone(), metrics.clone());
+    let worker = match (memory_jobs, &redis_parts) {
+        (Some(jobs), _) => Some(tokio::spawn(worker.run(jobs, worker_stop.clone()))),
+        (None, Some(parts)) if settings.queue.run_worker => {
+            Some(tokio::spawn(queue::redis::run_worker(
+                worker,
+                parts.conn.clone(),
+                metrics.clone(),
+                worker_stop.clone(),
+            )))
         }
-        .run(jobs, worker_stop.clone()),
-    );
-    let shutdown = CancellationToken::new();
+        _ => None,
+    };
     {
         let limiter = limiter.clone();
         let shutdown = shutdown.clone();
@@ -214,6 +290,9 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         user_connections: UserConnections::default(),
         next_conn_id: AtomicU64::new(1),
         tracker: TaskTracker::new(),
+        redis: redis_parts
+            .as_ref()
+            .map(|p| (p.conn.clone(), p.broker.clone())),
     });
     Ok((
         app,
@@ -225,6 +304,59 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             worker_stop,
         },
     ))
+}
+
+fn new_worker(settings: &Settings, store: Arc<dyn store::Store>, metrics: Arc<Metrics>) -> Worker {
+    let hook = &settings.queue.webhook_url;
+    Worker {
+        store,
+        metrics,
+        batch: settings.queue.batch,
+        max_attempts: settings.queue.max_attempts,
+        webhook: (!hook.is_empty()).then(|| queue::Webhook::new(hook.clone())),
+    }
+}
+
+/// `chat-gateway worker`: relays the outbox and performs jobs from the Redis queue, without
+/// serving sockets, until `shutdown` completes.
+pub async fn run_worker(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if settings.redis.url.expose_secret().is_empty() {
+        anyhow::bail!(
+            "invalid configuration: redis.url: `worker` runs apart from the gateway only with a Redis queue"
+        );
+    }
+    let store = open_store(&settings, settings.database.migrate_on_start).await?;
+    let conn = redis_conn::RedisConn::connect(&settings.redis).await?;
+    let metrics = Arc::new(Metrics::new());
+    let dyn_store: Arc<dyn store::Store> = store.clone();
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(
+        OutboxRelay {
+            store: dyn_store.clone(),
+            queue: Arc::new(RedisJobQueue::new(conn.clone())),
+            metrics: metrics.clone(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            batch: settings.queue.batch as u32,
+            poll: Duration::from_millis(500),
+            lease: Duration::from_secs(10),
+        }
+        .run(stop.clone()),
+    );
+    let worker = tokio::spawn(queue::redis::run_worker(
+        new_worker(&settings, dyn_store, metrics.clone()),
+        conn,
+        metrics,
+        stop.clone(),
+    ));
+    tracing::info!("worker running");
+    shutdown.await;
+    stop.cancel();
+    let _ = tokio::join!(relay, worker);
+    store.close().await;
+    Ok(())
 }
 
 /// Runs the gateway on `listener` until `shutdown` completes, then drains: stops accepting, lets
@@ -261,7 +393,9 @@ pub async fn run(
     background.relay_stop.cancel();
     let _ = tokio::time::timeout(grace, background.relay).await;
     background.worker_stop.cancel();
-    let _ = tokio::time::timeout(grace, background.worker).await;
+    if let Some(worker) = background.worker {
+        let _ = tokio::time::timeout(grace, worker).await;
+    }
     background.store.close().await;
     tracing::info!("stopped");
     Ok(())

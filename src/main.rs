@@ -26,6 +26,9 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Relay the outbox and perform side-effect jobs from the Redis queue, without serving sockets
+    /// (run gateways with CHAT_GATEWAY__QUEUE__RUN_WORKER=false to leave the jobs to it).
+    Worker,
     /// Mint JWTs for local use (dev mode secret, JWT_SECRET, or --private-key).
     Token {
         /// User id (`sub`). With --count, the prefix: users are <user>1 .. <user>N.
@@ -81,6 +84,10 @@ fn main() {
 async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(settings).await,
+        Command::Worker => {
+            chat_gateway::telemetry::init(&settings.log);
+            chat_gateway::run_worker(settings, shutdown_signal()).await
+        }
         Command::Migrate => {
             chat_gateway::telemetry::init(&settings.log);
             chat_gateway::open_store(&settings, true).await?;

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub jobs: Family<Labels, Counter>,
     /// Error replies and REST errors, by code.
     pub errors: Family<Labels, Counter>,
+    /// Jobs queued and not yet taken by a worker (the Redis group's lag, or the in-process
+    /// channel's length).
+    pub queue_waiting: Gauge,
+    /// Jobs taken by a worker and not yet acknowledged (Redis queue).
+    pub queue_pending: Gauge,
 }
 
 impl Metrics {
@@ -50,6 +55,18 @@ impl Metrics {
         let rate_limited = Family::<Labels, Counter>::default();
         let jobs = Family::<Labels, Counter>::default();
         let errors = Family::<Labels, Counter>::default();
+        let queue_waiting = Gauge::default();
+        let queue_pending = Gauge::default();
+        registry.register(
+            "queue_waiting",
+            "Jobs waiting for a worker",
+            queue_waiting.clone(),
+        );
+        registry.register(
+            "queue_pending",
+            "Jobs taken, not yet acknowledged",
+            queue_pending.clone(),
+        );
         registry.register(
             "connections",
             "Open WebSocket connections",
@@ -114,6 +131,8 @@ impl Metrics {
             rate_limited,
             jobs,
             errors,
+            queue_waiting,
+            queue_pending,
         }
     }
 

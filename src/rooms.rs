@@ -443,9 +443,51 @@ async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
     }
 }
 
+impl RoomRegistry {
+    /// Catches every room up with the store (after the broker lost messages, e.g. a Redis
+    /// restart): whatever was committed after a hub's `delivered` is delivered now, in order.
+    pub fn resync_all(self: &Arc<Self>) {
+        let hubs: Vec<Arc<RoomHub>> = self.hubs.iter().map(|e| e.value().clone()).collect();
+        for hub in hubs {
+            let registry = self.clone();
+            tokio::spawn(async move {
+                let after = {
+                    let st = hub.state.lock().unwrap();
+                    if !st.initialized || st.closed {
+                        return;
+                    }
+                    st.delivered
+                };
+                let head = match registry.store.room_head(&hub.room).await {
+                    Ok(Some(head)) if head > after => head,
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(room = %hub.room, error = %e, "resync failed");
+                        return;
+                    }
+                };
+                let limit = (head - after).clamp(1, 10_000) as u32;
+                match registry
+                    .store
+                    .messages_between(&hub.room, after, head, limit)
+                    .await
+                {
+                    Ok(rows) => {
+                        for row in &rows {
+                            registry.on_message(&hub, publish_frame(row));
+                        }
+                    }
+                    Err(e) => tracing::warn!(room = %hub.room, error = %e, "resync failed"),
+                }
+            });
+        }
+    }
+}
+
 impl EventSink for Arc<RoomRegistry> {
     fn deliver(&self, room: &str, event: RoomEvent) {
         match event {
+            RoomEvent::Ephemeral(frame) => self.push_ephemeral(room, frame),
             RoomEvent::Message(msg) => {
                 if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
                     self.on_message(&hub, msg);

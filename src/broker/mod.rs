@@ -1,9 +1,12 @@
 //! The broker carries room events between gateway nodes (fan-out). On one node the in-process
-//! [`MemoryBroker`] hands each event straight to the local [`EventSink`] (the room registry).
+//! [`MemoryBroker`] hands each event straight to the local [`EventSink`] (the room registry);
+//! [`redis::RedisBroker`] carries them between nodes through Redis pub/sub.
 //!
 //! Contract: a message is published only after its insert committed; events of one room may arrive
 //! out of sequence order or twice (the registry reorders by `seq` and drops duplicates), and may be
 //! lost (the registry fills gaps from the store), so the broker need not be perfect to be correct.
+
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -23,6 +26,8 @@ pub enum RoomEvent {
     Message(Arc<Published>),
     /// A membership was removed: that user's sockets stop receiving the room.
     MemberRemoved { user_id: String },
+    /// An ephemeral frame from a backend service: pushed as is, never stored, no sequence.
+    Ephemeral(Utf8Bytes),
 }
 
 /// Where a broker hands the events it receives.

@@ -1,5 +1,8 @@
 //! The embedded store: one SQLite file in WAL mode.
 //!
+//! Write transactions start with `BEGIN IMMEDIATE`, taking the write lock up front, so several
+//! processes may share the file (the busy timeout queues them) without a reader upgrading to a
+//! writer on a stale snapshot.
 //! SQLite has one writer at a time, so the store keeps exactly one writer connection (sends are
 //! serialized through it, which is also what makes the per-room sequence trivially gap-free) and
 //! a small pool of reader connections, which WAL lets run beside the writer.
@@ -90,7 +93,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(client_msg_id) = &msg.client_msg_id {
             let existing: Option<Message> = sqlx::query_as(FIND_BY_CLIENT_MSG_ID)
                 .bind(&msg.room_id)
@@ -296,7 +299,7 @@ impl Store for SqliteStore {
     }
 
     async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         for (room, at) in rooms {
             let at = ts(at);
             sqlx::query(

@@ -479,3 +479,43 @@ pub fn seqs(messages: &[Value]) -> Vec<i64> {
         .map(|m| m["seq"].as_i64().unwrap())
         .collect()
 }
+
+/// The Redis the Redis suites use: `TEST_REDIS_URL`, else the local default. When it is not
+/// reachable the suite is skipped with a plain message, except under `CI=true`, where that fails.
+pub async fn redis_url() -> Option<String> {
+    let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = async {
+        let client = redis::Client::open(url.as_str()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(2), reachable).await {
+        Ok(Some(_)) => Some(url),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("Redis is unreachable at {url} and CI=true: the Redis suites must run in CI")
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED: Redis suite (no Redis at {url}). Start redis-server on 127.0.0.1:6379 \
+                 or set TEST_REDIS_URL to run it."
+            );
+            None
+        }
+    }
+}
+
+/// Settings for one node of a Redis-backed cluster: every node of a test shares `prefix`.
+pub fn redis_settings(url: &str, prefix: &str) -> Settings {
+    let mut s = test_settings();
+    s.redis.url = SecretString::from(url.to_string());
+    s.redis.key_prefix = prefix.to_string();
+    s
+}
+
+/// A key prefix of its own for one test, so tests can share one Redis.
+pub fn unique_prefix() -> String {
+    format!("test-{}:", uuid::Uuid::new_v4().simple())
+}

@@ -4,6 +4,8 @@
 //! user and by room. A send must pass both; the user bucket is checked first, so a send refused by
 //! the room limit still spends one of the user's tokens (documented in proto-docs).
 
+pub mod redis;
+
 use std::num::NonZeroU32;
 use std::time::Duration;
 

@@ -10,24 +10,31 @@
 //! rows were deleted only after queueing, so durability on one node ends at the queue: the
 //! Redis-backed queue is the durable one.
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::store::{OutboxEntry, Store};
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Job {
-    /// A message was stored: update the room's `lastMessageAt` (coalesced per batch).
+    /// A message was stored: update the room's `lastMessageAt` (coalesced per batch) and call the
+    /// webhook. Idempotent: `lastMessageAt` never moves backwards; webhook receivers dedupe by
+    /// `messageId` (delivery is at-least-once).
     MessageStored {
         room_id: String,
         seq: i64,
+        message_id: String,
         created_at: DateTime<Utc>,
     },
 }
@@ -38,6 +45,8 @@ pub enum QueueError {
     Full,
     #[error("job queue closed")]
     Closed,
+    #[error("job queue unavailable: {0}")]
+    Unavailable(String),
 }
 
 #[async_trait]
@@ -66,17 +75,51 @@ impl JobQueue for MemoryJobQueue {
     }
 }
 
-/// Performs queued jobs in batches. Runs inside the gateway.
+/// Performs jobs: coalesces room updates of a batch into one write per room, and calls the
+/// webhook once per message. Shared by the in-process and the Redis queue.
 pub struct Worker {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub batch: usize,
+    pub max_attempts: u32,
+    pub webhook: Option<Webhook>,
 }
 
-const MAX_ATTEMPTS: u32 = 5;
-
 impl Worker {
-    /// Runs until `shutdown`, then drains what is already queued and returns.
+    /// Performs a batch. Returns the indices of the jobs that failed (to retry later).
+    pub async fn perform(&self, jobs: &[Job]) -> Vec<usize> {
+        let mut latest: HashMap<&str, DateTime<Utc>> = HashMap::new();
+        for job in jobs {
+            let Job::MessageStored {
+                room_id,
+                created_at,
+                ..
+            } = job;
+            let at = latest.entry(room_id.as_str()).or_insert(*created_at);
+            *at = (*at).max(*created_at);
+        }
+        let updates: Vec<(String, DateTime<Utc>)> = latest
+            .into_iter()
+            .map(|(room, at)| (room.to_string(), at))
+            .collect();
+        if let Err(e) = self.store.touch_rooms(&updates).await {
+            tracing::warn!(error = %e, jobs = jobs.len(), "room updates failed");
+            return (0..jobs.len()).collect();
+        }
+        let mut failed = Vec::new();
+        if let Some(webhook) = &self.webhook {
+            for (i, job) in jobs.iter().enumerate() {
+                if let Err(e) = webhook.deliver(job).await {
+                    tracing::warn!(error = %e, "webhook delivery failed");
+                    failed.push(i);
+                }
+            }
+        }
+        failed
+    }
+
+    /// The in-process loop: runs until `shutdown`, then drains what is already queued. Failed jobs
+    /// are retried with exponential backoff up to `max_attempts`, then counted as failed.
     pub async fn run(self, mut rx: mpsc::Receiver<Job>, shutdown: CancellationToken) {
         let mut jobs = Vec::with_capacity(self.batch);
         loop {
@@ -85,7 +128,7 @@ impl Worker {
                 _ = shutdown.cancelled() => {
                     rx.close();
                     while rx.recv_many(&mut jobs, self.batch).await > 0 {
-                        self.perform(&mut jobs).await;
+                        self.perform_with_retries(&mut jobs).await;
                     }
                     return;
                 }
@@ -93,43 +136,81 @@ impl Worker {
             if n == 0 {
                 return;
             }
-            self.perform(&mut jobs).await;
+            self.perform_with_retries(&mut jobs).await;
         }
     }
 
-    async fn perform(&self, jobs: &mut Vec<Job>) {
-        let count = jobs.len() as u64;
-        let mut latest: HashMap<String, DateTime<Utc>> = HashMap::new();
-        for job in jobs.drain(..) {
-            match job {
-                Job::MessageStored {
-                    room_id,
-                    created_at,
-                    ..
-                } => {
-                    let at = latest.entry(room_id).or_insert(created_at);
-                    *at = (*at).max(created_at);
-                }
-            }
-        }
-        let updates: Vec<_> = latest.into_iter().collect();
+    async fn perform_with_retries(&self, jobs: &mut Vec<Job>) {
+        let total = jobs.len() as u64;
         let mut backoff = Duration::from_millis(50);
-        for attempt in 1..=MAX_ATTEMPTS {
-            match self.store.touch_rooms(&updates).await {
-                Ok(()) => {
-                    self.metrics.job("done", count);
-                    return;
-                }
-                Err(e) if attempt < MAX_ATTEMPTS => {
-                    tracing::warn!(error = %e, attempt, "job batch failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, jobs = count, "job batch failed; giving up");
-                    self.metrics.job("failed", count);
-                }
+        let mut given_up = 0;
+        for attempt in 1..=self.max_attempts {
+            let failed = self.perform(jobs).await;
+            if failed.is_empty() {
+                break;
             }
+            if attempt == self.max_attempts {
+                tracing::error!(jobs = failed.len(), "jobs failed; giving up");
+                given_up = failed.len() as u64;
+                break;
+            }
+            // Only the failed jobs are tried again.
+            let mut i = 0;
+            jobs.retain(|_| {
+                i += 1;
+                failed.contains(&(i - 1))
+            });
+            self.metrics.job("retried", jobs.len() as u64);
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+        self.metrics.job("failed", given_up);
+        self.metrics.job("done", total - given_up);
+        jobs.clear();
+    }
+}
+
+/// POSTs every stored message to a configured URL (`queue.webhook_url`), for notifications.
+/// Body: `{"type":"message.created","roomId","seq","messageId","createdAt"}`; any 2xx is success.
+pub struct Webhook {
+    pub url: String,
+    pub client: reqwest::Client,
+}
+
+impl Webhook {
+    pub fn new(url: String) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client with default TLS settings builds");
+        Self { url, client }
+    }
+
+    async fn deliver(&self, job: &Job) -> Result<(), String> {
+        let Job::MessageStored {
+            room_id,
+            seq,
+            message_id,
+            created_at,
+        } = job;
+        let body = serde_json::json!({
+            "type": "message.created",
+            "roomId": room_id,
+            "seq": seq,
+            "messageId": message_id,
+            "createdAt": created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+        let response = self
+            .client
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("webhook answered {}", response.status()))
         }
     }
 }
@@ -139,6 +220,7 @@ impl From<OutboxEntry> for Job {
         Job::MessageStored {
             room_id: e.room_id,
             seq: e.seq,
+            message_id: e.message_id,
             created_at: e.created_at,
         }
     }

@@ -7,6 +7,8 @@
 //! (possibly older) page lands under a generation nobody reads any more. No reader is ever served a
 //! page older than a message already acknowledged, and invalidation is O(1) (no key scans).
 
+pub mod redis;
+
 use std::sync::Arc;
 use std::time::Duration;
 

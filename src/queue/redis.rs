@@ -1,0 +1,273 @@
+//! The durable job queue: a Redis stream with a consumer group.
+//!
+//! - `{prefix}chat:jobs`: the stream. Each entry: `job` (JSON) and `attempt`.
+//! - Consumer group `workers`: each worker (in a gateway, or `chat-gateway worker`) reads with its
+//!   own consumer name; an entry is acknowledged only after its job was performed.
+//! - A worker that dies leaves its entries pending; after `STALE_MS` another worker claims them
+//!   (XAUTOCLAIM). Delivery is at-least-once; jobs are idempotent.
+//! - A failed job is re-scheduled in `{prefix}chat:jobs:retry` (a sorted set scored by due time,
+//!   exponential backoff) and acknowledged in the same MULTI; due retries go back into the stream.
+//! - After `queue.max_attempts` attempts a job is moved to `{prefix}chat:jobs:dead`, a stream you
+//!   can inspect (`XRANGE chat:jobs:dead - +`) and replay by hand.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoGroupsReply, StreamReadReply};
+use tokio_util::sync::CancellationToken;
+
+use super::{Job, JobQueue, QueueError, Worker};
+use crate::metrics::Metrics;
+use crate::redis_conn::RedisConn;
+
+const GROUP: &str = "workers";
+/// Entries pending this long belong to a worker presumed dead and are claimed by another.
+const STALE_MS: u64 = 30_000;
+/// The stream keeps about this many entries (acknowledged ones are trimmed first by age).
+const MAX_LEN: u64 = 1_000_000;
+
+struct Keys {
+    stream: String,
+    retry: String,
+    dead: String,
+}
+
+impl Keys {
+    fn new(redis: &RedisConn) -> Self {
+        Self {
+            stream: redis.key("chat:jobs"),
+            retry: redis.key("chat:jobs:retry"),
+            dead: redis.key("chat:jobs:dead"),
+        }
+    }
+}
+
+pub struct RedisJobQueue {
+    redis: RedisConn,
+    stream: String,
+}
+
+impl RedisJobQueue {
+    pub fn new(redis: RedisConn) -> Self {
+        let stream = Keys::new(&redis).stream;
+        Self { redis, stream }
+    }
+}
+
+#[async_trait]
+impl JobQueue for RedisJobQueue {
+    async fn enqueue(&self, job: Job) -> Result<(), QueueError> {
+        let json = serde_json::to_string(&job).expect("jobs serialize");
+        let mut conn = self.redis.conn.clone();
+        redis::cmd("XADD")
+            .arg(&self.stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(MAX_LEN)
+            .arg("*")
+            .arg("job")
+            .arg(json)
+            .arg("attempt")
+            .arg(1)
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+}
+
+/// Runs a worker on the Redis queue until `shutdown`.
+pub async fn run_worker(
+    worker: Worker,
+    redis: RedisConn,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let keys = Keys::new(&redis);
+    let consumer = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let promote = Script::new(
+        r"local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 100)
+          for _, member in ipairs(due) do
+            local sep = string.find(member, '|', 1, true)
+            redis.call('XADD', KEYS[1], '*', 'job', string.sub(member, sep + 1), 'attempt', string.sub(member, 1, sep - 1))
+            redis.call('ZREM', KEYS[2], member)
+          end
+          return #due",
+    );
+    let mut conn = loop {
+        match redis.dedicated().await {
+            Ok(conn) => break conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "job queue connection failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let round = async {
+            let created: redis::RedisResult<String> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&keys.stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = created
+                && e.code() != Some("BUSYGROUP")
+            {
+                return Err(e);
+            }
+            let now = chrono::Utc::now().timestamp_millis();
+            let _: i64 = promote
+                .key(&keys.stream)
+                .key(&keys.retry)
+                .arg(now)
+                .invoke_async(&mut conn)
+                .await?;
+            let stale: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&keys.stream)
+                .arg(GROUP)
+                .arg(&consumer)
+                .arg(STALE_MS)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(worker.batch)
+                .query_async(&mut conn)
+                .await?;
+            let mut entries = stale.claimed;
+            if entries.is_empty() {
+                let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(&consumer)
+                    .arg("COUNT")
+                    .arg(worker.batch)
+                    .arg("BLOCK")
+                    .arg(500)
+                    .arg("STREAMS")
+                    .arg(&keys.stream)
+                    .arg(">")
+                    .query_async(&mut conn)
+                    .await?;
+                entries = read
+                    .into_iter()
+                    .flat_map(|r| r.keys)
+                    .flat_map(|k| k.ids)
+                    .collect();
+            }
+            if !entries.is_empty() {
+                process(&worker, &keys, &mut conn, &metrics, entries).await?;
+            }
+            let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&keys.stream)
+                .query_async(&mut conn)
+                .await?;
+            if let Some(group) = groups.groups.iter().find(|g| g.name == GROUP) {
+                metrics.queue_waiting.set(group.lag.unwrap_or(0) as i64);
+                metrics.queue_pending.set(group.pending as i64);
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        tokio::select! {
+            result = round => match result {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, "job queue unavailable; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Performs a batch of entries and settles each: acknowledged when done, re-scheduled or
+/// dead-lettered (and acknowledged, atomically) when it failed.
+async fn process(
+    worker: &Worker,
+    keys: &Keys,
+    conn: &mut redis::aio::ConnectionManager,
+    metrics: &Metrics,
+    entries: Vec<StreamId>,
+) -> redis::RedisResult<()> {
+    let mut jobs = Vec::with_capacity(entries.len());
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut attempts = Vec::with_capacity(entries.len());
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for entry in &entries {
+        let job = entry
+            .get::<String>("job")
+            .and_then(|json| serde_json::from_str::<Job>(&json).ok());
+        match job {
+            Some(job) => {
+                jobs.push(job);
+                ids.push(entry.id.clone());
+                attempts.push(entry.get::<u32>("attempt").unwrap_or(1));
+            }
+            None => {
+                // Unreadable: keep it for a person to look at, out of the way.
+                tracing::error!(id = %entry.id, "unreadable job moved to the dead-letter stream");
+                pipe.cmd("XADD")
+                    .arg(&keys.dead)
+                    .arg("*")
+                    .arg("entry")
+                    .arg(&entry.id)
+                    .ignore();
+                pipe.cmd("XACK")
+                    .arg(&keys.stream)
+                    .arg(GROUP)
+                    .arg(&entry.id)
+                    .ignore();
+            }
+        }
+    }
+    let failed = worker.perform(&jobs).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    for (i, id) in ids.iter().enumerate() {
+        if failed.contains(&i) {
+            let attempt = attempts[i];
+            let json = serde_json::to_string(&jobs[i]).expect("jobs serialize");
+            if attempt >= worker.max_attempts {
+                tracing::error!(attempt, job = %json, "job failed for the last time; dead-lettered");
+                pipe.cmd("XADD")
+                    .arg(&keys.dead)
+                    .arg("*")
+                    .arg("job")
+                    .arg(&json)
+                    .arg("attempt")
+                    .arg(attempt)
+                    .ignore();
+                metrics.job("dead", 1);
+            } else {
+                let delay = 500i64 << attempt.min(10);
+                pipe.cmd("ZADD")
+                    .arg(&keys.retry)
+                    .arg(now + delay)
+                    .arg(format!("{}|{json}", attempt + 1))
+                    .ignore();
+                metrics.job("retried", 1);
+            }
+        } else {
+            metrics.job("done", 1);
+        }
+        pipe.cmd("XACK")
+            .arg(&keys.stream)
+            .arg(GROUP)
+            .arg(id)
+            .ignore();
+    }
+    pipe.query_async::<()>(conn).await
+}

@@ -1,0 +1,293 @@
+//! Several gateway nodes sharing one Redis (and one database) act as one: fan-out across nodes,
+//! a shared history cache, cluster-wide rate limits, backend events, the durable job queue.
+//! Nodes here are gateways in this process on their own ports sharing a SQLite file; the
+//! process-level cluster tests (separate binaries, kill -9) run on Postgres.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{DataDir, TestApp, WAIT, redis_settings, redis_url, seqs, unique_prefix};
+use serde_json::json;
+
+struct Cluster {
+    nodes: Vec<TestApp>,
+    prefix: String,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster(
+    n: usize,
+    configure: impl Fn(&mut chat_gateway::config::Settings),
+) -> Option<Cluster> {
+    let url = redis_url().await?;
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        let mut settings = redis_settings(&url, &prefix);
+        configure(&mut settings);
+        nodes.push(TestApp::start(settings, DataDir::Borrowed(dir.path().to_path_buf())).await);
+    }
+    Some(Cluster {
+        nodes,
+        prefix,
+        url,
+        _dir: dir,
+    })
+}
+
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_reach_members_on_every_node_once_and_in_order() {
+    let Some(c) = cluster(3, |_| {}).await else {
+        return;
+    };
+    let (a, b, n3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+    a.room("r", &["alice", "bob", "carol", "dave"]).await;
+    let mut alice = a.client("alice").await;
+    let mut bob = b.client("bob").await;
+    let mut carol = n3.client("carol").await;
+    let mut dave = a.client("dave").await;
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        client.join("r", None).await;
+    }
+    // Senders on two nodes at once.
+    let mut bob_sender = b.client("bob").await;
+    for i in 0..20 {
+        if i % 2 == 0 {
+            alice.send_ok("r", &format!("a{i}")).await;
+        } else {
+            bob_sender.send_ok("r", &format!("b{i}")).await;
+        }
+    }
+    for client in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            got.push(client.expect_message("r").await);
+        }
+        assert_eq!(seqs(&got), (1..=20).collect::<Vec<_>>());
+        client.expect_silence(Duration::from_millis(200)).await;
+    }
+    // Only nodes with members of the room subscribe to it.
+    let mut conn = redis_conn(&c.url).await;
+    let channel = format!("{}chat:room:r", c.prefix);
+    let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(subscribers[0].1, 3);
+    carol.close().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let subscribers: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if subscribers[0].1 == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node without members kept its subscription"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_holds_for_the_cluster() {
+    let Some(c) = cluster(3, |s| s.rate_limit.enabled = true).await else {
+        return;
+    };
+    c.nodes[0].room("r", &["alice"]).await;
+    let mut on_a = c.nodes[0].client("alice").await;
+    let mut on_b = c.nodes[1].client("alice").await;
+    let mut accepted = 0;
+    for i in 0..4 {
+        for client in [&mut on_a, &mut on_b] {
+            let reply = client
+                .send("r", &format!("{i}"), &uuid::Uuid::new_v4().to_string())
+                .await;
+            if reply["type"] == "result" {
+                accepted += 1;
+            } else {
+                assert_eq!(reply["error"]["code"], "rate_limited");
+            }
+        }
+    }
+    let (status, _) = c.nodes[2].rest_send("alice", "r", "over REST", None).await;
+    if status == 201 {
+        accepted += 1;
+    } else {
+        assert_eq!(status, 429);
+    }
+    assert_eq!(
+        accepted, 5,
+        "one burst of 5 for the whole cluster, not per node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_cache_is_shared_and_invalidated_on_every_node() {
+    let Some(c) = cluster(2, |_| {}).await else {
+        return;
+    };
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    a.room("r", &["alice"]).await;
+    let mut alice_a = a.client("alice").await;
+    let mut alice_b = b.client("alice").await;
+    alice_a.send_ok("r", "one").await;
+    let first = alice_b.history("r", None, None).await;
+    assert_eq!(first["result"]["messages"].as_array().unwrap().len(), 1);
+    // The seed's key holds the page.
+    let mut conn = redis_conn(&c.url).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{}messages:r:30:latest", c.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(exists);
+    // Served from the cache on the other node.
+    let again = alice_a.history("r", None, None).await;
+    assert_eq!(again["result"], first["result"]);
+    assert_eq!(
+        a.metric("chat_history_requests_total{cache=\"hit\"}").await,
+        1.0
+    );
+    // A send on one node invalidates the page for every node before its ack.
+    alice_a.send_ok("r", "two").await;
+    let after = alice_b.history("r", None, None).await;
+    assert_eq!(
+        seqs(after["result"]["messages"].as_array().unwrap()),
+        vec![1, 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_publishes_an_ephemeral_event_with_a_plain_redis_client() {
+    let Some(c) = cluster(2, |_| {}).await else {
+        return;
+    };
+    c.nodes[0].room("r", &["alice", "bob"]).await;
+    let mut alice = c.nodes[0].client("alice").await;
+    let mut bob = c.nodes[1].client("bob").await;
+    alice.join("r", None).await;
+    bob.join("r", None).await;
+    let event = json!({"type": "event", "room": "r", "event": {"kind": "announcement", "text": "deploy at 5"}});
+    let mut conn = redis_conn(&c.url).await;
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{}chat:room:r", c.prefix))
+        .arg(event.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 2, "both nodes are subscribed");
+    for client in [&mut alice, &mut bob] {
+        assert_eq!(client.next_push().await, event, "pushed as published");
+    }
+    // Ephemeral: not in history, no sequence consumed.
+    let page = alice.history("r", None, None).await;
+    assert!(page["result"]["messages"].as_array().unwrap().is_empty());
+    assert_eq!(alice.send_ok("r", "first stored").await["seq"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_through_the_stream_and_failing_webhooks_end_in_the_dead_letter_stream() {
+    // A webhook receiver that records calls and fails for room "bad".
+    let calls = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+    let recorded = calls.clone();
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let recorded = recorded.clone();
+            async move {
+                let bad = body["roomId"] == "bad";
+                recorded.lock().unwrap().push(body);
+                if bad {
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+
+    let Some(c) = cluster(1, |s| {
+        s.queue.webhook_url = hook_url.clone();
+        s.queue.max_attempts = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let node = &c.nodes[0];
+    node.room("good", &["alice"]).await;
+    node.room("bad", &["alice"]).await;
+    let mut alice = node.client("alice").await;
+    let sent = alice.send_ok("good", "notify me").await;
+    alice.send_ok("bad", "this hook fails").await;
+
+    let mut conn = redis_conn(&c.url).await;
+    let dead_key = format!("{}chat:jobs:dead", c.prefix);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let dead: i64 = redis::cmd("XLEN")
+            .arg(&dead_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if dead == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failing job never reached the dead-letter stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = calls.lock().unwrap().clone();
+    let good: Vec<_> = calls.iter().filter(|c| c["roomId"] == "good").collect();
+    assert_eq!(good.len(), 1, "delivered once");
+    assert_eq!(good[0]["messageId"], sent["id"]);
+    assert_eq!(good[0]["type"], "message.created");
+    assert_eq!(
+        calls.iter().filter(|c| c["roomId"] == "bad").count(),
+        2,
+        "max_attempts = 2"
+    );
+    assert_eq!(node.metric("chat_jobs_total{outcome=\"dead\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_includes_redis() {
+    let Some(c) = cluster(1, |_| {}).await else {
+        return;
+    };
+    let ready: serde_json::Value = c.nodes[0]
+        .http
+        .get(c.nodes[0].url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready, json!({"ready": true, "store": "ok", "redis": "ok"}));
+}
