@@ -17,6 +17,8 @@ pub struct RedisConn {
     /// send a blocking command on it: it would hold up every other command of the node.
     pub conn: ConnectionManager,
     pub prefix: String,
+    /// Bound on every command through [`RedisConn::bounded`], reconnection time included.
+    timeout: Duration,
 }
 
 async fn manager(
@@ -46,6 +48,7 @@ impl RedisConn {
             client,
             conn,
             prefix: settings.key_prefix.clone(),
+            timeout,
         })
     }
 
@@ -60,11 +63,26 @@ impl RedisConn {
         format!("{}{name}", self.prefix)
     }
 
+    /// Runs a command, failing after `redis.command_timeout_ms`. The connection manager's own
+    /// response timeout does not cover the time it spends reconnecting, which while Redis is down
+    /// would hold a send for seconds.
+    pub async fn bounded<T>(
+        &self,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match tokio::time::timeout(self.timeout, command).await {
+            Ok(result) => result,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "redis command timed out",
+            ))),
+        }
+    }
+
     /// PING, for readiness.
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
             .await
             .is_ok()
     }

@@ -189,10 +189,10 @@ impl Broker for RedisBroker {
         // Local sockets first: they never wait for the round trip through Redis.
         self.sink.deliver(room, event);
         let mut conn = self.redis.conn.clone();
-        redis::cmd("PUBLISH")
-            .arg(self.channel(room))
-            .arg(payload.as_ref())
-            .query_async::<i64>(&mut conn)
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.channel(room)).arg(payload.as_ref());
+        self.redis
+            .bounded(publish.query_async::<i64>(&mut conn))
             .await
             .map(|_| ())
             .map_err(|e| BrokerError(e.to_string()))

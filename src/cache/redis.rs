@@ -53,8 +53,10 @@ impl HistoryCache for RedisHistoryCache {
             self.generation_key(&key.room),
             self.redis.key(&key.seed_key()),
         ];
-        let found: Result<(Option<u64>, Option<String>), _> =
-            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await;
+        let found: Result<(Option<u64>, Option<String>), _> = self
+            .redis
+            .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .await;
         match found {
             Ok((generation, page)) => {
                 let generation = generation.unwrap_or(0);
@@ -81,15 +83,13 @@ impl HistoryCache for RedisHistoryCache {
             return;
         }
         let mut conn = self.redis.conn.clone();
-        let result: Result<i64, _> = self
-            .put
-            .key(self.generation_key(&token.key.room))
+        let mut invocation = self.put.key(self.generation_key(&token.key.room));
+        invocation
             .key(self.redis.key(&token.key.seed_key()))
             .arg(token.generation)
             .arg(&*page)
-            .arg(self.ttl.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await;
+            .arg(self.ttl.as_millis() as u64);
+        let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "history cache write failed");
         }
@@ -98,14 +98,13 @@ impl HistoryCache for RedisHistoryCache {
     async fn invalidate_room(&self, room: &str) {
         let mut conn = self.redis.conn.clone();
         let key = self.generation_key(room);
-        let result: Result<(i64, i64), _> = redis::pipe()
-            .cmd("INCR")
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR")
             .arg(&key)
             .cmd("PEXPIRE")
             .arg(&key)
-            .arg(GENERATION_TTL_MS)
-            .query_async(&mut conn)
-            .await;
+            .arg(GENERATION_TTL_MS);
+        let result: Result<(i64, i64), _> = self.redis.bounded(pipe.query_async(&mut conn)).await;
         if let Err(e) = result {
             // Pages of this room may be served for up to the TTL; nothing better is possible
             // while Redis is unreachable, and the message itself is already stored.

@@ -61,17 +61,15 @@ impl JobQueue for RedisJobQueue {
     async fn enqueue(&self, job: Job) -> Result<(), QueueError> {
         let json = serde_json::to_string(&job).expect("jobs serialize");
         let mut conn = self.redis.conn.clone();
-        redis::cmd("XADD")
-            .arg(&self.stream)
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&self.stream)
             .arg("MAXLEN")
             .arg("~")
             .arg(MAX_LEN)
-            .arg("*")
-            .arg("job")
-            .arg(json)
-            .arg("attempt")
-            .arg(1)
-            .query_async::<String>(&mut conn)
+            .arg("*");
+        xadd.arg("job").arg(json).arg("attempt").arg(1);
+        self.redis
+            .bounded(xadd.query_async::<String>(&mut conn))
             .await
             .map(|_| ())
             .map_err(|e| QueueError::Unavailable(e.to_string()))

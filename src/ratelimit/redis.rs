@@ -59,16 +59,17 @@ impl RedisRateLimiter {
 impl RateLimiter for RedisRateLimiter {
     async fn check_send(&self, user: &str, room: &str) -> Result<(), Refused> {
         let mut conn = self.redis.conn.clone();
-        let result: Result<(i64, i64), _> = self
+        let mut invocation = self
             .script
-            .key(self.redis.key(&format!("chat:rl:user:{user}")))
+            .key(self.redis.key(&format!("chat:rl:user:{user}")));
+        invocation
             .key(self.redis.key(&format!("chat:rl:room:{room}")))
             .arg(self.user.0)
             .arg(self.user.1)
             .arg(self.room.0)
-            .arg(self.room.1)
-            .invoke_async(&mut conn)
-            .await;
+            .arg(self.room.1);
+        let result: Result<(i64, i64), _> =
+            self.redis.bounded(invocation.invoke_async(&mut conn)).await;
         match result {
             Ok((0, _)) => Ok(()),
             Ok((which, wait_us)) => Err(Refused {
