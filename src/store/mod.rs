@@ -1,12 +1,13 @@
 //! The store: the source of truth for rooms, memberships and messages.
 //!
 //! [`Store`] is what the chat service needs from a database; `sqlite` is the embedded default,
-//! `postgres` the production store.
+//! `postgres` the production store (with `backfill`, its one-off data migration).
 //! Every implementation guarantees: a message's `seq` is allocated in the same transaction as its
 //! insert (strictly increasing, gap-free per room), a message is visible to readers before the
 //! insert returns, a repeated `(roomId, senderId, clientMsgId)` returns the stored original, and
 //! the same transaction writes the message's `"ChatOutbox"` row (see `queue::OutboxRelay`).
 
+pub mod backfill;
 pub mod postgres;
 pub mod sqlite;
 
