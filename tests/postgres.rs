@@ -505,6 +505,31 @@ async fn history_reads_one_index_with_no_seq_scan_and_no_sort_over_200k_messages
             assert!(ms < 100.0, "{label}: {ms} ms");
         }
     }
+
+    // The seed's acceptance check, for the app's readers that page by time.
+    let plan: Value = sqlx::query_scalar(
+        r#"EXPLAIN (ANALYZE, FORMAT JSON) SELECT * FROM "ChatMessage"
+           WHERE "roomId" = $1 ORDER BY "createdAt" DESC LIMIT 30"#,
+    )
+    .bind("room-7")
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    let mut nodes = Vec::new();
+    plan_nodes(&plan[0]["Plan"], &mut nodes);
+    assert!(
+        nodes.iter().any(|(node, index)| node == "Index Scan"
+            && index.as_deref() == Some("ChatMessage_roomId_createdAt_idx")),
+        "{nodes:?}"
+    );
+    assert!(
+        nodes.iter().all(|(node, _)| !node.contains("Sort")),
+        "{nodes:?}"
+    );
+    common::say(&format!(
+        "history EXPLAIN seed's time-ordered page: {nodes:?}, execution time {:.3} ms",
+        plan[0]["Execution Time"].as_f64().unwrap()
+    ));
 }
 
 /// Legacy rows (no seq, no sender name) in `rooms`, `per_room` each, some sharing a createdAt.
