@@ -1090,3 +1090,41 @@ async fn the_binary_migrates_says_what_it_skipped_and_backfills_dry() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_sends_of_one_client_msg_id_store_it_once_and_allocate_one_seq() {
+    let db = database!();
+    db.migrated().await;
+    let store = Arc::new(PgStore::connect(&db.url, 8, WAIT).await.unwrap());
+    store.ensure_room("r", "r").await.unwrap();
+    for round in 0..20 {
+        let key = format!("retry-{round}");
+        let attempts: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, key) = (store.clone(), key.clone());
+                tokio::spawn(async move {
+                    store
+                        .insert_message(new_message("r", "alice", "once", Some(&key)))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut originals = 0;
+        let mut ids = std::collections::HashSet::new();
+        for attempt in attempts {
+            let inserted = attempt.await.unwrap();
+            originals += usize::from(!inserted.duplicate);
+            ids.insert((inserted.message.id, inserted.message.seq));
+        }
+        assert_eq!(originals, 1, "round {round}: stored once");
+        assert_eq!(
+            ids.len(),
+            1,
+            "round {round}: every attempt answered with the original"
+        );
+        assert_eq!(ids.into_iter().next().unwrap().1, round + 1, "no seq lost");
+    }
+    assert_eq!(store.room_head("r").await.unwrap(), Some(20));
+    store.close().await;
+}
