@@ -46,6 +46,7 @@ pub struct DatabaseSettings {
     pub url: SecretString,
     pub migrate_on_start: bool,
     pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +252,9 @@ impl Settings {
         }
         if self.queue.max_attempts == 0 {
             return fail("queue.max_attempts", "must be at least 1");
+        }
+        if self.database.acquire_timeout_ms == 0 {
+            return fail("database.acquire_timeout_ms", "must be at least 1");
         }
         let url = self.database.url.expose_secret();
         if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {

@@ -15,7 +15,7 @@
 //! - [`rooms`]: the room registry and per-room sequencer (in-order, exactly-once delivery).
 //! - [`membership`]: cached membership answers.
 //! - Backing parts, each a trait with its in-process implementation:
-//!   [`store`] (SQLite), [`broker`] (fan-out), [`cache`] (history pages),
+//!   [`store`] (SQLite, or Postgres with `DATABASE_URL`), [`broker`] (fan-out), [`cache`] (history pages),
 //!   [`queue`] (side-effect jobs + worker), [`ratelimit`] (send limits).
 //!
 //! Calls go one way: `http`/`transport` -> `service` -> (`rooms`, backing parts). `rooms` reads
@@ -67,6 +67,7 @@ use crate::ratelimit::redis::RedisRateLimiter;
 use crate::ratelimit::{MemoryRateLimiter, RateLimiter, Unlimited};
 use crate::rooms::RoomRegistry;
 use crate::service::ChatService;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::transport::UserConnections;
 
@@ -90,7 +91,7 @@ pub struct App {
 
 /// Background tasks owned by a running gateway.
 struct Background {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn store::Store>,
     relay: JoinHandle<()>,
     relay_stop: CancellationToken,
     /// None when the worker runs apart (`queue.run_worker = false`).
@@ -98,13 +99,26 @@ struct Background {
     worker_stop: CancellationToken,
 }
 
-/// Opens the store and applies migrations (the `migrate` subcommand and start-up).
-pub async fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<SqliteStore>> {
-    if !settings.database.url.expose_secret().is_empty() {
-        anyhow::bail!(
-            "invalid configuration: database.url: this build stores messages in the embedded SQLite \
-             database only; leave DATABASE_URL unset"
-        );
+/// Opens the store and applies migrations (the `migrate` subcommand and start-up): Postgres when
+/// `database.url` is set, else the embedded SQLite file.
+pub async fn open_store(
+    settings: &Settings,
+    migrate: bool,
+) -> anyhow::Result<Arc<dyn store::Store>> {
+    let url = settings.database.url.expose_secret();
+    if !url.is_empty() {
+        let db = &settings.database;
+        let store = PgStore::connect(
+            url,
+            db.max_connections,
+            Duration::from_millis(db.acquire_timeout_ms),
+        )
+        .await
+        .context("connecting to PostgreSQL (database.url)")?;
+        if migrate {
+            store.migrate().await?;
+        }
+        return Ok(Arc::new(store));
     }
     let path = settings.sqlite_path();
     let store = SqliteStore::open(&path, settings.database.max_connections)

@@ -9,6 +9,8 @@ use secrecy::ExposeSecret;
 
 use chat_gateway::auth::{self, Role, TokenMinter};
 use chat_gateway::config::{JwtAlgorithm, Settings};
+use chat_gateway::store::backfill::{self, BackfillOptions};
+use chat_gateway::store::postgres::{self, PgStore};
 
 #[derive(Parser)]
 #[command(name = "chat-gateway", version, about = "Realtime chat gateway")]
@@ -25,7 +27,25 @@ enum Command {
     /// Run the gateway (the default).
     Serve,
     /// Apply pending database migrations and exit.
-    Migrate,
+    Migrate {
+        /// Postgres: first run the maintenance-window statements (CREATE INDEX CONCURRENTLY, ...)
+        /// one by one outside a transaction. Run by hand, in a maintenance window.
+        #[arg(long)]
+        maintenance: bool,
+    },
+    /// Postgres: fill what rows written before the gateway lack (sender names and avatars, sequence
+    /// numbers), in batches, while the gateway runs. Stop it any time; rerun it to finish.
+    Backfill {
+        /// Rows per batch (one transaction each).
+        #[arg(long, default_value_t = 1000)]
+        batch_size: u32,
+        /// Pause between batches, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        pause_ms: u64,
+        /// Only count what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Relay the outbox and perform side-effect jobs from the Redis queue, without serving sockets
     /// (run gateways with CHAT_GATEWAY__QUEUE__RUN_WORKER=false to leave the jobs to it).
     Worker,
@@ -88,11 +108,39 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<()> {
             chat_gateway::telemetry::init(&settings.log);
             chat_gateway::run_worker(settings, shutdown_signal()).await
         }
-        Command::Migrate => {
+        Command::Migrate { maintenance } => {
             chat_gateway::telemetry::init(&settings.log);
+            let url = settings.database.url.expose_secret();
+            if url.is_empty() {
+                if maintenance {
+                    anyhow::bail!("--maintenance is for Postgres: set DATABASE_URL");
+                }
+                chat_gateway::open_store(&settings, true).await?;
+                println!("migrations applied to {}", settings.sqlite_path().display());
+                return Ok(());
+            }
+            if maintenance {
+                println!("running {}:", postgres::MAINTENANCE_FILE);
+                postgres::run_maintenance(url, &mut |line| println!("  {line}")).await?;
+            } else {
+                println!(
+                    "skipped {}: it runs by hand in a maintenance window (CREATE INDEX \
+                     CONCURRENTLY cannot run inside a migration's transaction); run \
+                     `chat-gateway migrate --maintenance` for it",
+                    postgres::MAINTENANCE_FILE
+                );
+            }
             chat_gateway::open_store(&settings, true).await?;
-            println!("migrations applied to {}", settings.sqlite_path().display());
+            println!("automatic migrations applied (migrations/postgres)");
             Ok(())
+        }
+        Command::Backfill {
+            batch_size,
+            pause_ms,
+            dry_run,
+        } => {
+            chat_gateway::telemetry::init(&settings.log);
+            backfill(&settings, batch_size, pause_ms, dry_run).await
         }
         Command::Token {
             user,
@@ -136,6 +184,57 @@ fn minter(settings: &Settings, private_key: Option<PathBuf>) -> anyhow::Result<T
         "no signing key: set JWT_SECRET, or start the server once in dev mode to create its secret",
     )?;
     Ok(TokenMinter::hs256(&secret))
+}
+
+async fn backfill(
+    settings: &Settings,
+    batch: u32,
+    pause_ms: u64,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let url = settings.database.url.expose_secret();
+    if url.is_empty() {
+        anyhow::bail!("backfill is for Postgres: set DATABASE_URL");
+    }
+    let store = PgStore::connect(url, 2, std::time::Duration::from_secs(30))
+        .await
+        .context("connecting to PostgreSQL (database.url)")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            eprintln!("stopping after the current batch (rerun to finish)");
+            stop.cancel();
+        });
+    }
+    let options = BackfillOptions {
+        batch,
+        pause: std::time::Duration::from_millis(pause_ms),
+        dry_run,
+    };
+    let outcome = backfill::run(store.pool(), &options, &stop, &mut |p| println!("{p}")).await?;
+    let plan = &outcome.plan;
+    println!(
+        "to do at start: {} sender names/avatars, {} messages without a sequence in {} rooms",
+        plan.senders, plan.unsequenced, plan.rooms
+    );
+    if dry_run {
+        println!("dry run: nothing changed");
+    } else {
+        println!(
+            "filled {} sender names/avatars, numbered {} messages; {}",
+            outcome.senders_filled,
+            outcome.sequenced,
+            if outcome.finished {
+                "done"
+            } else {
+                "stopped before the end: rerun to finish"
+            }
+        );
+    }
+    store.close().await;
+    Ok(())
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

@@ -280,16 +280,24 @@ async fn readiness_includes_redis() {
     let Some(c) = cluster(1, |_| {}).await else {
         return;
     };
-    let ready: serde_json::Value = c.nodes[0]
-        .http
-        .get(c.nodes[0].url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ready, json!({"ready": true, "store": "ok", "redis": "ok"}));
+    // Ready once the pub/sub subscription is up (moments after start).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = c.nodes[0]
+            .http
+            .get(c.nodes[0].url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let ready: serde_json::Value = r.json().await.unwrap();
+        if ready["ready"] == true {
+            assert_eq!(ready, json!({"ready": true, "store": "ok", "redis": "ok"}));
+            break;
+        }
+        assert_eq!(ready["redis"], "unreachable", "{ready}");
+        assert!(Instant::now() < deadline, "never ready: {ready}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A Redis server of the test's own, so it can be stopped and restarted without disturbing others.

@@ -1,15 +1,19 @@
 //! The store: the source of truth for rooms, memberships and messages.
 //!
-//! [`Store`] is what the chat service needs from a database; `sqlite` is the embedded default.
+//! [`Store`] is what the chat service needs from a database; `sqlite` is the embedded default,
+//! `postgres` the production store (with `backfill`, its one-off data migration).
 //! Every implementation guarantees: a message's `seq` is allocated in the same transaction as its
 //! insert (strictly increasing, gap-free per room), a message is visible to readers before the
 //! insert returns, a repeated `(roomId, senderId, clientMsgId)` returns the stored original, and
 //! the same transaction writes the message's `"ChatOutbox"` row (see `queue::OutboxRelay`).
 
+pub mod backfill;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgDatabaseError;
 
 /// A stored message (a row of `"ChatMessage"`).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -91,15 +95,40 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(db.message().to_string())
             }
+            sqlx::Error::Database(db) => match db.try_downcast_ref::<PgDatabaseError>() {
+                Some(pg) if pg_retriable(pg.code()) => StoreError::Unavailable(e.to_string()),
+                Some(pg) if pg_unstorable(pg.code()) => {
+                    StoreError::Invalid(format!("text the database cannot store: {}", pg.message()))
+                }
+                _ => StoreError::Other(e.to_string()),
+            },
             _ => StoreError::Other(e.to_string()),
         }
     }
+}
+
+/// SQLSTATEs a retry can get past: the connection failed (class 08), the server is shutting down
+/// or restarting or terminated this backend (`pg_terminate_backend` gives 57P01), too many
+/// connections, or the transaction lost a serialization or deadlock race. A connection lost while
+/// committing may have committed: a retry with the same clientMsgId then gets the original.
+fn pg_retriable(code: &str) -> bool {
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+        )
+}
+
+/// SQLSTATEs for text Postgres cannot hold (a NUL byte, or a character the encoding lacks).
+fn pg_unstorable(code: &str) -> bool {
+    matches!(code, "22021" | "22P05")
 }
 
 #[async_trait]
@@ -165,6 +194,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes relayed outbox rows.
     async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError>;
+
+    /// Closes the connections (shutdown, after the last job).
+    async fn close(&self) {}
 }
 
 /// A row of `"ChatOutbox"`: a stored message whose side effects are not yet queued.

@@ -352,4 +352,8 @@ impl Store for SqliteStore {
         query.execute(&self.writer).await?;
         Ok(())
     }
+
+    async fn close(&self) {
+        SqliteStore::close(self).await;
+    }
 }

@@ -519,3 +519,167 @@ pub fn redis_settings(url: &str, prefix: &str) -> Settings {
 pub fn unique_prefix() -> String {
     format!("test-{}:", uuid::Uuid::new_v4().simple())
 }
+
+/// The Postgres server the Postgres suite uses: `TEST_DATABASE_URL`, or the local default. Every
+/// test creates a database of its own on it, so tests run in parallel.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A database of one test's own, dropped when this is dropped.
+pub struct ScratchDb {
+    pub name: String,
+    /// Connects to this database.
+    pub url: String,
+    admin_url: String,
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let (scheme, rest) = base.split_once("://").expect("a postgres:// URL");
+    let authority = rest.split('/').next().unwrap();
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
+        None => format!("{scheme}://{authority}/{name}"),
+    }
+}
+
+/// `url` with its host and port replaced by `addr` (to go through a proxy).
+pub fn with_host(url: &str, addr: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{path}")
+}
+
+/// Creates a database for one test. When Postgres cannot be reached: with `CI=true` the test
+/// fails; otherwise it says once, on the terminal, that the Postgres suite was skipped, and the
+/// caller returns (passes).
+pub async fn scratch_database() -> Option<ScratchDb> {
+    use sqlx::Connection;
+    let admin_url = postgres_admin_url();
+    let connected = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::PgConnection::connect(&admin_url),
+    )
+    .await;
+    let mut admin = match connected {
+        Ok(Ok(conn)) => conn,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_string(),
+            };
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!(
+                    "Postgres is unreachable at {admin_url} ({why}) and CI=true: the Postgres \
+                     suite must run in CI. Start Postgres (see .ci/run) or set TEST_DATABASE_URL."
+                );
+            }
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                use std::io::Write;
+                // Straight to the terminal: the test harness hides what passing tests print.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\nPOSTGRES SUITE SKIPPED: no Postgres at {admin_url} ({why}). To run it, \
+                     start Postgres on 127.0.0.1:5432 (user postgres, trust auth) or set \
+                     TEST_DATABASE_URL=postgres://USER@HOST:PORT/DB. With CI=true it fails instead.\n"
+                );
+            });
+            return None;
+        }
+    };
+    let name = format!("cg_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create the test database");
+    let _ = admin.close().await;
+    Some(ScratchDb {
+        url: with_database(&admin_url, &name),
+        name,
+        admin_url,
+    })
+}
+
+impl ScratchDb {
+    /// A pool of its own (not the gateway's), for setting up and checking.
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// The database's schema from the automatic migrations.
+    pub async fn migrated(&self) -> sqlx::PgPool {
+        let pool = self.pool().await;
+        chat_gateway::store::postgres::MIGRATOR
+            .run(&pool)
+            .await
+            .expect("migrate");
+        pool
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop cannot await, and may run on a runtime thread: a thread and a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(Ok(mut admin)) = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    sqlx::PgConnection::connect(&admin_url),
+                )
+                .await
+                {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut admin),
+                    )
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+impl TestApp {
+    /// The gateway on `database_url` (Postgres) instead of its own SQLite file.
+    pub async fn spawn_on_postgres(
+        database_url: &str,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
+        let url = database_url.to_string();
+        Self::spawn_with(move |s| {
+            s.database.url = SecretString::from(url);
+            configure(s);
+        })
+        .await
+    }
+}
+
+/// Prints straight to the terminal, past the test harness's capture: for numbers a reader of the
+/// test output should see (timings of the Postgres suite).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

@@ -1,0 +1,560 @@
+//! The PostgreSQL store: the production source of truth, in the schema of the chat app the gateway
+//! replaces (quoted camelCase tables, TEXT ids, `TIMESTAMP(3)` holding UTC).
+//!
+//! A send is one statement, so one round trip once it is prepared: it increments the room's
+//! `"lastSeq"`, inserts the message with that sequence and its outbox row, or returns the stored
+//! original of a repeated `clientMsgId` without allocating anything. The UPDATE's row lock on the
+//! `"ChatRoom"` row serializes allocations per room until commit, which keeps sequences gap-free
+//! and strictly increasing; the statement commits before its reply is read to the end, so nothing
+//! is acknowledged before it is durable.
+//!
+//! Migrations: [`MIGRATOR`] (migrations/postgres) runs automatically; the maintenance-window file
+//! (migrations/postgres-maintenance) runs only by hand, through [`run_maintenance`].
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::{Connection, PgPool};
+
+use super::{Access, Inserted, Message, NewMessage, OutboxEntry, Room, Store, StoreError};
+
+/// The automatic migrations (migrations/postgres), applied by `migrate` and at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The maintenance-window change for a live database: run by hand, statement by statement.
+pub const MAINTENANCE_FILE: &str =
+    "migrations/postgres-maintenance/20261127000100_live_database.sql";
+pub const MAINTENANCE_SQL: &str =
+    include_str!("../../migrations/postgres-maintenance/20261127000100_live_database.sql");
+/// Its rollback, also run by hand.
+pub const MAINTENANCE_DOWN_SQL: &str =
+    include_str!("../../migrations/postgres-maintenance/20261127000100_live_database.down.sql");
+
+/// The index every history page and resume reads (see [`HISTORY_SQL`]).
+pub const SEQ_INDEX: &str = "ChatMessage_roomId_seq_key";
+
+/// The message columns in the order [`Message`] reads them. Casts keep the app's column types
+/// readable as they are: `TIMESTAMP(3)` holds UTC, and the text columns may be Prisma enums.
+macro_rules! columns {
+    () => {
+        r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType"::text AS "contentType", status::text AS status, "moderationStatus"::text AS "moderationStatus", "createdAt" AT TIME ZONE 'UTC' AS "createdAt", "clientMsgId""#
+    };
+}
+
+/// A page of history: a keyset read walking [`SEQ_INDEX`] backwards from `$2` (exclusive), no JOIN,
+/// no OFFSET, no sort. `$1` room, `$2` before, `$3` limit. The EXPLAIN test runs this very text.
+pub const HISTORY_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    r#" FROM "ChatMessage" WHERE "roomId" = $1 AND seq < $2 AND "moderationStatus" <> 'REJECTED' ORDER BY seq DESC LIMIT $3"#
+);
+
+const MESSAGES_BETWEEN_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    r#" FROM "ChatMessage" WHERE "roomId" = $1 AND seq > $2 AND seq <= $3 AND "moderationStatus" <> 'REJECTED' ORDER BY seq ASC LIMIT $4"#
+);
+
+const FIND_BY_CLIENT_MSG_ID_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    r#" FROM "ChatMessage" WHERE "roomId" = $1 AND "senderId" = $2 AND "clientMsgId" = $3"#
+);
+
+/// The whole send in one statement. `$1` id, `$2` room, `$3` sender, `$4` sender name, `$5` avatar,
+/// `$6` content, `$7` createdAt (UTC), `$8` clientMsgId. `room` allocates only when `existing`
+/// found nothing, so a repeat allocates no sequence. Two concurrent first sends of one clientMsgId
+/// both get past `existing` (same snapshot); the second then fails on the unique key, rolling back
+/// its allocation, and [`PgStore::insert_message`] answers it with the original.
+const INSERT_MESSAGE_SQL: &str = concat!(
+    "WITH existing AS (SELECT ",
+    columns!(),
+    r#" FROM "ChatMessage" WHERE "roomId" = $2 AND "senderId" = $3 AND "clientMsgId" = $8),
+room AS (
+    UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1
+    WHERE id = $2 AND NOT EXISTS (SELECT 1 FROM existing)
+    RETURNING "lastSeq"
+),
+message AS (
+    INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl",
+        content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId")
+    SELECT $1, $2, "lastSeq", $3, $4, $5, $6, 'TEXT', 'SENT', 'APPROVED', $7, $8 FROM room
+    RETURNING "#,
+    columns!(),
+    r#"
+),
+outbox AS (
+    INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
+    SELECT "roomId", seq, id, $7 FROM message
+)
+SELECT false AS duplicate, * FROM message
+UNION ALL
+SELECT true AS duplicate, * FROM existing"#
+);
+
+/// The unique index that makes a clientMsgId idempotent (see migrations/postgres).
+const CLIENT_MSG_ID_KEY: &str = "ChatMessage_roomId_senderId_clientMsgId_key";
+
+#[derive(sqlx::FromRow)]
+struct Stored {
+    duplicate: bool,
+    #[sqlx(flatten)]
+    message: Message,
+}
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// `TIMESTAMP(3)` columns hold UTC without a zone.
+fn utc(t: &DateTime<Utc>) -> NaiveDateTime {
+    t.naive_utc()
+}
+
+/// Postgres text cannot hold U+0000; refusing it here gives the client a clear reason.
+fn refuse_nul(fields: &[(&str, Option<&str>)]) -> Result<(), StoreError> {
+    match fields
+        .iter()
+        .find(|(_, v)| v.is_some_and(|v| v.contains('\0')))
+    {
+        Some((name, _)) => Err(StoreError::Invalid(format!(
+            "{name} must not contain NUL (U+0000) characters"
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl PgStore {
+    /// Connects (at least one connection must open now); does not migrate.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("chat-gateway");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(acquire_timeout)
+            // A ping before every checkout would double the round trips of a send. A connection
+            // that died meanwhile fails its one statement (`Unavailable`, nothing written) and is
+            // discarded when it is returned; the pool opens a fresh one.
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the automatic migrations. Refuses when "ChatMessage" holds rows but lacks the
+    /// sequence index: building it here would block the app's writes for the whole build, so the
+    /// maintenance-window file has to build it CONCURRENTLY first.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        if needs_maintenance(&self.pool).await? {
+            return Err(StoreError::Other(format!(
+                "\"ChatMessage\" holds rows but has no \"{SEQ_INDEX}\" index: run \
+                 `chat-gateway migrate --maintenance` in a maintenance window first (it builds the \
+                 indexes CONCURRENTLY); see docs/migration-runbook.md"
+            )));
+        }
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Other(format!("migration failed: {e}")))
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// True for a legacy "ChatMessage" with rows and without the gateway's sequence index.
+async fn needs_maintenance(pool: &PgPool) -> Result<bool, StoreError> {
+    let (table, index): (bool, bool) = sqlx::query_as(
+        r#"SELECT to_regclass('"ChatMessage"') IS NOT NULL, to_regclass(format('%I', $1::text)) IS NOT NULL"#,
+    )
+    .bind(SEQ_INDEX)
+    .fetch_one(pool)
+    .await?;
+    if !table || index {
+        return Ok(false);
+    }
+    Ok(
+        sqlx::query_scalar(r#"SELECT EXISTS (SELECT 1 FROM "ChatMessage")"#)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// The statements of a maintenance file: one per `;` at a line end, comment lines dropped.
+pub fn maintenance_statements(sql: &str) -> Vec<String> {
+    let mut statements = Vec::new();
+    let mut current = String::new();
+    for line in sql.lines() {
+        let line = line.trim_end();
+        if line.trim_start().starts_with("--") || line.trim().is_empty() {
+            continue;
+        }
+        if !current.is_empty() {
+            current.push('\n');
+        }
+        current.push_str(line);
+        if line.ends_with(';') {
+            current.pop();
+            statements.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.trim().is_empty() {
+        statements.push(current);
+    }
+    statements
+}
+
+/// The index a `CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS "name"` statement builds.
+fn concurrent_index_name(statement: &str) -> Option<&str> {
+    if !statement.contains("CONCURRENTLY") || !statement.starts_with("CREATE") {
+        return None;
+    }
+    let rest = statement.split_once("IF NOT EXISTS ")?.1;
+    let rest = rest.strip_prefix('"')?;
+    Some(&rest[..rest.find('"')?])
+}
+
+/// Runs the maintenance-window file on `url`: each statement on its own, outside any transaction,
+/// reporting each as it goes. A CONCURRENTLY build that failed earlier left an INVALID index that
+/// IF NOT EXISTS would keep; it is dropped (concurrently) and built again.
+pub async fn run_maintenance(url: &str, report: &mut dyn FnMut(&str)) -> Result<(), StoreError> {
+    let options = PgConnectOptions::from_str(url)?.application_name("chat-gateway maintenance");
+    let mut conn = PgConnection::connect_with(&options).await?;
+    let table: bool = sqlx::query_scalar(r#"SELECT to_regclass('"ChatMessage"') IS NOT NULL"#)
+        .fetch_one(&mut conn)
+        .await?;
+    if !table {
+        report(&format!(
+            "skipped {MAINTENANCE_FILE}: there is no \"ChatMessage\" table yet, so the automatic \
+             migrations create it with these columns and indexes"
+        ));
+        return Ok(());
+    }
+    for statement in maintenance_statements(MAINTENANCE_SQL) {
+        if let Some(index) = concurrent_index_name(&statement) {
+            let invalid: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE NOT indisvalid \
+                 AND indexrelid = to_regclass(format('%I', $1::text)))",
+            )
+            .bind(index)
+            .fetch_one(&mut conn)
+            .await?;
+            if invalid {
+                report(&format!(
+                    "dropping the invalid index \"{index}\" left by an interrupted build"
+                ));
+                sqlx::raw_sql(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{index}\""))
+                    .execute(&mut conn)
+                    .await?;
+            }
+        }
+        let started = Instant::now();
+        let one_line = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+        sqlx::raw_sql(&statement)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| {
+                StoreError::Other(format!(
+                    "{one_line}: {e} (every statement is idempotent: rerun `migrate --maintenance`)"
+                ))
+            })?;
+        report(&format!(
+            "{one_line} ({} ms)",
+            started.elapsed().as_millis()
+        ));
+    }
+    conn.close().await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
+        refuse_nul(&[
+            ("content", Some(&msg.content)),
+            ("clientMsgId", msg.client_msg_id.as_deref()),
+            ("sender name", msg.sender_name.as_deref()),
+            ("sender avatar", msg.sender_avatar_url.as_deref()),
+            ("sender id", Some(&msg.sender_id)),
+            ("room id", Some(&msg.room_id)),
+        ])?;
+        // fetch_optional reads the reply to its end (through the commit), so an Ok here means
+        // the message is durable.
+        let stored: Result<Option<Stored>, sqlx::Error> = sqlx::query_as(INSERT_MESSAGE_SQL)
+            .bind(&msg.id)
+            .bind(&msg.room_id)
+            .bind(&msg.sender_id)
+            .bind(&msg.sender_name)
+            .bind(&msg.sender_avatar_url)
+            .bind(&msg.content)
+            .bind(utc(&msg.created_at))
+            .bind(&msg.client_msg_id)
+            .fetch_optional(&self.pool)
+            .await;
+        match stored {
+            Ok(Some(Stored { duplicate, message })) => Ok(Inserted { message, duplicate }),
+            Ok(None) => Err(StoreError::RoomNotFound),
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some(CLIENT_MSG_ID_KEY) => {
+                let client_msg_id = msg.client_msg_id.as_deref().unwrap_or_default();
+                let original = self
+                    .find_by_client_msg_id(&msg.room_id, &msg.sender_id, client_msg_id)
+                    .await?
+                    .ok_or_else(|| {
+                        StoreError::Other("clientMsgId conflict without a stored original".into())
+                    })?;
+                Ok(Inserted {
+                    message: original,
+                    duplicate: true,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn find_by_client_msg_id(
+        &self,
+        room: &str,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        refuse_nul(&[("clientMsgId", Some(client_msg_id))])?;
+        Ok(sqlx::query_as(FIND_BY_CLIENT_MSG_ID_SQL)
+            .bind(room)
+            .bind(sender)
+            .bind(client_msg_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn history(
+        &self,
+        room: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        Ok(sqlx::query_as(HISTORY_SQL)
+            .bind(room)
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn messages_between(
+        &self,
+        room: &str,
+        after: i64,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        Ok(sqlx::query_as(MESSAGES_BETWEEN_SQL)
+            .bind(room)
+            .bind(after)
+            .bind(until)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn room_head(&self, room: &str) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar(r#"SELECT "lastSeq" FROM "ChatRoom" WHERE id = $1"#)
+                .bind(room)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn access(&self, room: &str, user: &str) -> Result<Access, StoreError> {
+        let (room_exists, member): (bool, bool) = sqlx::query_as(
+            r#"SELECT EXISTS (SELECT 1 FROM "ChatRoom" WHERE id = $1),
+                      EXISTS (SELECT 1 FROM "ChatRoomMember" WHERE "roomId" = $1 AND "userId" = $2)"#,
+        )
+        .bind(room)
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(match (room_exists, member) {
+            (false, _) => Access::NoRoom,
+            (true, false) => Access::NotMember,
+            (true, true) => Access::Member,
+        })
+    }
+
+    async fn create_room(&self, id: &str, name: &str) -> Result<Room, StoreError> {
+        refuse_nul(&[("room name", Some(name))])?;
+        sqlx::query(
+            r#"INSERT INTO "ChatRoom" (id, name, "createdAt", "updatedAt")
+               VALUES ($1, $2, now() AT TIME ZONE 'UTC', now() AT TIME ZONE 'UTC')"#,
+        )
+        .bind(id)
+        .bind(name)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("room {id:?} already exists")),
+            other => other,
+        })?;
+        Ok(Room {
+            id: id.to_string(),
+            name: name.to_string(),
+            last_seq: 0,
+        })
+    }
+
+    async fn ensure_room(&self, id: &str, name: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            r#"INSERT INTO "ChatRoom" (id, name, "createdAt", "updatedAt")
+               VALUES ($1, $2, now() AT TIME ZONE 'UTC', now() AT TIME ZONE 'UTC')
+               ON CONFLICT (id) DO NOTHING"#,
+        )
+        .bind(id)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn add_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        refuse_nul(&[("user id", Some(user))])?;
+        let (room_exists, added): (bool, bool) = sqlx::query_as(
+            r#"WITH room AS (SELECT id FROM "ChatRoom" WHERE id = $2),
+               added AS (
+                   INSERT INTO "ChatRoomMember" (id, "roomId", "userId", "joinedAt")
+                   SELECT $1, id, $3, now() AT TIME ZONE 'UTC' FROM room
+                   ON CONFLICT ("roomId", "userId") DO NOTHING
+                   RETURNING 1
+               )
+               SELECT EXISTS (SELECT 1 FROM room), EXISTS (SELECT 1 FROM added)"#,
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(room)
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await?;
+        if !room_exists {
+            return Err(StoreError::RoomNotFound);
+        }
+        Ok(added)
+    }
+
+    async fn remove_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = $1 AND "userId" = $2"#)
+                .bind(room)
+                .bind(user)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = rooms.iter().map(|(id, _)| id.as_str()).collect();
+        let ats: Vec<NaiveDateTime> = rooms.iter().map(|(_, at)| utc(at)).collect();
+        sqlx::query(
+            r#"UPDATE "ChatRoom" r SET "lastMessageAt" = u.at, "updatedAt" = u.at
+               FROM unnest($1::text[], $2::timestamp[]) AS u(id, at)
+               WHERE r.id = u.id AND (r."lastMessageAt" IS NULL OR r."lastMessageAt" < u.at)"#,
+        )
+        .bind(&ids)
+        .bind(&ats)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn outbox_claim(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        // The database's clock, so relays on several nodes agree on whose lease has ended;
+        // SKIP LOCKED lets them claim disjoint rows at the same time.
+        let mut rows: Vec<OutboxEntry> = sqlx::query_as(
+            r#"UPDATE "ChatOutbox" SET "claimedUntil" = now() AT TIME ZONE 'UTC' + make_interval(secs => $1)
+               WHERE id IN (SELECT id FROM "ChatOutbox"
+                            WHERE "claimedUntil" IS NULL OR "claimedUntil" < now() AT TIME ZONE 'UTC'
+                            ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+               RETURNING id, "roomId", seq, "messageId", "createdAt" AT TIME ZONE 'UTC' AS "createdAt""#,
+        )
+        .bind(lease.as_secs_f64())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.sort_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(r#"DELETE FROM "ChatOutbox" WHERE id = ANY($1)"#)
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        PgStore::close(self).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_maintenance_file_says_it_runs_by_hand_and_splits_into_statements() {
+        assert!(
+            MAINTENANCE_SQL
+                .lines()
+                .next()
+                .unwrap()
+                .starts_with("-- MAINTENANCE WINDOW, RUN BY HAND")
+        );
+        let statements = maintenance_statements(MAINTENANCE_SQL);
+        assert!(statements.iter().all(|s| !s.contains("--")));
+        let indexes: Vec<_> = statements
+            .iter()
+            .filter_map(|s| concurrent_index_name(s))
+            .collect();
+        assert_eq!(
+            indexes,
+            [
+                "ChatMessage_roomId_createdAt_idx",
+                SEQ_INDEX,
+                CLIENT_MSG_ID_KEY,
+                "ChatMessage_unsequenced_idx"
+            ]
+        );
+        assert_eq!(statements.first().unwrap(), "SET lock_timeout = '5s'");
+    }
+
+    #[test]
+    fn nul_is_refused_naming_the_field() {
+        let err = refuse_nul(&[("content", Some("a\0b"))]).unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(m) if m.starts_with("content ")));
+        assert!(refuse_nul(&[("content", Some("é ' -- ; \u{202e}")), ("x", None)]).is_ok());
+    }
+}
