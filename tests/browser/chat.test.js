@@ -60,3 +60,27 @@ test("two pages chat with each other through the gateway", async () => {
   await alice.context.close();
   await bob.context.close();
 });
+
+test("avatars: lazy, async-decoded pictures through the resize template; initials when there is none or it fails", async () => {
+  const pixel = "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' width='8' height='8'%3E%3Crect width='8' height='8' fill='%23f80'/%3E%3C/svg%3E";
+  const withPicture = gateway.signToken({ sub: "pia", name: "Pia Picture", avatar: pixel });
+  const broken = gateway.signToken({ sub: "bo", name: "Bo Broken", avatar: `${gateway.url}/no-such-avatar.png` });
+  const plain = (await gateway.devToken("Cy")).token;
+  await gateway.restSend(withPicture, "help", "I have a picture");
+  await gateway.restSend(broken, "help", "My picture is gone");
+  await gateway.restSend(plain, "help", "I never had one");
+
+  const { context, page, errors } = await openDemo(browser, gateway, { name: "Viewer", room: "help" });
+  await page.locator("#list .content", { hasText: "I never had one" }).waitFor();
+  const avatars = page.locator("#list .msg .avatar");
+  const img = avatars.nth(0).locator("img");
+  assert.equal(await img.getAttribute("loading"), "lazy");
+  assert.equal(await img.getAttribute("decoding"), "async");
+  assert.equal(await img.getAttribute("src"), pixel, "the default template {url} is the URL itself");
+  await page.waitForFunction(() => document.querySelector("#list .msg .avatar img")?.complete);
+  // The failed picture is removed: its initials show instead.
+  await avatars.nth(1).locator("img").waitFor({ state: "detached" });
+  assert.deepEqual(await avatars.allTextContents(), ["PP", "BB", "C"]);
+  assert.deepEqual(errors, []);
+  await context.close();
+});

@@ -1,6 +1,7 @@
 // Test harness: a real gateway process (dev mode, own port and data dir) and headless Chromium.
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
+import { createHmac } from "node:crypto";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, existsSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -137,6 +138,17 @@ export class Gateway {
     });
     if (!r.ok) throw new Error(`POST /dev/token: ${r.status}`);
     return await r.json();
+  }
+
+  /**
+   * A token with any claims (an `avatar`, say, which /dev/token does not set), signed with the
+   * dev secret the gateway generated in its data dir.
+   */
+  signToken(claims) {
+    const secret = readFileSync(join(this.dataDir, "dev-jwt-secret"), "utf8").trim();
+    const b64 = (v) => Buffer.from(JSON.stringify(v)).toString("base64url");
+    const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ exp: Math.floor(Date.now() / 1000) + 3600, ...claims })}`;
+    return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
   }
 
   /** Sends over REST (the fallback door), as another client would. */
