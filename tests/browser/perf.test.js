@@ -2,7 +2,7 @@
 // Numbers come from the browser's Performance API.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { Gateway, launchBrowser } from "./harness.js";
+import { artifactPath, Gateway, launchBrowser } from "./harness.js";
 
 let gateway;
 let browser;
@@ -82,5 +82,6 @@ test("the layout and the skeleton render with no network: the socket is not need
   await page.fill("#input", "typed while offline");
   assert.equal(await page.inputValue("#input"), "typed while offline");
   assert.equal(await page.locator("#conn").getAttribute("data-state"), "connecting");
+  await page.screenshot({ path: artifactPath("skeleton.png") });
   await context.close();
 });
