@@ -54,14 +54,16 @@ export async function waitFor(check, { timeoutMs = 5000, intervalMs = 25, what =
  * starts it again on the same port with the same data dir.
  */
 export class Gateway {
-  static async start() {
-    const gw = new Gateway(await freePort(), mkdtempSync(join(tmpdir(), "chat-gateway-browser-")));
+  /** @param {Record<string, string>} [env] extra settings, e.g. CHAT_GATEWAY__LIMITS__CATCH_UP_LIMIT */
+  static async start(env = {}) {
+    const gw = new Gateway(await freePort(), mkdtempSync(join(tmpdir(), "chat-gateway-browser-")), env);
     await gw.spawn();
     return gw;
   }
 
-  constructor(port, dataDir) {
+  constructor(port, dataDir, env = {}) {
     this.port = port;
+    this.env = env;
     this.dataDir = dataDir;
     this.url = `http://127.0.0.1:${port}`;
     this.proc = null;
@@ -77,6 +79,7 @@ export class Gateway {
       CHAT_GATEWAY__SERVER__SHUTDOWN_GRACE_SECS: "3",
       RUST_LOG: process.env.GATEWAY_LOG ?? "warn",
       LOG_FORMAT: "pretty",
+      ...this.env,
     });
     const proc = spawn(gatewayBinary(), ["serve"], { env, cwd: repo, stdio: ["ignore", "pipe", "pipe"] });
     this.proc = proc;

@@ -210,3 +210,37 @@ test("a request with no answer times out; the client stays usable", async () => 
   assert.ok(r.took >= 350 && r.took < 2000, `timed out after ${r.took} ms`);
   assert.deepEqual([r.again, r.state], [0, "open"]);
 });
+
+test("too much missed while away: the handler is told to reload, then live messages continue", async () => {
+  const small = await Gateway.start({
+    CHAT_GATEWAY__LIMITS__CATCH_UP_LIMIT: "2",
+    CHAT_GATEWAY__RATE_LIMIT__ENABLED: "false",
+  });
+  try {
+    const { token: pat } = await small.devToken("Pat");
+    await page.goto(`${small.url}/healthz`);
+    await page.evaluate(async () => {
+      window.sdk = await import("/sdk/chat-gateway.js");
+      const token = await (await fetch("/dev/token", { method: "POST", body: '{"name":"Quinn"}' })).json();
+      window.client = sdk.connect("/ws", { token: () => token.token });
+      window.events = [];
+      window.handler = {
+        onMessage: (m) => events.push(`message ${m.seq}`),
+        onReload: ({ head }) => events.push(`reload at ${head}`),
+      };
+      await client.join("busy", handler);
+      await client.send("busy", "first");
+    });
+    await waitFor(() => page.evaluate(() => events.length === 1), { what: "the first message" });
+    await page.evaluate(() => client.leave("busy"));
+    for (let i = 0; i < 5; i++) await small.restSend(pat, "busy", `while away ${i}`, `pat-${i}`);
+    const result = await page.evaluate(() => client.join("busy", handler));
+    assert.deepEqual(result, { room: "busy", head: 6, missed: 0, reload: true });
+    await small.restSend(pat, "busy", "after the reload", "pat-live");
+    await waitFor(() => page.evaluate(() => events.length === 3), { what: "the live message" });
+    assert.deepEqual(await page.evaluate(() => events), ["message 1", "reload at 6", "message 7"]);
+    assert.equal(sent.filter((f) => f.type === "join").at(-1).since, 1, "asked to resume from seq 1");
+  } finally {
+    await small.dispose();
+  }
+});
