@@ -54,6 +54,8 @@ async function measure(name) {
 }
 
 test("FCP < 500 ms and the input accepts text within 2 s; history arrives after the paint", async () => {
+  // One unmeasured load first: a user's browser is already running, ours was just launched.
+  await measure("warmup");
   const runs = [];
   for (let i = 0; i < 3; i++) runs.push(await measure(`perf${i}`));
   const r = (x) => Math.round(x);
