@@ -37,7 +37,12 @@ pub fn router(app: Arc<App>) -> Router {
             put(add_member).delete(remove_member),
         );
     if app.service.dev_minter.is_some() {
-        router = router.route("/dev/token", post(dev_token));
+        router = router
+            .route("/dev/token", post(dev_token))
+            .route("/", get(demo_page))
+            .route("/app.js", get(demo_script))
+            .route("/app.css", get(demo_style))
+            .route("/sdk/chat-gateway.js", get(sdk_script));
     }
     router
         .layer(DefaultBodyLimit::max(body_limit))
@@ -358,4 +363,39 @@ async fn dev_token(State(app): State<Arc<App>>, body: Body) -> Response {
         Some(token) => Json(json!({"token": token, "userId": user})).into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+// The demo page (dev mode only) and the browser SDK it loads, embedded in the binary.
+// `no-cache`: the browser revalidates, so a rebuilt gateway never serves a stale page.
+
+const JS: &str = "text/javascript; charset=utf-8";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn demo_page() -> Response {
+    asset(
+        "text/html; charset=utf-8",
+        include_str!("../demo/index.html"),
+    )
+}
+
+async fn demo_script() -> Response {
+    asset(JS, include_str!("../demo/app.js"))
+}
+
+async fn demo_style() -> Response {
+    asset("text/css; charset=utf-8", include_str!("../demo/app.css"))
+}
+
+async fn sdk_script() -> Response {
+    asset(JS, include_str!("../sdk/chat-gateway.js"))
 }

@@ -1,0 +1,167 @@
+/**
+ * chat-gateway browser client: one multiplexed WebSocket per page.
+ * Wire contract: proto-docs/protocol.md.
+ */
+
+/** A message as the gateway sends it (protocol section 4). */
+export interface ChatMessage {
+  id: string;
+  roomId: string;
+  /** Per-room sequence: strictly increasing. A jump is not a loss (moderation). */
+  seq: number;
+  senderId: string;
+  senderName: string | null;
+  senderAvatarUrl: string | null;
+  sender: { id: string; name: string | null; avatarUrl: string | null };
+  content: string;
+  contentType: string;
+  status: string;
+  moderationStatus: string;
+  /** RFC 3339 UTC with milliseconds. */
+  createdAt: string;
+  clientMsgId: string | null;
+}
+
+export type ConnectionStateName = "connecting" | "open" | "reconnecting" | "closed";
+
+export declare const ConnectionState: Readonly<{
+  CONNECTING: "connecting";
+  OPEN: "open";
+  RECONNECTING: "reconnecting";
+  CLOSED: "closed";
+}>;
+
+/** Close codes after which the same token is never used again (4002, 4003). */
+export declare const TOKEN_CLOSE_CODES: readonly number[];
+
+/** Why the token provider is asked for a token. */
+export type TokenReason = "initial" | "expiring" | "expired" | "rejected" | "reconnect";
+
+export type TokenProvider = (ctx: { reason: TokenReason }) => string | Promise<string>;
+
+export interface ClientOptions {
+  /** A fixed token, or a provider asked whenever a (fresh) token is needed. */
+  token: string | TokenProvider;
+  /** How long a request waits for its answer; history waits this long in total. Default 10 000. */
+  requestTimeoutMs?: number;
+  /** How long a send keeps being retried before rejecting with `timeout`. Default 30 000. */
+  sendTimeoutMs?: number;
+  /** Reconnect delays: initialMs * factor^attempt, capped at maxMs, with jitter. */
+  backoff?: { initialMs?: number; maxMs?: number; factor?: number };
+  /** The server's `limits.max_frame_bytes`; larger requests are refused locally. Default 65 536. */
+  maxFrameBytes?: number;
+  /** WebSocket implementation (default: the global one). */
+  WebSocket?: typeof WebSocket;
+}
+
+export interface StateEvent {
+  state: ConnectionStateName;
+  previous: ConnectionStateName;
+  /** Reconnecting: the attempt number (1-based) and the wait before it. */
+  attempt?: number;
+  delayMs?: number;
+  /** Reconnecting: the close code (1006 on network loss, 0 when no socket was opened). */
+  code?: number;
+  reason?: string;
+}
+
+export interface JoinResult {
+  room: string;
+  /** Live pushes continue after this seq. */
+  head: number;
+  /** How many catch-up messages follow (delivered to the handler). */
+  missed: number;
+  /** Too much was missed to replay: the handler's onReload was called. */
+  reload: boolean;
+}
+
+export type RoomHandler =
+  | ((message: ChatMessage) => void)
+  | {
+      /** Each new message of the room, once, in seq order (the user's own included). */
+      onMessage?: (message: ChatMessage) => void;
+      /** Too much was missed while away: fetch the latest history page and merge by seq. */
+      onReload?: (info: { room: string; head: number }) => void;
+      /** The server stopped delivering the room (membership removed, or a re-join refused). */
+      onRemoved?: (info: { room: string; reason: string }) => void;
+    };
+
+export interface SendAck {
+  id: string;
+  seq: number;
+  message: ChatMessage;
+  /** The clientMsgId was already stored: this is the original message. */
+  duplicate: boolean;
+}
+
+/** A send's promise, carrying its idempotency key from the start (for optimistic rendering). */
+export type SendPromise = Promise<SendAck> & { clientMsgId: string };
+
+export interface HistoryPage {
+  room: string;
+  /** Oldest first. */
+  messages: ChatMessage[];
+  /** Pass as `before` for the next older page; null when there is none. */
+  nextBefore: number | null;
+}
+
+/**
+ * Error codes: the protocol's (`rate_limited`, `forbidden`, `content_too_long`, ...) and the
+ * client's own: `timeout`, `closed`, `not_connected`, `left`, `frame_too_large`, `auth_failed`,
+ * `token_provider_failed`.
+ */
+export declare class ChatGatewayError extends Error {
+  constructor(
+    code: string,
+    message: string,
+    details?: { retryAfterMs?: number; clientMsgId?: string; room?: string },
+  );
+  readonly code: string;
+  /** Wait this long before retrying (`rate_limited`, `unavailable`). */
+  readonly retryAfterMs?: number;
+  /** Send errors: the key to retry with. */
+  readonly clientMsgId?: string;
+  readonly room?: string;
+}
+
+export declare class ChatClient {
+  private constructor(url: string, options: ClientOptions);
+  /** The absolute ws(s) URL this client is connected to. */
+  readonly url: string;
+  readonly state: ConnectionStateName;
+  /** The authenticated user id, once known. */
+  readonly userId: string | null;
+
+  on(event: "state", listener: (e: StateEvent) => void): () => void;
+  on(event: "error", listener: (e: ChatGatewayError) => void): () => void;
+  /** Resolves once authenticated. */
+  ready(): Promise<void>;
+  /** Joins a room (once per room; later calls add handlers and share the promise). */
+  join(room: string, handler?: RoomHandler): Promise<JoinResult>;
+  /** Leaves a room; its last seen seq is kept for a later join. */
+  leave(room: string): Promise<void>;
+  /** Optimistic, idempotent send; retried across reconnects with the same clientMsgId. */
+  send(room: string, content: string, options?: { clientMsgId?: string }): SendPromise;
+  /** One page of history; identical requests in flight share one promise. */
+  history(room: string, page?: { before?: number; limit?: number }): Promise<HistoryPage>;
+  ping(): Promise<{ serverTime: string; rttMs: number }>;
+  /** Rooms joined or being joined. */
+  rooms(): string[];
+  /** Closes for good; the next connect() creates a new client. */
+  close(): void;
+}
+
+/** The page's one client for `url` (default `/ws` on the page's host). */
+export declare function connect(url?: string, options?: ClientOptions): ChatClient;
+/** Same as connect. */
+export declare const getClient: typeof connect;
+/** The absolute ws(s) URL that keys the client registry. */
+export declare function normalizeUrl(url?: string): string;
+/** A random idempotency key. */
+export declare function newClientMsgId(): string;
+/** Reconnect delay for a 0-based attempt: exponential, capped, equal jitter. */
+export declare function backoffDelay(
+  attempt: number,
+  backoff: { initialMs: number; maxMs: number; factor: number },
+  random?: () => number,
+): number;

@@ -1,0 +1,920 @@
+/**
+ * chat-gateway browser client: one multiplexed WebSocket per page.
+ *
+ * A dependency-free ES module. It speaks the wire protocol of proto-docs/protocol.md:
+ *
+ * - **One socket per page.** {@link connect} (alias {@link getClient}) returns the same live
+ *   {@link ChatClient} for the same URL, however often it is called. Joining and leaving rooms
+ *   never opens another socket.
+ * - **Rooms** are multiplexed: {@link ChatClient#join}, {@link ChatClient#leave},
+ *   {@link ChatClient#send}, {@link ChatClient#history}.
+ * - **Reconnect and resume.** A dropped socket is reopened with exponential backoff and jitter;
+ *   every joined room is joined again with `since` = the highest `seq` seen, so the app gets the
+ *   missed messages, in order, with no gap and no duplicate (pushes are deduplicated by `seq`).
+ *   When too much was missed the room handler is told to reload its history.
+ * - **Tokens** come from a provider callback: asked on first connect, on a `session_expiring`
+ *   push (the token is refreshed on the same socket), and after a close that says the token is no
+ *   longer good (4002, 4003).
+ * - **Sends** are optimistic: each gets a `clientMsgId` at once, and is retried with that id
+ *   across reconnects until acknowledged; the server deduplicates by it, so a retry never creates
+ *   a second message.
+ * - **Guards.** Init-once (same client per URL, one in-flight join per room) and request locks
+ *   (identical history requests in flight share one promise).
+ *
+ * @module chat-gateway
+ */
+
+/** Connection states, in the order a client usually goes through them. */
+export const ConnectionState = Object.freeze({
+  /** First connection attempt (socket opening or authenticating). */
+  CONNECTING: "connecting",
+  /** Authenticated: requests flow. */
+  OPEN: "open",
+  /** The socket dropped; waiting to reconnect, or reconnecting. Joined rooms will resume. */
+  RECONNECTING: "reconnecting",
+  /** Closed for good: {@link ChatClient#close} was called, or the token provider gave up. */
+  CLOSED: "closed",
+});
+
+/**
+ * Close codes (protocol section 10) after which the same token must not be used again: get a
+ * fresh one from the provider, then reconnect and resume.
+ */
+export const TOKEN_CLOSE_CODES = Object.freeze([4002, 4003]);
+
+/**
+ * Close codes after which the client reconnects at once (jitter only) rather than backing off.
+ * 1012: the node is draining; 4003: the session expired (a fresh token fixes it).
+ */
+const IMMEDIATE_RECONNECT_CODES = new Set([1012, 4003]);
+
+/** 4029: too many sockets for this user. Retry, but never faster than this. */
+const TOO_MANY_CONNECTIONS_CODE = 4029;
+const TOO_MANY_CONNECTIONS_MIN_DELAY_MS = 5000;
+
+/** The code the client closes a socket with when it stopped answering. */
+const CLIENT_GIVE_UP_CODE = 4900;
+
+/** Send errors worth retrying with the same clientMsgId (protocol section 11). */
+const RETRIABLE_SEND_CODES = new Set(["unavailable", "internal"]);
+
+/** Join errors after which the room is dropped: the server will not let this user in. */
+const TERMINAL_JOIN_CODES = new Set([
+  "forbidden",
+  "room_not_found",
+  "too_many_rooms",
+  "bad_request",
+]);
+
+/**
+ * An error from the gateway (its `code` is the protocol's error code) or from the client
+ * (`timeout`, `closed`, `frame_too_large`, `auth_failed`, `token_provider_failed`).
+ */
+export class ChatGatewayError extends Error {
+  /**
+   * @param {string} code stable, machine-readable code; branch on it
+   * @param {string} message for humans
+   * @param {{retryAfterMs?: number, clientMsgId?: string, room?: string}} [details]
+   */
+  constructor(code, message, details = {}) {
+    super(message);
+    this.name = "ChatGatewayError";
+    /** @type {string} */
+    this.code = code;
+    /** Milliseconds to wait before retrying (`rate_limited`, `unavailable`), else undefined. */
+    this.retryAfterMs = details.retryAfterMs;
+    /** For send errors: the idempotency key to retry with. */
+    this.clientMsgId = details.clientMsgId;
+    /** The room the request was about, when there is one. */
+    this.room = details.room;
+  }
+}
+
+/**
+ * A new idempotency key for a send. Random, so two tabs never collide.
+ * @returns {string}
+ */
+export function newClientMsgId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === "function") return `c-${c.randomUUID()}`;
+  const bytes = new Uint8Array(16);
+  if (c && typeof c.getRandomValues === "function") c.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  return `c-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
+/**
+ * The delay before reconnect attempt `attempt` (0-based): exponential, capped, with "equal
+ * jitter" (half fixed, half random) so that many clients dropped at once do not return at once.
+ * @param {number} attempt
+ * @param {{initialMs: number, maxMs: number, factor: number}} backoff
+ * @param {() => number} [random]
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, backoff, random = Math.random) {
+  const ceiling = Math.min(backoff.maxMs, backoff.initialMs * backoff.factor ** attempt);
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
+}
+
+/** Live clients by normalized URL: the one-socket-per-page guarantee. */
+const clients = new Map();
+
+/**
+ * The page's client for `url`, created on the first call and returned by every later call with
+ * the same URL (options of later calls are ignored). A client that was closed with
+ * {@link ChatClient#close} is forgotten, so the next call creates a new one.
+ *
+ * @param {string} [url] `ws(s)://` or `http(s)://` URL of the gateway's `/ws`, or a path
+ *   relative to the page. Default: `/ws` on the page's host.
+ * @param {ClientOptions} [options] required on the first call (for `token`)
+ * @returns {ChatClient}
+ */
+export function connect(url, options) {
+  const key = normalizeUrl(url);
+  let client = clients.get(key);
+  if (!client) {
+    if (!options || options.token == null) {
+      throw new TypeError("connect: the first call for a URL needs options.token");
+    }
+    client = new ChatClient(key, options);
+    clients.set(key, client);
+  }
+  return client;
+}
+
+/** Same as {@link connect}: the page's one client for `url`. */
+export const getClient = connect;
+
+/**
+ * Turns `url` into the absolute `ws:`/`wss:` URL that keys the client registry.
+ * @param {string} [url]
+ * @returns {string}
+ */
+export function normalizeUrl(url) {
+  const base = globalThis.location ? globalThis.location.href : undefined;
+  const u = new URL(url ?? "/ws", base);
+  if (u.protocol === "http:") u.protocol = "ws:";
+  else if (u.protocol === "https:") u.protocol = "wss:";
+  if (u.protocol !== "ws:" && u.protocol !== "wss:") {
+    throw new TypeError(`not a WebSocket URL: ${url}`);
+  }
+  u.hash = "";
+  return u.toString();
+}
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string | ((ctx: {reason: TokenReason}) => string | Promise<string>)} token
+ *   The token, or a provider called whenever a token is needed (see {@link TokenReason}).
+ * @property {number} [requestTimeoutMs=10000] how long a request waits for its answer
+ *   (history waits this long in total, connection included)
+ * @property {number} [sendTimeoutMs=30000] how long a send keeps being retried before its promise
+ *   rejects with `timeout` (the outcome is then unknown: retry with the same clientMsgId)
+ * @property {{initialMs?: number, maxMs?: number, factor?: number}} [backoff] reconnect delays
+ *   (defaults 250 ms doubling up to 30 s)
+ * @property {number} [maxFrameBytes=65536] frames larger than the server's limit are refused
+ *   locally (the server would close the socket with 1009)
+ * @property {typeof WebSocket} [WebSocket] WebSocket implementation (default: the global one)
+ */
+
+/**
+ * Why the token provider is called: `initial` (first connect), `expiring` (a `session_expiring`
+ * push: refresh on the open socket), `expired` (closed with 4003), `rejected` (the last token was
+ * refused: 4002 or a failed refresh), `reconnect` (the cached token is about to expire).
+ * @typedef {"initial" | "expiring" | "expired" | "rejected" | "reconnect"} TokenReason
+ */
+
+/**
+ * What a room handler receives: a function (called with each new message), or an object with
+ * any of the callbacks.
+ * @typedef {((message: object) => void) | {
+ *   onMessage?: (message: object) => void,
+ *   onReload?: (info: {room: string, head: number}) => void,
+ *   onRemoved?: (info: {room: string, reason: string}) => void,
+ * }} RoomHandler
+ */
+
+/**
+ * One page's connection to the gateway. Create it with {@link connect}, not `new`.
+ */
+export class ChatClient {
+  /**
+   * @param {string} url absolute ws(s) URL
+   * @param {ClientOptions} options
+   */
+  constructor(url, options) {
+    /** The gateway URL this client is connected to. */
+    this.url = url;
+    this._tokenSource = options.token;
+    this._requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    this._sendTimeoutMs = options.sendTimeoutMs ?? 30_000;
+    this._backoff = { initialMs: 250, maxMs: 30_000, factor: 2, ...options.backoff };
+    this._maxFrameBytes = options.maxFrameBytes ?? 65_536;
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+
+    /** @type {string} one of {@link ConnectionState} */
+    this.state = ConnectionState.CONNECTING;
+    /** The authenticated user id, once known. */
+    this.userId = null;
+
+    this._listeners = new Map(); // event name -> Set of listeners
+    this._socket = null;
+    this._ready = false; // authenticated on the current socket
+    this._nextId = 1;
+    this._pending = new Map(); // request id -> {frame, resolve, reject, timer, kind}
+    this._waiting = []; // requests queued until the socket is ready
+    this._rooms = new Map(); // room -> RoomState (rooms the app wants joined)
+    this._lastSeq = new Map(); // room -> highest seq the app has seen (kept across leave)
+    this._historyLocks = new Map(); // "room|before|limit" -> in-flight promise
+    this._outbox = new Map(); // clientMsgId -> pending send
+    this._token = null;
+    this._tokenExpiresAt = 0; // unix seconds, from the auth result
+    this._tokenStale = false; // the server refused or expired the cached token
+    this._rejectedToken = null; // never authenticate with this one again
+    this._handshakeTimer = null; // bounds socket opening + first auth
+    this._attempt = 0; // reconnect attempts since the last successful auth
+    this._reconnectTimer = null;
+    this._lastReceivedAt = 0;
+    this._closed = false;
+    this._readyPromise = null;
+    this._onOnline = () => this._reconnectNow();
+    if (globalThis.addEventListener) globalThis.addEventListener("online", this._onOnline);
+
+    this._open("initial");
+  }
+
+  // ---- public API -------------------------------------------------------------------------
+
+  /**
+   * Subscribes to client events. Returns a function that unsubscribes.
+   * - `state`: `{state, previous, attempt?, delayMs?, code?, reason?}` on every state change.
+   * - `error`: a {@link ChatGatewayError} nobody else will see (a failed token refresh, an
+   *   error frame without id, a room that could not be re-joined).
+   * @param {"state" | "error"} event
+   * @param {(payload: any) => void} listener
+   * @returns {() => void}
+   */
+  on(event, listener) {
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(listener);
+    return () => set.delete(listener);
+  }
+
+  /**
+   * Resolves once the socket is authenticated (at once if it is). The same promise is returned
+   * until the next disconnect. Rejects if the client is closed first.
+   * @returns {Promise<void>}
+   */
+  ready() {
+    if (this._closed) return Promise.reject(this._closedError());
+    if (this._ready) return Promise.resolve();
+    if (!this._readyPromise) {
+      let resolve, reject;
+      const promise = new Promise((res, rej) => ((resolve = res), (reject = rej)));
+      this._readyPromise = { promise, resolve, reject };
+    }
+    return this._readyPromise.promise;
+  }
+
+  /**
+   * Joins `room` and delivers its messages to `handler`, each once and in `seq` order. Calling
+   * it again for a room already joined (or joining) adds the handler and returns the same
+   * promise: one join frame. After a reconnect the room is joined again automatically, resuming
+   * from the last `seq` seen; so is a room joined earlier on this page and left since.
+   *
+   * @param {string} room
+   * @param {RoomHandler} handler
+   * @returns {Promise<{room: string, head: number, missed: number, reload: boolean}>} the first
+   *   join's result. Rejects with `forbidden`, `room_not_found`, `too_many_rooms`, `bad_request`
+   *   (the room is then dropped), or `closed`.
+   */
+  join(room, handler) {
+    if (this._closed) return Promise.reject(this._closedError());
+    let state = this._rooms.get(room);
+    if (!state) {
+      let resolve, reject;
+      const joined = new Promise((res, rej) => ((resolve = res), (reject = rej)));
+      // The app may only care about messages; keep a rejected join from being "unhandled".
+      joined.catch(() => {});
+      state = { room, handlers: new Set(), joined, resolve, reject, settled: false, inFlight: false };
+      this._rooms.set(room, state);
+      if (this._ready) this._sendJoin(state);
+    }
+    if (handler) state.handlers.add(normalizeHandler(handler));
+    return state.joined;
+  }
+
+  /**
+   * Stops receiving `room`: drops its handlers and tells the server (when connected). Leaving a
+   * room that is not joined does nothing. The last seen `seq` is kept, so joining again later
+   * replays what was missed meanwhile.
+   * @param {string} room
+   * @returns {Promise<void>}
+   */
+  async leave(room) {
+    const state = this._rooms.get(room);
+    if (!state) return;
+    this._rooms.delete(room);
+    if (!state.settled) {
+      state.settled = true;
+      state.reject(new ChatGatewayError("left", "left the room before the join completed", { room }));
+    }
+    if (!this._ready) return; // the server forgets the socket's rooms when the socket drops
+    try {
+      await this._request({ type: "leave", room }, { queue: false });
+    } catch (e) {
+      // A leave that does not arrive is harmless: the next reconnect does not re-join the room.
+      if (e.code !== "closed" && e.code !== "not_connected") this._emit("error", e);
+    }
+  }
+
+  /**
+   * Sends `content` to `room`. The returned promise carries `clientMsgId` at once, so the app
+   * can show the message as pending and match it to its push or ack. Until the server answers,
+   * the send is retried with the same `clientMsgId` on every (re)connection, which the server
+   * deduplicates: the message is stored once.
+   *
+   * Rejects with a {@link ChatGatewayError}: `rate_limited` (see `retryAfterMs`; retry with the
+   * same `clientMsgId`), `content_empty`, `content_too_long`, `forbidden`, `room_not_found`,
+   * `frame_too_large`, `timeout` (outcome unknown after `sendTimeoutMs`), `closed`.
+   *
+   * @param {string} room
+   * @param {string} content
+   * @param {{clientMsgId?: string}} [options] pass the previous `clientMsgId` to retry a send
+   * @returns {Promise<{id: string, seq: number, message: object, duplicate: boolean}> & {clientMsgId: string}}
+   */
+  send(room, content, options = {}) {
+    const clientMsgId = options.clientMsgId ?? newClientMsgId();
+    const promise = this._closed
+      ? Promise.reject(this._closedError())
+      : new Promise((resolve, reject) => {
+          const existing = this._outbox.get(clientMsgId);
+          if (existing) {
+            // Already on its way: share the outcome instead of sending twice.
+            existing.waiters.push({ resolve, reject });
+            return;
+          }
+          const frame = { type: "send", room, content, clientMsgId };
+          if (!this._fits(frame)) {
+            reject(new ChatGatewayError("frame_too_large", "message too large to send", { room, clientMsgId }));
+            return;
+          }
+          const entry = {
+            frame,
+            waiters: [{ resolve, reject }],
+            deadline: setTimeout(() => {
+              this._settleSend(
+                entry,
+                new ChatGatewayError("timeout", "send not acknowledged in time; retry with the same clientMsgId", {
+                  room,
+                  clientMsgId,
+                }),
+              );
+            }, this._sendTimeoutMs),
+            requestId: null,
+            retryTimer: null,
+          };
+          this._outbox.set(clientMsgId, entry);
+          if (this._ready) this._transmitSend(entry);
+        });
+    promise.clientMsgId = clientMsgId;
+    return promise;
+  }
+
+  /**
+   * One page of `room`'s history, oldest first. Identical requests in flight share one promise
+   * (one frame). Waits for the connection when needed, `requestTimeoutMs` in total. Messages
+   * returned count as seen: their pushes are not delivered again.
+   * @param {string} room
+   * @param {{before?: number, limit?: number}} [page] `before`: a seq (from `nextBefore`)
+   * @returns {Promise<{room: string, messages: object[], nextBefore: number | null}>}
+   */
+  history(room, page = {}) {
+    const key = `${room}|${page.before ?? ""}|${page.limit ?? ""}`;
+    const inFlight = this._historyLocks.get(key);
+    if (inFlight) return inFlight;
+    const frame = { type: "history", room };
+    if (page.before != null) frame.before = page.before;
+    if (page.limit != null) frame.limit = page.limit;
+    const promise = this._request(frame)
+      .then((result) => {
+        // Only the newest page can move the resume point; older pages are below it anyway.
+        if (page.before == null && this._rooms.has(room)) {
+          for (const m of result.messages) this._markSeen(room, m.seq);
+        }
+        return result;
+      })
+      .finally(() => this._historyLocks.delete(key));
+    this._historyLocks.set(key, promise);
+    return promise;
+  }
+
+  /**
+   * Application-level round trip (the socket does not need it to stay alive).
+   * @returns {Promise<{serverTime: string, rttMs: number}>}
+   */
+  async ping() {
+    const started = performance.now();
+    const result = await this._request({ type: "ping" });
+    return { ...result, rttMs: Math.round(performance.now() - started) };
+  }
+
+  /** The rooms the client is joined to (or joining). @returns {string[]} */
+  rooms() {
+    return [...this._rooms.keys()];
+  }
+
+  /**
+   * Closes the socket for good and forgets this client, so {@link connect} makes a new one.
+   * Pending requests and sends reject with `closed`.
+   */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    if (clients.get(this.url) === this) clients.delete(this.url);
+    if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
+    clearTimeout(this._reconnectTimer);
+    const socket = this._socket;
+    const err = this._closedError();
+    this._detach(err);
+    if (socket && socket.readyState <= 1) socket.close(1000, "client closed");
+    for (const entry of [...this._outbox.values()]) this._settleSend(entry, err);
+    for (const w of this._waiting.splice(0)) w.reject(err);
+    for (const state of this._rooms.values()) {
+      if (!state.settled) {
+        state.settled = true;
+        state.reject(err);
+      }
+    }
+    this._rooms.clear();
+    if (this._readyPromise) this._readyPromise.reject(err);
+    this._readyPromise = null;
+    this._setState(ConnectionState.CLOSED);
+  }
+
+  // ---- connection life ----------------------------------------------------------------------
+
+  /** Opens a socket and authenticates on it. `reason` is for the token provider. */
+  async _open(reason) {
+    if (this._closed) return;
+    let token;
+    try {
+      token = await this._getToken(reason);
+    } catch (e) {
+      const err =
+        e instanceof ChatGatewayError
+          ? e
+          : new ChatGatewayError("token_provider_failed", `token provider failed: ${e?.message ?? e}`);
+      this._emit("error", err);
+      this._scheduleReconnect({ code: 0, reason: err.message });
+      return;
+    }
+    if (this._closed) return;
+    let socket;
+    try {
+      socket = new this._WebSocket(this.url);
+    } catch (e) {
+      this._scheduleReconnect({ code: 0, reason: String(e?.message ?? e) });
+      return;
+    }
+    this._socket = socket;
+    this._lastReceivedAt = Date.now();
+    this._handshakeTimer = setTimeout(() => this._giveUp(socket, "connect timed out"), this._requestTimeoutMs);
+    socket.onopen = () => this._authenticate(socket, token);
+    socket.onmessage = (event) => this._onFrame(socket, event.data);
+    // `error` is always followed by `close`, which carries the code; nothing to do here.
+    socket.onerror = () => {};
+    socket.onclose = (event) => this._onClose(socket, event);
+  }
+
+  /** Sends the first `auth` frame; on success re-joins rooms and flushes queued work. */
+  _authenticate(socket, token) {
+    const id = this._nextId++;
+    this._pending.set(id, {
+      kind: "handshake",
+      timer: null, // bounded by the handshake timer
+      resolve: (result) => {
+        if (socket !== this._socket) return;
+        clearTimeout(this._handshakeTimer);
+        this._handshakeTimer = null;
+        this._token = token;
+        this._tokenExpiresAt = result.expiresAt ?? 0;
+        this._tokenStale = false;
+        this.userId = result.userId ?? this.userId;
+        this._attempt = 0;
+        this._ready = true;
+        this._setState(ConnectionState.OPEN);
+        this._resumeAll();
+        if (this._readyPromise) this._readyPromise.resolve();
+        this._readyPromise = null;
+      },
+      // The server closes with 4002 after this error; _onClose reconnects with a new token.
+      reject: (err) => {
+        this._tokenStale = true;
+        this._rejectedToken = token;
+        this._emit("error", err);
+      },
+    });
+    this._write(socket, { type: "auth", id, token });
+  }
+
+  /** After authentication: join every wanted room again, then send queued requests and sends. */
+  _resumeAll() {
+    for (const state of this._rooms.values()) this._sendJoin(state);
+    for (const w of this._waiting.splice(0)) w.transmit();
+    for (const entry of this._outbox.values()) {
+      if (entry.requestId == null && entry.retryTimer == null) this._transmitSend(entry);
+    }
+  }
+
+  /** Handles the end of `socket`: fails what cannot survive it and plans the reconnect. */
+  _onClose(socket, event) {
+    if (socket !== this._socket) return;
+    this._detach();
+    if (this._closed) return;
+    const code = event.code;
+    if (TOKEN_CLOSE_CODES.includes(code)) this._tokenStale = true;
+    this._scheduleReconnect({ code, reason: event.reason });
+  }
+
+  /** Forgets the current socket: pending requests either wait for the next one or fail. */
+  _detach(error = new ChatGatewayError("not_connected", "connection lost before the answer")) {
+    clearTimeout(this._handshakeTimer);
+    this._handshakeTimer = null;
+    const socket = this._socket;
+    if (socket) {
+      socket.onopen = socket.onmessage = socket.onclose = null;
+      socket.onerror = () => {};
+    }
+    this._socket = null;
+    this._ready = false;
+    for (const [id, p] of this._pending) {
+      clearTimeout(p.timer);
+      this._pending.delete(id);
+      // Sends and joins are retried on the next socket; everything else fails now.
+      if (p.kind === "send" || p.kind === "join") p.onDrop();
+      else if (p.kind !== "handshake") p.reject(error);
+    }
+    for (const state of this._rooms.values()) state.inFlight = false;
+  }
+
+  /** Waits (backoff + jitter) and reconnects. */
+  _scheduleReconnect({ code, reason }) {
+    if (this._closed) return;
+    clearTimeout(this._reconnectTimer);
+    let delayMs;
+    if (IMMEDIATE_RECONNECT_CODES.has(code) && this._attempt === 0) {
+      delayMs = Math.round(Math.random() * 100);
+    } else {
+      delayMs = backoffDelay(this._attempt, this._backoff);
+      if (code === TOO_MANY_CONNECTIONS_CODE) delayMs = Math.max(delayMs, TOO_MANY_CONNECTIONS_MIN_DELAY_MS);
+    }
+    const attempt = ++this._attempt;
+    this._setState(ConnectionState.RECONNECTING, { attempt, delayMs, code, reason });
+    const why = code === 4003 ? "expired" : this._tokenStale ? "rejected" : "reconnect";
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
+      this._open(why);
+    }, delayMs);
+  }
+
+  /** Skips the backoff wait (the browser came back online). */
+  _reconnectNow() {
+    if (this._closed || this._socket || this._reconnectTimer == null) return;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._open(this._tokenStale ? "rejected" : "reconnect");
+  }
+
+  /** Closes a socket that stopped answering; the close handler reconnects. */
+  _giveUp(socket, why) {
+    if (socket !== this._socket) return;
+    try {
+      socket.close(CLIENT_GIVE_UP_CODE, why);
+    } catch {
+      // already closing
+    }
+    // Do not wait for the closing handshake of a dead peer.
+    this._onClose(socket, { code: CLIENT_GIVE_UP_CODE, reason: why });
+  }
+
+  /**
+   * A token for the next auth: the cached one unless it was refused, expired or is about to;
+   * otherwise the provider's. A token the server refused is never sent again (close 4002 means
+   * "do not retry with the same token").
+   */
+  async _getToken(reason) {
+    const source = this._tokenSource;
+    const nearExpiry = this._tokenExpiresAt && this._tokenExpiresAt * 1000 - Date.now() < 30_000;
+    if (this._token && !this._tokenStale && !nearExpiry && reason === "reconnect") return this._token;
+    const token = typeof source === "string" ? source : await source({ reason });
+    if (typeof token !== "string" || token === "") {
+      throw new ChatGatewayError("token_provider_failed", "the token provider returned no token");
+    }
+    if (token === this._rejectedToken) {
+      if (typeof source === "string") this.close();
+      throw new ChatGatewayError("auth_failed", "the server refused this token; the provider must return a new one");
+    }
+    return token;
+  }
+
+  /** `session_expiring`: ask for a fresh token and refresh on the same socket. */
+  async _refresh() {
+    const socket = this._socket;
+    try {
+      const token = await this._tokenSource({ reason: "expiring" });
+      if (socket !== this._socket || !this._ready) return;
+      const result = await this._request({ type: "auth", token }, { queue: false });
+      this._token = token;
+      this._tokenExpiresAt = result.expiresAt ?? this._tokenExpiresAt;
+    } catch (e) {
+      // Still on the old session; if it expires the server closes with 4003 and we reconnect.
+      this._emit("error", e instanceof ChatGatewayError ? e : new ChatGatewayError("token_provider_failed", String(e?.message ?? e)));
+    }
+  }
+
+  // ---- frames -------------------------------------------------------------------------------
+
+  _onFrame(socket, data) {
+    if (socket !== this._socket) return;
+    this._lastReceivedAt = Date.now();
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return; // the server only sends JSON; ignore anything else
+    }
+    switch (frame.type) {
+      case "result":
+      case "error": {
+        const p = this._pending.get(frame.id);
+        if (!p) {
+          if (frame.type === "error") this._emit("error", toError(frame.error));
+          return;
+        }
+        this._pending.delete(frame.id);
+        clearTimeout(p.timer);
+        if (frame.type === "result") p.resolve(frame.result);
+        else p.reject(toError(frame.error));
+        return;
+      }
+      case "message":
+        this._onMessage(frame.room, frame.message);
+        return;
+      case "removed": {
+        const state = this._rooms.get(frame.room);
+        if (!state) return;
+        this._rooms.delete(frame.room);
+        for (const h of state.handlers) h.onRemoved?.({ room: frame.room, reason: frame.reason });
+        return;
+      }
+      case "session_expiring":
+        if (typeof this._tokenSource === "function") this._refresh();
+        return;
+      default:
+        return; // a push type this client does not know: newer server, ignore
+    }
+  }
+
+  /** Delivers a pushed message once: anything at or below the room's last seen seq is a duplicate. */
+  _onMessage(room, message) {
+    const state = this._rooms.get(room);
+    if (!state || !message) return;
+    if (!this._markSeen(room, message.seq)) return;
+    for (const h of state.handlers) {
+      try {
+        h.onMessage?.(message);
+      } catch (e) {
+        console.error("chat-gateway: room handler threw", e);
+      }
+    }
+  }
+
+  /** Records `seq` as seen; false when it was seen already. */
+  _markSeen(room, seq) {
+    const last = this._lastSeq.get(room);
+    if (last != null && seq <= last) return false;
+    this._lastSeq.set(room, seq);
+    return true;
+  }
+
+  // ---- requests -----------------------------------------------------------------------------
+
+  /** Sends a `join` for `state`, with `since` when this page has seen the room before. */
+  _sendJoin(state) {
+    if (state.inFlight || !this._ready) return;
+    const frame = { type: "join", room: state.room };
+    const since = this._lastSeq.get(state.room);
+    if (since != null) frame.since = since;
+    state.inFlight = true;
+    const socket = this._socket;
+    const id = this._nextId++;
+    const current = () => this._rooms.get(state.room) === state && socket === this._socket;
+    this._pending.set(id, {
+      kind: "join",
+      timer: setTimeout(() => this._checkAlive(socket, id), this._requestTimeoutMs),
+      onDrop: () => {}, // re-sent by _resumeAll on the next socket
+      resolve: (result) => {
+        state.inFlight = false;
+        if (!current()) return;
+        // With missed > 0 the catch-up pushes follow and move the resume point themselves.
+        if (result.missed === 0 && result.head != null) {
+          const last = this._lastSeq.get(state.room);
+          if (last == null || result.head > last) this._lastSeq.set(state.room, result.head);
+        }
+        if (result.reload) {
+          for (const h of state.handlers) h.onReload?.({ room: state.room, head: result.head });
+        }
+        if (!state.settled) {
+          state.settled = true;
+          state.resolve(result);
+        }
+      },
+      reject: (err) => {
+        state.inFlight = false;
+        if (!current()) return;
+        if (TERMINAL_JOIN_CODES.has(err.code)) {
+          this._rooms.delete(state.room);
+          if (state.settled) {
+            for (const h of state.handlers) h.onRemoved?.({ room: state.room, reason: err.code });
+            this._emit("error", err);
+          } else {
+            state.settled = true;
+            state.reject(err);
+          }
+          return;
+        }
+        // unavailable / internal: the room stays wanted; try again after the advised wait.
+        setTimeout(() => current() && this._sendJoin(state), err.retryAfterMs ?? 1000);
+      },
+    });
+    this._write(socket, { ...frame, id });
+  }
+
+  /** Transmits a pending send on the current socket. */
+  _transmitSend(entry) {
+    if (!this._ready || !this._outbox.has(entry.frame.clientMsgId)) return;
+    const socket = this._socket;
+    const id = this._nextId++;
+    entry.requestId = id;
+    this._pending.set(id, {
+      kind: "send",
+      timer: setTimeout(() => this._checkAlive(socket, id), this._requestTimeoutMs),
+      onDrop: () => {
+        entry.requestId = null; // re-sent by _resumeAll with the same clientMsgId
+      },
+      resolve: (result) => {
+        entry.requestId = null;
+        // Not marked as seen: the room's handler still gets the push, so every handler sees
+        // every message of its room exactly once, the user's own included.
+        const m = result.message;
+        this._settleSend(entry, null, { id: m.id, seq: m.seq, message: m, duplicate: !!result.duplicate });
+      },
+      reject: (err) => {
+        entry.requestId = null;
+        err.clientMsgId = entry.frame.clientMsgId;
+        err.room = entry.frame.room;
+        if (RETRIABLE_SEND_CODES.has(err.code)) {
+          const wait = err.retryAfterMs ?? backoffDelay(0, this._backoff);
+          entry.retryTimer = setTimeout(() => {
+            entry.retryTimer = null;
+            this._transmitSend(entry);
+          }, wait);
+          return;
+        }
+        this._settleSend(entry, err);
+      },
+    });
+    this._write(socket, { ...entry.frame, id });
+  }
+
+  _settleSend(entry, err, ack) {
+    if (this._outbox.get(entry.frame.clientMsgId) !== entry) return;
+    this._outbox.delete(entry.frame.clientMsgId);
+    clearTimeout(entry.deadline);
+    clearTimeout(entry.retryTimer);
+    if (entry.requestId != null) {
+      const p = this._pending.get(entry.requestId);
+      if (p) clearTimeout(p.timer);
+      this._pending.delete(entry.requestId);
+    }
+    for (const w of entry.waiters) (err ? w.reject(err) : w.resolve(ack));
+  }
+
+  /**
+   * A join or send got no answer in time. If the socket has been silent all that while it is
+   * presumed dead and reopened (the request is retried there); otherwise the server is just busy
+   * and we keep waiting.
+   */
+  _checkAlive(socket, id) {
+    const p = this._pending.get(id);
+    if (!p || socket !== this._socket) return;
+    if (Date.now() - this._lastReceivedAt >= this._requestTimeoutMs) {
+      this._giveUp(socket, "request timed out");
+    } else {
+      p.timer = setTimeout(() => this._checkAlive(socket, id), this._requestTimeoutMs);
+    }
+  }
+
+  /**
+   * A one-shot request (history, leave, ping, refresh). Waits for the connection when
+   * `queue` is true; times out after `requestTimeoutMs` in total.
+   */
+  _request(frame, { queue = true } = {}) {
+    if (this._closed) return Promise.reject(this._closedError());
+    if (!this._fits(frame)) {
+      return Promise.reject(new ChatGatewayError("frame_too_large", "request too large", { room: frame.room }));
+    }
+    return new Promise((resolve, reject) => {
+      let waiter = null;
+      const deadline = setTimeout(() => {
+        if (waiter) this._waiting = this._waiting.filter((w) => w !== waiter);
+        if (id != null) this._pending.delete(id);
+        reject(new ChatGatewayError("timeout", `${frame.type} timed out`, { room: frame.room }));
+      }, this._requestTimeoutMs);
+      let id = null;
+      const transmit = () => {
+        id = this._nextId++;
+        this._pending.set(id, {
+          kind: frame.type,
+          timer: deadline,
+          resolve,
+          reject: (e) => {
+            clearTimeout(deadline);
+            reject(e);
+          },
+        });
+        this._write(this._socket, { ...frame, id });
+      };
+      if (this._ready) transmit();
+      else if (!queue) {
+        clearTimeout(deadline);
+        reject(new ChatGatewayError("not_connected", "not connected"));
+      } else {
+        waiter = {
+          transmit,
+          reject: (e) => {
+            clearTimeout(deadline);
+            reject(e);
+          },
+        };
+        this._waiting.push(waiter);
+      }
+    });
+  }
+
+  _write(socket, frame) {
+    try {
+      socket.send(JSON.stringify(frame));
+    } catch {
+      // The socket is closing; its close event re-sends what must survive.
+    }
+  }
+
+  /** Whether `frame` (plus a request id) stays under the server's frame limit. */
+  _fits(frame) {
+    const json = JSON.stringify({ ...frame, id: Number.MAX_SAFE_INTEGER });
+    // Cheap bound first: UTF-8 uses at most 3 bytes per UTF-16 code unit.
+    if (json.length * 3 <= this._maxFrameBytes) return true;
+    return new TextEncoder().encode(json).length <= this._maxFrameBytes;
+  }
+
+  // ---- events -------------------------------------------------------------------------------
+
+  _setState(state, details = {}) {
+    const previous = this.state;
+    this.state = state;
+    if (previous === state && state !== ConnectionState.RECONNECTING) return;
+    this._emit("state", { state, previous, ...details });
+  }
+
+  _emit(event, payload) {
+    const set = this._listeners.get(event);
+    if (!set || set.size === 0) {
+      if (event === "error") console.warn("chat-gateway:", payload?.code, payload?.message);
+      return;
+    }
+    for (const listener of [...set]) {
+      try {
+        listener(payload);
+      } catch (e) {
+        console.error("chat-gateway: listener threw", e);
+      }
+    }
+  }
+
+  _closedError() {
+    return new ChatGatewayError("closed", "the client was closed");
+  }
+}
+
+function normalizeHandler(handler) {
+  return typeof handler === "function" ? { onMessage: handler } : handler;
+}
+
+function toError(e) {
+  return new ChatGatewayError(e?.code ?? "internal", e?.message ?? "unknown error", {
+    retryAfterMs: e?.retryAfterMs ?? undefined,
+  });
+}
