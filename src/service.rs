@@ -223,6 +223,12 @@ impl ChatService {
         if content.is_empty() {
             return Err(ChatError::ContentEmpty);
         }
+        // Postgres text cannot hold NUL; refuse it on every store so both behave alike.
+        if content.contains('\0') || client_msg_id.is_some_and(|id| id.contains('\0')) {
+            return Err(ChatError::BadRequest(
+                "content and clientMsgId must not contain NUL characters".into(),
+            ));
+        }
         let max = self.settings.limits.max_content_chars;
         if content.chars().nth(max).is_some() {
             return Err(ChatError::ContentTooLong { max });

@@ -117,6 +117,7 @@ async fn the_rate_limit_holds_for_the_cluster() {
     let mut on_a = c.nodes[0].client("alice").await;
     let mut on_b = c.nodes[1].client("alice").await;
     let mut accepted = 0;
+    let started = Instant::now();
     for i in 0..4 {
         for client in [&mut on_a, &mut on_b] {
             let reply = client
@@ -135,9 +136,13 @@ async fn the_rate_limit_holds_for_the_cluster() {
     } else {
         assert_eq!(status, 429);
     }
-    assert_eq!(
-        accepted, 5,
-        "one burst of 5 for the whole cluster, not per node"
+    // One burst of 5 for the whole cluster (per-node limits would let 9 through), plus what the
+    // bucket refilled (3/s) while this slow debug-build loop ran.
+    let refilled = (started.elapsed().as_millis() / 333) as usize;
+    assert!(
+        (5..=5 + refilled).contains(&accepted),
+        "{accepted} accepted in {:?}: the limit is not cluster-wide",
+        started.elapsed()
     );
 }
 

@@ -470,3 +470,19 @@ async fn a_client_that_stops_reading_is_disconnected_and_others_keep_receiving()
     let joined = again.join("r", Some(last)).await;
     assert_eq!(joined["head"], total as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_round_trips_byte_for_byte_and_nul_is_refused() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    let tricky = "quotes ' \" `; emoji 👋🏽; RTL שלום مرحبا; SQL '); DROP TABLE \"ChatMessage\"; --";
+    let stored = alice.send_ok("r", tricky).await;
+    assert_eq!(stored["content"], tricky);
+    let page = alice.history("r", None, None).await;
+    assert_eq!(page["result"]["messages"][0]["content"], tricky);
+    let e = alice.send("r", "nul \u{0} inside", "c-nul").await;
+    assert_eq!(e["error"]["code"], "bad_request");
+    let e = alice.send("r", "fine", "id-with-\u{0}").await;
+    assert_eq!(e["error"]["code"], "bad_request");
+}

@@ -77,7 +77,9 @@ pub struct Room {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot be reached (or the connection broke). Retriable; nothing was written.
+    /// The database cannot be reached (or the connection broke). Retriable. Nothing was written,
+    /// except when the connection broke during the commit itself: then the write may have landed,
+    /// which is why retries carry the same `clientMsgId`.
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("room not found")]
