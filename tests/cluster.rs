@@ -29,6 +29,17 @@ impl Node {
         data_dir: &std::path::Path,
         rate_limits: bool,
     ) -> Node {
+        Self::start_with(db, redis, prefix, data_dir, rate_limits, &[]).await
+    }
+
+    async fn start_with(
+        db: &ScratchDb,
+        redis: &str,
+        prefix: &str,
+        data_dir: &std::path::Path,
+        rate_limits: bool,
+        extra_env: &[(&str, &str)],
+    ) -> Node {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -46,6 +57,7 @@ impl Node {
             .env("CHAT_GATEWAY__SERVER__DATA_DIR", data_dir)
             .env("CHAT_GATEWAY__RATE_LIMIT__ENABLED", rate_limits.to_string())
             .env("RUST_LOG", "warn")
+            .envs(extra_env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -337,7 +349,94 @@ async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
             assert_eq!(&expected[seq], id);
         }
     }
+    // No side effect was lost with the node: every outbox row is relayed (rows the dead node had
+    // claimed are taken over when their lease ends) and the room's lastMessageAt is the last
+    // message's time.
+    let pool = c.db.pool().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (outbox, behind): (i64, bool) = sqlx::query_as(
+            r#"SELECT (SELECT COUNT(*) FROM "ChatOutbox"),
+                      (SELECT "lastMessageAt" IS DISTINCT FROM (SELECT MAX("createdAt") FROM "ChatMessage" WHERE "roomId" = 'r')
+                       FROM "ChatRoom" WHERE id = 'r')"#,
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if outbox == 0 && !behind {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "side effects lost: {outbox} outbox rows left, lastMessageAt behind: {behind}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(c.db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_worker_process_performs_the_side_effects() {
+    let Some(redis) = redis_url().await else {
+        return;
+    };
+    let Some(db) = scratch_database().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix();
+    let mut gateway = Node::start_with(
+        &db,
+        &redis,
+        &prefix,
+        data.path(),
+        false,
+        &[("CHAT_GATEWAY__QUEUE__RUN_WORKER", "false")],
+    )
+    .await;
+    setup_room(gateway.addr, "r", &["alice"]).await;
+    let mut alice = client(gateway.addr, "alice").await;
+    alice.send_ok("r", "side effects elsewhere").await;
+    let pool = db.pool().await;
+    let last_message_at = || async {
+        let v: Option<chrono::NaiveDateTime> =
+            sqlx::query_scalar(r#"SELECT "lastMessageAt" FROM "ChatRoom" WHERE id = 'r'"#)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        v
+    };
+    // Nobody performs jobs yet: they wait in the stream.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        last_message_at().await.is_none(),
+        "the gateway must not run the worker"
+    );
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_chat-gateway"))
+        .arg("worker")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", &redis)
+        .env("CHAT_GATEWAY__REDIS__KEY_PREFIX", &prefix)
+        .env("JWT_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while last_message_at().await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker process did not perform the job"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+    gateway.kill();
+    drop(db);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
