@@ -27,6 +27,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: Limits,
     pub heartbeat: HeartbeatSettings,
+    pub signals: SignalSettings,
     pub rate_limit: RateLimitSettings,
     pub cache: CacheSettings,
     pub queue: QueueSettings,
@@ -95,6 +96,12 @@ pub struct Limits {
 #[derive(Debug, Clone, Deserialize)]
 pub struct HeartbeatSettings {
     pub interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SignalSettings {
+    pub typing_timeout_ms: u64,
+    pub typing_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +225,15 @@ impl Settings {
             return fail(
                 "limits.history_default_limit",
                 "must not exceed limits.history_max_limit",
+            );
+        }
+        if self.signals.typing_timeout_ms < 100 {
+            return fail("signals.typing_timeout_ms", "must be at least 100");
+        }
+        if self.signals.typing_refresh_ms >= self.signals.typing_timeout_ms {
+            return fail(
+                "signals.typing_refresh_ms",
+                "must be below signals.typing_timeout_ms",
             );
         }
         if self.heartbeat.interval_ms < 10 {

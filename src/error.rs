@@ -40,6 +40,8 @@ pub enum ChatError {
     RateLimited { retry_after: Duration },
     #[error("a socket may join at most {max} rooms")]
     TooManyRooms { max: usize },
+    #[error("join the room on this socket first")]
+    NotJoined,
     /// The store (or another backing service) cannot be reached. Retriable; nothing was stored.
     #[error("temporarily unavailable, retry")]
     Unavailable,
@@ -64,6 +66,7 @@ impl ChatError {
             ChatError::ContentTooLong { .. } => code::CONTENT_TOO_LONG,
             ChatError::RateLimited { .. } => code::RATE_LIMITED,
             ChatError::TooManyRooms { .. } => code::TOO_MANY_ROOMS,
+            ChatError::NotJoined => code::NOT_JOINED,
             ChatError::Unavailable => code::UNAVAILABLE,
             ChatError::Internal => code::INTERNAL,
         }
@@ -75,7 +78,9 @@ impl ChatError {
             ChatError::NotAuthenticated | ChatError::Auth(_) => StatusCode::UNAUTHORIZED,
             ChatError::Forbidden | ChatError::RoleRequired(_) => StatusCode::FORBIDDEN,
             ChatError::RoomNotFound | ChatError::NotFound(_) => StatusCode::NOT_FOUND,
-            ChatError::Conflict(_) | ChatError::TooManyRooms { .. } => StatusCode::CONFLICT,
+            ChatError::Conflict(_) | ChatError::TooManyRooms { .. } | ChatError::NotJoined => {
+                StatusCode::CONFLICT
+            }
             ChatError::ContentTooLong { .. } | ChatError::BodyTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }

@@ -241,12 +241,21 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         redis: redis_parts,
         memory_jobs,
     } = backing(&settings, redis, &registry, &shutdown);
+    {
+        let broker = Arc::downgrade(&broker);
+        registry.set_unsubscriber(move |room| {
+            if let Some(broker) = broker.upgrade() {
+                tokio::spawn(async move { broker.unsubscribe(&room).await });
+            }
+        });
+    }
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let relay_stop = CancellationToken::new();
     let relay = tokio::spawn(
         OutboxRelay {
             store: dyn_store.clone(),
             queue,
+            broker: Some(broker.clone()),
             metrics: metrics.clone(),
             wake: outbox_wake.clone(),
             batch: settings.queue.batch as u32,
@@ -351,6 +360,7 @@ pub async fn run_worker(
         OutboxRelay {
             store: dyn_store.clone(),
             queue: Arc::new(RedisJobQueue::new(conn.clone())),
+            broker: None,
             metrics: metrics.clone(),
             wake: Arc::new(tokio::sync::Notify::new()),
             batch: settings.queue.batch as u32,
@@ -382,8 +392,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = Duration::from_secs(settings.server.shutdown_grace_secs);
-    let (app, background) = build(settings).await?;
     let addr: SocketAddr = listener.local_addr()?;
+    if settings.dev_mode() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "invalid configuration: server.bind_addr: in dev mode (no JWT key configured) anyone can \
+             mint tokens, so the gateway listens on loopback only; set JWT_SECRET or \
+             JWT_PUBLIC_KEY_FILE to listen on {addr}"
+        );
+    }
+    let (app, background) = build(settings).await?;
     tracing::info!(%addr, "chat-gateway listening");
     {
         let token = app.shutdown.clone();

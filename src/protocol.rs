@@ -47,6 +47,13 @@ pub enum ClientFrame {
     },
     /// Application-level round trip (the server also sends WebSocket pings on its own).
     Ping { id: RequestId },
+    /// "I am typing" (`typing: true`, repeat every few seconds while it lasts) or "I stopped".
+    /// Needs the room joined on this socket. Ephemeral: never stored.
+    Typing {
+        id: RequestId,
+        room: String,
+        typing: bool,
+    },
 }
 
 impl ClientFrame {
@@ -57,6 +64,7 @@ impl ClientFrame {
             | ClientFrame::Leave { id, .. }
             | ClientFrame::Send { id, .. }
             | ClientFrame::History { id, .. }
+            | ClientFrame::Typing { id, .. }
             | ClientFrame::Ping { id } => id,
         }
     }
@@ -80,6 +88,17 @@ pub enum ServerFrame<'a, T: Serialize> {
     },
     /// Push: this socket no longer receives the room (membership removed).
     Removed { room: &'a str, reason: &'a str },
+    /// Push: another member started or stopped typing. A `typing: true` not refreshed within
+    /// `expiresInMs` has ended (the typer vanished).
+    Typing {
+        room: &'a str,
+        #[serde(rename = "userId")]
+        user_id: &'a str,
+        name: Option<&'a str>,
+        typing: bool,
+        #[serde(rename = "expiresInMs")]
+        expires_in_ms: u64,
+    },
     /// Push: the token expires soon; send `auth` with a fresh one on this socket.
     SessionExpiring {
         #[serde(rename = "expiresAt")]
@@ -246,6 +265,7 @@ pub mod code {
     pub const TOO_LARGE: &str = "too_large";
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const TOO_MANY_ROOMS: &str = "too_many_rooms";
+    pub const NOT_JOINED: &str = "not_joined";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
 }
@@ -274,7 +294,7 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
             Ok(env) => {
                 let known = matches!(
                     env.kind.as_deref(),
-                    Some("auth" | "join" | "leave" | "send" | "history" | "ping")
+                    Some("auth" | "join" | "leave" | "send" | "history" | "ping" | "typing")
                 );
                 let (code, message) = match env.kind {
                     None => (code::BAD_FRAME, "missing \"type\"".to_string()),

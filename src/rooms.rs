@@ -33,6 +33,11 @@ use crate::store::{Message, Store};
 
 pub type ConnId = u64;
 
+/// How far ahead of what a hub delivered an event's sequence may be. Beyond it the event cannot
+/// come from a gateway (the store would have to be that far ahead) and is ignored, so a stray
+/// publish cannot send the gap filler through millions of rows.
+const MAX_AHEAD: i64 = 1_000_000;
+
 /// Why a socket is being closed: the first reason set wins.
 pub struct Closer {
     reason: OnceLock<(u16, &'static str)>,
@@ -91,6 +96,27 @@ impl Outbox {
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a frame once half of the queue is free, waiting up to `patience` for that (bulk
+    /// replays: catch-up and its buffered tail). Leaving half the queue free keeps room for the
+    /// live pushes of the socket's other rooms, which never wait. Past `patience`: slow consumer.
+    pub async fn push_paced(&self, frame: Utf8Bytes, patience: Duration) -> bool {
+        let headroom = (self.tx.max_capacity() / 2).max(1);
+        match tokio::time::timeout(patience, self.tx.reserve_many(headroom)).await {
+            Ok(Ok(mut permits)) => {
+                if let Some(permit) = permits.next() {
+                    permit.send(frame);
+                }
+                true
+            }
+            Ok(Err(_)) => false,
+            Err(_) => {
+                self.closer
+                    .close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+                false
+            }
         }
     }
 
@@ -153,6 +179,9 @@ struct HubState {
     /// Messages that arrived ahead of a gap, by seq.
     pending: BTreeMap<i64, Arc<Published>>,
     gap_fill_scheduled: bool,
+    /// The highest sequence some node says is stored (`Head` events); above `delivered`, the
+    /// gap filler reads up to it.
+    known_head: i64,
     members: HashMap<ConnId, Member>,
 }
 
@@ -173,6 +202,9 @@ pub struct RoomRegistry {
     catch_up_buffer: usize,
     /// Hubs created, for ids in logs.
     created: AtomicU64,
+    /// Called with a room whose last local member was removed (by a `MemberRemoved` event), so
+    /// the node unsubscribes from it. Set once the broker exists.
+    unsubscriber: OnceLock<Box<dyn Fn(String) + Send + Sync>>,
 }
 
 /// Builds the shared `message` push for a stored message.
@@ -203,6 +235,7 @@ impl RoomRegistry {
             gap_fill_after,
             catch_up_buffer,
             created: AtomicU64::new(0),
+            unsubscriber: OnceLock::new(),
         })
     }
 
@@ -255,17 +288,63 @@ impl RoomRegistry {
         Some(st.delivered)
     }
 
-    /// Ends a member's catch-up: queues what was buffered for it, then it receives live.
-    pub fn go_live(&self, hub: &RoomHub, conn_id: ConnId) {
-        let mut st = hub.state.lock().unwrap();
-        if let Some(member) = st.members.get_mut(&conn_id)
-            && let Some(buffered) = member.catching_up.take()
-        {
-            for frame in buffered {
-                if !member.conn.push(frame) {
-                    break;
+    /// Ends a member's catch-up: queues what was buffered for it (paced, in chunks taken under the
+    /// lock, while new live frames keep buffering), then, once the buffer is empty under the lock,
+    /// the member receives live.
+    pub async fn go_live(&self, hub: &RoomHub, conn: &Conn, patience: Duration) {
+        loop {
+            let frames = {
+                let mut st = hub.state.lock().unwrap();
+                let Some(member) = st.members.get_mut(&conn.id) else {
+                    return;
+                };
+                match member.catching_up.as_mut() {
+                    None => return,
+                    Some(buffer) if buffer.is_empty() => {
+                        member.catching_up = None;
+                        return;
+                    }
+                    Some(buffer) => std::mem::take(buffer),
+                }
+            };
+            for frame in frames {
+                if !conn.out.push_paced(frame, patience).await {
+                    return;
                 }
             }
+        }
+    }
+
+    /// Sets what unsubscribes the node from a room (the broker, created after the registry).
+    pub fn set_unsubscriber(&self, unsubscribe: impl Fn(String) + Send + Sync + 'static) {
+        let _ = self.unsubscriber.set(Box::new(unsubscribe));
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        if let Some(unsubscribe) = self.unsubscriber.get() {
+            unsubscribe(room.to_string());
+        }
+    }
+
+    /// Drops a hub whose initialization failed, if it is still the room's hub and has no members.
+    pub fn discard_unready(&self, room: &str, hub: &Arc<RoomHub>) {
+        let removed = self
+            .hubs
+            .remove_if(room, |_, current| {
+                if !Arc::ptr_eq(current, hub) || current.ready.initialized() {
+                    return false;
+                }
+                let mut st = current.state.lock().unwrap();
+                if st.members.is_empty() {
+                    st.closed = true;
+                    true
+                } else {
+                    false
+                }
+            })
+            .is_some();
+        if removed {
+            self.metrics.rooms_active.dec();
         }
     }
 
@@ -301,11 +380,16 @@ impl RoomRegistry {
         removed
     }
 
-    /// Pushes an ephemeral frame to every live local member of a room (not persisted, no seq).
-    pub fn push_ephemeral(&self, room: &str, frame: Utf8Bytes) {
+    /// Pushes an ephemeral frame to every live local member of a room except `skip_user`'s
+    /// sockets (not persisted, no seq).
+    pub fn push_ephemeral(&self, room: &str, frame: Utf8Bytes, skip_user: Option<&str>) {
         if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
             let st = hub.state.lock().unwrap();
-            for m in st.members.values().filter(|m| m.catching_up.is_none()) {
+            let receivers = st
+                .members
+                .values()
+                .filter(|m| m.catching_up.is_none() && Some(m.conn.user_id.as_str()) != skip_user);
+            for m in receivers {
                 m.conn.push(frame.clone());
             }
         }
@@ -315,9 +399,25 @@ impl RoomRegistry {
         self.hubs.len()
     }
 
+    fn on_head(self: &Arc<Self>, hub: &Arc<RoomHub>, seq: i64) {
+        {
+            let mut st = hub.state.lock().unwrap();
+            if !st.initialized || seq <= st.delivered || seq > st.delivered + MAX_AHEAD {
+                return;
+            }
+            st.known_head = st.known_head.max(seq);
+        }
+        self.schedule_gap_fill_if_needed(hub);
+    }
+
     fn on_message(self: &Arc<Self>, hub: &Arc<RoomHub>, msg: Arc<Published>) {
         let delivered = {
             let mut st = hub.state.lock().unwrap();
+            if st.initialized && msg.seq > st.delivered + MAX_AHEAD {
+                // Not from a gateway: no room jumps this far ahead of what was delivered.
+                tracing::warn!(room = %hub.room, seq = msg.seq, "ignoring an implausible sequence");
+                return;
+            }
             if !st.initialized || msg.seq > st.delivered + 1 {
                 st.pending.insert(msg.seq, msg);
                 0
@@ -376,7 +476,8 @@ impl RoomRegistry {
     fn schedule_gap_fill_if_needed(self: &Arc<Self>, hub: &Arc<RoomHub>) {
         {
             let mut st = hub.state.lock().unwrap();
-            if !st.initialized || st.pending.is_empty() || st.gap_fill_scheduled {
+            let behind = !st.pending.is_empty() || st.known_head > st.delivered;
+            if !st.initialized || !behind || st.gap_fill_scheduled {
                 return;
             }
             st.gap_fill_scheduled = true;
@@ -399,8 +500,20 @@ async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
         };
         let (after, until) = {
             let mut st = hub.state.lock().unwrap();
-            match st.pending.first_key_value() {
-                Some((&first, _)) if !st.closed => (st.delivered, first - 1),
+            // Up to the first message waiting behind the gap, or else up to the known head.
+            let target = match st.pending.first_key_value() {
+                Some((&first, _)) => Some(first - 1),
+                None if st.known_head > st.delivered => Some(st.known_head),
+                None => None,
+            };
+            match target {
+                Some(until) if !st.closed && until > st.delivered => (st.delivered, until),
+                _ if !st.closed && !st.pending.is_empty() => {
+                    // The gap closed meanwhile; deliver what follows it.
+                    let pushed = registry.drain_contiguous(&mut st);
+                    registry.metrics.messages_delivered.inc_by(pushed);
+                    continue;
+                }
                 _ => {
                     st.gap_fill_scheduled = false;
                     return;
@@ -487,7 +600,14 @@ impl RoomRegistry {
 impl EventSink for Arc<RoomRegistry> {
     fn deliver(&self, room: &str, event: RoomEvent) {
         match event {
-            RoomEvent::Ephemeral(frame) => self.push_ephemeral(room, frame),
+            RoomEvent::Head { seq } => {
+                if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
+                    self.on_head(&hub, seq);
+                }
+            }
+            RoomEvent::Ephemeral { frame, skip_user } => {
+                self.push_ephemeral(room, frame, skip_user.as_deref())
+            }
             RoomEvent::Message(msg) => {
                 if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
                     self.on_message(&hub, msg);
@@ -520,7 +640,9 @@ impl EventSink for Arc<RoomRegistry> {
                     ids
                 };
                 for id in removed {
-                    self.detach(room, id);
+                    if self.detach(room, id) {
+                        self.unsubscribe(room);
+                    }
                 }
             }
         }

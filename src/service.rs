@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::error::ChatError;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
-use crate::protocol::{self, HistoryPage, WireMessage};
+use crate::protocol::{self, HistoryPage, Push, WireMessage};
 use crate::ratelimit::RateLimiter;
 use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame};
 use crate::store::{Access, Inserted, NewMessage, Room, Store};
@@ -137,25 +137,37 @@ impl ChatService {
                 return Err(ChatError::TooManyRooms { max });
             }
         }
-        // A repeated join starts over: the socket is detached and attached again.
-        self.leave(conn, room).await;
+        // A repeated join starts over: `attach` replaces this socket's member entry, so a join
+        // that fails below leaves the earlier one in place.
         let (hub, delivered) = loop {
             let hub = self.registry.hub(room);
-            hub.ready
+            let ready = hub
+                .ready
                 .get_or_try_init(|| async {
                     self.broker.subscribe(room).await.map_err(|e| {
                         tracing::warn!(error = %e, "subscribe failed");
                         ChatError::Unavailable
                     })?;
-                    let head = self
-                        .store
-                        .room_head(room)
-                        .await?
-                        .ok_or(ChatError::RoomNotFound)?;
+                    let head = match self.store.room_head(room).await {
+                        Ok(Some(head)) => head,
+                        failed => {
+                            // Undo the subscription; the caller drops the hub.
+                            self.broker.unsubscribe(room).await;
+                            return Err(match failed {
+                                Err(e) => e.into(),
+                                _ => ChatError::RoomNotFound,
+                            });
+                        }
+                    };
                     self.registry.initialize(&hub, head);
                     Ok::<(), ChatError>(())
                 })
-                .await?;
+                .await;
+            if let Err(e) = ready {
+                // Nobody may keep a hub that never became ready (it would buffer forever).
+                self.registry.discard_unready(room, &hub);
+                return Err(e);
+            }
             if let Some(delivered) = self.registry.attach(&hub, conn) {
                 break (hub, delivered);
             }
@@ -195,8 +207,8 @@ impl ChatService {
     }
 
     /// Ends a join: the member receives what was buffered during the catch-up, then live.
-    pub fn finish_join(&self, plan: &JoinPlan, conn: &Conn) {
-        self.registry.go_live(&plan.hub, conn.id);
+    pub async fn finish_join(&self, plan: &JoinPlan, conn: &Conn, patience: std::time::Duration) {
+        self.registry.go_live(&plan.hub, conn, patience).await;
     }
 
     /// Detaches the socket from the room (no error if it was not joined).
@@ -356,6 +368,25 @@ impl ChatService {
         let page: Arc<str> = Arc::from(protocol::encode(&page));
         self.cache.put(token, page.clone()).await;
         Ok(page)
+    }
+
+    /// Tells the room's other members (on every node) that `who` started or stopped typing.
+    /// Ephemeral: lost if the broker is down, which only hides an indicator.
+    pub async fn typing(&self, who: &Identity, conn: &Conn, room: &str, typing: bool) {
+        let frame = protocol::encode(&Push::Typing {
+            room,
+            user_id: &who.user_id,
+            name: who.name.as_deref(),
+            typing,
+            expires_in_ms: self.settings.signals.typing_timeout_ms,
+        });
+        let event = RoomEvent::Ephemeral {
+            frame: frame.into(),
+            skip_user: Some(conn.user_id.clone()),
+        };
+        if let Err(e) = self.broker.publish(room, event).await {
+            tracing::debug!(error = %e, "typing signal not broadcast");
+        }
     }
 
     fn require_service(who: &Identity) -> Result<(), ChatError> {

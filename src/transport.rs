@@ -10,6 +10,7 @@
 //! 3. **cleanup**: leave every room, release the user's connection slot, let the writer send the
 //!    close frame. The first task to end cancels the other.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -53,7 +54,14 @@ struct Session {
     identity: Identity,
     conn: Conn,
     warned: bool,
+    /// Rooms this socket is typing in: when the signal lapses, and when it was last broadcast.
+    typing: HashMap<String, (TokioInstant, TokioInstant)>,
+    /// Typing broadcasts in the current one-second window (start of window, count).
+    typing_window: (TokioInstant, u32),
 }
+
+/// Most typing broadcasts one socket may cause per second; more are refused (`rate_limited`).
+const TYPING_BROADCASTS_PER_SECOND: u32 = 5;
 
 impl Connection {
     /// Runs the connection to its end. `query_token` came with the upgrade request, if any.
@@ -113,7 +121,11 @@ impl Connection {
             let expires_at = self
                 .session
                 .as_ref()
-                .map(|s| deadline_of(s.identity.expires_at));
+                .map(|s| deadline_of(s.identity.valid_until));
+            let typing_lapses = self
+                .session
+                .as_ref()
+                .and_then(|s| s.typing.values().map(|(lapses, _)| *lapses).min());
             let warn_at = match &self.session {
                 Some(s) if !s.warned => expires_at.map(|t| t.checked_sub(warning).unwrap_or(t)),
                 _ => None,
@@ -141,6 +153,9 @@ impl Connection {
                     }
                 }
                 _ = recheck.tick(), if self.session.is_some() => self.recheck_memberships().await,
+                _ = sleep_until(typing_lapses.unwrap_or(auth_deadline)), if typing_lapses.is_some() => {
+                    self.lapse_typing().await;
+                }
                 frame = stream.next() => {
                     self.last_seen.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                     match frame {
@@ -165,6 +180,14 @@ impl Connection {
     async fn cleanup(&mut self) {
         if let Some((code, _)) = self.out.closer.reason() {
             self.app.service.metrics.close(close_label(code));
+        }
+        let typing: Vec<String> = self
+            .session
+            .as_ref()
+            .map(|s| s.typing.keys().cloned().collect())
+            .unwrap_or_default();
+        for room in typing {
+            self.stop_typing(&room).await;
         }
         if let Some(session) = self.session.take() {
             let rooms: Vec<Arc<str>> = session.conn.rooms.lock().unwrap().iter().cloned().collect();
@@ -198,7 +221,8 @@ impl Connection {
                 )
                 .await;
         };
-        let service = &self.app.service;
+        let app = self.app.clone();
+        let service = &app.service;
         let identity = session.identity.clone();
         let conn = session.conn.clone();
         match frame {
@@ -218,16 +242,20 @@ impl Connection {
                         };
                         self.reply(&id, result).await;
                         for frame in &plan.catch_up {
-                            if !self.out.push_wait(frame.clone(), REPLY_PATIENCE).await {
+                            // Removed from the room meanwhile: the `removed` push ends it.
+                            if !conn.rooms.lock().unwrap().contains(room.as_str())
+                                || !self.out.push_paced(frame.clone(), REPLY_PATIENCE).await
+                            {
                                 return;
                             }
                         }
-                        service.finish_join(&plan, &conn);
+                        service.finish_join(&plan, &conn, REPLY_PATIENCE).await;
                     }
                     Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
                 }
             }
             ClientFrame::Leave { id, room } => {
+                self.stop_typing(&room).await;
                 service.leave(&conn, &room).await;
                 self.reply(&id, RoomResult { room: &room }).await;
             }
@@ -242,6 +270,8 @@ impl Connection {
                     .await
                 {
                     Ok(inserted) => {
+                        // Sending ends typing in that room.
+                        self.stop_typing(&room).await;
                         let result = SendResult {
                             message: WireMessage::from(&inserted.message),
                             duplicate: inserted.duplicate,
@@ -251,18 +281,104 @@ impl Connection {
                     Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
                 }
             }
+            ClientFrame::Typing { id, room, typing } => match self.typing(&room, typing).await {
+                Ok(()) => self.reply(&id, RoomResult { room: &room }).await,
+                Err(e) => self.reply_chat_error(&id, e).await,
+            },
             ClientFrame::History {
                 id,
                 room,
                 before,
                 limit,
             } => match service.history(&identity, &room, before, limit).await {
-                Ok(page) => {
-                    let raw = RawValue::from_string(page.to_string()).expect("pages are JSON");
-                    self.reply(&id, raw).await;
-                }
+                // Pages may come from a shared cache: never trust them to be JSON.
+                Ok(page) => match RawValue::from_string(page.to_string()) {
+                    Ok(raw) => self.reply(&id, raw).await,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a history page is not JSON");
+                        self.reply_chat_error(&id, ChatError::Internal).await
+                    }
+                },
                 Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
             },
+        }
+    }
+
+    /// Handles a typing signal: forwards starts and stops, and a repeated start at most once per
+    /// `signals.typing_refresh_ms`; every start pushes back the moment the signal lapses.
+    async fn typing(&mut self, room: &str, typing: bool) -> Result<(), ChatError> {
+        let signals = &self.app.service.settings.signals;
+        let (timeout, refresh) = (
+            Duration::from_millis(signals.typing_timeout_ms),
+            Duration::from_millis(signals.typing_refresh_ms),
+        );
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        if !session.conn.rooms.lock().unwrap().contains(room) {
+            return Err(ChatError::NotJoined);
+        }
+        let now = TokioInstant::now();
+        let broadcast = match (typing, session.typing.get(room)) {
+            (true, Some((_, last))) => now.duration_since(*last) >= refresh,
+            (true, None) => true,
+            (false, previous) => previous.is_some(),
+        };
+        if !broadcast {
+            if let Some(entry) = session.typing.get_mut(room) {
+                entry.0 = now + timeout;
+            }
+            return Ok(());
+        }
+        let window = &mut session.typing_window;
+        if now.duration_since(window.0) >= Duration::from_secs(1) {
+            *window = (now, 0);
+        }
+        if window.1 >= TYPING_BROADCASTS_PER_SECOND {
+            let retry_after = Duration::from_secs(1).saturating_sub(now.duration_since(window.0));
+            return Err(ChatError::RateLimited { retry_after });
+        }
+        window.1 += 1;
+        if typing {
+            session
+                .typing
+                .insert(room.to_string(), (now + timeout, now));
+        } else {
+            session.typing.remove(room);
+        }
+        let (identity, conn) = (session.identity.clone(), session.conn.clone());
+        self.app
+            .service
+            .typing(&identity, &conn, room, typing)
+            .await;
+        Ok(())
+    }
+
+    /// Ends this socket's typing in `room`, if it was typing there.
+    async fn stop_typing(&mut self, room: &str) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if session.typing.remove(room).is_some() {
+            let (identity, conn) = (session.identity.clone(), session.conn.clone());
+            self.app.service.typing(&identity, &conn, room, false).await;
+        }
+    }
+
+    /// Ends the typing signals that were not refreshed in time.
+    async fn lapse_typing(&mut self) {
+        let now = TokioInstant::now();
+        let lapsed: Vec<String> = match &self.session {
+            Some(s) => s
+                .typing
+                .iter()
+                .filter(|(_, (lapses, _))| *lapses <= now)
+                .map(|(r, _)| r.clone())
+                .collect(),
+            None => return,
+        };
+        for room in lapsed {
+            self.stop_typing(&room).await;
         }
     }
 
@@ -373,6 +489,8 @@ impl Connection {
             identity,
             conn,
             warned: false,
+            typing: HashMap::new(),
+            typing_window: (TokioInstant::now(), 0),
         });
     }
 

@@ -439,3 +439,99 @@ async fn a_redis_restart_loses_nothing_acknowledged() {
     );
     bob.expect_silence(Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_event_was_lost_still_reaches_every_node() {
+    use chat_gateway::store::{NewMessage, Store, sqlite::SqliteStore};
+    let Some(c) = cluster(2, |_| {}).await else {
+        return;
+    };
+    c.nodes[0].room("r", &["alice", "bob"]).await;
+    let mut bob = c.nodes[1].client("bob").await;
+    bob.join("r", None).await;
+    // A node committed this message and died before publishing it: only the store and its
+    // outbox row know about it. Nobody sends anything after it.
+    let store = SqliteStore::open(&c._dir.path().join("chat.db"), 1)
+        .await
+        .unwrap();
+    store
+        .insert_message(NewMessage {
+            id: "orphan".into(),
+            room_id: "r".into(),
+            sender_id: "alice".into(),
+            sender_name: Some("alice".into()),
+            sender_avatar_url: None,
+            content: "never published".into(),
+            created_at: chrono::Utc::now(),
+            client_msg_id: None,
+        })
+        .await
+        .unwrap();
+    store.close().await;
+    // A relay (on any node) picks the outbox row up and announces the room's head; bob's node
+    // reads the message from the store.
+    let m = bob.expect_message("r").await;
+    assert_eq!(
+        (m["seq"].as_i64(), m["id"].as_str()),
+        (Some(1), Some("orphan"))
+    );
+    bob.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_crosses_nodes_is_not_echoed_and_ends_on_send() {
+    let Some(c) = cluster(2, |s| s.signals.typing_timeout_ms = 800).await else {
+        return;
+    };
+    c.nodes[0].room("r", &["alice", "bob"]).await;
+    let mut alice = c.nodes[0].client("alice").await;
+    let mut alice_tab = c.nodes[0].client("alice").await;
+    let mut bob = c.nodes[1].client("bob").await;
+    for client in [&mut alice, &mut alice_tab, &mut bob] {
+        client.join("r", None).await;
+    }
+    let reply = alice
+        .request(json!({"type": "typing", "room": "r", "typing": true}))
+        .await;
+    assert_eq!(reply["type"], "result");
+    let push = bob.next_push().await;
+    assert_eq!(
+        push,
+        json!({"type": "typing", "room": "r", "userId": "alice", "name": "alice name", "typing": true, "expiresInMs": 800})
+    );
+    // Sending ends it.
+    alice.send_ok("r", "done typing").await;
+    let (first, second) = (bob.next_push().await, bob.next_push().await);
+    let (stop, message) = if first["type"] == "typing" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(
+        (stop["type"].as_str(), stop["typing"].as_bool()),
+        (Some("typing"), Some(false))
+    );
+    assert_eq!(message["message"]["content"], "done typing");
+    // Not echoed to the typer's own sockets: alice's other tab only sees the message.
+    assert_eq!(
+        alice_tab.expect_message("r").await["content"],
+        "done typing"
+    );
+    alice_tab.expect_silence(Duration::from_millis(200)).await;
+    // A typer that goes quiet: the server ends the signal after the timeout.
+    alice
+        .request(json!({"type": "typing", "room": "r", "typing": true}))
+        .await;
+    assert_eq!(bob.next_push().await["typing"], true);
+    let started = Instant::now();
+    assert_eq!(bob.next_push().await["typing"], false);
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "ended by the timeout"
+    );
+    // Typing in a room not joined on this socket is refused.
+    let e = bob
+        .request(json!({"type": "typing", "room": "elsewhere", "typing": true}))
+        .await;
+    assert_eq!(e["error"]["code"], "not_joined");
+}

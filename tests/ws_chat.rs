@@ -486,3 +486,42 @@ async fn content_round_trips_byte_for_byte_and_nul_is_refused() {
     let e = alice.send("r", "fine", "id-with-\u{0}").await;
     assert_eq!(e["error"]["code"], "bad_request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_others_and_a_flood_is_refused() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    alice.join("r", None).await;
+    bob.join("r", None).await;
+    assert_eq!(
+        alice
+            .request(json!({"type": "typing", "room": "r", "typing": true}))
+            .await["type"],
+        "result"
+    );
+    let push = bob.next_push().await;
+    assert_eq!(
+        (push["type"].as_str(), push["userId"].as_str()),
+        (Some("typing"), Some("alice"))
+    );
+    alice.expect_silence(Duration::from_millis(100)).await;
+    // Repeats within the refresh interval are answered but not forwarded.
+    alice
+        .request(json!({"type": "typing", "room": "r", "typing": true}))
+        .await;
+    bob.expect_silence(Duration::from_millis(100)).await;
+    // Start/stop toggles are forwarded up to a cap per second, then refused.
+    let mut refused = 0;
+    for i in 0..12 {
+        let reply = alice
+            .request(json!({"type": "typing", "room": "r", "typing": i % 2 == 1}))
+            .await;
+        if reply["type"] == "error" {
+            assert_eq!(reply["error"]["code"], "rate_limited");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "a typing flood is limited");
+}

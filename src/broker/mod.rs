@@ -26,8 +26,16 @@ pub enum RoomEvent {
     Message(Arc<Published>),
     /// A membership was removed: that user's sockets stop receiving the room.
     MemberRemoved { user_id: String },
-    /// An ephemeral frame from a backend service: pushed as is, never stored, no sequence.
-    Ephemeral(Utf8Bytes),
+    /// The room's messages are stored up to `seq`: a node that has delivered less reads the rest
+    /// from the store. Published by the outbox relay for every batch, so a message whose own
+    /// event was lost (failed publish, a node that died after commit) still reaches everyone.
+    Head { seq: i64 },
+    /// An ephemeral frame (a backend's event, a typing signal): pushed as is to the room's live
+    /// sockets, except those of `skip_user`; never stored, no sequence.
+    Ephemeral {
+        frame: Utf8Bytes,
+        skip_user: Option<String>,
+    },
 }
 
 /// Where a broker hands the events it receives.

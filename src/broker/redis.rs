@@ -8,6 +8,8 @@
 //! - `{"type":"member_removed","room":…,"userId":…}`: that user's sockets leave the room.
 //! - `{"type":"event","room":…,"event":{…}}`: ephemeral, published by backend services; pushed to
 //!   the room's sockets as is, never stored, no sequence.
+//! - `{"type":"typing","room":…,"userId":…,…}`: ephemeral, published by gateways; pushed as is to
+//!   the room's sockets except the typer's own.
 //!
 //! A node delivers its own messages locally at once and drops the echo from Redis (the sequencer
 //! sees the seq again). Pub/sub is at-most-once: a message lost while the subscription is down is
@@ -32,6 +34,8 @@ use super::{Broker, BrokerError, EventSink, Published, RoomEvent};
 use crate::redis_conn::RedisConn;
 
 const CHANNEL: &str = "chat:room:";
+/// How often the pub/sub connection is pinged; no answer within half of it means it is dead.
+const KEEPALIVE: Duration = Duration::from_secs(10);
 
 pub struct RedisBroker {
     redis: RedisConn,
@@ -57,6 +61,10 @@ struct Envelope<'a> {
     message: Option<SeqOnly>,
     #[serde(default, rename = "userId")]
     user_id: Option<String>,
+    #[serde(default)]
+    room: Option<String>,
+    #[serde(default)]
+    seq: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -133,9 +141,28 @@ impl RedisBroker {
                 on_resubscribed();
             }
             first = false;
+            // A connection that silently stopped carrying packets never ends the stream: ping it.
+            let mut keepalive = tokio::time::interval(KEEPALIVE);
+            keepalive.tick().await;
             loop {
                 let msg = tokio::select! {
                     m = stream.next() => m,
+                    _ = keepalive.tick() => {
+                        let sink = self.subscriptions.lock().await.sink.clone();
+                        let alive = match sink {
+                            Some(mut sink) => {
+                                tokio::time::timeout(KEEPALIVE / 2, sink.ping::<String>())
+                                    .await
+                                    .is_ok_and(|r| r.is_ok())
+                            }
+                            None => false,
+                        };
+                        if !alive {
+                            tracing::warn!("redis pub/sub connection unresponsive");
+                            break;
+                        }
+                        continue;
+                    }
                     _ = stop.cancelled() => return,
                 };
                 let Some(msg) = msg else { break };
@@ -155,15 +182,36 @@ impl RedisBroker {
             tracing::warn!(room, "ignoring a malformed envelope on the room channel");
             return;
         };
+        if envelope.room.as_deref().is_some_and(|r| r != room) {
+            tracing::warn!(
+                room,
+                "ignoring an envelope for another room on this room's channel"
+            );
+            return;
+        }
         let frame = || Utf8Bytes::try_from(Bytes::copy_from_slice(payload)).ok();
         let event = match (envelope.kind, envelope.message, envelope.user_id) {
+            ("head", _, _) => match envelope.seq {
+                Some(seq) => RoomEvent::Head { seq },
+                None => return,
+            },
             ("message", Some(SeqOnly { seq }), _) => match frame() {
                 Some(frame) => RoomEvent::Message(Arc::new(Published { seq, frame })),
                 None => return,
             },
             ("member_removed", _, Some(user_id)) => RoomEvent::MemberRemoved { user_id },
             ("event", _, _) => match frame() {
-                Some(frame) => RoomEvent::Ephemeral(frame),
+                Some(frame) => RoomEvent::Ephemeral {
+                    frame,
+                    skip_user: None,
+                },
+                None => return,
+            },
+            ("typing", _, Some(user_id)) => match frame() {
+                Some(frame) => RoomEvent::Ephemeral {
+                    frame,
+                    skip_user: Some(user_id),
+                },
                 None => return,
             },
             (kind, _, _) => {
@@ -184,10 +232,21 @@ impl Broker for RedisBroker {
                 serde_json::json!({"type": "member_removed", "room": room, "userId": user_id})
                     .to_string(),
             ),
-            RoomEvent::Ephemeral(frame) => Bytes::from(frame.clone()),
+            RoomEvent::Ephemeral { frame, .. } => Bytes::from(frame.clone()),
+            RoomEvent::Head { seq } => Bytes::from(
+                serde_json::json!({"type": "head", "room": room, "seq": seq}).to_string(),
+            ),
         };
-        // Local sockets first: they never wait for the round trip through Redis.
-        self.sink.deliver(room, event);
+        match event {
+            // Local sockets first: they never wait for the round trip through Redis. Messages
+            // are deduplicated by seq and removals are idempotent, so the echo is harmless.
+            RoomEvent::Message(_) | RoomEvent::MemberRemoved { .. } => {
+                self.sink.deliver(room, event)
+            }
+            // Ephemeral frames have nothing to deduplicate them by: local sockets get the echo,
+            // once. A head is only news to other nodes.
+            RoomEvent::Ephemeral { .. } | RoomEvent::Head { .. } => {}
+        }
         let mut conn = self.redis.conn.clone();
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(self.channel(room)).arg(payload.as_ref());
@@ -206,14 +265,15 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let channel = self.channel(room);
-        match subs.sink.as_mut() {
-            Some(sink) => sink
-                .subscribe(&channel)
-                .await
-                .map_err(|e| BrokerError(e.to_string())),
+        let Some(sink) = subs.sink.as_mut() else {
             // Disconnected: the subscriber subscribes to every wanted room when it is back.
-            None => Ok(()),
+            return Ok(());
+        };
+        if let Err(e) = sink.subscribe(&channel).await {
+            subs.wanted.remove(room);
+            return Err(BrokerError(e.to_string()));
         }
+        Ok(())
     }
 
     async fn unsubscribe(&self, room: &str) {

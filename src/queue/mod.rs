@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::{Broker, RoomEvent};
 use crate::metrics::Metrics;
 use crate::store::{OutboxEntry, Store};
 
@@ -77,6 +78,9 @@ impl JobQueue for MemoryJobQueue {
 
 /// Performs jobs: coalesces room updates of a batch into one write per room, and calls the
 /// webhook once per message. Shared by the in-process and the Redis queue.
+/// Webhook calls in flight at once per batch.
+const WEBHOOK_CONCURRENCY: usize = 32;
+
 pub struct Worker {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
@@ -106,12 +110,19 @@ impl Worker {
             tracing::warn!(error = %e, jobs = jobs.len(), "room updates failed");
             return (0..jobs.len()).collect();
         }
+        let Some(webhook) = &self.webhook else {
+            return Vec::new();
+        };
+        // Concurrently, so a batch takes about one call's time, well below the 30 s after which
+        // another worker would claim the batch's jobs again.
         let mut failed = Vec::new();
-        if let Some(webhook) = &self.webhook {
-            for (i, job) in jobs.iter().enumerate() {
-                if let Err(e) = webhook.deliver(job).await {
+        for (chunk_index, chunk) in jobs.chunks(WEBHOOK_CONCURRENCY).enumerate() {
+            let outcomes =
+                futures::future::join_all(chunk.iter().map(|job| webhook.deliver(job))).await;
+            for (i, outcome) in outcomes.into_iter().enumerate() {
+                if let Err(e) = outcome {
                     tracing::warn!(error = %e, "webhook delivery failed");
-                    failed.push(i);
+                    failed.push(chunk_index * WEBHOOK_CONCURRENCY + i);
                 }
             }
         }
@@ -230,6 +241,9 @@ impl From<OutboxEntry> for Job {
 pub struct OutboxRelay {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn JobQueue>,
+    /// Where to announce each relayed room's head (`RoomEvent::Head`), so nodes that missed a
+    /// message's own event catch up. None where no sockets are served (`chat-gateway worker`).
+    pub broker: Option<Arc<dyn Broker>>,
     pub metrics: Arc<Metrics>,
     /// Notified after every stored message, so side effects start at once.
     pub wake: Arc<Notify>,
@@ -271,8 +285,11 @@ impl OutboxRelay {
                 return;
             }
             let mut relayed = Vec::with_capacity(claimed);
+            let mut heads: HashMap<String, i64> = HashMap::new();
             for row in rows {
                 let id = row.id;
+                let head = heads.entry(row.room_id.clone()).or_insert(row.seq);
+                *head = (*head).max(row.seq);
                 match self.queue.enqueue(Job::from(row)).await {
                     Ok(()) => relayed.push(id),
                     Err(e) => {
@@ -286,6 +303,13 @@ impl OutboxRelay {
                 tracing::warn!(error = %e, "outbox ack failed");
             }
             self.metrics.job("enqueued", relayed.len() as u64);
+            if let Some(broker) = &self.broker {
+                for (room, seq) in heads {
+                    if let Err(e) = broker.publish(&room, RoomEvent::Head { seq }).await {
+                        tracing::debug!(error = %e, "head not announced");
+                    }
+                }
+            }
             if relayed.len() < claimed {
                 return;
             }

@@ -109,6 +109,15 @@ impl From<sqlx::Error> for StoreError {
                 Some(pg) if pg_unstorable(pg.code()) => {
                     StoreError::Invalid(format!("text the database cannot store: {}", pg.message()))
                 }
+                // SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes, when
+                // another process held the write lock past the busy timeout. Retriable.
+                None if db
+                    .code()
+                    .and_then(|c| c.parse::<i64>().ok())
+                    .is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
+                {
+                    StoreError::Unavailable(e.to_string())
+                }
                 _ => StoreError::Other(e.to_string()),
             },
             _ => StoreError::Other(e.to_string()),
