@@ -102,6 +102,9 @@ pub struct HeartbeatSettings {
 pub struct SignalSettings {
     pub typing_timeout_ms: u64,
     pub typing_refresh_ms: u64,
+    pub read_flush_ms: u64,
+    pub read_receipts: bool,
+    pub max_rooms_listed: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

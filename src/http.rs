@@ -30,7 +30,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/chat/rooms", post(create_room))
+        .route("/api/chat/rooms", post(create_room).get(my_rooms))
+        .route("/api/chat/rooms/{room}/read", post(mark_read))
         .route("/api/chat/rooms/{room}/messages", get(history).post(send))
         .route(
             "/api/chat/rooms/{room}/members/{user}",
@@ -261,6 +262,46 @@ async fn send(
             });
             (status, Json(body)).into_response()
         }
+        Err(e) => error_response(&app, e),
+    }
+}
+
+/// The caller's rooms with unread counts and last messages (`?limit=`).
+async fn my_rooms(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let limit = query_number::<u32>(&q, "limit")?;
+        app.service.my_rooms(&who, limit).await
+    }
+    .await;
+    match result {
+        Ok(rooms) => Json(crate::protocol::RoomsResult::new(&rooms)).into_response(),
+        Err(e) => error_response(&app, e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MarkReadBody {
+    seq: i64,
+}
+
+async fn mark_read(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path(room): Path<String>,
+    body: Body,
+) -> Response {
+    let result = async {
+        let body: MarkReadBody = parse_json(&app, body)?;
+        app.service.mark_read(&who, &room, body.seq).await
+    }
+    .await;
+    match result {
+        Ok(seq) => Json(json!({"room": room, "seq": seq})).into_response(),
         Err(e) => error_response(&app, e),
     }
 }

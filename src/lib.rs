@@ -254,7 +254,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let relay = tokio::spawn(
         OutboxRelay {
             store: dyn_store.clone(),
-            queue,
+            queue: queue.clone(),
             broker: Some(broker.clone()),
             metrics: metrics.clone(),
             wake: outbox_wake.clone(),
@@ -292,6 +292,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         });
     }
 
+    let read_flush = Duration::from_millis(settings.signals.read_flush_ms.max(1));
     let max_connections = settings.server.max_connections;
     let service = Arc::new(ChatService {
         settings,
@@ -299,6 +300,8 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         broker,
         cache,
         outbox_wake,
+        queue,
+        read_marks: Default::default(),
         limiter,
         registry,
         membership,
@@ -317,6 +320,20 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             .as_ref()
             .map(|p| (p.conn.clone(), p.broker.clone())),
     });
+    {
+        // Queues the coalesced read marks; the final flush happens in `run` at shutdown.
+        let service = app.service.clone();
+        let shutdown = app.shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(read_flush);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => service.flush_read_marks().await,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     Ok((
         app,
         Background {
@@ -421,6 +438,7 @@ pub async fn run(
     {
         tracing::warn!("some sockets did not close within the grace period");
     }
+    app.service.flush_read_marks().await;
     background.relay_stop.cancel();
     let _ = tokio::time::timeout(grace, background.relay).await;
     background.worker_stop.cancel();

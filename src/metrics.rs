@@ -39,6 +39,8 @@ pub struct Metrics {
     pub queue_waiting: Gauge,
     /// Jobs taken by a worker and not yet acknowledged (Redis queue).
     pub queue_pending: Gauge,
+    /// Read positions written to the store (one per member and room per batch).
+    pub read_marks_written: Counter,
 }
 
 impl Metrics {
@@ -57,6 +59,12 @@ impl Metrics {
         let errors = Family::<Labels, Counter>::default();
         let queue_waiting = Gauge::default();
         let queue_pending = Gauge::default();
+        let read_marks_written = Counter::default();
+        registry.register(
+            "read_marks_written",
+            "Read positions written to the store",
+            read_marks_written.clone(),
+        );
         registry.register(
             "queue_waiting",
             "Jobs waiting for a worker",
@@ -133,6 +141,7 @@ impl Metrics {
             errors,
             queue_waiting,
             queue_pending,
+            read_marks_written,
         }
     }
 

@@ -47,6 +47,18 @@ pub enum ClientFrame {
     },
     /// Application-level round trip (the server also sends WebSocket pings on its own).
     Ping { id: RequestId },
+    /// Mark the room read up to `seq` (the last message the user has seen).
+    MarkRead {
+        id: RequestId,
+        room: String,
+        seq: i64,
+    },
+    /// The user's rooms with unread counts and last messages, most recently active first.
+    Rooms {
+        id: RequestId,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// "I am typing" (`typing: true`, repeat every few seconds while it lasts) or "I stopped".
     /// Needs the room joined on this socket. Ephemeral: never stored.
     Typing {
@@ -65,6 +77,8 @@ impl ClientFrame {
             | ClientFrame::Send { id, .. }
             | ClientFrame::History { id, .. }
             | ClientFrame::Typing { id, .. }
+            | ClientFrame::MarkRead { id, .. }
+            | ClientFrame::Rooms { id, .. }
             | ClientFrame::Ping { id } => id,
         }
     }
@@ -98,6 +112,13 @@ pub enum ServerFrame<'a, T: Serialize> {
         typing: bool,
         #[serde(rename = "expiresInMs")]
         expires_in_ms: u64,
+    },
+    /// Push: a member read the room up to `seq` (a read receipt).
+    Read {
+        room: &'a str,
+        #[serde(rename = "userId")]
+        user_id: &'a str,
+        seq: i64,
     },
     /// Push: the token expires soon; send `auth` with a fresh one on this socket.
     SessionExpiring {
@@ -149,6 +170,49 @@ pub struct SendResult<'a> {
     pub message: WireMessage<'a>,
     /// True when this `clientMsgId` had already been stored: nothing new was created.
     pub duplicate: bool,
+}
+
+/// Result of `mark_read`.
+#[derive(Debug, Serialize)]
+pub struct MarkReadResult<'a> {
+    pub room: &'a str,
+    pub seq: i64,
+}
+
+/// One of the user's rooms: `unread` = `lastSeq` - `lastReadSeq` (never below 0).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireRoom<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub last_seq: i64,
+    pub last_read_seq: i64,
+    pub unread: i64,
+    pub last_message: Option<WireMessage<'a>>,
+}
+
+/// Result of `rooms` (and the body of `GET /api/chat/rooms`).
+#[derive(Debug, Serialize)]
+pub struct RoomsResult<'a> {
+    pub rooms: Vec<WireRoom<'a>>,
+}
+
+impl<'a> RoomsResult<'a> {
+    pub fn new(rooms: &'a [crate::store::RoomSummary]) -> Self {
+        RoomsResult {
+            rooms: rooms
+                .iter()
+                .map(|r| WireRoom {
+                    id: &r.id,
+                    name: &r.name,
+                    last_seq: r.last_seq,
+                    last_read_seq: r.last_read_seq,
+                    unread: (r.last_seq - r.last_read_seq).max(0),
+                    last_message: r.last_message.as_ref().map(WireMessage::from),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -294,7 +358,17 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
             Ok(env) => {
                 let known = matches!(
                     env.kind.as_deref(),
-                    Some("auth" | "join" | "leave" | "send" | "history" | "ping" | "typing")
+                    Some(
+                        "auth"
+                            | "join"
+                            | "leave"
+                            | "send"
+                            | "history"
+                            | "ping"
+                            | "typing"
+                            | "mark_read"
+                            | "rooms"
+                    )
                 );
                 let (code, message) = match env.kind {
                     None => (code::BAD_FRAME, "missing \"type\"".to_string()),

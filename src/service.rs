@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use chrono::{SubsecRound, Utc};
+use std::collections::HashMap;
+
+use chrono::{DateTime, SubsecRound, Utc};
 use tokio::sync::Notify;
 
 use crate::auth::{AuthError, Authenticator, Identity, Role, TokenMinter};
@@ -17,9 +19,13 @@ use crate::error::ChatError;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
 use crate::protocol::{self, HistoryPage, Push, WireMessage};
+use crate::queue::{Job, JobQueue};
 use crate::ratelimit::RateLimiter;
 use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame};
-use crate::store::{Access, Inserted, NewMessage, Room, Store};
+use crate::store::{Access, Inserted, NewMessage, Room, RoomSummary, Store};
+
+/// Read marks not yet queued: (room, user) -> (highest seq, when).
+pub type PendingReads = HashMap<(String, String), (i64, DateTime<Utc>)>;
 
 /// Which door a request came through (a metrics label).
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +58,10 @@ pub struct ChatService {
     pub cache: Arc<dyn HistoryCache>,
     /// Wakes the outbox relay after each stored message.
     pub outbox_wake: Arc<Notify>,
+    /// The job queue, for read marks (messages' jobs come through the outbox).
+    pub queue: Arc<dyn JobQueue>,
+    /// Read marks not yet queued, latest per (room, user). Locked only to record or take.
+    pub read_marks: std::sync::Mutex<PendingReads>,
     pub limiter: Arc<dyn RateLimiter>,
     pub registry: Arc<RoomRegistry>,
     pub membership: Arc<MembershipCache>,
@@ -368,6 +378,65 @@ impl ChatService {
         let page: Arc<str> = Arc::from(protocol::encode(&page));
         self.cache.put(token, page.clone()).await;
         Ok(page)
+    }
+
+    /// Records that `who` read `room` up to `seq`: coalesced on this node and written through the
+    /// job queue every `signals.read_flush_ms`; a read receipt goes to the room at once.
+    pub async fn mark_read(&self, who: &Identity, room: &str, seq: i64) -> Result<i64, ChatError> {
+        if seq < 0 {
+            return Err(ChatError::BadRequest("seq must not be negative".into()));
+        }
+        self.authorize(who, room, false).await?;
+        {
+            let mut pending = self.read_marks.lock().unwrap();
+            let mark = pending
+                .entry((room.to_string(), who.user_id.clone()))
+                .or_insert((seq, Utc::now()));
+            *mark = (mark.0.max(seq), Utc::now());
+        }
+        if self.settings.signals.read_receipts {
+            let frame = protocol::encode(&Push::Read {
+                room,
+                user_id: &who.user_id,
+                seq,
+            });
+            let event = RoomEvent::Ephemeral {
+                frame: frame.into(),
+                skip_user: None,
+            };
+            if let Err(e) = self.broker.publish(room, event).await {
+                tracing::debug!(error = %e, "read receipt not broadcast");
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Queues the coalesced read marks (called every `signals.read_flush_ms`, and at shutdown).
+    pub async fn flush_read_marks(&self) {
+        let pending = std::mem::take(&mut *self.read_marks.lock().unwrap());
+        for ((room_id, user_id), (seq, at)) in pending {
+            let job = Job::MarkRead {
+                room_id,
+                user_id,
+                seq,
+                at,
+            };
+            if let Err(e) = self.queue.enqueue(job).await {
+                tracing::warn!(error = %e, "read mark not queued");
+                self.metrics.job("dropped", 1);
+            }
+        }
+    }
+
+    /// The user's rooms with read state and last message (two queries, whatever their number).
+    pub async fn my_rooms(
+        &self,
+        who: &Identity,
+        limit: Option<u32>,
+    ) -> Result<Vec<RoomSummary>, ChatError> {
+        let max = self.settings.signals.max_rooms_listed;
+        let limit = limit.unwrap_or(max).clamp(1, max);
+        Ok(self.store.my_rooms(&who.user_id, limit).await?)
     }
 
     /// Tells the room's other members (on every node) that `who` started or stopped typing.

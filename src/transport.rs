@@ -26,8 +26,8 @@ use crate::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ChatError;
 use crate::protocol::{
-    self, AuthResult, ClientFrame, ErrorBody, JoinResult, PongResult, Push, RequestId, RoomResult,
-    SendResult, ServerFrame, WireMessage, close, code,
+    self, AuthResult, ClientFrame, ErrorBody, JoinResult, MarkReadResult, PongResult, Push,
+    RequestId, RoomResult, RoomsResult, SendResult, ServerFrame, WireMessage, close, code,
 };
 use crate::rooms::{Closer, Conn, ConnShared, Outbox};
 use crate::service::Door;
@@ -281,6 +281,16 @@ impl Connection {
                     Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
                 }
             }
+            ClientFrame::MarkRead { id, room, seq } => {
+                match service.mark_read(&identity, &room, seq).await {
+                    Ok(seq) => self.reply(&id, MarkReadResult { room: &room, seq }).await,
+                    Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
+                }
+            }
+            ClientFrame::Rooms { id, limit } => match service.my_rooms(&identity, limit).await {
+                Ok(rooms) => self.reply(&id, RoomsResult::new(&rooms)).await,
+                Err(e) => self.reply_chat_error(&id, e).await,
+            },
             ClientFrame::Typing { id, room, typing } => match self.typing(&room, typing).await {
                 Ok(()) => self.reply(&id, RoomResult { room: &room }).await,
                 Err(e) => self.reply_chat_error(&id, e).await,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, RoomEvent};
 use crate::metrics::Metrics;
-use crate::store::{OutboxEntry, Store};
+use crate::store::{OutboxEntry, ReadMark, Store};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -37,6 +37,14 @@ pub enum Job {
         seq: i64,
         message_id: String,
         created_at: DateTime<Utc>,
+    },
+    /// A member read a room up to `seq`: move `"lastReadSeq"` / `"lastReadAt"` forward (coalesced
+    /// per member and room within a batch; idempotent, positions never move back).
+    MarkRead {
+        room_id: String,
+        user_id: String,
+        seq: i64,
+        at: DateTime<Utc>,
     },
 }
 
@@ -93,20 +101,55 @@ impl Worker {
     /// Performs a batch. Returns the indices of the jobs that failed (to retry later).
     pub async fn perform(&self, jobs: &[Job]) -> Vec<usize> {
         let mut latest: HashMap<&str, DateTime<Utc>> = HashMap::new();
+        let mut reads: HashMap<(&str, &str), (i64, DateTime<Utc>)> = HashMap::new();
         for job in jobs {
-            let Job::MessageStored {
-                room_id,
-                created_at,
-                ..
-            } = job;
-            let at = latest.entry(room_id.as_str()).or_insert(*created_at);
-            *at = (*at).max(*created_at);
+            match job {
+                Job::MessageStored {
+                    room_id,
+                    created_at,
+                    ..
+                } => {
+                    let at = latest.entry(room_id.as_str()).or_insert(*created_at);
+                    *at = (*at).max(*created_at);
+                }
+                Job::MarkRead {
+                    room_id,
+                    user_id,
+                    seq,
+                    at,
+                } => {
+                    let mark = reads
+                        .entry((room_id.as_str(), user_id.as_str()))
+                        .or_insert((*seq, *at));
+                    *mark = (mark.0.max(*seq), mark.1.max(*at));
+                }
+            }
         }
         let updates: Vec<(String, DateTime<Utc>)> = latest
             .into_iter()
             .map(|(room, at)| (room.to_string(), at))
             .collect();
-        if let Err(e) = self.store.touch_rooms(&updates).await {
+        let marks: Vec<ReadMark> = reads
+            .into_iter()
+            .map(|((room, user), (seq, at))| ReadMark {
+                room_id: room.to_string(),
+                user_id: user.to_string(),
+                seq,
+                at,
+            })
+            .collect();
+        let written = async {
+            if !updates.is_empty() {
+                self.store.touch_rooms(&updates).await?;
+            }
+            if !marks.is_empty() {
+                self.store.mark_read(&marks).await?;
+                // One write per (room, user) per batch, however many marks were queued.
+                self.metrics.read_marks_written.inc_by(marks.len() as u64);
+            }
+            Ok::<(), crate::store::StoreError>(())
+        };
+        if let Err(e) = written.await {
             tracing::warn!(error = %e, jobs = jobs.len(), "room updates failed");
             return (0..jobs.len()).collect();
         }
@@ -203,7 +246,10 @@ impl Webhook {
             seq,
             message_id,
             created_at,
-        } = job;
+        } = job
+        else {
+            return Ok(());
+        };
         let body = serde_json::json!({
             "type": "message.created",
             "roomId": room_id,

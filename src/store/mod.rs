@@ -195,6 +195,14 @@ pub trait Store: Send + Sync + 'static {
     /// Sets `"lastMessageAt"` for several rooms (never moving it backwards).
     async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError>;
 
+    /// The user's rooms (most recently active first, at most `limit`) with their read state and
+    /// last visible message, in two queries whatever the number of rooms.
+    async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError>;
+
+    /// Moves read positions forward (never back) and sets `"lastReadAt"`, for several
+    /// (room, user) pairs in one write. Returns how many memberships changed.
+    async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError>;
+
     /// Claims up to `limit` outbox rows that are unclaimed or whose lease expired, leasing them
     /// for `lease`. Oldest first.
     async fn outbox_claim(
@@ -208,6 +216,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes the connections (shutdown, after the last job).
     async fn close(&self) {}
+}
+
+/// One of a user's rooms, with what its unread count is computed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomSummary {
+    pub id: String,
+    pub name: String,
+    pub last_seq: i64,
+    pub last_read_seq: i64,
+    pub last_message: Option<Message>,
+}
+
+/// A member's read position in a room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadMark {
+    pub room_id: String,
+    pub user_id: String,
+    pub seq: i64,
+    pub at: DateTime<Utc>,
 }
 
 /// A row of `"ChatOutbox"`: a stored message whose side effects are not yet queued.
@@ -228,3 +255,19 @@ pub const VISIBLE: &str = r#""moderationStatus" <> 'REJECTED'"#;
 
 /// The message columns in the order [`Message`] reads them.
 pub const MESSAGE_COLUMNS: &str = r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId""#;
+
+/// Joins room rows `(id, name, lastSeq, lastReadSeq)` with the rooms' last messages.
+fn summaries(rooms: Vec<(String, String, i64, i64)>, last: Vec<Message>) -> Vec<RoomSummary> {
+    let mut last: std::collections::HashMap<String, Message> =
+        last.into_iter().map(|m| (m.room_id.clone(), m)).collect();
+    rooms
+        .into_iter()
+        .map(|(id, name, last_seq, last_read_seq)| RoomSummary {
+            last_message: last.remove(&id),
+            id,
+            name,
+            last_seq,
+            last_read_seq,
+        })
+        .collect()
+}

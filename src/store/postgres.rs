@@ -19,7 +19,10 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 
-use super::{Access, Inserted, Message, NewMessage, OutboxEntry, Room, Store, StoreError};
+use super::{
+    Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, Store,
+    StoreError,
+};
 
 /// The automatic migrations (migrations/postgres), applied by `migrate` and at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -480,6 +483,51 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
+        let rooms: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            r#"SELECT r.id, r.name, r."lastSeq", m."lastReadSeq"
+               FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
+               WHERE m."userId" = $1 ORDER BY r."lastMessageAt" DESC NULLS LAST, r.id LIMIT $2"#,
+        )
+        .bind(user)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let last: Vec<Message> = sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE ("roomId", seq) IN
+                (SELECT r.id, r."lastSeq" FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
+                 WHERE m."userId" = $1) AND "moderationStatus" <> 'REJECTED'"#
+        ))
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(super::summaries(rooms, last))
+    }
+
+    async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError> {
+        if marks.is_empty() {
+            return Ok(0);
+        }
+        let rooms: Vec<&str> = marks.iter().map(|m| m.room_id.as_str()).collect();
+        let users: Vec<&str> = marks.iter().map(|m| m.user_id.as_str()).collect();
+        let seqs: Vec<i64> = marks.iter().map(|m| m.seq).collect();
+        let ats: Vec<NaiveDateTime> = marks.iter().map(|m| utc(&m.at)).collect();
+        let done = sqlx::query(
+            r#"UPDATE "ChatRoomMember" m SET "lastReadSeq" = u.seq, "lastReadAt" = u.at
+               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamp[]) AS u(room, usr, seq, at)
+               WHERE m."roomId" = u.room AND m."userId" = u.usr AND m."lastReadSeq" < u.seq"#,
+        )
+        .bind(&rooms)
+        .bind(&users)
+        .bind(&seqs)
+        .bind(&ats)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn outbox_claim(

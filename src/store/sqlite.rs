@@ -18,7 +18,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use super::{Access, Inserted, Message, NewMessage, OutboxEntry, Room, Store, StoreError};
+use super::{
+    Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, Store,
+    StoreError,
+};
 
 /// The embedded migrations (migrations/sqlite), applied by `migrate` and at start-up.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -313,6 +316,49 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
+        let rooms: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            r#"SELECT r.id, r.name, r."lastSeq", m."lastReadSeq"
+               FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
+               WHERE m."userId" = ? ORDER BY r."lastMessageAt" IS NULL, r."lastMessageAt" DESC, r.id LIMIT ?"#,
+        )
+        .bind(user)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        let last: Vec<Message> = sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE ("roomId", seq) IN
+                (SELECT r.id, r."lastSeq" FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
+                 WHERE m."userId" = ?) AND "moderationStatus" <> 'REJECTED'"#
+        ))
+        .bind(user)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(super::summaries(rooms, last))
+    }
+
+    async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut changed = 0;
+        for mark in marks {
+            changed += sqlx::query(
+                r#"UPDATE "ChatRoomMember" SET "lastReadSeq" = ?1, "lastReadAt" = ?2
+                   WHERE "roomId" = ?3 AND "userId" = ?4 AND "lastReadSeq" < ?1"#,
+            )
+            .bind(mark.seq)
+            .bind(ts(&mark.at))
+            .bind(&mark.room_id)
+            .bind(&mark.user_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
     }
 
     async fn outbox_claim(
