@@ -328,24 +328,27 @@ impl RoomRegistry {
 
     /// Drops a hub whose initialization failed, if it is still the room's hub and has no members.
     pub fn discard_unready(&self, room: &str, hub: &Arc<RoomHub>) {
+        self.remove_if_empty(room, hub, true);
+    }
+
+    /// Drops `hub` if it is still the room's hub (not a newer one) and has no members; with
+    /// `unready_only`, only if it never became ready. Returns whether it was dropped.
+    fn remove_if_empty(&self, room: &str, hub: &Arc<RoomHub>, unready_only: bool) -> bool {
         let removed = self
             .hubs
             .remove_if(room, |_, current| {
-                if !Arc::ptr_eq(current, hub) || current.ready.initialized() {
+                if !Arc::ptr_eq(current, hub) || (unready_only && current.ready.initialized()) {
                     return false;
                 }
                 let mut st = current.state.lock().unwrap();
-                if st.members.is_empty() {
-                    st.closed = true;
-                    true
-                } else {
-                    false
-                }
+                st.closed = st.members.is_empty();
+                st.closed
             })
             .is_some();
         if removed {
             self.metrics.rooms_active.dec();
         }
+        removed
     }
 
     /// Removes a socket from a room; drops the hub when it was the last member. Returns true when
@@ -359,25 +362,7 @@ impl RoomRegistry {
             st.members.remove(&conn_id);
             st.members.is_empty()
         };
-        if !now_empty {
-            return false;
-        }
-        let removed = self
-            .hubs
-            .remove_if(room, |_, hub| {
-                let mut st = hub.state.lock().unwrap();
-                if st.members.is_empty() {
-                    st.closed = true;
-                    true
-                } else {
-                    false
-                }
-            })
-            .is_some();
-        if removed {
-            self.metrics.rooms_active.dec();
-        }
-        removed
+        now_empty && self.remove_if_empty(room, &hub, false)
     }
 
     /// Pushes an ephemeral frame to every live local member of a room except `skip_user`'s
