@@ -104,6 +104,7 @@ pub struct SignalSettings {
     pub typing_refresh_ms: u64,
     pub read_flush_ms: u64,
     pub read_receipts: bool,
+    pub read_receipts_max_members: i64,
     pub max_rooms_listed: u32,
     pub presence_lease_ms: u64,
 }

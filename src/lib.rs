@@ -317,6 +317,10 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         queue,
         presence,
         read_marks: Default::default(),
+        room_sizes: moka::sync::Cache::builder()
+            .time_to_live(Duration::from_secs(60))
+            .max_capacity(100_000)
+            .build(),
         limiter,
         registry,
         membership,

@@ -71,6 +71,8 @@ pub struct ChatService {
     pub queue: Arc<dyn JobQueue>,
     /// Read marks not yet queued, latest per (room, user). Locked only to record or take.
     pub read_marks: std::sync::Mutex<PendingReads>,
+    /// Members per room, for the read-receipt size limit (cached a minute).
+    pub room_sizes: moka::sync::Cache<String, i64>,
     pub limiter: Arc<dyn RateLimiter>,
     pub registry: Arc<RoomRegistry>,
     pub membership: Arc<MembershipCache>,
@@ -403,7 +405,7 @@ impl ChatService {
                 .or_insert((seq, Utc::now()));
             *mark = (mark.0.max(seq), Utc::now());
         }
-        if self.settings.signals.read_receipts {
+        if self.receipts_wanted(room).await {
             let frame = protocol::encode(&Push::Read {
                 room,
                 user_id: &who.user_id,
@@ -418,6 +420,26 @@ impl ChatService {
             }
         }
         Ok(seq)
+    }
+
+    /// Whether read receipts go to this room: enabled, and the room is small enough. Room sizes
+    /// are cached for a minute (one count query per room per minute at most).
+    async fn receipts_wanted(&self, room: &str) -> bool {
+        let signals = &self.settings.signals;
+        if !signals.read_receipts {
+            return false;
+        }
+        let size = match self.room_sizes.get(room) {
+            Some(size) => size,
+            None => match self.store.member_count(room).await {
+                Ok(size) => {
+                    self.room_sizes.insert(room.to_string(), size);
+                    size
+                }
+                Err(_) => return false,
+            },
+        };
+        size <= signals.read_receipts_max_members
     }
 
     /// Queues the coalesced read marks (called every `signals.read_flush_ms`, and at shutdown).
