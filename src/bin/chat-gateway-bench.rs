@@ -1,0 +1,1471 @@
+//! `chat-gateway-bench`: a load generator that speaks the gateway's real protocol over real
+//! sockets and prints a report. Loopback only, bounded in connections, rate and time.
+//!
+//! Each scenario mirrors a k6 script or a target of docs/BENCHMARKS.md; `--help` explains them.
+//! Rooms and memberships are set up through the management API with a SERVICE token minted from
+//! `--jwt-secret` (the gateway must run with the same `JWT_SECRET`), users' tokens likewise.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chat_gateway::auth::{Role, TokenMinter, claims_for};
+use clap::{Args, Parser, Subcommand};
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpSocket;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Hard bounds, whatever the options say.
+const MAX_SOCKETS: usize = 20_000;
+const MAX_DURATION_SECS: u64 = 600;
+const MAX_RATE: f64 = 200_000.0;
+
+#[derive(Parser)]
+#[command(
+    name = "chat-gateway-bench",
+    about = "Load generator for chat-gateway: real sockets, real protocol, loopback only",
+    long_about = "Load generator for chat-gateway. It speaks the real protocol (REST and \
+WebSocket) to a gateway on this machine, knows every message it sent, and prints a report: \
+throughput, latency p50/p95/p99/max, errors, lost and duplicated messages, the server's CPU \
+seconds and RSS (with --server-pid) and the history cache hit ratio (from /metrics).\n\n\
+Run the gateway with JWT_SECRET set to the --jwt-secret given here (tokens and the SERVICE \
+token for room setup are minted from it) and, except for `seed`, with rate limits off \
+(CHAT_GATEWAY__RATE_LIMIT__ENABLED=false): the scenarios send far above the default per-room \
+limit of 10 msgs/s.\n\n\
+Scenarios (each mirrors a k6 script or a benchmark target):\n\
+  seed     the k6 HTTP scenario (k6/chat-load-test.js) at its 100-user stage: each user loops \
+GET latest history page, POST a message, pause --think-ms\n\
+  chat     the k6 WebSocket scenario (k6/ws-chat.js): N users with one socket each, in rooms \
+of K members, sending at a total rate R; every member receives every message of its room\n\
+  fanout   few rooms with many receivers each and one sender socket per room at a steady rate\n\
+  idle     many authenticated, idle sockets; reports server RSS per connection\n\
+  history  history reads over WebSocket at a fixed rate: hot pages (latest page of a few rooms, \
+cache hits) and cold pages (random `before` in filled rooms, misses)\n\n\
+Every scenario creates rooms of its own (named after --run-id), so runs do not interfere."
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Gateway base URL; must be a loopback address.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The gateway's HS256 secret (JWT_SECRET), used to mint users' and the SERVICE token.
+    #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// The gateway's process id: report its CPU seconds and RSS (from /proc) over the run.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Seconds of measured load (after setup and connection); at most 600.
+    #[arg(long, global = true, default_value_t = 10)]
+    duration: u64,
+    /// After the load stops, wait at most this long for outstanding replies and pushes (ms).
+    #[arg(long, global = true, default_value_t = 5000)]
+    drain_ms: u64,
+    /// Prefix of room and user ids (default: `b<unix seconds>`), so runs never share rooms.
+    #[arg(long, global = true)]
+    run_id: Option<String>,
+    /// Local source addresses 127.0.0.1 ..= 127.0.0.N for sockets, when one address runs out of
+    /// ephemeral ports.
+    #[arg(long, global = true, default_value_t = 1)]
+    source_addrs: u8,
+    /// Exit with an error when anything went wrong: error replies, lost or duplicated messages,
+    /// requests the generator could not issue in time (for CI smoke runs).
+    #[arg(long, global = true)]
+    fail_on_errors: bool,
+    /// Most WebSocket handshakes (connect + auth + join) in flight at once.
+    #[arg(long, global = true, default_value_t = 256)]
+    connect_concurrency: usize,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// The k6 HTTP scenario at 100 users: GET history then POST send per iteration.
+    Seed {
+        /// Concurrent users (k6 virtual users).
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Rooms the users are spread over (user i uses room i % rooms). With the default rate
+        /// limits keep users/rooms x (1000 / think-ms) under 10 msgs/s per room.
+        #[arg(long, default_value_t = 10)]
+        rooms: usize,
+        /// Pause after each iteration (k6's sleep), in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        think_ms: u64,
+        /// History page size requested.
+        #[arg(long, default_value_t = 30)]
+        limit: u32,
+    },
+    /// N users, one socket each, rooms of K members, total send rate R msgs/s.
+    Chat {
+        /// Users, each holding one socket.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Members per room (every member's socket joins its room).
+        #[arg(long, default_value_t = 50)]
+        room_size: usize,
+        /// Total messages per second, spread round-robin over all users.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+    },
+    /// Rooms with many receivers each and one sender socket per room.
+    Fanout {
+        /// Rooms.
+        #[arg(long, default_value_t = 1)]
+        rooms: usize,
+        /// Receiving sockets per room (the sender's socket joins too and is not counted here).
+        #[arg(long, default_value_t = 1000)]
+        receivers: usize,
+        /// Total messages per second over all rooms.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+    },
+    /// Many authenticated idle sockets; server RSS per connection.
+    Idle {
+        /// Sockets to open and authenticate.
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+    },
+    /// History reads at a fixed rate over WebSocket: hot pages and cold pages.
+    History {
+        /// Rooms read hot: their latest page, again and again (cache hits).
+        #[arg(long, default_value_t = 10)]
+        hot_rooms: usize,
+        /// Rooms filled with --fill messages each and read cold: random `before` (misses).
+        #[arg(long, default_value_t = 4)]
+        cold_rooms: usize,
+        /// Messages written into each room before reading.
+        #[arg(long, default_value_t = 2000)]
+        fill: usize,
+        /// Reads per second in total.
+        #[arg(long, default_value_t = 5000.0)]
+        rate: f64,
+        /// Fraction of the reads that are cold (0..=1).
+        #[arg(long, default_value_t = 0.1)]
+        cold_fraction: f64,
+        /// Reader sockets (requests are pipelined round-robin over them).
+        #[arg(long, default_value_t = 32)]
+        sockets: usize,
+        /// History page size requested.
+        #[arg(long, default_value_t = 30)]
+        limit: u32,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+/// Everything the connections record, behind one lock (the generator runs on one thread, so the
+/// lock is never contended; it is there because tokio tasks must be `Send`).
+struct Stats {
+    delivery: Histogram<u64>,
+    ack: Histogram<u64>,
+    hot: Histogram<u64>,
+    cold: Histogram<u64>,
+    http_history: Histogram<u64>,
+    http_send: Histogram<u64>,
+    /// Messages acknowledged per room (room index -> count).
+    acked: HashMap<usize, u64>,
+    errors: HashMap<String, u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds, 1 us .. 60 s, 3 significant figures.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Stats {
+    fn new() -> Self {
+        Self {
+            delivery: histogram(),
+            ack: histogram(),
+            hot: histogram(),
+            cold: histogram(),
+            http_history: histogram(),
+            http_send: histogram(),
+            acked: HashMap::new(),
+            errors: HashMap::new(),
+        }
+    }
+
+    fn error(&mut self, what: impl Into<String>) {
+        *self.errors.entry(what.into()).or_default() += 1;
+    }
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).max(1));
+}
+
+#[derive(Default)]
+struct Counters {
+    /// Pushes of new messages received (seq above the last seen in that room on that socket).
+    delivered: AtomicU64,
+    /// Pushes at or below the last seq seen: duplicates (or reordering, which the contract
+    /// forbids as much).
+    duplicates: AtomicU64,
+    sent: AtomicU64,
+    /// Replies received for requests sent (results and errors).
+    replies: AtomicU64,
+    requests: AtomicU64,
+}
+
+type Shared = Arc<(Mutex<Stats>, Counters)>;
+
+// ---------------------------------------------------------------------------------------------
+// The server, seen from outside
+
+#[derive(Clone, Copy)]
+struct ProcSample {
+    cpu_secs: f64,
+    rss_kib: u64,
+}
+
+fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(ProcSample {
+        cpu_secs: (utime + stime) / ticks,
+        rss_kib,
+    })
+}
+
+/// The history cache's hit and miss counters from /metrics.
+async fn cache_counters(http: &reqwest::Client, base: &str) -> (f64, f64) {
+    let Ok(r) = http.get(format!("{base}/metrics")).send().await else {
+        return (0.0, 0.0);
+    };
+    let text = r.text().await.unwrap_or_default();
+    let mut hit = 0.0;
+    let mut miss = 0.0;
+    for line in text.lines() {
+        if !line.starts_with("chat_history_requests_total{") {
+            continue;
+        }
+        let value: f64 = line
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0);
+        if line.contains("cache=\"hit\"") {
+            hit += value;
+        } else if line.contains("cache=\"miss\"") {
+            miss += value;
+        }
+    }
+    (hit, miss)
+}
+
+/// Raises the open-file limit to the hard limit; returns the new soft limit.
+fn raise_nofile() -> libc::rlim_t {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                return wanted.rlim_cur;
+            }
+        }
+        lim.rlim_cur
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup through the management API
+
+struct Gateway {
+    base: String,
+    ws_addr: SocketAddr,
+    http: reqwest::Client,
+    minter: TokenMinter,
+    service_token: String,
+    run_id: String,
+    source_addrs: u8,
+}
+
+impl Gateway {
+    fn new(common: &Common) -> anyhow::Result<Self> {
+        let base = common.url.trim_end_matches('/').to_string();
+        let hostport = base
+            .strip_prefix("http://")
+            .context("--url must be http://<loopback address>:<port>")?;
+        let ws_addr: SocketAddr = hostport
+            .replace("localhost", "127.0.0.1")
+            .parse()
+            .context("--url must name an IP address and port, like http://127.0.0.1:8080")?;
+        if !ws_addr.ip().is_loopback() {
+            bail!("refusing {ws_addr}: the load generator only targets loopback addresses");
+        }
+        let secret = common
+            .jwt_secret
+            .clone()
+            .context("--jwt-secret (or JWT_SECRET) is required: the gateway's HS256 secret")?;
+        let minter = TokenMinter::hs256(&SecretString::from(secret));
+        let service_token = minter.mint(&claims_for("bench-service", None, Role::Service, 7200));
+        let run_id = common.run_id.clone().unwrap_or_else(|| {
+            format!(
+                "b{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            )
+        });
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()?;
+        Ok(Self {
+            base,
+            ws_addr,
+            http,
+            minter,
+            service_token,
+            run_id,
+            source_addrs: common.source_addrs.max(1),
+        })
+    }
+
+    fn room_id(&self, i: usize) -> String {
+        format!("{}-room-{i}", self.run_id)
+    }
+
+    fn user_id(&self, i: usize) -> String {
+        format!("{}-user-{i}", self.run_id)
+    }
+
+    fn token(&self, user: &str) -> String {
+        self.minter
+            .mint(&claims_for(user, Some(user), Role::User, 7200))
+    }
+
+    async fn create_room(&self, room: &str) -> anyhow::Result<()> {
+        let r = self
+            .http
+            .post(format!("{}/api/chat/rooms", self.base))
+            .bearer_auth(&self.service_token)
+            .json(&json!({"id": room, "name": room}))
+            .send()
+            .await?;
+        if r.status() != 201 && r.status() != 409 {
+            bail!("creating room {room}: {} {}", r.status(), r.text().await?);
+        }
+        Ok(())
+    }
+
+    /// Creates the rooms and adds the members, `concurrency` requests at a time.
+    async fn setup(&self, rooms: &[(String, Vec<String>)]) -> anyhow::Result<()> {
+        for (room, _) in rooms {
+            self.create_room(room).await?;
+        }
+        let puts: Vec<(String, String)> = rooms
+            .iter()
+            .flat_map(|(room, members)| members.iter().map(|m| (room.clone(), m.clone())))
+            .collect();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(puts)
+            .map(|(room, user)| async move {
+                let r = self
+                    .http
+                    .put(format!(
+                        "{}/api/chat/rooms/{room}/members/{user}",
+                        self.base
+                    ))
+                    .bearer_auth(&self.service_token)
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("adding {user} to {room}: {}", r.status());
+                }
+                Ok(())
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    async fn tcp(&self, n: usize) -> std::io::Result<tokio::net::TcpStream> {
+        let socket = TcpSocket::new_v4()?;
+        if self.source_addrs > 1 {
+            let last = (n % self.source_addrs as usize) as u8 + 1;
+            socket.bind(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+                0,
+            ))?;
+        }
+        let stream = socket.connect(self.ws_addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One WebSocket client
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// What the generator asks a connection to do.
+enum Cmd {
+    Send {
+        room: usize,
+    },
+    History {
+        room: usize,
+        before: Option<i64>,
+        cold: bool,
+    },
+    Close,
+}
+
+#[derive(Clone, Copy)]
+enum Pending {
+    Send { room: usize, at: Instant },
+    History { at: Instant, cold: bool },
+    Other,
+}
+
+/// A server frame, read only as far as the report needs.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default, borrow)]
+    message: Option<PushMessage<'a>>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct PushMessage<'a> {
+    #[serde(rename = "roomId", borrow)]
+    room_id: std::borrow::Cow<'a, str>,
+    seq: i64,
+    #[serde(borrow)]
+    content: std::borrow::Cow<'a, str>,
+}
+
+/// A connected, authenticated client with its rooms joined.
+struct Client {
+    ws: Ws,
+    next_id: u64,
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Small buffers: thousands of sockets live in this one process.
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+}
+
+impl Client {
+    /// Connects, authenticates with a first `auth` frame and joins `rooms`, waiting for each
+    /// reply (pushes cannot arrive before the joins complete since nothing is sent yet).
+    async fn connect(
+        gw: &Gateway,
+        n: usize,
+        token: &str,
+        rooms: &[String],
+    ) -> anyhow::Result<Self> {
+        let stream = gw.tcp(n).await.context("connect")?;
+        let url = format!("ws://{}/ws", gw.ws_addr);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
+            .await
+            .context("websocket handshake")?;
+        let mut client = Client { ws, next_id: 1 };
+        client
+            .call(json!({"type": "auth", "token": token}))
+            .await
+            .context("auth")?;
+        for room in rooms {
+            client
+                .call(json!({"type": "join", "room": room}))
+                .await
+                .with_context(|| format!("join {room}"))?;
+        }
+        Ok(client)
+    }
+
+    /// Sends one request and waits for its reply (setup only: no pushes expected meanwhile).
+    async fn call(&mut self, mut frame: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        frame["id"] = json!(id);
+        self.ws.send(Message::text(frame.to_string())).await?;
+        let deadline = Duration::from_secs(30);
+        loop {
+            let msg = tokio::time::timeout(deadline, self.ws.next())
+                .await
+                .context("no reply within 30 s")?
+                .context("socket closed")??;
+            let Message::Text(text) = msg else { continue };
+            let reply: serde_json::Value = serde_json::from_str(&text)?;
+            if reply["id"] == json!(id) {
+                if reply["type"] == "error" {
+                    bail!("{}", reply["error"]);
+                }
+                return Ok(reply["result"].clone());
+            }
+        }
+    }
+
+    /// The measured phase: carry out commands, read replies and pushes until told to close.
+    async fn run(
+        mut self,
+        rooms: Arc<Vec<String>>,
+        epoch: Instant,
+        mut cmds: mpsc::Receiver<Cmd>,
+        shared: Shared,
+        user: usize,
+        limit: u32,
+    ) {
+        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        let mut last_seq: HashMap<String, i64> = HashMap::new();
+        let mut counter = 0u64;
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let at = Instant::now();
+                    let frame = match cmd {
+                        Cmd::Close => break,
+                        Cmd::Send { room } => {
+                            counter += 1;
+                            pending.insert(id, Pending::Send { room, at });
+                            shared.1.sent.fetch_add(1, Ordering::Relaxed);
+                            // The send time (us since the run's epoch) travels in the content, so
+                            // every receiver can measure delivery latency.
+                            let t = at.duration_since(epoch).as_micros();
+                            json!({"type": "send", "id": id, "room": rooms[room],
+                                   "content": format!("t={t} u={user} n={counter}"),
+                                   "clientMsgId": format!("u{user}-{counter}")})
+                        }
+                        Cmd::History { room, before, cold } => {
+                            pending.insert(id, Pending::History { at, cold });
+                            let mut f = json!({"type": "history", "id": id, "room": rooms[room],
+                                               "limit": limit});
+                            if let Some(b) = before {
+                                f["before"] = json!(b);
+                            }
+                            f
+                        }
+                    };
+                    shared.1.requests.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.ws.send(Message::text(frame.to_string())).await {
+                        shared.0.lock().unwrap().error(format!("socket write: {e}"));
+                        break;
+                    }
+                }
+                msg = self.ws.next() => {
+                    let text = match msg {
+                        Some(Ok(Message::Text(text))) => text,
+                        Some(Ok(Message::Close(frame))) => {
+                            shared.0.lock().unwrap().error(format!("closed by server: {frame:?}"));
+                            break;
+                        }
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => {
+                            shared.0.lock().unwrap().error(format!("socket read: {e}"));
+                            break;
+                        }
+                        None => {
+                            shared.0.lock().unwrap().error("socket closed by server");
+                            break;
+                        }
+                    };
+                    let now = Instant::now();
+                    let frame: Frame = match serde_json::from_str(&text) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            shared.0.lock().unwrap().error(format!("unparsable frame: {e}"));
+                            continue;
+                        }
+                    };
+                    match frame.kind {
+                        "message" => {
+                            let Some(m) = frame.message else { continue };
+                            if !last_seq.contains_key(&*m.room_id) {
+                                last_seq.insert(m.room_id.to_string(), 0);
+                            }
+                            let last = last_seq.get_mut(&*m.room_id).expect("inserted above");
+                            if m.seq <= *last {
+                                shared.1.duplicates.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            *last = m.seq;
+                            shared.1.delivered.fetch_add(1, Ordering::Relaxed);
+                            let sent_at = m
+                                .content
+                                .strip_prefix("t=")
+                                .and_then(|r| r.split(' ').next())
+                                .and_then(|t| t.parse::<u64>().ok());
+                            if let Some(t) = sent_at {
+                                let since = now.duration_since(epoch).as_micros() as u64;
+                                let mut s = shared.0.lock().unwrap();
+                                s.delivery.saturating_record(since.saturating_sub(t).max(1));
+                            }
+                        }
+                        "result" | "error" => {
+                            shared.1.replies.fetch_add(1, Ordering::Relaxed);
+                            let p = frame
+                                .id
+                                .and_then(|id| pending.remove(&id))
+                                .unwrap_or(Pending::Other);
+                            let mut s = shared.0.lock().unwrap();
+                            if frame.kind == "error" {
+                                let code = frame
+                                    .error
+                                    .as_ref()
+                                    .and_then(|e| e["code"].as_str())
+                                    .unwrap_or("?")
+                                    .to_string();
+                                s.error(format!("error reply: {code}"));
+                                continue;
+                            }
+                            match p {
+                                Pending::Send { room, at } => {
+                                    record(&mut s.ack, now - at);
+                                    *s.acked.entry(room).or_default() += 1;
+                                }
+                                Pending::History { at, cold } => {
+                                    let h = if cold { &mut s.cold } else { &mut s.hot };
+                                    record(h, now - at);
+                                }
+                                Pending::Other => {}
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// Connects `users` clients (`rooms_of(i)` gives the room indexes user i joins), at most
+/// `concurrency` handshakes at a time. Returns the clients in user order.
+async fn connect_all(
+    gw: &Arc<Gateway>,
+    users: usize,
+    room_names: &Arc<Vec<String>>,
+    rooms_of: impl Fn(usize) -> Vec<usize>,
+    user_of: impl Fn(usize) -> String,
+    concurrency: usize,
+) -> anyhow::Result<Vec<Client>> {
+    let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::with_capacity(users);
+    for i in 0..users {
+        let gw = gw.clone();
+        let gate = gate.clone();
+        let done = done.clone();
+        let joins: Vec<String> = rooms_of(i)
+            .into_iter()
+            .map(|r| room_names[r].clone())
+            .collect();
+        let token = gw.token(&user_of(i));
+        handles.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await.expect("semaphore open");
+            let c = Client::connect(&gw, i, &token, &joins).await;
+            done.fetch_add(1, Ordering::Relaxed);
+            c
+        }));
+    }
+    let mut clients = Vec::with_capacity(users);
+    for (i, h) in handles.into_iter().enumerate() {
+        let c = h.await?.with_context(|| format!("socket {i} of {users}"))?;
+        clients.push(c);
+    }
+    Ok(clients)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pacing and the report
+
+/// Calls `f(k)` for k = 0, 1, 2, ... at `rate` per second for `duration` (ticks of 1 ms, each
+/// issuing what is due, so high rates are exact on average and not limited by timer resolution).
+async fn paced(rate: f64, duration: Duration, mut f: impl FnMut(u64)) -> u64 {
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut issued = 0u64;
+    loop {
+        tick.tick().await;
+        let elapsed = start.elapsed().min(duration);
+        let due = (elapsed.as_secs_f64() * rate) as u64;
+        while issued < due {
+            f(issued);
+            issued += 1;
+        }
+        if elapsed >= duration {
+            return issued;
+        }
+    }
+}
+
+fn line(name: &str, h: &Histogram<u64>) {
+    if h.is_empty() {
+        return;
+    }
+    let ms = |v: u64| v as f64 / 1000.0;
+    println!(
+        "{name:<22} n={:<9} p50={:.3}ms p95={:.3}ms p99={:.3}ms max={:.3}ms",
+        h.len(),
+        ms(h.value_at_quantile(0.50)),
+        ms(h.value_at_quantile(0.95)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.max()),
+    );
+}
+
+struct Observer {
+    pid: Option<u32>,
+    before: Option<ProcSample>,
+    cache_before: (f64, f64),
+    started: Instant,
+}
+
+impl Observer {
+    async fn start(gw: &Gateway, pid: Option<u32>) -> Self {
+        Self {
+            pid,
+            before: pid.and_then(|p| proc_sample(p).ok()),
+            cache_before: cache_counters(&gw.http, &gw.base).await,
+            started: Instant::now(),
+        }
+    }
+
+    /// Prints the server-side lines; returns the server CPU seconds spent, when known.
+    async fn finish(&self, gw: &Gateway) -> Option<f64> {
+        let wall = self.started.elapsed().as_secs_f64();
+        let (hit, miss) = cache_counters(&gw.http, &gw.base).await;
+        let (dh, dm) = (hit - self.cache_before.0, miss - self.cache_before.1);
+        if dh + dm > 0.0 {
+            println!(
+                "history cache          hits={dh} misses={dm} hit_ratio={:.1}%",
+                100.0 * dh / (dh + dm)
+            );
+        }
+        let (pid, before) = (self.pid?, self.before?);
+        let after = proc_sample(pid).ok()?;
+        let cpu = after.cpu_secs - before.cpu_secs;
+        println!(
+            "server                 cpu={cpu:.2}s over {wall:.1}s ({:.0}% of a core) rss={} KiB (was {} KiB)",
+            100.0 * cpu / wall,
+            after.rss_kib,
+            before.rss_kib
+        );
+        Some(cpu)
+    }
+}
+
+fn print_errors(stats: &Stats) -> u64 {
+    let total: u64 = stats.errors.values().sum();
+    println!("errors                 {total}");
+    let mut errors: Vec<_> = stats.errors.iter().collect();
+    errors.sort();
+    for (what, n) in errors {
+        println!("  {n:>8}  {what}");
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/// Rooms of WebSocket members with senders: `chat` and `fanout` share it.
+struct RoomLoad {
+    /// (room index, sender user index) per send, round-robin.
+    senders: Vec<(usize, usize)>,
+    /// Sockets joined per room: deliveries expected per acknowledged message.
+    members_per_room: Vec<u64>,
+}
+
+async fn run_rooms(
+    gw: Arc<Gateway>,
+    common: &Common,
+    users: usize,
+    room_of: Vec<usize>,
+    rooms: usize,
+    load: RoomLoad,
+    rate: f64,
+) -> anyhow::Result<u64> {
+    let room_names: Arc<Vec<String>> = Arc::new((0..rooms).map(|r| gw.room_id(r)).collect());
+    let members: Vec<(String, Vec<String>)> = (0..rooms)
+        .map(|r| {
+            let m = (0..users)
+                .filter(|u| room_of[*u] == r)
+                .map(|u| gw.user_id(u))
+                .collect();
+            (room_names[r].clone(), m)
+        })
+        .collect();
+    let t = Instant::now();
+    gw.setup(&members).await?;
+    println!(
+        "setup                  {rooms} rooms, {users} members in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let clients = connect_all(
+        &gw,
+        users,
+        &room_names,
+        |u| vec![room_of[u]],
+        |u| gw.user_id(u),
+        common.connect_concurrency,
+    )
+    .await?;
+    println!(
+        "connected              {users} sockets (auth + join) in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
+    let epoch = Instant::now();
+    let mut txs = Vec::with_capacity(users);
+    let mut tasks = Vec::with_capacity(users);
+    for (u, client) in clients.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(1024);
+        txs.push(tx);
+        tasks.push(tokio::spawn(client.run(
+            room_names.clone(),
+            epoch,
+            rx,
+            shared.clone(),
+            u,
+            30,
+        )));
+    }
+    let observer = Observer::start(&gw, common.server_pid).await;
+    let duration = Duration::from_secs(common.duration);
+    let mut overflow = 0u64;
+    let issued = paced(rate, duration, |k| {
+        let (room, user) = load.senders[(k % load.senders.len() as u64) as usize];
+        if txs[user].try_send(Cmd::Send { room }).is_err() {
+            overflow += 1;
+        }
+    })
+    .await;
+    let load_secs = observer.started.elapsed().as_secs_f64();
+    // Drain: until every acknowledged message reached every member, or the drain time is up.
+    let drain_until = Instant::now() + Duration::from_millis(common.drain_ms);
+    let expected = || {
+        let s = shared.0.lock().unwrap();
+        s.acked
+            .iter()
+            .map(|(room, n)| n * load.members_per_room[*room])
+            .sum::<u64>()
+    };
+    while Instant::now() < drain_until {
+        let c = &shared.1;
+        // Every scheduled command taken up by its connection, every request answered, every
+        // acknowledged message delivered to every member.
+        let requests = c.requests.load(Ordering::Relaxed);
+        if requests >= issued - overflow
+            && c.replies.load(Ordering::Relaxed) >= requests
+            && c.delivered.load(Ordering::Relaxed) >= expected()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu = observer.finish(&gw).await;
+    for tx in &txs {
+        let _ = tx.try_send(Cmd::Close);
+    }
+    drop(txs);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+
+    let c = &shared.1;
+    let stats = shared.0.lock().unwrap();
+    let sent = c.sent.load(Ordering::Relaxed);
+    let acked: u64 = stats.acked.values().sum();
+    let delivered = c.delivered.load(Ordering::Relaxed);
+    let expected = stats
+        .acked
+        .iter()
+        .map(|(room, n)| n * load.members_per_room[*room])
+        .sum::<u64>();
+    println!(
+        "sent                   {sent} ({:.0} msgs/s; {issued} scheduled, {overflow} dropped: generator backlog)",
+        sent as f64 / load_secs
+    );
+    println!(
+        "acknowledged           {acked} ({:.0} msgs/s)",
+        acked as f64 / load_secs
+    );
+    println!(
+        "delivered              {delivered} of {expected} expected ({:.0}/s)",
+        delivered as f64 / load_secs
+    );
+    let lost = expected.saturating_sub(delivered);
+    let unanswered = c
+        .requests
+        .load(Ordering::Relaxed)
+        .saturating_sub(c.replies.load(Ordering::Relaxed));
+    let duplicates = c.duplicates.load(Ordering::Relaxed);
+    println!("lost                   {lost} (acknowledged, not delivered to every member)");
+    println!("unanswered sends       {unanswered}");
+    println!("duplicates             {duplicates}");
+    line("send ack latency", &stats.ack);
+    line("delivery latency", &stats.delivery);
+    let errors = print_errors(&stats);
+    if let Some(cpu) = cpu
+        && delivered > 0
+    {
+        println!(
+            "server cpu per delivery {:.2} us (per message {:.1} us)",
+            cpu * 1e6 / delivered as f64,
+            cpu * 1e6 / acked.max(1) as f64
+        );
+    }
+    Ok(errors + lost + unanswered + duplicates + overflow)
+}
+
+async fn chat(
+    gw: Arc<Gateway>,
+    common: &Common,
+    users: usize,
+    room_size: usize,
+    rate: f64,
+) -> anyhow::Result<u64> {
+    let room_size = room_size.clamp(1, users.max(1));
+    let rooms = users.div_ceil(room_size);
+    let room_of: Vec<usize> = (0..users).map(|u| u / room_size).collect();
+    let members_per_room = (0..rooms)
+        .map(|r| room_of.iter().filter(|x| **x == r).count() as u64)
+        .collect();
+    // Round-robin over rooms first, then over each room's members, so every room gets the same
+    // share of the rate and every user sends.
+    let senders = (0..users)
+        .map(|k| {
+            let room = k % rooms;
+            let first = room * room_size;
+            let size = room_size.min(users - first);
+            (room, first + (k / rooms) % size)
+        })
+        .collect();
+    println!(
+        "scenario               chat: {users} users, rooms of {room_size} ({rooms} rooms), {rate} msgs/s for {}s",
+        common.duration
+    );
+    let load = RoomLoad {
+        senders,
+        members_per_room,
+    };
+    run_rooms(gw, common, users, room_of, rooms, load, rate).await
+}
+
+async fn fanout(
+    gw: Arc<Gateway>,
+    common: &Common,
+    rooms: usize,
+    receivers: usize,
+    rate: f64,
+) -> anyhow::Result<u64> {
+    let rooms = rooms.max(1);
+    // Per room: `receivers` receivers and one sender (who has joined too and receives its own).
+    let per_room = receivers + 1;
+    let users = rooms * per_room;
+    let room_of: Vec<usize> = (0..users).map(|u| u / per_room).collect();
+    let members_per_room = vec![per_room as u64; rooms];
+    let senders = (0..rooms).map(|r| (r, r * per_room)).collect();
+    println!(
+        "scenario               fanout: {rooms} rooms x {receivers} receivers (+1 sender each), {rate} msgs/s for {}s",
+        common.duration
+    );
+    let load = RoomLoad {
+        senders,
+        members_per_room,
+    };
+    run_rooms(gw, common, users, room_of, rooms, load, rate).await
+}
+
+async fn idle(gw: Arc<Gateway>, common: &Common, sockets: usize) -> anyhow::Result<u64> {
+    let limit = raise_nofile();
+    println!(
+        "scenario               idle: {sockets} authenticated sockets (open-file limit here {limit})"
+    );
+    if (sockets as u64) + 64 > limit {
+        bail!("{sockets} sockets need a higher open-file limit than {limit} (ulimit -n)");
+    }
+    let before = common.server_pid.and_then(|p| proc_sample(p).ok());
+    let t = Instant::now();
+    let no_rooms: Arc<Vec<String>> = Arc::new(Vec::new());
+    let user = gw.user_id(0);
+    // Authenticated sockets need distinct users past the per-user limit (10 per node).
+    let clients = connect_all(
+        &gw,
+        sockets,
+        &no_rooms,
+        |_| Vec::new(),
+        |u| format!("{user}-{u}"),
+        common.connect_concurrency,
+    )
+    .await?;
+    let connect_secs = t.elapsed().as_secs_f64();
+    println!(
+        "connected              {} sockets in {connect_secs:.1}s ({:.0}/s)",
+        clients.len(),
+        clients.len() as f64 / connect_secs
+    );
+    // Each socket gets a reader, so the server's heartbeat pings are answered and a close by the
+    // server is counted.
+    let closed = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let closed = closed.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        msg = c.ws.next() => match msg {
+                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                                closed.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            Some(Ok(_)) => {}
+                        },
+                    }
+                }
+                let _ = c.ws.close(None).await;
+            })
+        })
+        .collect();
+    // Let the server settle (allocator, timers), sample, then hold for the rest of the duration.
+    tokio::time::sleep(Duration::from_secs(common.duration.min(5))).await;
+    let during = common.server_pid.and_then(|p| proc_sample(p).ok());
+    tokio::time::sleep(Duration::from_secs(common.duration.saturating_sub(5))).await;
+    let closed = closed.load(Ordering::Relaxed);
+    let alive = sockets - closed;
+    println!("still open             {alive} of {sockets}");
+    if let (Some(b), Some(d)) = (before, during) {
+        let per = (d.rss_kib.saturating_sub(b.rss_kib)) as f64 * 1024.0 / sockets as f64;
+        println!(
+            "server rss             {} KiB before, {} KiB with the sockets: {:.2} KiB per connection ({per:.0} bytes)",
+            b.rss_kib,
+            d.rss_kib,
+            per / 1024.0
+        );
+    }
+    stop.cancel();
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    println!("errors                 {closed}");
+    Ok(closed as u64)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn history(
+    gw: Arc<Gateway>,
+    common: &Common,
+    hot_rooms: usize,
+    cold_rooms: usize,
+    fill: usize,
+    rate: f64,
+    cold_fraction: f64,
+    sockets: usize,
+    limit: u32,
+) -> anyhow::Result<u64> {
+    let hot_rooms = hot_rooms.max(1);
+    let rooms = hot_rooms + cold_rooms;
+    let sockets = sockets.max(1);
+    println!(
+        "scenario               history: {hot_rooms} hot rooms, {cold_rooms} cold rooms of {fill} messages, {rate} reads/s ({:.0}% cold), {sockets} sockets, limit {limit}",
+        cold_fraction * 100.0
+    );
+    let room_names: Arc<Vec<String>> = Arc::new((0..rooms).map(|r| gw.room_id(r)).collect());
+    let readers: Vec<String> = (0..sockets).map(|u| gw.user_id(u)).collect();
+    let members: Vec<(String, Vec<String>)> = room_names
+        .iter()
+        .map(|r| (r.clone(), readers.clone()))
+        .collect();
+    gw.setup(&members).await?;
+    // Fill every room (hot ones too, so their page is full) over one socket per room, pipelined.
+    let t = Instant::now();
+    let fills: Vec<anyhow::Result<()>> = futures::stream::iter(0..rooms)
+        .map(|r| {
+            let gw = gw.clone();
+            let room = room_names[r].clone();
+            let token = gw.token(&readers[r % sockets]);
+            let n = if r < hot_rooms {
+                (limit as usize).min(fill)
+            } else {
+                fill
+            };
+            async move { fill_room(&gw, r, &token, &room, n).await }
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    fills.into_iter().collect::<anyhow::Result<()>>()?;
+    println!(
+        "filled                 {rooms} rooms in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let clients = connect_all(
+        &gw,
+        sockets,
+        &room_names,
+        |_| Vec::new(),
+        |u| gw.user_id(u),
+        common.connect_concurrency,
+    )
+    .await?;
+    let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
+    let epoch = Instant::now();
+    let mut txs = Vec::new();
+    let mut tasks = Vec::new();
+    for (u, client) in clients.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(4096);
+        txs.push(tx);
+        tasks.push(tokio::spawn(client.run(
+            room_names.clone(),
+            epoch,
+            rx,
+            shared.clone(),
+            u,
+            limit,
+        )));
+    }
+    let observer = Observer::start(&gw, common.server_pid).await;
+    let mut overflow = 0u64;
+    let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next_random = move || {
+        // xorshift64*: cheap, reproducible page choice.
+        rng_state ^= rng_state >> 12;
+        rng_state ^= rng_state << 25;
+        rng_state ^= rng_state >> 27;
+        rng_state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let cold_every = if cold_fraction > 0.0 && cold_rooms > 0 {
+        (1.0 / cold_fraction.min(1.0)).round().max(1.0) as u64
+    } else {
+        0
+    };
+    let issued = paced(rate, Duration::from_secs(common.duration), |k| {
+        let cmd = if cold_every > 0 && k % cold_every == 0 {
+            let room = hot_rooms + (next_random() % cold_rooms as u64) as usize;
+            let before = limit as u64
+                + 1
+                + next_random() % (fill as u64).saturating_sub(limit as u64).max(1);
+            Cmd::History {
+                room,
+                before: Some(before as i64),
+                cold: true,
+            }
+        } else {
+            Cmd::History {
+                room: (k % hot_rooms as u64) as usize,
+                before: None,
+                cold: false,
+            }
+        };
+        if txs[(k % sockets as u64) as usize].try_send(cmd).is_err() {
+            overflow += 1;
+        }
+    })
+    .await;
+    let load_secs = observer.started.elapsed().as_secs_f64();
+    let drain_until = Instant::now() + Duration::from_millis(common.drain_ms);
+    while Instant::now() < drain_until
+        && (shared.1.requests.load(Ordering::Relaxed) < issued - overflow
+            || shared.1.replies.load(Ordering::Relaxed) < shared.1.requests.load(Ordering::Relaxed))
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    observer.finish(&gw).await;
+    for tx in &txs {
+        let _ = tx.try_send(Cmd::Close);
+    }
+    drop(txs);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let stats = shared.0.lock().unwrap();
+    let replies = shared.1.replies.load(Ordering::Relaxed);
+    println!(
+        "reads                  {replies} replies ({:.0}/s; {issued} scheduled, {overflow} dropped: generator backlog)",
+        replies as f64 / load_secs
+    );
+    line("hot page latency", &stats.hot);
+    line("cold page latency", &stats.cold);
+    let errors = print_errors(&stats);
+    Ok(errors
+        + overflow
+        + shared
+            .1
+            .requests
+            .load(Ordering::Relaxed)
+            .saturating_sub(replies))
+}
+
+/// Writes `n` messages into `room` over one socket, pipelined in windows of 64.
+async fn fill_room(
+    gw: &Gateway,
+    k: usize,
+    token: &str,
+    room: &str,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut c = Client::connect(gw, k, token, &[]).await?;
+    let mut sent = 0usize;
+    while sent < n {
+        let window = (n - sent).min(64);
+        let first = c.next_id;
+        for i in 0..window {
+            let id = c.next_id;
+            c.next_id += 1;
+            let f = json!({"type": "send", "id": id, "room": room,
+                           "content": format!("fill {}", sent + i), "clientMsgId": format!("fill-{}", sent + i)});
+            c.ws.feed(Message::text(f.to_string())).await?;
+        }
+        c.ws.flush().await?;
+        let mut got = 0usize;
+        while got < window {
+            let msg = tokio::time::timeout(Duration::from_secs(30), c.ws.next())
+                .await
+                .context("fill: no reply within 30 s")?
+                .context("fill: socket closed")??;
+            let Message::Text(text) = msg else { continue };
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            if v["type"] == "error" {
+                bail!("fill {room}: {}", v["error"]);
+            }
+            if v["type"] == "result" && v["id"].as_u64().is_some_and(|id| id >= first) {
+                got += 1;
+            }
+        }
+        sent += window;
+    }
+    let _ = c.ws.close(None).await;
+    Ok(())
+}
+
+async fn seed(
+    gw: Arc<Gateway>,
+    common: &Common,
+    users: usize,
+    rooms: usize,
+    think_ms: u64,
+    limit: u32,
+) -> anyhow::Result<u64> {
+    let rooms = rooms.clamp(1, users.max(1));
+    println!(
+        "scenario               seed: {users} users over {rooms} rooms, GET history + POST send, {think_ms} ms pause, {}s",
+        common.duration
+    );
+    let room_names: Vec<String> = (0..rooms).map(|r| gw.room_id(r)).collect();
+    let members: Vec<(String, Vec<String>)> = (0..rooms)
+        .map(|r| {
+            let m = (0..users)
+                .filter(|u| u % rooms == r)
+                .map(|u| gw.user_id(u))
+                .collect();
+            (room_names[r].clone(), m)
+        })
+        .collect();
+    gw.setup(&members).await?;
+    let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
+    let observer = Observer::start(&gw, common.server_pid).await;
+    let deadline = Instant::now() + Duration::from_secs(common.duration);
+    let iterations = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for u in 0..users {
+        let gw = gw.clone();
+        let shared = shared.clone();
+        let iterations = iterations.clone();
+        let url = format!(
+            "{}/api/chat/rooms/{}/messages",
+            gw.base,
+            room_names[u % rooms]
+        );
+        let token = gw.token(&gw.user_id(u));
+        // Spread the users' first iterations over one pause, as a ramp would.
+        let offset = Duration::from_millis(think_ms * u as u64 / users.max(1) as u64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = gw
+                    .http
+                    .get(format!("{url}?limit={limit}"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
+                let ok = match r {
+                    Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+                    Ok(r) => {
+                        shared
+                            .0
+                            .lock()
+                            .unwrap()
+                            .error(format!("history HTTP {}", r.status()));
+                        false
+                    }
+                    Err(e) => {
+                        shared.0.lock().unwrap().error(format!("history: {e}"));
+                        false
+                    }
+                };
+                if ok {
+                    record(&mut shared.0.lock().unwrap().http_history, t.elapsed());
+                }
+                let t = Instant::now();
+                let body =
+                    json!({"content": format!("load {u}/{n}"), "clientMsgId": format!("s{u}-{n}")});
+                let r = gw
+                    .http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await;
+                shared.1.sent.fetch_add(1, Ordering::Relaxed);
+                match r {
+                    Ok(r) if r.status() == 201 => {
+                        let _ = r.bytes().await;
+                        let mut s = shared.0.lock().unwrap();
+                        record(&mut s.http_send, t.elapsed());
+                        *s.acked.entry(0).or_default() += 1;
+                    }
+                    Ok(r) => shared
+                        .0
+                        .lock()
+                        .unwrap()
+                        .error(format!("send HTTP {}", r.status())),
+                    Err(e) => shared.0.lock().unwrap().error(format!("send: {e}")),
+                }
+                n += 1;
+                iterations.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(think_ms)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let secs = observer.started.elapsed().as_secs_f64();
+    observer.finish(&gw).await;
+    let stats = shared.0.lock().unwrap();
+    let its = iterations.load(Ordering::Relaxed);
+    let requests = its * 2;
+    println!(
+        "iterations             {its} ({:.0}/s, {:.0} requests/s)",
+        its as f64 / secs,
+        requests as f64 / secs
+    );
+    line("GET history", &stats.http_history);
+    line("POST send", &stats.http_send);
+    let errors = print_errors(&stats);
+    println!(
+        "error rate             {:.3}%",
+        100.0 * errors as f64 / requests.max(1) as f64
+    );
+    Ok(errors)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let common = cli.common.clone();
+    if common.duration == 0 || common.duration > MAX_DURATION_SECS {
+        bail!("--duration must be 1..={MAX_DURATION_SECS} seconds");
+    }
+    let sockets = match &cli.scenario {
+        Scenario::Seed { .. } => 0,
+        Scenario::Chat { users, .. } => *users,
+        Scenario::Fanout {
+            rooms, receivers, ..
+        } => rooms * (receivers + 1),
+        Scenario::Idle { sockets } => *sockets,
+        Scenario::History { sockets, .. } => *sockets,
+    };
+    if sockets > MAX_SOCKETS {
+        bail!("{sockets} sockets: at most {MAX_SOCKETS}");
+    }
+    let rate = match &cli.scenario {
+        Scenario::Chat { rate, .. }
+        | Scenario::Fanout { rate, .. }
+        | Scenario::History { rate, .. } => *rate,
+        _ => 1.0,
+    };
+    if !(rate > 0.0 && rate <= MAX_RATE) {
+        bail!("--rate must be in (0, {MAX_RATE}]");
+    }
+    raise_nofile();
+    // One thread: the generator is pinned to one core in benchmarks (taskset -c 1).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let gw = Arc::new(Gateway::new(&common)?);
+        let started = Instant::now();
+        let result = match cli.scenario {
+            Scenario::Seed { users, rooms, think_ms, limit } => seed(gw, &common, users, rooms, think_ms, limit).await,
+            Scenario::Chat { users, room_size, rate } => chat(gw, &common, users, room_size, rate).await,
+            Scenario::Fanout { rooms, receivers, rate } => fanout(gw, &common, rooms, receivers, rate).await,
+            Scenario::Idle { sockets } => idle(gw, &common, sockets).await,
+            Scenario::History { hot_rooms, cold_rooms, fill, rate, cold_fraction, sockets, limit } => {
+                history(gw, &common, hot_rooms, cold_rooms, fill, rate, cold_fraction, sockets, limit).await
+            }
+        };
+        println!("wall time              {:.1}s", started.elapsed().as_secs_f64());
+        let problems = result?;
+        if common.fail_on_errors && problems > 0 {
+            bail!("{problems} errors, lost or duplicated messages, or unsent requests (--fail-on-errors)");
+        }
+        Ok(())
+    })
+}
