@@ -127,7 +127,11 @@ impl Connection {
                 .as_ref()
                 .and_then(|s| s.typing.values().map(|(lapses, _)| *lapses).min());
             let warn_at = match &self.session {
-                Some(s) if !s.warned => expires_at.map(|t| t.checked_sub(warning).unwrap_or(t)),
+                // Before the token's own `exp` (what the client sees), not its leeway-extended end.
+                Some(s) if !s.warned => {
+                    let exp = deadline_of(s.identity.expires_at);
+                    Some(exp.checked_sub(warning).unwrap_or(exp))
+                }
                 _ => None,
             };
             tokio::select! {
