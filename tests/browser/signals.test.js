@@ -112,3 +112,61 @@ test("unread badge: counts messages of a room not open, clears when it is opened
   await alice.context.close();
   await again.context.close();
 });
+
+test("SDK: a burst of markRead is one mark_read with the highest seq; a lost typing stop expires", async () => {
+  const context = await browser.newContext();
+  context.setDefaultTimeout(10_000);
+  const page = await context.newPage();
+  const sent = [];
+  page.on("websocket", (ws) => ws.on("framesent", (f) => sent.push({ url: ws.url(), ...JSON.parse(f.payload) })));
+  await page.goto(`${gateway.url}/healthz`);
+  const r = await page.evaluate(async () => {
+    const sdk = await import("/sdk/chat-gateway.js");
+    const token = async (name) =>
+      (await (await fetch("/dev/token", { method: "POST", body: JSON.stringify({ name }) })).json()).token;
+    // Vic's socket loses every typing stop, as if Wes vanished without one.
+    class NoStops extends WebSocket {
+      set onmessage(fn) {
+        super.onmessage = fn && ((ev) => (JSON.parse(ev.data).type === "typing" && !JSON.parse(ev.data).typing ? null : fn(ev)));
+      }
+      get onmessage() {
+        return super.onmessage;
+      }
+    }
+    const vic = sdk.connect("/ws?vic", { token: await token("Vic"), WebSocket: NoStops });
+    const wes = sdk.connect("/ws?wes", { token: await token("Wes") });
+    const typing = [];
+    await vic.join("sig", { onTyping: (t) => typing.push({ ...t, at: performance.now() }) });
+    await wes.join("sig");
+    for (const text of ["a", "b", "c"]) await wes.send("sig", text);
+
+    await Promise.all([vic.markRead("sig", 1), vic.markRead("sig", 3), vic.markRead("sig", 2)]);
+    await vic.markRead("sig", 2); // below what was sent: nothing to send
+    const unread = (await vic.rooms()).rooms.find((x) => x.id === "sig");
+
+    const started = performance.now();
+    wes.typing("sig", true);
+    while (!typing.length && performance.now() - started < 5000) await new Promise((r) => setTimeout(r, 20));
+    wes.typing("sig", false); // the stop is lost on Vic's side
+    while (typing.length < 2 && performance.now() - started < 10000) await new Promise((r) => setTimeout(r, 50));
+    vic.close();
+    wes.close();
+    return { typing: typing.map(({ at, ...t }) => ({ ...t, afterMs: Math.round(at - typing[0].at) })), unread };
+  });
+  const marks = sent.filter((f) => f.type === "mark_read");
+  assert.deepEqual(marks.map((f) => f.seq), [3], "one mark, the highest seq");
+  // rooms(): the summary of the room (the mark itself is written within about half a second).
+  assert.equal(r.unread.lastSeq, 3);
+  assert.equal(r.unread.lastMessage.content, "c");
+  assert.equal(r.typing.length, 2, JSON.stringify(r.typing));
+  assert.deepEqual(
+    { ...r.typing[0], afterMs: 0 },
+    { room: "sig", userId: "wes", name: "Wes", typing: true, expiresInMs: 6000, afterMs: 0 },
+  );
+  assert.equal(r.typing[1].typing, false);
+  assert.equal(r.typing[1].expired, true);
+  assert.ok(r.typing[1].afterMs >= 5900, `expired after ${r.typing[1].afterMs} ms`);
+  // Wes's typing: one start, one stop, nothing repeated within the 2.5 s repeat interval.
+  assert.deepEqual(sent.filter((f) => f.type === "typing").map((f) => f.typing), [true, false]);
+  await context.close();
+});
