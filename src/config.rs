@@ -104,7 +104,9 @@ pub struct SignalSettings {
     pub typing_refresh_ms: u64,
     pub read_flush_ms: u64,
     pub read_receipts: bool,
+    pub read_receipts_max_members: i64,
     pub max_rooms_listed: u32,
+    pub presence_lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,6 +231,9 @@ impl Settings {
                 "limits.history_default_limit",
                 "must not exceed limits.history_max_limit",
             );
+        }
+        if self.signals.presence_lease_ms < 300 {
+            return fail("signals.presence_lease_ms", "must be at least 300");
         }
         if self.signals.typing_timeout_ms < 100 {
             return fail("signals.typing_timeout_ms", "must be at least 100");

@@ -32,6 +32,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/chat/rooms", post(create_room).get(my_rooms))
         .route("/api/chat/rooms/{room}/read", post(mark_read))
+        .route("/api/chat/rooms/{room}/presence", get(presence))
         .route("/api/chat/rooms/{room}/messages", get(history).post(send))
         .route(
             "/api/chat/rooms/{room}/members/{user}",
@@ -279,6 +280,28 @@ async fn my_rooms(
     .await;
     match result {
         Ok(rooms) => Json(crate::protocol::RoomsResult::new(&rooms)).into_response(),
+        Err(e) => error_response(&app, e),
+    }
+}
+
+/// Who is online in the room (`?cursor=&limit=`), as the socket's `presence`.
+async fn presence(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path(room): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let result = async {
+        let limit = query_number::<u32>(&q, "limit")?;
+        let cursor = q
+            .get("cursor")
+            .map(String::as_str)
+            .filter(|c| !c.is_empty());
+        app.service.presence(&who, &room, cursor, limit).await
+    }
+    .await;
+    match result {
+        Ok(page) => Json(page).into_response(),
         Err(e) => error_response(&app, e),
     }
 }

@@ -29,6 +29,7 @@ pub mod error;
 pub mod http;
 pub mod membership;
 pub mod metrics;
+pub mod presence;
 pub mod protocol;
 pub mod queue;
 pub mod ratelimit;
@@ -142,6 +143,9 @@ struct Backing {
     cache: Arc<dyn cache::HistoryCache>,
     queue: Arc<dyn queue::JobQueue>,
     limiter: Arc<dyn RateLimiter>,
+    presence: Arc<dyn presence::Presence>,
+    /// The Redis presence, whose janitor keeps this node's lease and reaps dead nodes.
+    redis_presence: Option<Arc<presence::RedisPresence>>,
     redis: Option<RedisParts>,
     /// The receiving end of the in-process queue, for the in-process worker.
     memory_jobs: Option<tokio::sync::mpsc::Receiver<queue::Job>>,
@@ -171,6 +175,8 @@ fn backing(
                 } else {
                     Arc::new(Unlimited)
                 },
+                presence: Arc::new(presence::MemoryPresence::default()),
+                redis_presence: None,
                 redis: None,
                 memory_jobs: Some(jobs),
             }
@@ -181,7 +187,11 @@ fn backing(
                 Arc::new(move || registry.resync_all()) as Arc<dyn Fn() + Send + Sync>
             };
             let broker = RedisBroker::start(conn.clone(), sink, resync, shutdown.clone());
+            let lease = Duration::from_millis(settings.signals.presence_lease_ms);
+            let redis_presence = Arc::new(presence::RedisPresence::new(conn.clone(), lease));
             Backing {
+                presence: redis_presence.clone(),
+                redis_presence: Some(redis_presence),
                 broker: broker.clone(),
                 cache: Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl)),
                 queue: Arc::new(RedisJobQueue::new(conn.clone())),
@@ -238,9 +248,13 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         cache,
         queue,
         limiter,
+        presence,
+        redis_presence,
         redis: redis_parts,
         memory_jobs,
     } = backing(&settings, redis, &registry, &shutdown);
+    let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
+    registry.set_presence_changes(presence_tx);
     {
         let broker = Arc::downgrade(&broker);
         registry.set_unsubscriber(move |room| {
@@ -301,7 +315,12 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         cache,
         outbox_wake,
         queue,
+        presence,
         read_marks: Default::default(),
+        room_sizes: moka::sync::Cache::builder()
+            .time_to_live(Duration::from_secs(60))
+            .max_capacity(100_000)
+            .build(),
         limiter,
         registry,
         membership,
@@ -320,6 +339,26 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             .as_ref()
             .map(|p| (p.conn.clone(), p.broker.clone())),
     });
+    tokio::spawn(app.service.clone().run_presence(presence_rx));
+    if let Some(redis_presence) = redis_presence {
+        let service = app.service.clone();
+        let stop = app.shutdown.clone();
+        tokio::spawn(async move {
+            let runtime = tokio::runtime::Handle::current();
+            let on_gone = move |room: String, user: String, online: u64| {
+                let service = service.clone();
+                runtime.spawn(async move {
+                    let diff = broker::PresenceDiff {
+                        online,
+                        joined: Vec::new(),
+                        left: vec![user],
+                    };
+                    service.publish_presence(&room, diff).await;
+                });
+            };
+            redis_presence.run_janitor(on_gone, stop).await;
+        });
+    }
     {
         // Queues the coalesced read marks; the final flush happens in `run` at shutdown.
         let service = app.service.clone();

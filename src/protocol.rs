@@ -59,6 +59,15 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    /// Who is online in the room: the count, and a page of users (`cursor` from the last page).
+    Presence {
+        id: RequestId,
+        room: String,
+        #[serde(default)]
+        cursor: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// "I am typing" (`typing: true`, repeat every few seconds while it lasts) or "I stopped".
     /// Needs the room joined on this socket. Ephemeral: never stored.
     Typing {
@@ -79,6 +88,7 @@ impl ClientFrame {
             | ClientFrame::Typing { id, .. }
             | ClientFrame::MarkRead { id, .. }
             | ClientFrame::Rooms { id, .. }
+            | ClientFrame::Presence { id, .. }
             | ClientFrame::Ping { id } => id,
         }
     }
@@ -112,6 +122,13 @@ pub enum ServerFrame<'a, T: Serialize> {
         typing: bool,
         #[serde(rename = "expiresInMs")]
         expires_in_ms: u64,
+    },
+    /// Push: users came online in the room or went offline (at most one per room per second).
+    Presence {
+        room: &'a str,
+        online: u64,
+        joined: &'a [crate::presence::OnlineUser],
+        left: &'a [String],
     },
     /// Push: a member read the room up to `seq` (a read receipt).
     Read {
@@ -170,6 +187,16 @@ pub struct SendResult<'a> {
     pub message: WireMessage<'a>,
     /// True when this `clientMsgId` had already been stored: nothing new was created.
     pub duplicate: bool,
+}
+
+/// Result of `presence`.
+#[derive(Debug, Serialize)]
+pub struct PresenceResult<'a> {
+    pub room: &'a str,
+    pub online: u64,
+    pub users: Vec<crate::presence::OnlineUser>,
+    #[serde(rename = "nextCursor")]
+    pub next_cursor: Option<String>,
 }
 
 /// Result of `mark_read`.
@@ -366,6 +393,7 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
                             | "history"
                             | "ping"
                             | "typing"
+                            | "presence"
                             | "mark_read"
                             | "rooms"
                     )

@@ -25,13 +25,35 @@ use dashmap::DashMap;
 use tokio::sync::{OnceCell, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{EventSink, Published, RoomEvent};
+use crate::broker::{EventSink, PresenceDiff, Published, RoomEvent};
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
+use crate::presence::OnlineUser;
 use crate::protocol::{self, Push, WireMessage, close};
 use crate::store::{Message, Store};
 
 pub type ConnId = u64;
+
+/// At most one presence push per room per second.
+const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A presence transition of this node: a user's first socket joined a room, or their last left.
+#[derive(Debug, Clone)]
+pub struct PresenceChange {
+    pub room: String,
+    pub user: OnlineUser,
+    pub arrived: bool,
+}
+
+/// Presence diffs merged since the last push of a room.
+#[derive(Default)]
+struct PendingPresence {
+    online: Option<u64>,
+    joined: std::collections::BTreeMap<String, Option<String>>,
+    left: std::collections::BTreeSet<String>,
+    last_push: Option<tokio::time::Instant>,
+    flush_scheduled: bool,
+}
 
 /// How far ahead of what a hub delivered an event's sequence may be. Beyond it the event cannot
 /// come from a gateway (the store would have to be that far ahead) and is ignored, so a stray
@@ -139,6 +161,8 @@ impl Outbox {
 pub struct ConnShared {
     pub id: ConnId,
     pub user_id: String,
+    /// The user's display name (for presence lists).
+    pub name: Option<String>,
     pub out: Outbox,
     /// Rooms this socket has joined.
     pub rooms: Mutex<HashSet<Arc<str>>>,
@@ -147,8 +171,9 @@ pub struct ConnShared {
 pub type Conn = Arc<ConnShared>;
 
 impl ConnShared {
-    pub fn new(id: ConnId, user_id: String, out: Outbox) -> Self {
+    pub fn new(id: ConnId, user_id: String, name: Option<String>, out: Outbox) -> Self {
         Self {
+            name,
             id,
             user_id,
             out,
@@ -179,6 +204,10 @@ struct HubState {
     /// Messages that arrived ahead of a gap, by seq.
     pending: BTreeMap<i64, Arc<Published>>,
     gap_fill_scheduled: bool,
+    /// Local sockets per user: presence changes when a user's count goes 0 -> 1 or 1 -> 0.
+    user_sockets: HashMap<String, usize>,
+    /// Presence changes received and not yet pushed (at most one push per room per second).
+    presence: PendingPresence,
     /// The highest sequence some node says is stored (`Head` events); above `delivered`, the
     /// gap filler reads up to it.
     known_head: i64,
@@ -202,6 +231,9 @@ pub struct RoomRegistry {
     catch_up_buffer: usize,
     /// Hubs created, for ids in logs.
     created: AtomicU64,
+    /// Where this node's presence transitions go (a task that records them and publishes the
+    /// diffs). Set once the presence backend exists.
+    presence_changes: OnceLock<mpsc::UnboundedSender<PresenceChange>>,
     /// Called with a room whose last local member was removed (by a `MemberRemoved` event), so
     /// the node unsubscribes from it. Set once the broker exists.
     unsubscriber: OnceLock<Box<dyn Fn(String) + Send + Sync>>,
@@ -236,6 +268,7 @@ impl RoomRegistry {
             catch_up_buffer,
             created: AtomicU64::new(0),
             unsubscriber: OnceLock::new(),
+            presence_changes: OnceLock::new(),
         })
     }
 
@@ -278,13 +311,20 @@ impl RoomRegistry {
         if st.closed {
             return None;
         }
-        st.members.insert(
+        let previous = st.members.insert(
             conn.id,
             Member {
                 conn: conn.clone(),
                 catching_up: Some(Vec::new()),
             },
         );
+        if previous.is_none() {
+            let sockets = st.user_sockets.entry(conn.user_id.clone()).or_insert(0);
+            *sockets += 1;
+            if *sockets == 1 {
+                self.presence_change(&hub.room, conn, true);
+            }
+        }
         Some(st.delivered)
     }
 
@@ -312,6 +352,93 @@ impl RoomRegistry {
                     return;
                 }
             }
+        }
+    }
+
+    /// Sets where presence transitions of this node's sockets are sent.
+    pub fn set_presence_changes(&self, changes: mpsc::UnboundedSender<PresenceChange>) {
+        let _ = self.presence_changes.set(changes);
+    }
+
+    fn presence_change(&self, room: &str, conn: &Conn, arrived: bool) {
+        if let Some(changes) = self.presence_changes.get() {
+            let user = OnlineUser {
+                user_id: conn.user_id.clone(),
+                name: conn.name.clone(),
+            };
+            let _ = changes.send(PresenceChange {
+                room: room.to_string(),
+                user,
+                arrived,
+            });
+        }
+    }
+
+    /// Records a presence diff for the room's sockets; pushes it now if the room had no presence
+    /// push in the last second, or schedules the merged diff for when that second ends.
+    fn on_presence(self: &Arc<Self>, hub: &Arc<RoomHub>, diff: &PresenceDiff) {
+        let mut st = hub.state.lock().unwrap();
+        let pending = &mut st.presence;
+        pending.online = Some(diff.online);
+        for user in &diff.joined {
+            pending.left.remove(&user.user_id);
+            pending
+                .joined
+                .insert(user.user_id.clone(), user.name.clone());
+        }
+        for user in &diff.left {
+            if pending.joined.remove(user).is_none() {
+                pending.left.insert(user.clone());
+            }
+        }
+        if pending.flush_scheduled {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let due = pending
+            .last_push
+            .map(|t| t + PRESENCE_INTERVAL)
+            .filter(|due| *due > now);
+        match due {
+            None => self.flush_presence(&hub.room, &mut st),
+            Some(due) => {
+                st.presence.flush_scheduled = true;
+                let hub = Arc::downgrade(hub);
+                let registry = Arc::downgrade(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(due).await;
+                    if let (Some(hub), Some(registry)) = (hub.upgrade(), registry.upgrade()) {
+                        let mut st = hub.state.lock().unwrap();
+                        st.presence.flush_scheduled = false;
+                        registry.flush_presence(&hub.room, &mut st);
+                    }
+                });
+            }
+        }
+    }
+
+    fn flush_presence(&self, room: &str, st: &mut HubState) {
+        let pending = std::mem::take(&mut st.presence);
+        st.presence.last_push = Some(tokio::time::Instant::now());
+        let Some(online) = pending.online else { return };
+        let joined: Vec<OnlineUser> = pending
+            .joined
+            .into_iter()
+            .map(|(user_id, name)| OnlineUser { user_id, name })
+            .collect();
+        let left: Vec<String> = pending.left.into_iter().collect();
+        if joined.is_empty() && left.is_empty() {
+            return;
+        }
+        let frame: Utf8Bytes = protocol::encode(&Push::Presence {
+            room,
+            online,
+            joined: &joined,
+            left: &left,
+        })
+        .into();
+        for m in st.members.values().filter(|m| m.catching_up.is_none()) {
+            m.conn.push(frame.clone());
         }
     }
 
@@ -359,7 +486,20 @@ impl RoomRegistry {
         };
         let now_empty = {
             let mut st = hub.state.lock().unwrap();
-            st.members.remove(&conn_id);
+            if let Some(member) = st.members.remove(&conn_id) {
+                let user = &member.conn.user_id;
+                let last = match st.user_sockets.get_mut(user) {
+                    Some(sockets) if *sockets > 1 => {
+                        *sockets -= 1;
+                        false
+                    }
+                    _ => true,
+                };
+                if last {
+                    st.user_sockets.remove(user);
+                    self.presence_change(&hub.room, &member.conn, false);
+                }
+            }
             st.members.is_empty()
         };
         now_empty && self.remove_if_empty(room, &hub, false)
@@ -585,6 +725,11 @@ impl RoomRegistry {
 impl EventSink for Arc<RoomRegistry> {
     fn deliver(&self, room: &str, event: RoomEvent) {
         match event {
+            RoomEvent::Presence(diff) => {
+                if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
+                    self.on_presence(&hub, &diff);
+                }
+            }
             RoomEvent::Head { seq } => {
                 if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
                     self.on_head(&hub, seq);

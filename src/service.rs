@@ -12,14 +12,21 @@ use chrono::{DateTime, SubsecRound, Utc};
 use tokio::sync::Notify;
 
 use crate::auth::{AuthError, Authenticator, Identity, Role, TokenMinter};
+use crate::broker::PresenceDiff;
 use crate::broker::{Broker, RoomEvent};
 use crate::cache::{HistoryCache, Lookup, PageKey};
 use crate::config::Settings;
 use crate::error::ChatError;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::protocol::PresenceResult;
 use crate::protocol::{self, HistoryPage, Push, WireMessage};
 use crate::queue::{Job, JobQueue};
+use crate::rooms::PresenceChange;
+
+/// Most users in one page of a presence list.
+const PRESENCE_PAGE: u32 = 100;
 use crate::ratelimit::RateLimiter;
 use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame};
 use crate::store::{Access, Inserted, NewMessage, Room, RoomSummary, Store};
@@ -58,10 +65,14 @@ pub struct ChatService {
     pub cache: Arc<dyn HistoryCache>,
     /// Wakes the outbox relay after each stored message.
     pub outbox_wake: Arc<Notify>,
+    /// Who is online where (in-process or Redis).
+    pub presence: Arc<dyn Presence>,
     /// The job queue, for read marks (messages' jobs come through the outbox).
     pub queue: Arc<dyn JobQueue>,
     /// Read marks not yet queued, latest per (room, user). Locked only to record or take.
     pub read_marks: std::sync::Mutex<PendingReads>,
+    /// Members per room, for the read-receipt size limit (cached a minute).
+    pub room_sizes: moka::sync::Cache<String, i64>,
     pub limiter: Arc<dyn RateLimiter>,
     pub registry: Arc<RoomRegistry>,
     pub membership: Arc<MembershipCache>,
@@ -394,7 +405,7 @@ impl ChatService {
                 .or_insert((seq, Utc::now()));
             *mark = (mark.0.max(seq), Utc::now());
         }
-        if self.settings.signals.read_receipts {
+        if self.receipts_wanted(room).await {
             let frame = protocol::encode(&Push::Read {
                 room,
                 user_id: &who.user_id,
@@ -411,6 +422,26 @@ impl ChatService {
         Ok(seq)
     }
 
+    /// Whether read receipts go to this room: enabled, and the room is small enough. Room sizes
+    /// are cached for a minute (one count query per room per minute at most).
+    async fn receipts_wanted(&self, room: &str) -> bool {
+        let signals = &self.settings.signals;
+        if !signals.read_receipts {
+            return false;
+        }
+        let size = match self.room_sizes.get(room) {
+            Some(size) => size,
+            None => match self.store.member_count(room).await {
+                Ok(size) => {
+                    self.room_sizes.insert(room.to_string(), size);
+                    size
+                }
+                Err(_) => return false,
+            },
+        };
+        size <= signals.read_receipts_max_members
+    }
+
     /// Queues the coalesced read marks (called every `signals.read_flush_ms`, and at shutdown).
     pub async fn flush_read_marks(&self) {
         let pending = std::mem::take(&mut *self.read_marks.lock().unwrap());
@@ -425,6 +456,80 @@ impl ChatService {
                 tracing::warn!(error = %e, "read mark not queued");
                 self.metrics.job("dropped", 1);
             }
+        }
+    }
+
+    /// Who is online in `room`: the count and a page of users.
+    pub async fn presence<'a>(
+        &self,
+        who: &Identity,
+        room: &'a str,
+        cursor: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<PresenceResult<'a>, ChatError> {
+        self.authorize(who, room, false).await?;
+        let limit = limit.unwrap_or(PRESENCE_PAGE).clamp(1, PRESENCE_PAGE);
+        let unavailable = |e: crate::presence::PresenceError| {
+            tracing::warn!(error = %e, "presence unavailable");
+            ChatError::Unavailable
+        };
+        let online = self.presence.count(room).await.map_err(unavailable)?;
+        let (users, next_cursor) = self
+            .presence
+            .list(room, cursor, limit)
+            .await
+            .map_err(unavailable)?;
+        Ok(PresenceResult {
+            room,
+            online,
+            users,
+            next_cursor,
+        })
+    }
+
+    /// Records this node's presence transitions, in order, and publishes the diffs they cause.
+    pub async fn run_presence(
+        self: Arc<Self>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<PresenceChange>,
+    ) {
+        while let Some(change) = changes.recv().await {
+            let outcome = if change.arrived {
+                self.presence.arrive(&change.room, &change.user).await
+            } else {
+                self.presence
+                    .depart(&change.room, &change.user.user_id)
+                    .await
+            };
+            match outcome {
+                Ok(Some(online)) => {
+                    let (joined, left) = if change.arrived {
+                        (vec![change.user], Vec::new())
+                    } else {
+                        (Vec::new(), vec![change.user.user_id])
+                    };
+                    self.publish_presence(
+                        &change.room,
+                        PresenceDiff {
+                            online,
+                            joined,
+                            left,
+                        },
+                    )
+                    .await;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "presence not recorded"),
+            }
+        }
+    }
+
+    pub async fn publish_presence(&self, room: &str, diff: PresenceDiff) {
+        if let Err(e) = self
+            .broker
+            .publish(room, RoomEvent::Presence(Arc::new(diff)))
+            .await
+        {
+            tracing::debug!(error = %e, "presence diff not broadcast");
         }
     }
 

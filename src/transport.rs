@@ -291,6 +291,20 @@ impl Connection {
                     Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
                 }
             }
+            ClientFrame::Presence {
+                id,
+                room,
+                cursor,
+                limit,
+            } => {
+                match service
+                    .presence(&identity, &room, cursor.as_deref(), limit)
+                    .await
+                {
+                    Ok(result) => self.reply(&id, result).await,
+                    Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
+                }
+            }
             ClientFrame::Rooms { id, limit } => match service.my_rooms(&identity, limit).await {
                 Ok(rooms) => self.reply(&id, RoomsResult::new(&rooms)).await,
                 Err(e) => self.reply_chat_error(&id, e).await,
@@ -487,6 +501,7 @@ impl Connection {
         let conn = Arc::new(ConnShared::new(
             self.id,
             identity.user_id.clone(),
+            identity.name.clone(),
             self.out.clone(),
         ));
         if let Some(id) = id {

@@ -482,3 +482,52 @@ async fn the_rate_limit_holds_across_processes() {
     );
     drop(c.db);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_users_of_a_killed_node_go_offline_within_the_lease() {
+    let Some(redis) = redis_url().await else {
+        return;
+    };
+    let Some(db) = scratch_database().await else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let prefix = unique_prefix();
+    let lease = [("CHAT_GATEWAY__SIGNALS__PRESENCE_LEASE_MS", "1500")];
+    let mut a = Node::start_with(&db, &redis, &prefix, data.path(), false, &lease).await;
+    let b = Node::start_with(&db, &redis, &prefix, data.path(), false, &lease).await;
+    setup_room(a.addr, "r", &["alice", "bob"]).await;
+    let mut tab1 = client(a.addr, "alice").await;
+    let mut tab2 = client(a.addr, "alice").await;
+    tab1.join("r", None).await;
+    tab2.join("r", None).await;
+    let mut bob = client(b.addr, "bob").await;
+    bob.join("r", None).await;
+    let page = bob.request(json!({"type": "presence", "room": "r"})).await;
+    assert_eq!(
+        page["result"]["online"], 2,
+        "alice (two tabs) and bob: {page}"
+    );
+
+    a.kill();
+    let killed = Instant::now();
+    let gone = loop {
+        let push = bob.next_push_any().await;
+        if push["type"] == "presence" && push["left"] == json!(["alice"]) {
+            break push;
+        }
+    };
+    assert_eq!(gone["online"], 1);
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "offline {:?} after the kill",
+        killed.elapsed()
+    );
+    let page = bob.request(json!({"type": "presence", "room": "r"})).await;
+    assert_eq!(
+        page["result"]["users"],
+        json!([{"userId": "bob", "name": "bob"}])
+    );
+    drop(b);
+    drop(db);
+}

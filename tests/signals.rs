@@ -163,3 +163,88 @@ async fn read_state_and_unread_counts_on_postgres() {
     let app = TestApp::spawn_on_postgres(&db.url, |s| s.signals.read_flush_ms = 100).await;
     read_state_scenario(&app).await;
 }
+
+/// The next presence push that mentions `user` (bob's own arrival comes first, for one).
+async fn next_presence(client: &mut common::Client, user: &str) -> Value {
+    loop {
+        let push = client.next_push_any().await;
+        let mentions = |list: &Value| {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|u| u == user || u["userId"] == user)
+        };
+        if push["type"] == "presence" && (mentions(&push["joined"]) || mentions(&push["left"])) {
+            return push;
+        }
+    }
+}
+
+async fn presence_scenario(app: &TestApp) {
+    app.room("p", &["alice", "bob"]).await;
+    let mut bob = app.client("bob").await;
+    bob.join("p", None).await;
+    let mut tab1 = app.client("alice").await;
+    let mut tab2 = app.client("alice").await;
+    tab1.join("p", None).await;
+    let joined = next_presence(&mut bob, "alice").await;
+    assert_eq!(joined["online"], 2);
+    assert_eq!(
+        joined["joined"],
+        json!([{"userId": "alice", "name": "alice name"}])
+    );
+    tab2.join("p", None).await;
+    let page = bob.request(json!({"type": "presence", "room": "p"})).await;
+    assert_eq!(page["result"]["online"], 2, "two tabs count once: {page}");
+    let mut ids: Vec<&str> = page["result"]["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["userId"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, vec!["alice", "bob"]);
+    // Closing one tab changes nothing; closing the last one reports alice gone.
+    tab1.close().await;
+    tab2.close().await;
+    let started = Instant::now();
+    let left = next_presence(&mut bob, "alice").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "diffs are pushed within about a second"
+    );
+    assert_eq!(left["left"], json!(["alice"]));
+    assert_eq!(left["online"], 1);
+    let (status, body) = {
+        let r = app
+            .http
+            .get(app.url("/api/chat/rooms/p/presence"))
+            .bearer_auth(app.token("bob"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!((status, body["online"].as_u64()), (200, Some(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_a_user_with_two_tabs_once_on_one_node() {
+    let app = TestApp::spawn().await;
+    presence_scenario(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_a_user_with_two_tabs_once_with_redis() {
+    let Some(url) = common::redis_url().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let settings = common::redis_settings(&url, &common::unique_prefix());
+    let app = TestApp::start(
+        settings,
+        common::DataDir::Borrowed(dir.path().to_path_buf()),
+    )
+    .await;
+    presence_scenario(&app).await;
+}

@@ -26,6 +26,8 @@ pub enum RoomEvent {
     Message(Arc<Published>),
     /// A membership was removed: that user's sockets stop receiving the room.
     MemberRemoved { user_id: String },
+    /// Users came online in the room or went offline (coalesced per room by receivers).
+    Presence(Arc<PresenceDiff>),
     /// The room's messages are stored up to `seq`: a node that has delivered less reads the rest
     /// from the store. Published by the outbox relay for every batch, so a message whose own
     /// event was lost (failed publish, a node that died after commit) still reaches everyone.
@@ -36,6 +38,14 @@ pub enum RoomEvent {
         frame: Utf8Bytes,
         skip_user: Option<String>,
     },
+}
+
+/// A presence diff as published (the `presence` push, before coalescing).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PresenceDiff {
+    pub online: u64,
+    pub joined: Vec<crate::presence::OnlineUser>,
+    pub left: Vec<String>,
 }
 
 /// Where a broker hands the events it receives.

@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{Broker, BrokerError, EventSink, Published, RoomEvent};
+use super::{Broker, BrokerError, EventSink, PresenceDiff, Published, RoomEvent};
 use crate::redis_conn::RedisConn;
 
 const CHANNEL: &str = "chat:room:";
@@ -191,6 +191,10 @@ impl RedisBroker {
         }
         let frame = || Utf8Bytes::try_from(Bytes::copy_from_slice(payload)).ok();
         let event = match (envelope.kind, envelope.message, envelope.user_id) {
+            ("presence", _, _) => match serde_json::from_slice::<PresenceDiff>(payload) {
+                Ok(diff) => RoomEvent::Presence(Arc::new(diff)),
+                Err(_) => return,
+            },
             ("head", _, _) => match envelope.seq {
                 Some(seq) => RoomEvent::Head { seq },
                 None => return,
@@ -236,6 +240,14 @@ impl Broker for RedisBroker {
             RoomEvent::Head { seq } => Bytes::from(
                 serde_json::json!({"type": "head", "room": room, "seq": seq}).to_string(),
             ),
+            RoomEvent::Presence(diff) => {
+                Bytes::from(crate::protocol::encode(&crate::protocol::Push::Presence {
+                    room,
+                    online: diff.online,
+                    joined: &diff.joined,
+                    left: &diff.left,
+                }))
+            }
         };
         match event {
             // Local sockets first: they never wait for the round trip through Redis. Messages
@@ -245,7 +257,7 @@ impl Broker for RedisBroker {
             }
             // Ephemeral frames have nothing to deduplicate them by: local sockets get the echo,
             // once. A head is only news to other nodes.
-            RoomEvent::Ephemeral { .. } | RoomEvent::Head { .. } => {}
+            RoomEvent::Ephemeral { .. } | RoomEvent::Head { .. } | RoomEvent::Presence(_) => {}
         }
         let mut conn = self.redis.conn.clone();
         let mut publish = redis::cmd("PUBLISH");

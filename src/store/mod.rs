@@ -199,6 +199,9 @@ pub trait Store: Send + Sync + 'static {
     /// last visible message, in two queries whatever the number of rooms.
     async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError>;
 
+    /// How many members the room has.
+    async fn member_count(&self, room: &str) -> Result<i64, StoreError>;
+
     /// Moves read positions forward (never back) and sets `"lastReadAt"`, for several
     /// (room, user) pairs in one write. Returns how many memberships changed.
     async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError>;

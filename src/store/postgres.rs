@@ -508,6 +508,15 @@ impl Store for PgStore {
         Ok(super::summaries(rooms, last))
     }
 
+    async fn member_count(&self, room: &str) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar(r#"SELECT COUNT(*) FROM "ChatRoomMember" WHERE "roomId" = $1"#)
+                .bind(room)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError> {
         if marks.is_empty() {
             return Ok(0);

@@ -341,6 +341,15 @@ impl Store for SqliteStore {
         Ok(super::summaries(rooms, last))
     }
 
+    async fn member_count(&self, room: &str) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar(r#"SELECT COUNT(*) FROM "ChatRoomMember" WHERE "roomId" = ?"#)
+                .bind(room)
+                .fetch_one(&self.readers)
+                .await?,
+        )
+    }
+
     async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut changed = 0;

@@ -384,7 +384,19 @@ impl Client {
     }
 
     /// The next push (not a reply), from those already received or the socket.
+    /// Presence pushes (who came online) are skipped: most tests are not about them; the
+    /// presence tests read them with [`Client::next_push_any`].
     pub async fn next_push(&mut self) -> Value {
+        loop {
+            let push = self.next_push_any().await;
+            if push["type"] != "presence" {
+                return push;
+            }
+        }
+    }
+
+    /// The next push of any type.
+    pub async fn next_push_any(&mut self) -> Value {
         if let Some(p) = self.pushes.pop_front() {
             return p;
         }
@@ -404,6 +416,7 @@ impl Client {
 
     /// Asserts nothing arrives for `quiet`.
     pub async fn expect_silence(&mut self, quiet: Duration) {
+        self.pushes.retain(|p| p["type"] != "presence");
         assert!(
             self.pushes.is_empty(),
             "unexpected pushes: {:?}",
@@ -412,6 +425,11 @@ impl Client {
         loop {
             match tokio::time::timeout(quiet, self.ws.next()).await {
                 Err(_) => return,
+                Ok(Some(Ok(WsMessage::Text(t))))
+                    if t.as_str().starts_with(r#"{"type":"presence""#) =>
+                {
+                    continue;
+                }
                 Ok(Some(Ok(WsMessage::Text(t)))) => panic!("unexpected frame: {t}"),
                 Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
                 Ok(other) => panic!("unexpected socket event: {other:?}"),
