@@ -70,6 +70,18 @@ test("typing in one page shows in the other, and ends when the typer sends", asy
 
 test("unread badge: counts messages of a room not open, clears when it is opened", async () => {
   const { token: bobToken } = await gateway.devToken("Ulla");
+  // Ulla is a member of general with all of it read (earlier tests wrote there).
+  const h = await fetch(`${gateway.url}/api/chat/rooms/general/messages?limit=1`, {
+    headers: { authorization: `Bearer ${bobToken}` },
+  });
+  const head = (await h.json()).messages.at(-1)?.seq ?? 0;
+  const read = await fetch(`${gateway.url}/api/chat/rooms/general/read`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${bobToken}`, "content-type": "application/json" },
+    body: JSON.stringify({ seq: head }),
+  });
+  assert.equal(read.status, 200);
+  await waitFor(async () => (await serverUnread(bobToken, "general")) === 0, { what: "general read for Ulla" });
   const alice = await openDemo(browser, gateway, { name: "Uwe", room: "general" });
   const bob = await openDemo(browser, gateway, { name: "Ulla", room: "random" });
   for (const p of [alice.page, bob.page]) await p.locator('#conn[data-state="open"]').waitFor();
