@@ -2,7 +2,8 @@
 // the gateway through the SDK. Order matters for how fast the page feels:
 //   1. at once: input and room buttons work (no network needed), the socket starts connecting;
 //   2. in the background: the current room is joined and its latest history page rendered;
-//   3. about a second later, when idle: non-essential calls (room previews, latency).
+//   3. about a second later, when idle: non-essential calls (unread counts and previews of the
+//      other rooms, which are then joined too so their badges update live; latency).
 import { connect, ConnectionState } from "/sdk/chat-gateway.js";
 
 const $ = (id) => document.getElementById(id);
@@ -15,12 +16,19 @@ const params = new URLSearchParams(location.search);
 let userName = params.get("name") || localStorage.getItem("chat-demo-name") || `guest-${Math.random().toString(36).slice(2, 6)}`;
 let current = ROOMS.includes(params.get("room")) ? params.get("room") : ROOMS[0];
 
-/** Per room: messages by seq, sends not yet acknowledged, and paging state. */
+/**
+ * Per room: messages by seq, sends not yet acknowledged, paging state, and the chat signals:
+ * read position (null until the server's `rooms` answer or our own mark), highest seq known,
+ * messages pushed while the read position was unknown, who is typing, who is online.
+ */
 const rooms = new Map();
 function roomState(room) {
   let st = rooms.get(room);
   if (!st) {
-    st = { messages: new Map(), pending: new Map(), nextBefore: null, loaded: false, handler: null };
+    st = {
+      messages: new Map(), pending: new Map(), nextBefore: null, loaded: false, handler: null,
+      readSeq: null, lastSeq: 0, unseen: 0, typers: new Map(), online: null, onlineUsers: new Map(),
+    };
     rooms.set(room, st);
   }
   return st;
@@ -42,9 +50,15 @@ $("composer").addEventListener("submit", (event) => {
   const text = $("input").value.trim();
   if (!text) return;
   $("input").value = "";
-  sendMessage(current, text);
+  sendMessage(current, text); // the SDK ends the typing signal on send
 });
+// Typing on while the box has text; the SDK keeps it alive and ends it on send.
+$("input").addEventListener("input", () => client?.typing(current, $("input").value.trim() !== ""));
+$("input").addEventListener("blur", () => client?.typing(current, false));
 $("older").addEventListener("click", loadOlder);
+// Scrolled to the bottom of the open room: everything is read.
+$("messages").addEventListener("scroll", () => markCurrentRead());
+document.addEventListener("visibilitychange", () => markCurrentRead());
 $("login").addEventListener("submit", (event) => {
   event.preventDefault();
   const name = $("name").value.trim();
@@ -73,6 +87,8 @@ function start() {
   started ??= (async () => {
     client = connect("/ws", { token: devToken });
     client.on("state", renderConnection);
+    // Back after a drop: who is online may have changed meanwhile.
+    client.on("state", (e) => e.state === ConnectionState.OPEN && e.previous === ConnectionState.RECONNECTING && loadPresence(current));
     client.on("error", (e) => showNotice(`${e.code}: ${e.message}`));
     enterRoom(current, { force: true });
   })();
@@ -90,10 +106,13 @@ async function devToken() {
   return (await res.json()).token;
 }
 
-/** Switches the view to `room`: leave the previous one, join this one on the same socket. */
+/**
+ * Switches the view to `room` on the same socket. Rooms stay joined once opened (and the other
+ * rooms of the list are joined after the first second), so their unread badges count live.
+ */
 function enterRoom(room, { force = false } = {}) {
   if (room === current && !force) return;
-  if (client && room !== current) client.leave(current);
+  if (client && room !== current) client.typing(current, false);
   current = room;
   const url = new URL(location.href);
   url.searchParams.set("room", room);
@@ -101,8 +120,24 @@ function enterRoom(room, { force = false } = {}) {
   showRoom(room);
   if (!client) return;
   const st = roomState(room);
+  joinRoom(room);
+  // History goes out right behind the join on the same socket; the skeleton shows meanwhile.
+  if (!st.loaded) loadLatest(room);
+  loadPresence(room);
+}
+
+/** Joins `room` with its handler (once: the SDK shares a join already made). */
+function joinRoom(room) {
+  const st = roomState(room);
   st.handler ??= {
-    onMessage: (m) => addMessages(room, [m]),
+    onMessage: (m) => {
+      if (room !== current || document.hidden) {
+        if (st.readSeq == null) st.unseen++;
+      }
+      addMessages(room, [m]);
+      // A message ends its sender's typing.
+      if (st.typers.delete(m.senderId) && room === current) renderTyping();
+    },
     onReload: () => {
       st.messages.clear();
       st.loaded = false;
@@ -110,12 +145,65 @@ function enterRoom(room, { force = false } = {}) {
       loadLatest(room);
     },
     onRemoved: ({ reason }) => showNotice(`You were removed from #${room} (${reason}).`),
+    onTyping: ({ userId, name, typing }) => {
+      if (typing) st.typers.set(userId, name || userId);
+      else st.typers.delete(userId);
+      if (room === current) renderTyping();
+    },
+    // Our own marks from another tab or device clear the badge here too.
+    onRead: ({ userId, seq }) => {
+      if (userId === client?.userId) setReadSeq(room, seq);
+    },
+    onPresence: ({ online, joined, left }) => {
+      if (st.online == null) return; // no snapshot yet: loadPresence will bring one
+      st.online = online;
+      for (const id of left) st.onlineUsers.delete(id);
+      for (const u of joined) st.onlineUsers.set(u.userId, u.name || u.userId);
+      if (room === current) renderPresence();
+    },
   };
   client.join(room, st.handler).catch((e) => {
     if (e.code !== "left" && e.code !== "closed") showNotice(`Could not join #${room}: ${e.message}`);
   });
-  // History goes out right behind the join on the same socket; the skeleton shows meanwhile.
-  if (!st.loaded) loadLatest(room);
+}
+
+/** Who is online in `room` (one page of names; the count is the whole room). */
+function loadPresence(room) {
+  client.presence(room, { limit: 20 }).then(
+    (p) => {
+      const st = roomState(room);
+      st.online = p.online;
+      st.onlineUsers = new Map(p.users.map((u) => [u.userId, u.name || u.userId]));
+      if (room === current) renderPresence();
+    },
+    () => {}, // presence is decoration: a server without it just shows no count
+  );
+}
+
+/** Marks the open room read when its newest message is on screen. */
+function markCurrentRead() {
+  const room = current;
+  const st = roomState(room);
+  if (!client || document.hidden || !st.loaded) return;
+  const box = $("messages");
+  if (box.scrollHeight - box.scrollTop - box.clientHeight > 80) return;
+  const top = Math.max(st.lastSeq, ...st.messages.keys());
+  if (top <= 0 || (st.readSeq != null && top <= st.readSeq)) {
+    if (st.unseen) {
+      st.unseen = 0;
+      renderBadge(room);
+    }
+    return;
+  }
+  setReadSeq(room, top);
+  client.markRead(room, top).catch(() => {});
+}
+
+function setReadSeq(room, seq) {
+  const st = roomState(room);
+  if (st.readSeq == null || seq > st.readSeq) st.readSeq = seq;
+  st.unseen = 0;
+  renderBadge(room);
 }
 
 function loadLatest(room) {
@@ -178,24 +266,40 @@ function addMessages(room, messages, { keepScroll = false } = {}) {
     if (m.clientMsgId) st.pending.delete(m.clientMsgId);
   }
   const last = [...st.messages.values()].at(-1);
-  if (last) setPreview(room, last);
-  if (room === current) renderList(room, { keepScroll, stickToBottom: !keepScroll });
+  if (last) {
+    setPreview(room, last);
+    if (last.seq > st.lastSeq) st.lastSeq = last.seq;
+  }
+  if (room === current) {
+    renderList(room, { keepScroll, stickToBottom: !keepScroll });
+    markCurrentRead();
+  }
+  renderBadge(room);
 }
 
 // ---- 3. deferred, non-essential --------------------------------------------------------------
 
-/** Room previews and latency: nice to have, so they wait until the page is settled. */
+/**
+ * Unread counts, room previews and latency: nice to have, so they wait until the page is
+ * settled. The other rooms of the list are joined then, so that their badges count live.
+ */
 function deferNonEssential() {
   const idle = window.requestIdleCallback || ((fn) => setTimeout(fn, 0));
   setTimeout(() => idle(async () => {
     if (!client) return;
-    for (const room of ROOMS) {
-      if (room === current || roomState(room).loaded) continue;
-      client.history(room, { limit: 1 }).then((page) => {
-        const last = page.messages.at(-1);
-        if (last) setPreview(room, last);
-      }, () => {});
-    }
+    for (const room of ROOMS) if (room !== current) joinRoom(room);
+    client.rooms({ limit: 200 }).then(({ rooms: list }) => {
+      for (const r of list) {
+        if (!ROOMS.includes(r.id)) continue;
+        const st = roomState(r.id);
+        if (r.lastSeq > st.lastSeq) st.lastSeq = r.lastSeq;
+        if (st.readSeq == null || r.lastReadSeq > st.readSeq) st.readSeq = r.lastReadSeq;
+        st.unseen = 0;
+        if (r.lastMessage && !st.loaded) setPreview(r.id, r.lastMessage);
+        renderBadge(r.id);
+      }
+      markCurrentRead();
+    }, () => {});
     const showRtt = () => client?.ping().then(({ rttMs }) => ($("rtt").textContent = `${rttMs} ms`), () => {});
     showRtt();
     setInterval(showRtt, 30_000);
@@ -209,6 +313,43 @@ function showRoom(room) {
   $("room-title").textContent = `# ${room}`;
   $("input").placeholder = `Message #${room}`;
   renderList(room, { stickToBottom: true });
+  renderTyping();
+  renderPresence();
+  markCurrentRead();
+}
+
+/** The room's unread count: seqs past the read position, or pushes counted while unknown. */
+function renderBadge(room) {
+  const st = roomState(room);
+  const unread = st.readSeq != null ? Math.max(0, st.lastSeq - st.readSeq) : st.unseen;
+  const b = document.querySelector(`.room[data-room="${CSS.escape(room)}"] .badge`);
+  if (!b) return;
+  b.textContent = unread > 99 ? "99+" : String(unread);
+  b.hidden = unread === 0;
+}
+
+/** "X is typing…" under the open room's messages. */
+function renderTyping() {
+  const names = [...roomState(current).typers.values()];
+  const line = $("typing");
+  if (names.length === 0) line.textContent = "";
+  else if (names.length === 1) line.textContent = `${names[0]} is typing…`;
+  else if (names.length === 2) line.textContent = `${names[0]} and ${names[1]} are typing…`;
+  else line.textContent = `${names.length} people are typing…`;
+}
+
+/** The open room's online count and a few names with green dots. */
+function renderPresence() {
+  const st = roomState(current);
+  $("online").hidden = st.online == null;
+  if (st.online == null) return;
+  $("online-count").textContent = `${st.online} online`;
+  const names = [...st.onlineUsers.values()].slice(0, 5).map((n) => {
+    const u = el("span", "u");
+    u.textContent = n;
+    return u;
+  });
+  $("online-users").replaceChildren(...names);
 }
 
 function renderList(room, { keepScroll = false, stickToBottom = false } = {}) {

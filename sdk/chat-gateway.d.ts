@@ -84,7 +84,58 @@ export type RoomHandler =
       onReload?: (info: { room: string; head: number }) => void;
       /** The server stopped delivering the room (membership removed, or a re-join refused). */
       onRemoved?: (info: { room: string; reason: string }) => void;
+      /** Another member started or stopped typing; a start not refreshed in time ends by itself. */
+      onTyping?: (info: TypingInfo) => void;
+      /** A member (or this user on another device) marked the room read up to `seq`. */
+      onRead?: (info: { room: string; userId: string; seq: number }) => void;
+      /** Who came online and who left (coalesced by the server, at most once a second). */
+      onPresence?: (info: PresenceChange) => void;
     };
+
+export interface TypingInfo {
+  room: string;
+  userId: string;
+  name: string | null;
+  typing: boolean;
+  /** Starts only: the start ends by itself unless repeated within this many ms. */
+  expiresInMs?: number;
+  /** A stop the SDK made because the start was not refreshed within `expiresInMs`. */
+  expired?: boolean;
+}
+
+export interface PresenceUser {
+  userId: string;
+  name: string | null;
+}
+
+export interface PresenceChange {
+  room: string;
+  /** Users online in the room now (a user with several tabs counts once). */
+  online: number;
+  joined: PresenceUser[];
+  /** User ids that went offline. */
+  left: string[];
+}
+
+export interface PresencePage {
+  room: string;
+  online: number;
+  /** One page of the online users. */
+  users: PresenceUser[];
+  /** Pass as `cursor` for the next page; null when there is none. */
+  nextCursor: string | null;
+}
+
+export interface RoomSummary {
+  id: string;
+  name: string | null;
+  lastSeq: number;
+  lastReadSeq: number;
+  /** lastSeq - lastReadSeq, never below 0. */
+  unread: number;
+  /** The message at lastSeq, or null (empty room, or that message was rejected). */
+  lastMessage: ChatMessage | null;
+}
 
 export interface SendAck {
   id: string;
@@ -145,8 +196,16 @@ export declare class ChatClient {
   /** One page of history; identical requests in flight share one promise. */
   history(room: string, page?: { before?: number; limit?: number }): Promise<HistoryPage>;
   ping(): Promise<{ serverTime: string; rttMs: number }>;
-  /** Rooms joined or being joined. */
-  rooms(): string[];
+  /** Rooms joined or being joined on this client. */
+  joinedRooms(): string[];
+  /** The user's rooms, most recently active first, with unread counts and last message. */
+  rooms(options?: { limit?: number }): Promise<{ rooms: RoomSummary[] }>;
+  /** Typing on/off in a joined room; repeated while on, ended on send and leave. Never throws. */
+  typing(room: string, isTyping?: boolean): void;
+  /** Marks a room read up to seq; at most one mark per room per 500 ms (the highest seq). */
+  markRead(room: string, seq: number): Promise<void>;
+  /** One page of the users online in a room, with the full online count. */
+  presence(room: string, page?: { cursor?: string; limit?: number }): Promise<PresencePage>;
   /** Closes for good; the next connect() creates a new client. */
   close(): void;
 }

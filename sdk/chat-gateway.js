@@ -20,6 +20,9 @@
  *   a second message.
  * - **Guards.** Init-once (same client per URL, one in-flight join per room) and request locks
  *   (identical history requests in flight share one promise).
+ * - **Chat signals.** {@link ChatClient#typing} (kept alive while on, ended on send and leave),
+ *   {@link ChatClient#markRead} (coalesced), {@link ChatClient#rooms} (unread counts),
+ *   {@link ChatClient#presence}; the room handler gets `onTyping`, `onRead` and `onPresence`.
  *
  * @module chat-gateway
  */
@@ -54,6 +57,13 @@ const TOO_MANY_CONNECTIONS_MIN_DELAY_MS = 5000;
 
 /** The code the client closes a socket with when it stopped answering. */
 const CLIENT_GIVE_UP_CODE = 4900;
+
+/** While typing is on, `typing: true` is repeated this often (the server wants 2-3 s). */
+const TYPING_REPEAT_MS = 2500;
+/** A `typing: true` push without `expiresInMs` ends after this long (the server's default). */
+const TYPING_DEFAULT_EXPIRY_MS = 6000;
+/** At most one `mark_read` per room per this interval (the highest seq asked for). */
+const MARK_READ_INTERVAL_MS = 500;
 
 /** Send errors worth retrying with the same clientMsgId (protocol section 11). */
 const RETRIABLE_SEND_CODES = new Set(["unavailable", "internal"]);
@@ -191,6 +201,11 @@ export function normalizeUrl(url) {
  *   onMessage?: (message: object) => void,
  *   onReload?: (info: {room: string, head: number}) => void,
  *   onRemoved?: (info: {room: string, reason: string}) => void,
+ *   onTyping?: (info: {room: string, userId: string, name: string | null, typing: boolean,
+ *     expiresInMs?: number, expired?: boolean}) => void,
+ *   onRead?: (info: {room: string, userId: string, seq: number}) => void,
+ *   onPresence?: (info: {room: string, online: number, joined: {userId: string, name: string | null}[],
+ *     left: string[]}) => void,
  * }} RoomHandler
  */
 
@@ -227,6 +242,9 @@ export class ChatClient {
     this._lastSeq = new Map(); // room -> highest seq the app has seen (kept across leave)
     this._historyLocks = new Map(); // "room|before|limit" -> in-flight promise
     this._outbox = new Map(); // clientMsgId -> pending send
+    this._typingOut = new Map(); // room -> repeat timer while this user is typing there
+    this._typingIn = new Map(); // room -> Map(userId -> expiry timer) of others typing there
+    this._marks = new Map(); // room -> {sentSeq, wantSeq, lastAt, timer, waiters}
     this._token = null;
     this._tokenExpiresAt = 0; // unix seconds, from the auth result
     this._tokenStale = false; // the server refused or expired the cached token
@@ -316,6 +334,8 @@ export class ChatClient {
     const state = this._rooms.get(room);
     if (!state) return;
     this._rooms.delete(room);
+    this._stopTyping(room); // the server ends the signal on leave
+    this._forgetTypers(room);
     if (!state.settled) {
       state.settled = true;
       state.reject(new ChatGatewayError("left", "left the room before the join completed", { room }));
@@ -346,6 +366,7 @@ export class ChatClient {
    */
   send(room, content, options = {}) {
     const clientMsgId = options.clientMsgId ?? newClientMsgId();
+    this._stopTyping(room); // the server ends the signal when the message is stored
     const promise = this._closed
       ? Promise.reject(this._closedError())
       : new Promise((resolve, reject) => {
@@ -420,9 +441,82 @@ export class ChatClient {
     return { ...result, rttMs: Math.round(performance.now() - started) };
   }
 
-  /** The rooms the client is joined to (or joining). @returns {string[]} */
-  rooms() {
+  /** The rooms this client is joined to (or joining). @returns {string[]} */
+  joinedRooms() {
     return [...this._rooms.keys()];
+  }
+
+  /**
+   * The user's rooms (memberships), most recently active first, with unread counts and the
+   * last message: `{rooms: [{id, name, lastSeq, lastReadSeq, unread, lastMessage}]}`.
+   * Waits for the connection when needed.
+   * @param {{limit?: number}} [options]
+   * @returns {Promise<{rooms: Array<{id: string, name: string | null, lastSeq: number,
+   *   lastReadSeq: number, unread: number, lastMessage: object | null}>}>}
+   */
+  rooms(options = {}) {
+    const frame = { type: "rooms" };
+    if (options.limit != null) frame.limit = options.limit;
+    return this._request(frame);
+  }
+
+  /**
+   * Signals that this user is typing in the joined `room` (`true`) or stopped (`false`). While
+   * on, `typing: true` is repeated every 2.5 s; it stops on `typing(room, false)`, on a send to
+   * the room and on leaving it. Best effort: never rejects (a refused signal is dropped).
+   * @param {string} room
+   * @param {boolean} [isTyping=true]
+   */
+  typing(room, isTyping = true) {
+    if (this._closed) return;
+    if (!isTyping) {
+      if (this._stopTyping(room)) this._sendTyping(room, false);
+      return;
+    }
+    if (this._typingOut.has(room)) return; // already on: the repeat timer keeps it alive
+    this._typingOut.set(
+      room,
+      setInterval(() => this._sendTyping(room, true), TYPING_REPEAT_MS),
+    );
+    this._sendTyping(room, true);
+  }
+
+  /**
+   * Marks `room` read up to `seq` (the highest seq shown). Coalesced: at most one `mark_read`
+   * per room every 500 ms, carrying the highest seq asked for; lower or equal seqs than one
+   * already sent are dropped. Resolves once a mark covering `seq` is acknowledged.
+   * @param {string} room
+   * @param {number} seq
+   * @returns {Promise<void>}
+   */
+  markRead(room, seq) {
+    if (this._closed) return Promise.reject(this._closedError());
+    let m = this._marks.get(room);
+    if (!m) this._marks.set(room, (m = { sentSeq: -1, wantSeq: -1, lastAt: 0, timer: null, waiters: [] }));
+    if (seq <= m.sentSeq && m.wantSeq <= m.sentSeq) return Promise.resolve();
+    const promise = new Promise((resolve, reject) => m.waiters.push({ seq, resolve, reject }));
+    promise.catch(() => {}); // callers may fire and forget
+    if (seq > m.wantSeq) m.wantSeq = seq;
+    if (m.timer == null) {
+      const wait = Math.max(0, m.lastAt + MARK_READ_INTERVAL_MS - Date.now());
+      m.timer = setTimeout(() => this._flushMark(room, m), wait);
+    }
+    return promise;
+  }
+
+  /**
+   * Who is online in `room`: `{room, online, users: [{userId, name}], nextCursor}`. `online` is
+   * the full count; `users` is one page (pass `nextCursor` as `cursor` for the next).
+   * @param {string} room
+   * @param {{cursor?: string, limit?: number}} [page]
+   * @returns {Promise<{room: string, online: number, users: {userId: string, name: string | null}[],
+   *   nextCursor: string | null}>}
+   */
+  presence(room, page = {}) {
+    const frame = { type: "presence", room };
+    if (page.cursor != null) frame.cursor = page.cursor;
+    if (page.limit != null) frame.limit = page.limit;
+    return this._request(frame);
   }
 
   /**
@@ -435,12 +529,16 @@ export class ChatClient {
     if (clients.get(this.url) === this) clients.delete(this.url);
     if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
     clearTimeout(this._reconnectTimer);
+    for (const room of [...this._typingOut.keys()]) this._stopTyping(room);
+    for (const room of [...this._typingIn.keys()]) this._forgetTypers(room);
+    for (const m of this._marks.values()) clearTimeout(m.timer);
     const socket = this._socket;
     const err = this._closedError();
     this._detach(err);
     if (socket && socket.readyState <= 1) socket.close(1000, "client closed");
     for (const entry of [...this._outbox.values()]) this._settleSend(entry, err);
     for (const w of this._waiting.splice(0)) w.reject(err);
+    for (const m of this._marks.values()) for (const w of m.waiters.splice(0)) w.reject(err);
     for (const state of this._rooms.values()) {
       if (!state.settled) {
         state.settled = true;
@@ -666,9 +764,25 @@ export class ChatClient {
         const state = this._rooms.get(frame.room);
         if (!state) return;
         this._rooms.delete(frame.room);
+        this._stopTyping(frame.room);
+        this._forgetTypers(frame.room);
         for (const h of state.handlers) h.onRemoved?.({ room: frame.room, reason: frame.reason });
         return;
       }
+      case "typing":
+        this._onTyping(frame);
+        return;
+      case "read":
+        this._deliver(frame.room, "onRead", { room: frame.room, userId: frame.userId, seq: frame.seq });
+        return;
+      case "presence":
+        this._deliver(frame.room, "onPresence", {
+          room: frame.room,
+          online: frame.online,
+          joined: frame.joined ?? [],
+          left: frame.left ?? [],
+        });
+        return;
       case "session_expiring":
         if (typeof this._tokenSource === "function") this._refresh();
         return;
@@ -689,6 +803,90 @@ export class ChatClient {
         console.error("chat-gateway: room handler threw", e);
       }
     }
+  }
+
+  /** Calls `callback` of every handler of the joined `room` with `info`. */
+  _deliver(room, callback, info) {
+    const state = this._rooms.get(room);
+    if (!state) return;
+    for (const h of state.handlers) {
+      try {
+        h[callback]?.(info);
+      } catch (e) {
+        console.error("chat-gateway: room handler threw", e);
+      }
+    }
+  }
+
+  /**
+   * A typing push. A start is delivered, and ends by itself (delivered as a stop with
+   * `expired: true`) unless repeated or stopped within `expiresInMs`.
+   */
+  _onTyping(frame) {
+    const room = frame.room;
+    if (!this._rooms.has(room) || !frame.userId) return;
+    let typers = this._typingIn.get(room);
+    if (!typers) this._typingIn.set(room, (typers = new Map()));
+    clearTimeout(typers.get(frame.userId));
+    typers.delete(frame.userId);
+    const info = { room, userId: frame.userId, name: frame.name ?? null, typing: !!frame.typing };
+    if (info.typing) {
+      info.expiresInMs = frame.expiresInMs ?? TYPING_DEFAULT_EXPIRY_MS;
+      typers.set(
+        frame.userId,
+        setTimeout(() => {
+          typers.delete(frame.userId);
+          this._deliver(room, "onTyping", { ...info, typing: false, expired: true });
+        }, info.expiresInMs),
+      );
+    }
+    this._deliver(room, "onTyping", info);
+  }
+
+  /** Forgets the typers of `room` (left or removed): no expiry fires later. */
+  _forgetTypers(room) {
+    const typers = this._typingIn.get(room);
+    if (!typers) return;
+    for (const timer of typers.values()) clearTimeout(timer);
+    this._typingIn.delete(room);
+  }
+
+  /** Stops repeating this user's typing in `room`; true when it was on. */
+  _stopTyping(room) {
+    const timer = this._typingOut.get(room);
+    if (timer == null) return false;
+    clearInterval(timer);
+    this._typingOut.delete(room);
+    return true;
+  }
+
+  /** One typing signal, when connected (a signal is worthless once late). Errors are dropped. */
+  _sendTyping(room, typing) {
+    if (!this._ready) return;
+    this._request({ type: "typing", room, typing }, { queue: false }).catch(() => {});
+  }
+
+  /** Sends the highest wanted read mark of `room`; later marks wait for the next slot. */
+  _flushMark(room, m) {
+    m.timer = null;
+    if (this._closed || m.wantSeq <= m.sentSeq) return;
+    const seq = m.wantSeq;
+    const before = m.sentSeq;
+    m.lastAt = Date.now();
+    const covered = m.waiters.filter((w) => w.seq <= seq);
+    m.waiters = m.waiters.filter((w) => w.seq > seq);
+    this._request({ type: "mark_read", room, seq }).then(
+      () => {
+        if (seq > m.sentSeq) m.sentSeq = seq;
+        for (const w of covered) w.resolve();
+      },
+      (e) => {
+        if (m.sentSeq === seq) m.sentSeq = before; // not stored: a later mark may send it again
+        for (const w of covered) w.reject(e);
+      },
+    );
+    // Counted as sent now, so that a burst of marks while this one flies coalesces behind it.
+    m.sentSeq = Math.max(m.sentSeq, seq);
   }
 
   /** Records `seq` as seen; false when it was seen already. */
