@@ -536,14 +536,14 @@ impl RoomRegistry {
     }
 
     fn on_message(self: &Arc<Self>, hub: &Arc<RoomHub>, msg: Arc<Published>) {
-        let delivered = {
+        let (delivered, fill) = {
             let mut st = hub.state.lock().unwrap();
             if st.initialized && msg.seq > st.delivered + MAX_AHEAD {
                 // Not from a gateway: no room jumps this far ahead of what was delivered.
                 tracing::warn!(room = %hub.room, seq = msg.seq, "ignoring an implausible sequence");
                 return;
             }
-            if !st.initialized || msg.seq > st.delivered + 1 {
+            let delivered = if !st.initialized || msg.seq > st.delivered + 1 {
                 st.pending.insert(msg.seq, msg);
                 0
             } else if msg.seq <= st.delivered {
@@ -553,10 +553,14 @@ impl RoomRegistry {
                 st.delivered = msg.seq;
                 n += self.drain_contiguous(&mut st);
                 n
-            }
+            };
+            // Decided in the same critical section: one lock per message on this hot path.
+            (delivered, claim_gap_fill(&mut st))
         };
         self.metrics.messages_delivered.inc_by(delivered);
-        self.schedule_gap_fill_if_needed(hub);
+        if fill {
+            self.spawn_gap_fill(hub);
+        }
     }
 
     /// Pushes one frame to every member; returns how many sockets it was queued for.
@@ -599,14 +603,13 @@ impl RoomRegistry {
     }
 
     fn schedule_gap_fill_if_needed(self: &Arc<Self>, hub: &Arc<RoomHub>) {
-        {
-            let mut st = hub.state.lock().unwrap();
-            let behind = !st.pending.is_empty() || st.known_head > st.delivered;
-            if !st.initialized || !behind || st.gap_fill_scheduled {
-                return;
-            }
-            st.gap_fill_scheduled = true;
+        let fill = claim_gap_fill(&mut hub.state.lock().unwrap());
+        if fill {
+            self.spawn_gap_fill(hub);
         }
+    }
+
+    fn spawn_gap_fill(self: &Arc<Self>, hub: &Arc<RoomHub>) {
         let registry = Arc::downgrade(self);
         let hub = Arc::downgrade(hub);
         let wait = self.gap_fill_after;
@@ -615,6 +618,16 @@ impl RoomRegistry {
             fill_gaps(registry, hub).await;
         });
     }
+}
+
+/// Whether the hub is behind with no gap fill under way; if so, marks one as under way.
+fn claim_gap_fill(st: &mut HubState) -> bool {
+    let behind = !st.pending.is_empty() || st.known_head > st.delivered;
+    if !st.initialized || !behind || st.gap_fill_scheduled {
+        return false;
+    }
+    st.gap_fill_scheduled = true;
+    true
 }
 
 /// Reads the messages missing before the first pending one from the store and delivers them.
