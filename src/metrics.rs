@@ -26,8 +26,10 @@ pub struct Metrics {
     pub messages_delivered: Counter,
     /// Send latency from request to ack, seconds.
     pub send_duration: Histogram,
-    /// History requests by cache result.
-    pub history_requests: Family<Labels, Counter>,
+    /// History requests by cache result: `history_requests{cache="hit"}` and `{cache="miss"}`,
+    /// resolved once (no label lookup per request).
+    pub history_hits: Counter,
+    pub history_misses: Counter,
     /// Sends refused by a rate limit, by scope.
     pub rate_limited: Family<Labels, Counter>,
     /// Side-effect jobs: enqueued, done, failed, dropped (queue full).
@@ -54,6 +56,12 @@ impl Metrics {
         let messages_delivered = Counter::default();
         let send_duration = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
         let history_requests = Family::<Labels, Counter>::default();
+        let history_hits = history_requests
+            .get_or_create(&vec![("cache", "hit")])
+            .clone();
+        let history_misses = history_requests
+            .get_or_create(&vec![("cache", "miss")])
+            .clone();
         let rate_limited = Family::<Labels, Counter>::default();
         let jobs = Family::<Labels, Counter>::default();
         let errors = Family::<Labels, Counter>::default();
@@ -135,7 +143,8 @@ impl Metrics {
             messages_received,
             messages_delivered,
             send_duration,
-            history_requests,
+            history_hits,
+            history_misses,
             rate_limited,
             jobs,
             errors,
