@@ -30,6 +30,8 @@ pub struct Metrics {
     /// resolved once (no label lookup per request).
     pub history_hits: Counter,
     pub history_misses: Counter,
+    /// Cached newest messages of a room re-read from the store ahead of their expiry.
+    pub history_refreshes: Counter,
     /// Sends refused by a rate limit, by scope.
     pub rate_limited: Family<Labels, Counter>,
     /// Side-effect jobs: enqueued, done, failed, dropped (queue full).
@@ -62,6 +64,7 @@ impl Metrics {
         let history_misses = history_requests
             .get_or_create(&vec![("cache", "miss")])
             .clone();
+        let history_refreshes = Counter::default();
         let rate_limited = Family::<Labels, Counter>::default();
         let jobs = Family::<Labels, Counter>::default();
         let errors = Family::<Labels, Counter>::default();
@@ -124,6 +127,11 @@ impl Metrics {
             history_requests.clone(),
         );
         registry.register(
+            "history_refreshes",
+            "Latest history pages re-read from the store ahead of their expiry",
+            history_refreshes.clone(),
+        );
+        registry.register(
             "rate_limited",
             "Sends refused by a rate limit",
             rate_limited.clone(),
@@ -145,6 +153,7 @@ impl Metrics {
             send_duration,
             history_hits,
             history_misses,
+            history_refreshes,
             rate_limited,
             jobs,
             errors,

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use crate::auth::{AuthError, Authenticator, Identity, Role, TokenMinter};
 use crate::broker::PresenceDiff;
 use crate::broker::{Broker, RoomEvent};
-use crate::cache::{HistoryCache, Latest, Tail};
+use crate::cache::{HistoryCache, Latest, MissToken, Tail};
 use crate::config::Settings;
 use crate::error::ChatError;
 use crate::membership::MembershipCache;
@@ -376,8 +376,11 @@ impl ChatService {
     /// read from the store, which refills the tail.
     async fn latest_page(&self, room: &str, limit: u32) -> Result<Utf8Bytes, ChatError> {
         let token = match self.cache.latest(room, limit).await {
-            Latest::Hit(page) => {
+            Latest::Hit { page, refresh } => {
                 self.metrics.history_hits.inc();
+                if let Some(token) = refresh {
+                    self.refresh_tail(token);
+                }
                 return Ok(page);
             }
             Latest::Miss(token) => token,
@@ -389,6 +392,22 @@ impl ChatService {
             .expect("a tail read from the store reaches the room's start or is longer than a page");
         self.cache.fill(token, tail).await;
         Ok(page)
+    }
+
+    /// Re-reads a room's tail in the background, so readers keep hitting while it is refreshed.
+    fn refresh_tail(&self, token: MissToken) {
+        self.metrics.history_refreshes.inc();
+        let (store, cache, len) = (
+            self.store.clone(),
+            self.cache.clone(),
+            self.settings.limits.history_tail_len(),
+        );
+        tokio::spawn(async move {
+            match read_tail(&*store, token.room(), len).await {
+                Ok(tail) => cache.fill(token, tail).await,
+                Err(e) => tracing::debug!(error = %e, "latest history page not refreshed"),
+            }
+        });
     }
 
     /// `limit` messages older than `before`: no new message changes them, so they are cached

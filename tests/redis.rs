@@ -266,7 +266,7 @@ async fn out_of_order_appends_drop_the_shared_tail_and_a_stale_fill_is_refused()
     };
     async fn latest(cache: &RedisHistoryCache) -> Option<Vec<i64>> {
         match cache.latest("r", 5).await {
-            Latest::Hit(page) => {
+            Latest::Hit { page, .. } => {
                 let page: serde_json::Value = serde_json::from_str(&page).unwrap();
                 Some(seqs(page["messages"].as_array().unwrap()))
             }

@@ -280,7 +280,7 @@ async fn a_message_rejected_in_the_database_leaves_a_busy_rooms_latest_page_with
     // The room stays busy (a send and a read every 50 ms): sends keep the cached page current,
     // but do not keep the rejected message in it past the TTL.
     let mut sent = 5;
-    loop {
+    let gone_after = loop {
         sent += 1;
         app.rest_send("alice", "r", &format!("m{sent}"), None).await;
         let (_, page) = app.rest_history("alice", "r", "").await;
@@ -291,7 +291,7 @@ async fn a_message_rejected_in_the_database_leaves_a_busy_rooms_latest_page_with
             "the newest acknowledged message is shown"
         );
         if !got.contains(&3) {
-            break;
+            break rejected_at.elapsed();
         }
         assert!(
             rejected_at.elapsed() < ttl + Duration::from_millis(500),
@@ -299,5 +299,15 @@ async fn a_message_rejected_in_the_database_leaves_a_busy_rooms_latest_page_with
             rejected_at.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    // Re-read in the background ahead of its expiry: no reader waited for the store but the first.
+    assert!(
+        app.metric("chat_history_refreshes_total").await >= 1.0,
+        "gone after {gone_after:?} without a refresh"
+    );
+    assert_eq!(
+        app.metric("chat_history_requests_total{cache=\"miss\"}")
+            .await,
+        1.0
+    );
 }

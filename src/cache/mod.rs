@@ -23,7 +23,9 @@
 //! invalidation scans keys.
 //!
 //! **Lifetime.** A tail lives `cache.history_ttl_ms` from the store read that filled it: appends
-//! do not extend it, so changes made outside the gateway (moderation) show within that time.
+//! do not extend it, so changes made outside the gateway (moderation) show within that time. A
+//! read of a tail past half its life is still a hit, and hands out a token to re-read the tail in
+//! the background (once per tail), so a room read steadily never waits for the store.
 
 pub mod redis;
 
@@ -31,6 +33,7 @@ use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -127,7 +130,11 @@ pub fn latest_page<J: Deref<Target = str>>(
 
 /// The outcome of a latest-page lookup.
 pub enum Latest {
-    Hit(Utf8Bytes),
+    /// `refresh`: the tail is past half its life; re-read it in the background with this token.
+    Hit {
+        page: Utf8Bytes,
+        refresh: Option<MissToken>,
+    },
     /// Read the tail from the store and `fill` it with this token.
     Miss(MissToken),
 }
@@ -247,6 +254,18 @@ struct CachedTail {
     tail: Tail,
     /// The fill's store read plus the TTL; appends keep it.
     expires_at: Instant,
+    /// A reader took the refresh token (one background re-read per tail).
+    refresh_taken: AtomicBool,
+}
+
+impl CachedTail {
+    fn new(tail: Tail, expires_at: Instant, refresh_taken: bool) -> Self {
+        CachedTail {
+            tail,
+            expires_at,
+            refresh_taken: AtomicBool::new(refresh_taken),
+        }
+    }
 }
 
 impl Entry {
@@ -352,10 +371,14 @@ impl HistoryCache for MemoryHistoryCache {
         let Some(cached) = self.tail(room) else {
             return Latest::Miss(token());
         };
-        match cached.tail.latest_page(room, limit) {
-            Some(page) => Latest::Hit(page),
-            None => Latest::Miss(token()),
-        }
+        let Some(page) = cached.tail.latest_page(room, limit) else {
+            return Latest::Miss(token());
+        };
+        let past_half_life =
+            cached.expires_at.saturating_duration_since(Instant::now()) < self.ttl / 2;
+        let refresh =
+            (past_half_life && !cached.refresh_taken.swap(true, Ordering::Relaxed)).then(token);
+        Latest::Hit { page, refresh }
     }
 
     async fn fill(&self, token: MissToken, tail: Tail) {
@@ -365,7 +388,7 @@ impl HistoryCache for MemoryHistoryCache {
         let generation = self.lock_room(&token.room);
         if *generation == seen {
             let expires_at = Instant::now() + self.ttl;
-            self.put_tail(&token.room, CachedTail { tail, expires_at });
+            self.put_tail(&token.room, CachedTail::new(tail, expires_at, false));
         }
         drop(generation);
     }
@@ -377,8 +400,11 @@ impl HistoryCache for MemoryHistoryCache {
             match cached.tail.append(message, self.tail_len) {
                 Append::Present => {}
                 Append::Appended(tail) => {
-                    let expires_at = cached.expires_at;
-                    self.put_tail(room, CachedTail { tail, expires_at });
+                    let refresh_taken = cached.refresh_taken.load(Ordering::Relaxed);
+                    self.put_tail(
+                        room,
+                        CachedTail::new(tail, cached.expires_at, refresh_taken),
+                    );
                 }
                 Append::Gap => self.entries.invalidate(&(room, None) as &dyn KeyParts),
             }
@@ -508,7 +534,7 @@ mod tests {
 
     async fn hit(cache: &MemoryHistoryCache, limit: u32) -> Option<Vec<i64>> {
         match cache.latest("r", limit).await {
-            Latest::Hit(page) => Some(seqs(&serde_json::from_str(&page).unwrap())),
+            Latest::Hit { page, .. } => Some(seqs(&serde_json::from_str(&page).unwrap())),
             Latest::Miss(_) => None,
         }
     }
@@ -550,14 +576,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tail_expires_a_ttl_after_its_fill_whatever_is_appended() {
+    async fn a_tail_past_half_its_life_hands_out_one_refresh() {
         let cache = MemoryHistoryCache::new(Duration::from_millis(1000), 1 << 20, 5);
         let Latest::Miss(token) = cache.latest("r", 2).await else {
             panic!("empty cache hit")
         };
         cache.fill(token, tail(1..=2, true)).await;
+        assert!(matches!(
+            cache.latest("r", 2).await,
+            Latest::Hit { refresh: None, .. }
+        ));
         tokio::time::sleep(Duration::from_millis(600)).await;
         cache.append("r", &json(3)).await;
+        let Latest::Hit {
+            refresh: Some(token),
+            ..
+        } = cache.latest("r", 2).await
+        else {
+            panic!("no refresh handed out")
+        };
+        assert!(matches!(
+            cache.latest("r", 2).await,
+            Latest::Hit { refresh: None, .. }
+        ));
+        cache.fill(token, tail(1..=3, true)).await;
+        // The refreshed tail lives a whole TTL again, past the first one's end.
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(hit(&cache, 2).await, Some(vec![2, 3]));
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(hit(&cache, 2).await, None, "expired");

@@ -3,8 +3,8 @@
 //! tail's checks and writes atomic in a script.
 //!
 //! Keys (proto-docs/redis.md): `{prefix}messages:{roomId}:tail` (the tail), `…:gen` (the room's
-//! generation, bumped by every append), and older pages under the seed's key
-//! `{prefix}messages:{roomId}:{limit}:{before}`, as plain page JSON.
+//! generation, bumped by every append), `…:refresh` (a node is re-reading the tail), and older
+//! pages under the seed's key `{prefix}messages:{roomId}:{limit}:{before}`, as plain page JSON.
 //!
 //! A tail is text: a header line `"{last seq} {complete 0|1} {count}\n"`, then one line per
 //! message, oldest first, `"{seq} {message JSON}\n"` (compact JSON never holds a newline). The
@@ -15,7 +15,7 @@
 //!
 //! When Redis fails, lookups count as misses (the store answers) and nothing is cached. A failed
 //! append leaves the tail without that message until the next send to the room (a gap, which
-//! drops it) or its expiry: at most `cache.history_ttl_ms`.
+//! drops it), its refresh, or its expiry: at most `cache.history_ttl_ms`.
 
 use std::time::Duration;
 
@@ -30,10 +30,18 @@ use crate::redis_conn::RedisConn;
 /// Generations are kept far longer than any tail, so a tail never outlives its generation key.
 const GENERATION_TTL_MS: u64 = 24 * 3600 * 1000;
 
-/// KEYS: generation, tail. Returns the generation and the tail (`""` when none).
+/// KEYS: generation, tail, refresh claim. ARGV: half the TTL (ms).
+/// Returns the generation, the tail (`""` when none) and 1 when this reader is to refresh it.
 const LOOKUP: &str = r"
 local generation = redis.call('GET', KEYS[1]) or '0'
-return {generation, redis.call('GET', KEYS[2]) or ''}";
+local tail = redis.call('GET', KEYS[2])
+if not tail then return {generation, '', 0} end
+local refresh = 0
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[1])
+   and redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then
+  refresh = 1
+end
+return {generation, tail, refresh}";
 
 /// KEYS: generation, tail. ARGV: the generation the miss saw, the tail, the TTL (ms).
 const FILL: &str = r"
@@ -154,10 +162,13 @@ impl HistoryCache for RedisHistoryCache {
     async fn latest(&self, room: &str, limit: u32) -> Latest {
         let mut conn = self.redis.conn.clone();
         let mut invocation = self.lookup.key(self.room_key(room, "gen"));
-        invocation.key(self.room_key(room, "tail"));
-        let found: Result<(u64, String), _> =
+        invocation
+            .key(self.room_key(room, "tail"))
+            .key(self.room_key(room, "refresh"))
+            .arg(self.ttl_ms() / 2);
+        let found: Result<(u64, String, u8), _> =
             self.redis.bounded(invocation.invoke_async(&mut conn)).await;
-        let (generation, tail) = match found {
+        let (generation, tail, refresh) = match found {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!(error = %e, "history cache unavailable; reading the store");
@@ -182,7 +193,10 @@ impl HistoryCache for RedisHistoryCache {
             return Latest::Miss(token());
         };
         match latest_page(room, &messages, complete, limit) {
-            Some(page) if is_json(&page) => Latest::Hit(page),
+            Some(page) if is_json(&page) => Latest::Hit {
+                page,
+                refresh: (refresh == 1).then(token),
+            },
             Some(_) => {
                 tracing::warn!(room, "a cached history tail is not JSON; reading the store");
                 Latest::Miss(token())
