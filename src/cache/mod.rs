@@ -32,8 +32,8 @@ pub mod redis;
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -256,6 +256,10 @@ struct CachedTail {
     expires_at: Instant,
     /// A reader took the refresh token (one background re-read per tail).
     refresh_taken: AtomicBool,
+    /// The last page cut from this tail and its limit: readers of a room mostly ask the same
+    /// limit, and until the next append they share these bytes instead of copying them again.
+    /// Locked only to compare and clone.
+    last_page: Mutex<Option<(u32, Utf8Bytes)>>,
 }
 
 impl CachedTail {
@@ -264,7 +268,19 @@ impl CachedTail {
             tail,
             expires_at,
             refresh_taken: AtomicBool::new(refresh_taken),
+            last_page: Mutex::new(None),
         }
+    }
+
+    fn latest_page(&self, room: &str, limit: u32) -> Option<Utf8Bytes> {
+        if let Some((cut, page)) = &*self.last_page.lock().unwrap()
+            && *cut == limit
+        {
+            return Some(page.clone());
+        }
+        let page = self.tail.latest_page(room, limit)?;
+        *self.last_page.lock().unwrap() = Some((limit, page.clone()));
+        Some(page)
     }
 }
 
@@ -283,11 +299,12 @@ impl Entry {
         /// A message's `seq` and byte-buffer handle.
         const PER_MESSAGE: usize = 48;
         let json = match self {
+            // The messages, and the last page cut from them (about as large).
             Entry::Tail(t) => t
                 .tail
                 .messages
                 .iter()
-                .map(|m| m.json.len() + PER_MESSAGE)
+                .map(|m| 2 * m.json.len() + PER_MESSAGE)
                 .sum(),
             Entry::Older { page, .. } => page.len(),
         };
@@ -371,7 +388,7 @@ impl HistoryCache for MemoryHistoryCache {
         let Some(cached) = self.tail(room) else {
             return Latest::Miss(token());
         };
-        let Some(page) = cached.tail.latest_page(room, limit) else {
+        let Some(page) = cached.latest_page(room, limit) else {
             return Latest::Miss(token());
         };
         let past_half_life =
@@ -565,6 +582,14 @@ mod tests {
         cache.fill(token, tail(1..=2, true)).await;
         cache.append("r", &json(3)).await;
         assert_eq!(hit(&cache, 2).await, Some(vec![2, 3]));
+        // Until the next append, readers of the same limit share one copy of the page.
+        let page = || async {
+            match cache.latest("r", 2).await {
+                Latest::Hit { page, .. } => page,
+                Latest::Miss(_) => panic!("miss"),
+            }
+        };
+        assert_eq!(page().await.as_ptr(), page().await.as_ptr());
         // A retry answered with message 3 changes nothing.
         cache.append("r", &json(3)).await;
         assert_eq!(hit(&cache, 5).await, Some(vec![1, 2, 3]));
