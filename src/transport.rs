@@ -625,19 +625,20 @@ async fn write_loop(
 ) {
     let mut ticker = tokio::time::interval_at(TokioInstant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
     // When the last ping was sent (ms since `epoch`).
     let mut last_ping: Option<u64> = None;
     loop {
         tokio::select! {
             biased;
             _ = closer.token().cancelled() => break,
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
-                if n == 0 {
-                    break;
-                }
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break };
+                // What else is already queued goes out with it (no batch buffer is kept: an
+                // idle socket holds none).
                 let write = async {
-                    for frame in batch.drain(..) {
+                    sink.feed(Message::Text(frame)).await?;
+                    for _ in 1..WRITE_BATCH {
+                        let Ok(frame) = rx.try_recv() else { break };
                         sink.feed(Message::Text(frame)).await?;
                     }
                     sink.flush().await
@@ -664,9 +665,19 @@ async fn write_loop(
             }
         }
     }
+    // Boxed: the goodbye runs once, and need not size the future an idle writer holds.
+    Box::pin(say_goodbye(sink, rx, closer)).await;
+}
+
+/// Ends a closed socket's writing: sends what was queued before the close (an error reply, the
+/// ack of an in-flight send) and the close frame, then closes the sink.
+async fn say_goodbye(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Utf8Bytes>,
+    closer: Arc<Closer>,
+) {
     if let Some((code, reason)) = closer.reason() {
-        // What was queued before the close (an error reply, the ack of an in-flight send) goes
-        // out first; a slow consumer's queue is not waited for, its socket is not being read.
+        // A slow consumer's queue is not waited for: its socket is not being read.
         let flush_queued = async {
             if code != close::SLOW_CONSUMER {
                 while let Ok(frame) = rx.try_recv() {
