@@ -366,11 +366,14 @@ impl RoomRegistry {
                 user_id: conn.user_id.clone(),
                 name: conn.name.clone(),
             };
-            let _ = changes.send(PresenceChange {
+            let change = PresenceChange {
                 room: room.to_string(),
                 user,
                 arrived,
-            });
+            };
+            if changes.send(change).is_ok() {
+                self.metrics.presence_backlog.inc();
+            }
         }
     }
 

@@ -493,6 +493,7 @@ impl ChatService {
         mut changes: tokio::sync::mpsc::UnboundedReceiver<PresenceChange>,
     ) {
         while let Some(change) = changes.recv().await {
+            self.metrics.presence_backlog.dec();
             let outcome = if change.arrived {
                 self.presence.arrive(&change.room, &change.user).await
             } else {
