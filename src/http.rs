@@ -106,9 +106,14 @@ async fn ws_upgrade(
         .max_frame_size(limits.max_frame_bytes)
         .read_buffer_size(limits.ws_read_buffer_bytes)
         .write_buffer_size(limits.ws_write_buffer_bytes)
-        .on_upgrade(move |socket| async move {
-            Connection::run(app, socket, token, permit).await;
+        .on_upgrade(move |socket| {
+            // The connection gets a task of its own, sized for the connection alone (about half
+            // of the upgrade task's size, which makes room for the WebSocket handshake too). The
+            // guard covered the upgrade; the tracked task takes over from it.
+            let tracker = app.tracker.clone();
+            tracker.spawn(Connection::run(app, socket, token, permit));
             drop(guard);
+            std::future::ready(())
         })
 }
 

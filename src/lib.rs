@@ -256,8 +256,10 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         redis: redis_parts,
         memory_jobs,
     } = backing(&settings, redis, &registry, &shutdown);
-    let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
-    registry.set_presence_changes(presence_tx);
+    let presence_changes = Arc::new(presence::PresenceChanges::new(
+        metrics.presence_backlog.clone(),
+    ));
+    registry.set_presence_changes(presence_changes.clone());
     {
         let broker = Arc::downgrade(&broker);
         registry.set_unsubscriber(move |room| {
@@ -342,7 +344,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             .as_ref()
             .map(|p| (p.conn.clone(), p.broker.clone())),
     });
-    tokio::spawn(app.service.clone().run_presence(presence_rx));
+    tokio::spawn(app.service.clone().run_presence(presence_changes));
     if let Some(redis_presence) = redis_presence {
         let service = app.service.clone();
         let stop = app.shutdown.clone();

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub queue_pending: Gauge,
     /// Read positions written to the store (one per member and room per batch).
     pub read_marks_written: Counter,
+    /// Presence changes of this node's sockets not yet recorded by the presence task.
+    pub presence_backlog: Gauge,
 }
 
 impl Metrics {
@@ -71,6 +73,12 @@ impl Metrics {
         let queue_waiting = Gauge::default();
         let queue_pending = Gauge::default();
         let read_marks_written = Counter::default();
+        let presence_backlog = Gauge::default();
+        registry.register(
+            "presence_backlog",
+            "Presence changes waiting to be recorded",
+            presence_backlog.clone(),
+        );
         registry.register(
             "read_marks_written",
             "Read positions written to the store",
@@ -160,6 +168,7 @@ impl Metrics {
             queue_waiting,
             queue_pending,
             read_marks_written,
+            presence_backlog,
         }
     }
 

@@ -2,15 +2,17 @@
 //!
 //! A user is online in a room while at least one of their sockets, on any node, has joined it.
 //! Each node reports only transitions of its own: the first local socket of a user in a room
-//! (`arrive`) and the last one leaving (`depart`); the registry computes them under the hub lock,
-//! so two tabs on one node count once. Across nodes, Redis keeps per room a hash
+//! (an arrival) and the last one leaving (a departure); the registry computes them under the hub
+//! lock, so two tabs on one node count once. Across nodes, Redis keeps per room a hash
 //! `user -> number of nodes where the user is present`: online count = HLEN (O(1)), the member
 //! list is paged with HSCAN. A node that dies cannot depart: every node holds a lease key
 //! (`node_lease_ms`, renewed at a third of it) and records its contributions in a set; any node
 //! finding a lease expired removes the dead node's contributions in one script and announces
 //! those users as gone.
 //!
-//! Diffs (`presence` pushes) are published per transition and coalesced by each receiving node
+//! Transitions wait in [`PresenceChanges`], the latest per (room, user), and are recorded in
+//! batches by one task (`ChatService::run_presence`): one round trip to Redis for a batch, and one
+//! diff (`presence` push) published per room and batch, which each receiving node coalesces again
 //! to at most one push per room per second (see `rooms`).
 
 use std::collections::HashMap;
@@ -18,7 +20,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::Script;
+use prometheus_client::metrics::gauge::Gauge;
+use redis::{Script, ScriptInvocation};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_conn::RedisConn;
@@ -29,6 +33,88 @@ pub struct OnlineUser {
     #[serde(rename = "userId")]
     pub user_id: String,
     pub name: Option<String>,
+}
+
+/// A presence transition of this node: a user's first socket joined a room, or their last left.
+#[derive(Debug, Clone)]
+pub struct PresenceChange {
+    pub room: String,
+    pub user: OnlineUser,
+    pub arrived: bool,
+}
+
+/// This node's presence transitions waiting to be recorded: the latest per (room, user).
+///
+/// Bound and overflow policy: one entry per (room, user) pair whose transition is not recorded
+/// yet, so at most the node's sockets times `limits.max_rooms_per_connection`, however often
+/// users come and go while the presence backend is slow or down. A newer transition of a pair
+/// replaces the older one: recording is idempotent (arriving when recorded, or leaving when not,
+/// changes nothing), so only the latest matters, and a reconnect's leave-then-return costs the
+/// backend nothing when it had not recorded the leave yet.
+///
+/// Locking: `pending` is held only for map operations, never across `.await`. The room registry
+/// pushes while holding a hub's lock (hub, then this; never the other way round).
+pub struct PresenceChanges {
+    pending: Mutex<HashMap<(String, String), PresenceChange>>,
+    /// Wakes the presence task after a push.
+    pushed: Notify,
+    /// `chat_presence_backlog`: pairs waiting.
+    backlog: Gauge,
+}
+
+impl PresenceChanges {
+    pub fn new(backlog: Gauge) -> Self {
+        Self {
+            pending: Mutex::new(HashMap::new()),
+            pushed: Notify::new(),
+            backlog,
+        }
+    }
+
+    /// Queues a transition, replacing a pending one of the same user in the same room.
+    pub fn push(&self, change: PresenceChange) {
+        {
+            let mut pending = self.pending.lock().unwrap();
+            let key = (change.room.clone(), change.user.user_id.clone());
+            pending.insert(key, change);
+            self.backlog.set(pending.len() as i64);
+        }
+        self.pushed.notify_one();
+    }
+
+    /// Takes up to `max` pending transitions (in no particular order: pairs are independent).
+    pub fn take(&self, max: usize) -> Vec<PresenceChange> {
+        let mut pending = self.pending.lock().unwrap();
+        let keys: Vec<(String, String)> = pending.keys().take(max).cloned().collect();
+        let taken = keys.iter().filter_map(|k| pending.remove(k)).collect();
+        self.backlog.set(pending.len() as i64);
+        taken
+    }
+
+    /// Returns transitions that could not be recorded, except where a newer one of the same pair
+    /// was pushed meanwhile.
+    pub fn put_back(&self, changes: Vec<PresenceChange>) {
+        let mut pending = self.pending.lock().unwrap();
+        for change in changes {
+            let key = (change.room.clone(), change.user.user_id.clone());
+            pending.entry(key).or_insert(change);
+        }
+        self.backlog.set(pending.len() as i64);
+    }
+
+    /// Waits for a push (returns at once if there was one since the last wait).
+    pub async fn pushed(&self) {
+        self.pushed.notified().await;
+    }
+
+    /// Pairs waiting.
+    pub fn len(&self) -> usize {
+        self.pending.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,12 +129,12 @@ impl From<redis::RedisError> for PresenceError {
 
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
-    /// This node's first socket of `user` joined `room`. Returns the room's online count if the
-    /// user just came online in the cluster, `None` if they already were.
-    async fn arrive(&self, room: &str, user: &OnlineUser) -> Result<Option<u64>, PresenceError>;
-    /// This node's last socket of `user` left `room`. Returns the room's online count if the user
-    /// just went offline in the cluster.
-    async fn depart(&self, room: &str, user: &str) -> Result<Option<u64>, PresenceError>;
+    /// Records this node's transitions, in order: an arrival (this node's first socket of the
+    /// user joined the room) or a departure (its last one left). Returns, for each, the room's
+    /// online count if the user just came online or went offline in the cluster, `None` if that
+    /// changed nothing (already online elsewhere, still online elsewhere, or already recorded).
+    /// Each transition is idempotent, so a batch that failed, even halfway, may be recorded again.
+    async fn record(&self, changes: &[PresenceChange]) -> Result<Vec<Option<u64>>, PresenceError>;
     /// How many users are online in the room.
     async fn count(&self, room: &str) -> Result<u64, PresenceError>;
     /// A page of the room's online users, and the cursor of the next page.
@@ -69,26 +155,29 @@ pub struct MemoryPresence {
 
 #[async_trait]
 impl Presence for MemoryPresence {
-    async fn arrive(&self, room: &str, user: &OnlineUser) -> Result<Option<u64>, PresenceError> {
+    async fn record(&self, changes: &[PresenceChange]) -> Result<Vec<Option<u64>>, PresenceError> {
         let mut rooms = self.rooms.lock().unwrap();
-        let users = rooms.entry(room.to_string()).or_default();
-        let new = users
-            .insert(user.user_id.clone(), user.name.clone())
-            .is_none();
-        Ok(new.then_some(users.len() as u64))
-    }
-
-    async fn depart(&self, room: &str, user: &str) -> Result<Option<u64>, PresenceError> {
-        let mut rooms = self.rooms.lock().unwrap();
-        let Some(users) = rooms.get_mut(room) else {
-            return Ok(None);
-        };
-        let gone = users.remove(user).is_some();
-        let online = users.len() as u64;
-        if users.is_empty() {
-            rooms.remove(room);
-        }
-        Ok(gone.then_some(online))
+        let outcomes = changes
+            .iter()
+            .map(|change| {
+                let user = &change.user;
+                if change.arrived {
+                    let users = rooms.entry(change.room.clone()).or_default();
+                    let new = users
+                        .insert(user.user_id.clone(), user.name.clone())
+                        .is_none();
+                    return new.then_some(users.len() as u64);
+                }
+                let users = rooms.get_mut(&change.room)?;
+                let gone = users.remove(&user.user_id).is_some();
+                let online = users.len() as u64;
+                if users.is_empty() {
+                    rooms.remove(&change.room);
+                }
+                gone.then_some(online)
+            })
+            .collect();
+        Ok(outcomes)
     }
 
     async fn count(&self, room: &str) -> Result<u64, PresenceError> {
@@ -196,6 +285,27 @@ impl RedisPresence {
         self.redis.key(&format!("presence:node:{node}"))
     }
 
+    /// The `arrive` or `depart` script call for one transition.
+    fn invocation(&self, change: &PresenceChange) -> ScriptInvocation<'_> {
+        let room_key = self.room_key(&change.room);
+        let user = &change.user.user_id;
+        let member = format!("{}\n{user}", change.room);
+        let mut invocation = if change.arrived {
+            self.arrive.key(&room_key)
+        } else {
+            self.depart.key(&room_key)
+        };
+        invocation
+            .key(format!("{room_key}:names"))
+            .key(self.node_set(&self.node))
+            .arg(user);
+        if change.arrived {
+            invocation.arg(change.user.name.as_deref().unwrap_or(""));
+        }
+        invocation.arg(member);
+        invocation
+    }
+
     /// Keeps this node's lease alive and reaps nodes whose lease expired, until `stop`.
     /// `on_gone(room, user, online)` is called for each user a reaped node leaves offline.
     pub async fn run_janitor(
@@ -279,37 +389,26 @@ impl RedisPresence {
 
 #[async_trait]
 impl Presence for RedisPresence {
-    async fn arrive(&self, room: &str, user: &OnlineUser) -> Result<Option<u64>, PresenceError> {
+    /// One pipeline, one round trip: the two scripts are loaded (a no-op when Redis has them), then
+    /// called once per transition.
+    async fn record(&self, changes: &[PresenceChange]) -> Result<Vec<Option<u64>>, PresenceError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.arrive)
+            .ignore()
+            .load_script(&self.depart)
+            .ignore();
+        for change in changes {
+            pipe.invoke_script(&self.invocation(change));
+        }
         let mut conn = self.redis.conn.clone();
-        let room_key = self.room_key(room);
-        let mut invocation = self.arrive.key(&room_key);
-        invocation
-            .key(format!("{room_key}:names"))
-            .key(self.node_set(&self.node))
-            .arg(&user.user_id)
-            .arg(user.name.as_deref().unwrap_or(""))
-            .arg(format!("{room}\n{}", user.user_id));
-        let online: i64 = self
-            .redis
-            .bounded(invocation.invoke_async(&mut conn))
-            .await?;
-        Ok((online >= 0).then_some(online as u64))
-    }
-
-    async fn depart(&self, room: &str, user: &str) -> Result<Option<u64>, PresenceError> {
-        let mut conn = self.redis.conn.clone();
-        let room_key = self.room_key(room);
-        let mut invocation = self.depart.key(&room_key);
-        invocation
-            .key(format!("{room_key}:names"))
-            .key(self.node_set(&self.node))
-            .arg(user)
-            .arg(format!("{room}\n{user}"));
-        let online: i64 = self
-            .redis
-            .bounded(invocation.invoke_async(&mut conn))
-            .await?;
-        Ok((online >= 0).then_some(online as u64))
+        let online: Vec<i64> = self.redis.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(online
+            .into_iter()
+            .map(|n| (n >= 0).then_some(n as u64))
+            .collect())
     }
 
     async fn count(&self, room: &str) -> Result<u64, PresenceError> {
@@ -353,5 +452,98 @@ impl Presence for RedisPresence {
             })
             .collect();
         Ok((users, (next != "0").then_some(next)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(room: &str, user: &str, arrived: bool) -> PresenceChange {
+        PresenceChange {
+            room: room.to_string(),
+            user: OnlineUser {
+                user_id: user.to_string(),
+                name: None,
+            },
+            arrived,
+        }
+    }
+
+    #[test]
+    fn a_user_coming_and_going_waits_as_one_change_the_latest() {
+        let backlog = Gauge::default();
+        let changes = PresenceChanges::new(backlog.clone());
+        for i in 0..10_000 {
+            changes.push(change("r", "alice", i % 2 == 0));
+        }
+        changes.push(change("r", "bob", true));
+        changes.push(change("other", "alice", true));
+        assert_eq!(changes.len(), 3, "one per (room, user)");
+        assert_eq!(backlog.get(), 3);
+        let mut taken = changes.take(10);
+        taken.sort_by(|a, b| (&a.room, &a.user.user_id).cmp(&(&b.room, &b.user.user_id)));
+        let seen: Vec<(&str, &str, bool)> = taken
+            .iter()
+            .map(|c| (c.room.as_str(), c.user.user_id.as_str(), c.arrived))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("other", "alice", true),
+                ("r", "alice", false),
+                ("r", "bob", true)
+            ],
+            "the last of alice's 10,000 changes in r was a departure"
+        );
+        assert!(changes.is_empty());
+        assert_eq!(backlog.get(), 0);
+    }
+
+    #[test]
+    fn a_change_put_back_after_a_failure_never_replaces_a_newer_one() {
+        let changes = PresenceChanges::new(Gauge::default());
+        changes.push(change("r", "alice", true));
+        changes.push(change("r", "bob", true));
+        let failed = changes.take(2);
+        assert!(changes.is_empty());
+        // While the batch was out, alice left again.
+        changes.push(change("r", "alice", false));
+        changes.put_back(failed);
+        let mut back = changes.take(10);
+        back.sort_by(|a, b| a.user.user_id.cmp(&b.user.user_id));
+        assert_eq!(back.len(), 2);
+        assert!(!back[0].arrived, "alice's newer departure stays");
+        assert!(back[1].arrived, "bob's arrival waits again");
+    }
+
+    #[test]
+    fn take_hands_out_at_most_the_batch_size() {
+        let changes = PresenceChanges::new(Gauge::default());
+        for u in 0..25 {
+            changes.push(change("r", &format!("u{u}"), true));
+        }
+        assert_eq!(changes.take(10).len(), 10);
+        assert_eq!(changes.take(10).len(), 10);
+        assert_eq!(changes.take(10).len(), 5);
+        assert!(changes.take(10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn memory_presence_counts_each_user_once_and_ignores_repeats() {
+        let presence = MemoryPresence::default();
+        let outcomes = presence
+            .record(&[
+                change("r", "alice", true),
+                change("r", "bob", true),
+                change("r", "alice", true),
+                change("r", "alice", false),
+                change("r", "alice", false),
+                change("r", "carol", false),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(outcomes, [Some(1), Some(2), None, Some(1), None, None]);
+        assert_eq!(presence.count("r").await.unwrap(), 1);
     }
 }

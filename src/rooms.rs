@@ -13,7 +13,7 @@
 //! Locking rules: a hub's `state` mutex is held only for in-memory work (never across `.await`).
 //! The registry's `DashMap` shard lock may be held while taking a hub's lock (in `detach`), never
 //! the other way round. A socket's `rooms` lock may be taken while holding a hub lock, never the
-//! other way round.
+//! other way round; so may the lock of the node's pending presence changes (`PresenceChanges`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{EventSink, PresenceDiff, Published, RoomEvent};
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
-use crate::presence::OnlineUser;
+use crate::presence::{OnlineUser, PresenceChange, PresenceChanges};
 use crate::protocol::{self, MessageJson, Push, close};
 use crate::store::{Message, Store};
 
@@ -36,14 +36,6 @@ pub type ConnId = u64;
 
 /// At most one presence push per room per second.
 const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A presence transition of this node: a user's first socket joined a room, or their last left.
-#[derive(Debug, Clone)]
-pub struct PresenceChange {
-    pub room: String,
-    pub user: OnlineUser,
-    pub arrived: bool,
-}
 
 /// Presence diffs merged since the last push of a room.
 #[derive(Default)]
@@ -231,9 +223,9 @@ pub struct RoomRegistry {
     catch_up_buffer: usize,
     /// Hubs created, for ids in logs.
     created: AtomicU64,
-    /// Where this node's presence transitions go (a task that records them and publishes the
-    /// diffs). Set once the presence backend exists.
-    presence_changes: OnceLock<mpsc::UnboundedSender<PresenceChange>>,
+    /// Where this node's presence transitions wait for the task that records them and publishes
+    /// the diffs. Set once the presence backend exists.
+    presence_changes: OnceLock<Arc<PresenceChanges>>,
     /// Called with a room whose last local member was removed (by a `MemberRemoved` event), so
     /// the node unsubscribes from it. Set once the broker exists.
     unsubscriber: OnceLock<Box<dyn Fn(String) + Send + Sync>>,
@@ -357,7 +349,7 @@ impl RoomRegistry {
     }
 
     /// Sets where presence transitions of this node's sockets are sent.
-    pub fn set_presence_changes(&self, changes: mpsc::UnboundedSender<PresenceChange>) {
+    pub fn set_presence_changes(&self, changes: Arc<PresenceChanges>) {
         let _ = self.presence_changes.set(changes);
     }
 
@@ -367,7 +359,7 @@ impl RoomRegistry {
                 user_id: conn.user_id.clone(),
                 name: conn.name.clone(),
             };
-            let _ = changes.send(PresenceChange {
+            changes.push(PresenceChange {
                 room: room.to_string(),
                 user,
                 arrived,

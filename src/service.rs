@@ -3,7 +3,7 @@
 //! sequences, idempotency and the cache behave the same through both doors.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use std::collections::HashMap;
@@ -20,13 +20,17 @@ use crate::error::ChatError;
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::presence::PresenceChanges;
 use crate::protocol::PresenceResult;
 use crate::protocol::{self, HistoryPage, MessageJson, Push, WireMessage};
 use crate::queue::{Job, JobQueue};
-use crate::rooms::PresenceChange;
 
 /// Most users in one page of a presence list.
 const PRESENCE_PAGE: u32 = 100;
+/// Most presence transitions recorded in one round trip to the presence backend.
+const PRESENCE_BATCH: usize = 1000;
+/// How long the presence task waits before recording again after the backend failed.
+const PRESENCE_RETRY: Duration = Duration::from_secs(1);
 use crate::ratelimit::{RateLimiter, Refused};
 use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame, published};
 use crate::store::{Access, Inserted, NewMessage, Room, RoomSummary, Store, StoreError};
@@ -542,39 +546,48 @@ impl ChatService {
         })
     }
 
-    /// Records this node's presence transitions, in order, and publishes the diffs they cause.
-    pub async fn run_presence(
-        self: Arc<Self>,
-        mut changes: tokio::sync::mpsc::UnboundedReceiver<PresenceChange>,
-    ) {
-        while let Some(change) = changes.recv().await {
-            let outcome = if change.arrived {
-                self.presence.arrive(&change.room, &change.user).await
-            } else {
-                self.presence
-                    .depart(&change.room, &change.user.user_id)
-                    .await
-            };
-            match outcome {
-                Ok(Some(online)) => {
-                    let (joined, left) = if change.arrived {
-                        (vec![change.user], Vec::new())
-                    } else {
-                        (Vec::new(), vec![change.user.user_id])
-                    };
-                    self.publish_presence(
-                        &change.room,
-                        PresenceDiff {
-                            online,
-                            joined,
-                            left,
-                        },
-                    )
-                    .await;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "presence not recorded"),
+    /// Records this node's presence transitions and publishes the diffs they cause, for as long
+    /// as the node runs: up to `PRESENCE_BATCH` transitions per round trip to the backend, one
+    /// diff per room and batch. A batch the backend refused goes back to wait (behind any newer
+    /// transition of the same user and room) and is recorded again after `PRESENCE_RETRY`.
+    pub async fn run_presence(self: Arc<Self>, changes: Arc<PresenceChanges>) {
+        loop {
+            let batch = changes.take(PRESENCE_BATCH);
+            if batch.is_empty() {
+                changes.pushed().await;
+                continue;
             }
+            let outcomes = match self.presence.record(&batch).await {
+                Ok(outcomes) => outcomes,
+                Err(e) => {
+                    let changes_waiting = batch.len();
+                    tracing::warn!(error = %e, changes_waiting, "presence not recorded; retrying");
+                    changes.put_back(batch);
+                    tokio::time::sleep(PRESENCE_RETRY).await;
+                    continue;
+                }
+            };
+            let mut diffs: HashMap<String, PresenceDiff> = HashMap::new();
+            for (change, online) in batch.into_iter().zip(outcomes) {
+                let Some(online) = online else { continue };
+                let diff = diffs.entry(change.room).or_insert_with(|| PresenceDiff {
+                    online,
+                    joined: Vec::new(),
+                    left: Vec::new(),
+                });
+                // Recorded in order: the last count is the latest.
+                diff.online = online;
+                if change.arrived {
+                    diff.joined.push(change.user);
+                } else {
+                    diff.left.push(change.user.user_id);
+                }
+            }
+            let service = &self;
+            let publishes = diffs
+                .into_iter()
+                .map(|(room, diff)| async move { service.publish_presence(&room, diff).await });
+            futures::future::join_all(publishes).await;
         }
     }
 

@@ -10,6 +10,7 @@
 //! 3. **cleanup**: leave every room, release the user's connection slot, let the writer send the
 //!    close frame. The first task to end cancels the other.
 
+use std::cmp;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,17 +61,36 @@ struct Session {
     typing_window: (TokioInstant, u32),
 }
 
+/// What the reader's one timer is set for (see [`Connection::next_timer`]).
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// Not authenticated within `auth.auth_timeout_ms`: close with 4001.
+    AuthTimeout,
+    /// The token's `exp` (plus leeway) passed without a refresh: close with 4003.
+    TokenExpired,
+    /// Time for the `session_expiring` push.
+    ExpiryWarning,
+    /// Time to re-ask the memberships of the joined rooms.
+    MembershipRecheck,
+    /// A typing signal was not refreshed in time.
+    TypingLapse,
+}
+
 /// Most typing broadcasts one socket may cause per second; more are refused (`rate_limited`).
 const TYPING_BROADCASTS_PER_SECOND: u32 = 5;
 
 impl Connection {
-    /// Runs the connection to its end. `query_token` came with the upgrade request, if any.
-    pub async fn run(
+    /// Starts the connection's writer task and returns the reader: a future that runs the
+    /// connection to its end. `query_token` came with the upgrade request, if any.
+    ///
+    /// Not an `async fn`, so that the socket is split before the future exists: an idle socket's
+    /// task holds that future, which then keeps no room for the unsplit `WebSocket`.
+    pub fn run(
         app: Arc<App>,
         socket: WebSocket,
         query_token: Option<String>,
         permit: OwnedSemaphorePermit,
-    ) {
+    ) -> impl Future<Output = ()> + Send + 'static {
         let id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (sink, stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.service.settings.limits.outbound_queue);
@@ -88,23 +108,26 @@ impl Connection {
         app.service.metrics.connections.inc();
         app.service.metrics.connections_opened.inc();
         let mut connection = Connection {
-            app: app.clone(),
+            app,
             id,
-            out: Outbox::new(tx, closer.clone()),
+            out: Outbox::new(tx, closer),
             last_seen,
             epoch,
             session: None,
             _permit: permit,
         };
-        if let Some(token) = query_token {
-            connection.authenticate(None, &token).await;
+        async move {
+            // Boxed, like every request in the ready loop, so they do not size the idle task.
+            if let Some(token) = query_token {
+                Box::pin(connection.authenticate(None, &token)).await;
+            }
+            connection.ready_loop(stream).await;
+            Box::pin(connection.cleanup()).await;
+            // The writer ends on the cancelled token; give it a moment to send the close frame.
+            connection.out.closer.token().cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+            connection.app.service.metrics.connections.dec();
         }
-        connection.ready_loop(stream).await;
-        connection.cleanup().await;
-        // The writer ends on the cancelled token; give it a moment to send the close frame.
-        closer.token().cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-        app.service.metrics.connections.dec();
     }
 
     async fn ready_loop(&mut self, mut stream: SplitStream<WebSocket>) {
@@ -115,25 +138,12 @@ impl Connection {
         let closer = self.out.closer.clone();
         let shutdown = self.app.shutdown.clone();
         let ttl = Duration::from_secs(settings.auth.membership_ttl_secs.max(1));
-        let mut recheck = tokio::time::interval_at(TokioInstant::now() + ttl, ttl);
-        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recheck_at = TokioInstant::now() + ttl;
+        // While idle, this loop's future is what the socket's task holds, so it stays small: one
+        // timer for the earliest deadline, and the work a frame or a timer starts is boxed (one
+        // allocation per request instead of every idle socket carrying the largest request).
         loop {
-            let expires_at = self
-                .session
-                .as_ref()
-                .map(|s| deadline_of(s.identity.valid_until));
-            let typing_lapses = self
-                .session
-                .as_ref()
-                .and_then(|s| s.typing.values().map(|(lapses, _)| *lapses).min());
-            let warn_at = match &self.session {
-                // Warned ahead of `exp` itself (the close waits for the leeway on top).
-                Some(s) if !s.warned => {
-                    let exp = deadline_of(s.identity.expires_at);
-                    Some(exp.checked_sub(warning).unwrap_or(exp))
-                }
-                _ => None,
-            };
+            let (deadline, timer) = self.next_timer(auth_deadline, recheck_at, warning);
             tokio::select! {
                 biased;
                 _ = closer.token().cancelled() => break,
@@ -141,32 +151,30 @@ impl Connection {
                     closer.close(close::SERVICE_RESTART, "server shutting down; reconnect and resume");
                     break;
                 }
-                _ = sleep_until(auth_deadline), if self.session.is_none() => {
-                    closer.close(close::AUTH_TIMEOUT, "authentication timeout");
-                    break;
-                }
-                _ = sleep_until(expires_at.unwrap_or(auth_deadline)), if expires_at.is_some() => {
-                    closer.close(close::TOKEN_EXPIRED, "token expired");
-                    break;
-                }
-                _ = sleep_until(warn_at.unwrap_or(auth_deadline)), if warn_at.is_some() => {
-                    if let Some(s) = self.session.as_mut() {
-                        s.warned = true;
-                        let frame = Push::SessionExpiring { expires_at: s.identity.expires_at };
-                        self.out.push(protocol::encode(&frame).into());
+                _ = sleep_until(deadline) => match timer {
+                    Timer::AuthTimeout => {
+                        closer.close(close::AUTH_TIMEOUT, "authentication timeout");
+                        break;
                     }
-                }
-                _ = recheck.tick(), if self.session.is_some() => self.recheck_memberships().await,
-                _ = sleep_until(typing_lapses.unwrap_or(auth_deadline)), if typing_lapses.is_some() => {
-                    self.lapse_typing().await;
-                }
+                    Timer::TokenExpired => {
+                        closer.close(close::TOKEN_EXPIRED, "token expired");
+                        break;
+                    }
+                    Timer::ExpiryWarning => self.warn_expiry(),
+                    Timer::MembershipRecheck => {
+                        Box::pin(self.recheck_memberships()).await;
+                        recheck_at = TokioInstant::now() + ttl;
+                    }
+                    Timer::TypingLapse => Box::pin(self.lapse_typing()).await,
+                },
                 frame = stream.next() => {
                     self.last_seen.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                     match frame {
                         None | Some(Ok(Message::Close(_))) => break,
-                        Some(Ok(Message::Text(text))) => self.handle_text(text).await,
+                        Some(Ok(Message::Text(text))) => Box::pin(self.handle_text(text)).await,
                         Some(Ok(Message::Binary(_))) => {
-                            self.reply_error(None, code::BAD_FRAME, "binary frames are not supported; send JSON text", None).await
+                            let why = "binary frames are not supported; send JSON text";
+                            Box::pin(self.reply_error(None, code::BAD_FRAME, why, None)).await
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Err(e)) => {
@@ -178,6 +186,51 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+
+    /// The earliest deadline of the connection and what it is for. Before authentication only
+    /// the auth timeout counts; after it, the token's expiry, the warning ahead of it (once per
+    /// token), the membership recheck and the first typing signal to lapse.
+    fn next_timer(
+        &self,
+        auth_deadline: TokioInstant,
+        recheck_at: TokioInstant,
+        warning: Duration,
+    ) -> (TokioInstant, Timer) {
+        let Some(s) = &self.session else {
+            return (auth_deadline, Timer::AuthTimeout);
+        };
+        // Warned ahead of `exp` itself (the close waits for the leeway on top).
+        let warn_at = (!s.warned).then(|| {
+            let exp = deadline_of(s.identity.expires_at);
+            (
+                exp.checked_sub(warning).unwrap_or(exp),
+                Timer::ExpiryWarning,
+            )
+        });
+        let lapse_at = s.typing.values().map(|(lapses, _)| *lapses).min();
+        let expiry = (deadline_of(s.identity.valid_until), Timer::TokenExpired);
+        [
+            warn_at,
+            Some((recheck_at, Timer::MembershipRecheck)),
+            lapse_at.map(|at| (at, Timer::TypingLapse)),
+        ]
+        .into_iter()
+        .flatten()
+        // On a tie the earlier one in this order wins, the expiry first.
+        .fold(expiry, |next, other| {
+            cmp::min_by_key(next, other, |(at, _)| *at)
+        })
+    }
+
+    fn warn_expiry(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            s.warned = true;
+            let frame = Push::SessionExpiring {
+                expires_at: s.identity.expires_at,
+            };
+            self.out.push(protocol::encode(&frame).into());
         }
     }
 
@@ -572,19 +625,20 @@ async fn write_loop(
 ) {
     let mut ticker = tokio::time::interval_at(TokioInstant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::with_capacity(WRITE_BATCH);
     // When the last ping was sent (ms since `epoch`).
     let mut last_ping: Option<u64> = None;
     loop {
         tokio::select! {
             biased;
             _ = closer.token().cancelled() => break,
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
-                if n == 0 {
-                    break;
-                }
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break };
+                // What else is already queued goes out with it (no batch buffer is kept: an
+                // idle socket holds none).
                 let write = async {
-                    for frame in batch.drain(..) {
+                    sink.feed(Message::Text(frame)).await?;
+                    for _ in 1..WRITE_BATCH {
+                        let Ok(frame) = rx.try_recv() else { break };
                         sink.feed(Message::Text(frame)).await?;
                     }
                     sink.flush().await
@@ -611,9 +665,19 @@ async fn write_loop(
             }
         }
     }
+    // Boxed: the goodbye runs once, and need not size the future an idle writer holds.
+    Box::pin(say_goodbye(sink, rx, closer)).await;
+}
+
+/// Ends a closed socket's writing: sends what was queued before the close (an error reply, the
+/// ack of an in-flight send) and the close frame, then closes the sink.
+async fn say_goodbye(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Utf8Bytes>,
+    closer: Arc<Closer>,
+) {
     if let Some((code, reason)) = closer.reason() {
-        // What was queued before the close (an error reply, the ack of an in-flight send) goes
-        // out first; a slow consumer's queue is not waited for, its socket is not being read.
+        // A slow consumer's queue is not waited for: its socket is not being read.
         let flush_queued = async {
             if code != close::SLOW_CONSUMER {
                 while let Ok(frame) = rx.try_recv() {

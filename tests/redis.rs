@@ -487,31 +487,10 @@ async fn wait_ready(node: &TestApp, ready: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_loses_nothing_acknowledged() {
-    // Needs a redis-server binary; the shared Redis is the gate for the suite.
-    if redis_url().await.is_none() {
-        return;
-    }
-    let Some(mut redis) = OwnRedis::start(None) else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "redis-server is needed in CI"
-        );
-        eprintln!("SKIPPED: Redis restart test (no redis-server binary)");
+    let Some(mut redis) = own_redis(None).await else {
         return;
     };
     let url = redis.url();
-    // Wait for the server to accept connections.
-    let deadline = Instant::now() + WAIT;
-    while redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "own redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let dir = tempfile::tempdir().unwrap();
     let prefix = unique_prefix();
     let mut nodes = Vec::new();
@@ -553,6 +532,116 @@ async fn a_redis_restart_loses_nothing_acknowledged() {
         "every acknowledged message, once, in order"
     );
     bob.expect_silence(Duration::from_millis(300)).await;
+}
+
+/// A Redis server of the test's own, started and answering, or `None` when the test is skipped.
+async fn own_redis(port: Option<u16>) -> Option<OwnRedis> {
+    // Needs a redis-server binary; the shared Redis is the gate for the suite.
+    redis_url().await?;
+    let Some(redis) = OwnRedis::start(port) else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "redis-server is needed in CI"
+        );
+        eprintln!("SKIPPED: own redis-server test (no redis-server binary)");
+        return None;
+    };
+    let url = redis.url();
+    let deadline = Instant::now() + WAIT;
+    while redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "own redis-server did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(redis)
+}
+
+/// Waits until `chat_presence_backlog` reads `backlog`.
+async fn wait_presence_backlog(node: &TestApp, backlog: f64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = node.metric("chat_presence_backlog").await;
+        if now == backlog {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence backlog stayed at {now}, not {backlog}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_changed_while_redis_is_down_waits_once_per_user_and_is_recorded_when_it_is_back()
+{
+    let Some(mut redis) = own_redis(None).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = redis_settings(&redis.url(), &unique_prefix());
+    settings.redis.command_timeout_ms = 200;
+    let node = TestApp::start(settings, DataDir::Borrowed(dir.path().to_path_buf())).await;
+    wait_ready(&node, true).await;
+    node.room("r", &["alice", "bob"]).await;
+    let mut bob = node.client("bob").await;
+    bob.join("r", None).await;
+    wait_presence_backlog(&node, 0.0).await;
+
+    redis.stop();
+    wait_ready(&node, false).await;
+    // Alice's connection flaps while presence cannot be recorded: a hundred transitions of one
+    // user in one room.
+    for _ in 0..50 {
+        let mut tab = node.client("alice").await;
+        tab.join("r", None).await;
+        tab.close().await;
+    }
+    let mut alice = node.client("alice").await;
+    alice.join("r", None).await;
+    // One change waits for her (the latest), retried about once a second; while a retry is out
+    // the gauge reads 0.
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        seen.push(node.metric("chat_presence_backlog").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let most = seen.iter().copied().fold(0.0, f64::max);
+    assert_eq!(
+        most, 1.0,
+        "one change waits, however often she came and went: {seen:?}"
+    );
+
+    let _restarted = OwnRedis::start(Some(redis.port)).expect("restart redis-server");
+    wait_ready(&node, true).await;
+    // Her latest change, the arrival, is recorded now. (The restarted Redis forgot what was
+    // recorded before, bob's arrival among it; only changes made since are known again.)
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = bob.request(json!({"type": "presence", "room": "r"})).await;
+        assert_eq!(page["type"], "result", "{page}");
+        let online = page["result"]["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["userId"] == "alice");
+        if online {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice never came back online: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_presence_backlog(&node, 0.0).await;
+    alice.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

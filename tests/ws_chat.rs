@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use chat_gateway::auth::{Role, claims_for};
 use common::{Client, Ended, TestApp, seqs};
 use futures::SinkExt;
 use serde_json::{Value, json};
@@ -625,4 +626,42 @@ async fn typing_reaches_the_others_and_a_flood_is_refused() {
         }
     }
     assert!(refused > 0, "a typing flood is limited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_typer_is_stopped_by_the_server_and_its_session_still_expires_on_time() {
+    let app = TestApp::spawn_with(|s| {
+        s.signals.typing_timeout_ms = 300;
+        s.signals.typing_refresh_ms = 100;
+        s.auth.leeway_secs = 0;
+        s.auth.expiry_warning_secs = 1;
+    })
+    .await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = Client::connect(app.addr, None).await;
+    let short = app.token_with(&claims_for("alice", None, Role::User, 4));
+    let auth = alice.request(json!({"type": "auth", "token": short})).await;
+    assert_eq!(auth["type"], "result");
+    alice.join("r", None).await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+
+    alice
+        .request(json!({"type": "typing", "room": "r", "typing": true}))
+        .await;
+    assert_eq!(bob.next_push().await["typing"], true);
+    let started = std::time::Instant::now();
+    assert_eq!(bob.next_push().await["typing"], false);
+    let lapsed = started.elapsed();
+    assert!(
+        lapsed >= Duration::from_millis(200) && lapsed < Duration::from_millis(1500),
+        "ended by the typing timeout, not at once nor by the session's end: {lapsed:?}"
+    );
+    // The typing deadline passed; the token's own still hold: the warning, then 4003.
+    let (ended, frames) = alice.ended().await;
+    assert_eq!(ended, Ended::Close(4003, "token expired".into()));
+    assert!(
+        frames.iter().any(|f| f["type"] == "session_expiring"),
+        "{frames:?}"
+    );
 }

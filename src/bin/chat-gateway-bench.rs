@@ -49,7 +49,14 @@ of K members, sending at a total rate R; every member receives every message of 
   fanout   few rooms with many receivers each and one sender socket per room at a steady rate\n\
   idle     many authenticated, idle sockets; reports server RSS per connection\n\
   history  history reads over WebSocket at a fixed rate: hot pages (latest page of a few rooms, \
-cache hits) and cold pages (random `before` in filled rooms, misses)\n\n\
+cache hits) and cold pages (random `before` in filled rooms, misses)\n\
+  storm    the presence reconnect storm (chat signals): N clients in rooms of K, plus probe \
+sockets in every room that stay connected and send R msgs/s to each other; after --duration \
+seconds of baseline every client drops its socket at once and reconnects at once (auth, join \
+with `since`, as the SDK does). Reports message latency at the probes per phase (baseline; storm \
+= from the drop until the last client is back; after), the storm/baseline p99 ratio against the \
+2x requirement, reconnect time, presence pushes per socket, gateway CPU, RSS and presence \
+backlog, and lost or duplicated messages at every socket (across the reconnect)\n\n\
 Every scenario creates rooms of its own (named after --run-id), so runs do not interfere."
 )]
 struct Cli {
@@ -163,6 +170,32 @@ enum Scenario {
         /// History page size requested.
         #[arg(long, default_value_t = 30)]
         limit: u32,
+    },
+    /// Presence reconnect storm: every client drops its socket at once and reconnects at once,
+    /// while probe sockets that stay connected measure message latency.
+    Storm {
+        /// Clients that drop and reconnect, one socket (and user) each.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// Clients per room (the room's probes come on top).
+        #[arg(long, default_value_t = 50)]
+        room_size: usize,
+        /// Probe sockets per room (at least 2): connected the whole run, they send the measured
+        /// messages and receive each other's.
+        #[arg(long, default_value_t = 2)]
+        probes: usize,
+        /// Messages per second in total, sent by the probes round-robin over the rooms.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Seconds of the same load after the last client is back (--duration is the baseline).
+        #[arg(long, default_value_t = 5)]
+        settle: u64,
+        /// Reconnect handshakes (connect + auth + join) in flight at once; default: all clients.
+        #[arg(long)]
+        reconnect_concurrency: Option<usize>,
+        /// Clients not back this many seconds after the drop count as errors.
+        #[arg(long, default_value_t = 120)]
+        storm_timeout: u64,
     },
 }
 
@@ -371,6 +404,11 @@ impl Gateway {
 
     fn user_id(&self, i: usize) -> String {
         format!("{}-user-{i}", self.run_id)
+    }
+
+    /// The storm's probe sockets' users.
+    fn probe_id(&self, i: usize) -> String {
+        format!("{}-probe-{i}", self.run_id)
     }
 
     fn token(&self, user: &str) -> String {
@@ -1417,6 +1455,1161 @@ async fn seed(
     Ok(errors)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The presence reconnect storm
+
+/// What the storm scenario is asked to do (see `Scenario::Storm`).
+struct StormOptions {
+    clients: usize,
+    room_size: usize,
+    probes: usize,
+    rate: f64,
+    settle: u64,
+    reconnect_concurrency: usize,
+    storm_timeout: u64,
+}
+
+/// The storm's phases, by the time a message was sent (or a push received).
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    /// Connecting, and the presence pushes of the first joins settling: not measured.
+    Warmup,
+    Baseline,
+    Storm,
+    After,
+}
+
+const PHASES: [Phase; 3] = [Phase::Baseline, Phase::Storm, Phase::After];
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Warmup => "warmup",
+            Phase::Baseline => "baseline",
+            Phase::Storm => "storm",
+            Phase::After => "after",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Phase boundaries in microseconds since the run's epoch (`u64::MAX` until reached): the start
+/// of the measured load, the moment the clients dropped their sockets, and the moment the last of
+/// them was back in its room.
+struct Phases {
+    started: AtomicU64,
+    dropped: AtomicU64,
+    back: AtomicU64,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            started: AtomicU64::new(u64::MAX),
+            dropped: AtomicU64::new(u64::MAX),
+            back: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn of(&self, t: u64) -> Phase {
+        if t < self.started.load(Ordering::Relaxed) {
+            Phase::Warmup
+        } else if t < self.dropped.load(Ordering::Relaxed) {
+            Phase::Baseline
+        } else if t <= self.back.load(Ordering::Relaxed) {
+            Phase::Storm
+        } else {
+            Phase::After
+        }
+    }
+}
+
+fn micros_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
+}
+
+/// Counters both sides of the generator (members, probes) add to while the run goes on, so the
+/// drain knows when every acknowledged message reached every socket of its room.
+struct StormCounters {
+    /// Messages acknowledged, per room.
+    acked: Vec<AtomicU64>,
+    /// New messages received by any socket (members and probes).
+    delivered: AtomicU64,
+    requests: AtomicU64,
+    replies: AtomicU64,
+    /// Clients back in their room after the drop.
+    back: AtomicUsize,
+    /// Answers to the final presence requests.
+    presence_answers: AtomicUsize,
+}
+
+/// One delivery: when the message was sent and how long it took, in microseconds.
+type Sample = (u64, u64);
+
+/// A frame, read as far as the storm needs.
+#[derive(Deserialize)]
+struct StormFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default, borrow)]
+    message: Option<PushMessage<'a>>,
+    /// Presence pushes: the room's online count.
+    #[serde(default)]
+    online: Option<u64>,
+    #[serde(default, borrow)]
+    result: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+/// The send time and sender carried in a probe message's content (`t=<us> p=<probe> n=<k>`).
+fn probe_stamp(content: &str) -> Option<(u64, usize)> {
+    let mut parts = content.split(' ');
+    let t = parts.next()?.strip_prefix("t=")?.parse().ok()?;
+    let p = parts.next()?.strip_prefix("p=")?.parse().ok()?;
+    Some((t, p))
+}
+
+/// Connects, authenticates and joins one room with `since`; returns the client, the join's
+/// `head` and whether the server asked for a reload (more missed than it replays).
+async fn join_one(
+    gw: &Gateway,
+    n: usize,
+    token: &str,
+    room: &str,
+    since: Option<i64>,
+) -> anyhow::Result<(Client, i64, bool)> {
+    let mut c = Client::connect(gw, n, token, &[]).await?;
+    let mut frame = json!({"type": "join", "room": room});
+    if let Some(since) = since {
+        frame["since"] = json!(since);
+    }
+    let result = c
+        .call(frame)
+        .await
+        .with_context(|| format!("join {room}"))?;
+    let head = result["head"].as_i64().unwrap_or(0);
+    Ok((c, head, result["reload"] == json!(true)))
+}
+
+/// What one storm client saw.
+#[derive(Default)]
+struct MemberReport {
+    /// Deliveries of probe messages (live, or replayed on resume after the reconnect).
+    samples: Vec<Sample>,
+    delivered: u64,
+    duplicates: u64,
+    /// Presence pushes received, by the phase they arrived in.
+    presence: [u32; 4],
+    /// When the client was back in its room (join answered), us since the epoch.
+    back_at: Option<u64>,
+    /// Reconnect attempts that failed (and were retried).
+    retries: u32,
+    errors: Vec<String>,
+}
+
+/// Everything a storm client needs besides its socket.
+struct MemberCtx {
+    gw: Arc<Gateway>,
+    n: usize,
+    user: String,
+    room: String,
+    epoch: Instant,
+    phases: Arc<Phases>,
+    counters: Arc<StormCounters>,
+    /// Cancelled when every client drops its socket.
+    drop: tokio_util::sync::CancellationToken,
+    /// Cancelled at the end of the run.
+    stop: tokio_util::sync::CancellationToken,
+    /// Reconnect handshakes in flight.
+    gate: Arc<Semaphore>,
+    /// Reconnects give up this long after the drop.
+    storm_timeout: Duration,
+}
+
+impl MemberCtx {
+    /// Reads pushes until `until` completes (true) or the socket ends (false).
+    async fn read(
+        &self,
+        c: &mut Client,
+        last_seq: &mut i64,
+        report: &mut MemberReport,
+        until: impl std::future::Future<Output = ()>,
+    ) -> bool {
+        tokio::pin!(until);
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = &mut until => return true,
+                msg = c.ws.next() => msg,
+            };
+            let text = match msg {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Close(frame))) => {
+                    report.errors.push(format!("closed by server: {frame:?}"));
+                    return false;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    report.errors.push(format!("socket read: {e}"));
+                    return false;
+                }
+                None => {
+                    report.errors.push("socket closed by server".into());
+                    return false;
+                }
+            };
+            let now = micros_since(self.epoch);
+            let Ok(frame) = serde_json::from_str::<StormFrame>(&text) else {
+                report.errors.push("unparsable frame".into());
+                continue;
+            };
+            match frame.kind {
+                "message" => {
+                    let Some(m) = frame.message else { continue };
+                    if m.seq <= *last_seq {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    *last_seq = m.seq;
+                    report.delivered += 1;
+                    self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    if let Some((t, _)) = probe_stamp(&m.content) {
+                        report.samples.push((t, now.saturating_sub(t).max(1)));
+                    }
+                }
+                "presence" => report.presence[self.phases.of(now).index()] += 1,
+                _ => {}
+            }
+        }
+    }
+
+    async fn run(self, mut c: Client, mut last_seq: i64) -> MemberReport {
+        let mut report = MemberReport::default();
+        let token = self.gw.token(&self.user);
+        if !self
+            .read(&mut c, &mut last_seq, &mut report, self.drop.cancelled())
+            .await
+        {
+            self.stop.cancelled().await;
+            return report;
+        }
+        // Dropped without a close frame, as a network blip or a crashed tab would.
+        drop(c);
+        let give_up = Instant::now() + self.storm_timeout;
+        let mut c = loop {
+            let permit = self.gate.acquire().await.expect("semaphore open");
+            let joined = join_one(&self.gw, self.n, &token, &self.room, Some(last_seq)).await;
+            drop(permit);
+            match joined {
+                Ok((c, _, reload)) => {
+                    if reload {
+                        report
+                            .errors
+                            .push("join asked for a reload: more missed than replayed".into());
+                    }
+                    break c;
+                }
+                Err(e) => {
+                    report.retries += 1;
+                    if Instant::now() > give_up {
+                        report.errors.push(format!("not back: {e:#}"));
+                        self.stop.cancelled().await;
+                        return report;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        report.back_at = Some(micros_since(self.epoch));
+        self.counters.back.fetch_add(1, Ordering::Relaxed);
+        if self
+            .read(&mut c, &mut last_seq, &mut report, self.stop.cancelled())
+            .await
+        {
+            let _ = c.ws.close(None).await;
+        }
+        report
+    }
+}
+
+/// Commands for a probe socket.
+enum ProbeCmd {
+    Send,
+    /// Ask the room's presence (the final check).
+    Presence,
+    Close,
+}
+
+#[derive(Clone, Copy)]
+enum ProbePending {
+    Send { at: Instant, t: u64, wall_ms: i64 },
+    Presence,
+}
+
+/// What one probe saw.
+#[derive(Default)]
+struct ProbeReport {
+    /// Deliveries of the other probes' messages.
+    samples: Vec<Sample>,
+    /// Send acknowledgements: (sent, latency).
+    acks: Vec<Sample>,
+    /// (sent, ms from send to the gateway's createdAt stamp, ms from that stamp to the ack).
+    split: Vec<(u64, i64, i64)>,
+    duplicates: u64,
+    /// Presence pushes received, by the phase they arrived in.
+    presence: [u32; 4],
+    /// The last presence push: when (us since the epoch) and the count it carried.
+    last_presence: Option<(u64, u64)>,
+    /// The room's online count from the final presence request.
+    final_online: Option<u64>,
+    errors: Vec<String>,
+}
+
+/// One server-side sample: us since the epoch, CPU seconds and RSS (KiB) of the gateway and of
+/// this generator, and the presence backlog from /metrics.
+#[derive(Clone, Copy, Default)]
+struct Sampled {
+    t: u64,
+    server: Option<ProcSample>,
+    generator: Option<ProcSample>,
+    backlog: Option<f64>,
+}
+
+/// The probe side's results.
+struct ProbeSide {
+    probes: Vec<ProbeReport>,
+    samples: Vec<Sampled>,
+    issued: u64,
+    overflow: u64,
+}
+
+/// How the main thread steers the probe thread.
+struct ProbeControl {
+    /// Answered once every probe is connected and joined.
+    ready: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+    /// Start sending.
+    go: tokio::sync::oneshot::Receiver<()>,
+    /// What every time in the run is measured from.
+    epoch: Instant,
+    stop_sending: tokio_util::sync::CancellationToken,
+    /// Ask each room's presence, then close.
+    check: tokio::sync::oneshot::Receiver<()>,
+    phases: Arc<Phases>,
+    counters: Arc<StormCounters>,
+    server_pid: Option<u32>,
+}
+
+/// A probe: connected the whole run, sends its share of the messages, receives the others'.
+#[allow(clippy::too_many_arguments)]
+async fn probe_task(
+    mut c: Client,
+    me: usize,
+    room: usize,
+    room_name: String,
+    epoch: Instant,
+    mut cmds: mpsc::Receiver<ProbeCmd>,
+    phases: Arc<Phases>,
+    counters: Arc<StormCounters>,
+) -> ProbeReport {
+    let mut report = ProbeReport::default();
+    let mut pending: HashMap<u64, ProbePending> = HashMap::new();
+    let mut last_seq = 0i64;
+    let mut counter = 0u64;
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let id = c.next_id;
+                c.next_id += 1;
+                let frame = match cmd {
+                    None | Some(ProbeCmd::Close) => break,
+                    Some(ProbeCmd::Send) => {
+                        counter += 1;
+                        let at = Instant::now();
+                        let t = at.duration_since(epoch).as_micros() as u64;
+                        let wall_ms = chrono::Utc::now().timestamp_millis();
+                        pending.insert(id, ProbePending::Send { at, t, wall_ms });
+                        json!({"type": "send", "id": id, "room": room_name,
+                               "content": format!("t={t} p={me} n={counter}"),
+                               "clientMsgId": format!("p{me}-{counter}")})
+                    }
+                    Some(ProbeCmd::Presence) => {
+                        pending.insert(id, ProbePending::Presence);
+                        json!({"type": "presence", "id": id, "room": room_name, "limit": 1})
+                    }
+                };
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = c.ws.send(Message::text(frame.to_string())).await {
+                    report.errors.push(format!("socket write: {e}"));
+                    break;
+                }
+            }
+            msg = c.ws.next() => {
+                let text = match msg {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(frame))) => {
+                        report.errors.push(format!("probe closed by server: {frame:?}"));
+                        break;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        report.errors.push(format!("probe socket read: {e}"));
+                        break;
+                    }
+                    None => {
+                        report.errors.push("probe socket closed by server".into());
+                        break;
+                    }
+                };
+                let now = Instant::now();
+                let now_us = now.duration_since(epoch).as_micros() as u64;
+                let Ok(frame) = serde_json::from_str::<StormFrame>(&text) else {
+                    report.errors.push("unparsable frame".into());
+                    continue;
+                };
+                match frame.kind {
+                    "message" => {
+                        let Some(m) = frame.message else { continue };
+                        if m.seq <= last_seq {
+                            report.duplicates += 1;
+                            continue;
+                        }
+                        last_seq = m.seq;
+                        counters.delivered.fetch_add(1, Ordering::Relaxed);
+                        if let Some((t, sender)) = probe_stamp(&m.content)
+                            && sender != me
+                        {
+                            report.samples.push((t, now_us.saturating_sub(t).max(1)));
+                        }
+                    }
+                    "presence" => {
+                        report.presence[phases.of(now_us).index()] += 1;
+                        if let Some(online) = frame.online {
+                            report.last_presence = Some((now_us, online));
+                        }
+                    }
+                    "result" | "error" => {
+                        counters.replies.fetch_add(1, Ordering::Relaxed);
+                        let Some(p) = frame.id.and_then(|id| pending.remove(&id)) else {
+                            continue;
+                        };
+                        if frame.kind == "error" {
+                            let code = frame
+                                .error
+                                .as_ref()
+                                .and_then(|e| e["code"].as_str())
+                                .unwrap_or("?")
+                                .to_string();
+                            report.errors.push(format!("error reply: {code}"));
+                            continue;
+                        }
+                        match p {
+                            ProbePending::Send { at, t, wall_ms } => {
+                                report.acks.push((t, (now - at).as_micros() as u64));
+                                // Where the time went: until the gateway stamped the message
+                                // (createdAt, ms), and from there to the ack.
+                                let created = frame
+                                    .result
+                                    .and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
+                                    .and_then(|r| r["message"]["createdAt"].as_str().and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok()))
+                                    .map(|c| c.timestamp_millis());
+                                if let Some(created) = created {
+                                    let acked = chrono::Utc::now().timestamp_millis();
+                                    report.split.push((t, created - wall_ms, acked - created));
+                                }
+                                counters.acked[room].fetch_add(1, Ordering::Relaxed);
+                            }
+                            ProbePending::Presence => {
+                                counters.presence_answers.fetch_add(1, Ordering::Relaxed);
+                                report.final_online = frame
+                                    .result
+                                    .and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok())
+                                    .and_then(|r| r["online"].as_u64());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let _ = c.ws.close(None).await;
+    report
+}
+
+/// The gateway's backlog of presence changes, from /metrics (absent on gateways without it).
+async fn presence_backlog(http: &reqwest::Client, base: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("chat_presence_backlog "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs the probes (and the server sampler) on a thread and runtime of their own, so that the
+/// storm's thousands of handshakes in the generator's main runtime do not delay their clocks.
+fn spawn_probes(
+    gw: Arc<Gateway>,
+    room_names: Arc<Vec<String>>,
+    probes: usize,
+    rate: f64,
+    concurrency: usize,
+    ctl: ProbeControl,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<ProbeSide>>> {
+    let thread = std::thread::Builder::new()
+        .name("probes".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(run_probes(gw, room_names, probes, rate, concurrency, ctl))
+        })?;
+    Ok(thread)
+}
+
+async fn run_probes(
+    gw: Arc<Gateway>,
+    room_names: Arc<Vec<String>>,
+    per_room: usize,
+    rate: f64,
+    concurrency: usize,
+    ctl: ProbeControl,
+) -> anyhow::Result<ProbeSide> {
+    let rooms = room_names.len();
+    let total = rooms * per_room;
+    // Probe p is probe p % per_room of room p / per_room.
+    let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+    let connects: Vec<_> = (0..total)
+        .map(|p| {
+            let gw = gw.clone();
+            let gate = gate.clone();
+            let room = room_names[p / per_room].clone();
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await.expect("semaphore open");
+                let token = gw.token(&gw.probe_id(p));
+                join_one(&gw, p, &token, &room, None).await
+            })
+        })
+        .collect();
+    let mut clients = Vec::with_capacity(total);
+    for (p, h) in connects.into_iter().enumerate() {
+        match h.await.context("probe task")? {
+            Ok((c, _, _)) => clients.push(c),
+            Err(e) => {
+                let e = e.context(format!("probe {p} of {total}"));
+                let _ = ctl.ready.send(Err(anyhow::anyhow!("{e:#}")));
+                bail!("probes not connected");
+            }
+        }
+    }
+    let epoch = ctl.epoch;
+    let mut txs = Vec::with_capacity(total);
+    let mut tasks = Vec::with_capacity(total);
+    for (p, c) in clients.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(1024);
+        txs.push(tx);
+        let room = p / per_room;
+        tasks.push(tokio::spawn(probe_task(
+            c,
+            p,
+            room,
+            room_names[room].clone(),
+            epoch,
+            rx,
+            ctl.phases.clone(),
+            ctl.counters.clone(),
+        )));
+    }
+    let _ = ctl.ready.send(Ok(()));
+    if ctl.go.await.is_err() {
+        bail!("the run ended before it started");
+    }
+
+    // The sampler: gateway and generator CPU/RSS every 100 ms, the presence backlog every 200 ms.
+    let samples = Arc::new(Mutex::new(Vec::<Sampled>::new()));
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let samples = samples.clone();
+        let sampling = sampling.clone();
+        let pid = ctl.server_pid;
+        let base = gw.base.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let me = std::process::id();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut k = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = sampling.cancelled() => return,
+                }
+                let backlog = if k.is_multiple_of(2) {
+                    presence_backlog(&http, &base).await
+                } else {
+                    None
+                };
+                k += 1;
+                samples.lock().unwrap().push(Sampled {
+                    t: micros_since(epoch),
+                    server: pid.and_then(|p| proc_sample(p).ok()),
+                    generator: proc_sample(me).ok(),
+                    backlog,
+                });
+            }
+        })
+    };
+
+    let mut overflow = 0u64;
+    let mut issued = 0u64;
+    {
+        // Round-robin over rooms first, then over each room's probes.
+        let send = paced(rate, Duration::from_secs(3600), |k| {
+            issued = k + 1;
+            let room = (k % rooms as u64) as usize;
+            let j = ((k / rooms as u64) % per_room as u64) as usize;
+            if txs[room * per_room + j].try_send(ProbeCmd::Send).is_err() {
+                overflow += 1;
+            }
+        });
+        tokio::select! {
+            _ = send => {}
+            _ = ctl.stop_sending.cancelled() => {}
+        }
+    }
+    // Until the main thread has drained; then one presence request per room.
+    let _ = ctl.check.await;
+    for room in 0..rooms {
+        let _ = txs[room * per_room].try_send(ProbeCmd::Presence);
+    }
+    let asked = Instant::now();
+    while Instant::now() < asked + Duration::from_secs(10)
+        && ctl.counters.presence_answers.load(Ordering::Relaxed) < rooms
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sampling.cancel();
+    let _ = sampler.await;
+    for tx in &txs {
+        let _ = tx.try_send(ProbeCmd::Close);
+    }
+    drop(txs);
+    let mut probes = Vec::with_capacity(total);
+    for t in tasks {
+        probes.push(t.await.context("probe task")?);
+    }
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
+    Ok(ProbeSide {
+        probes,
+        samples,
+        issued,
+        overflow,
+    })
+}
+
+fn histogram_of(samples: impl Iterator<Item = u64>) -> Histogram<u64> {
+    let mut h = histogram();
+    for v in samples {
+        h.saturating_record(v.max(1));
+    }
+    h
+}
+
+/// CPU (% of a core) and the highest RSS (KiB) between two moments, from the samples.
+fn usage_between(
+    samples: &[Sampled],
+    from: u64,
+    to: u64,
+    of: impl Fn(&Sampled) -> Option<ProcSample>,
+) -> Option<(f64, u64)> {
+    let within: Vec<(u64, ProcSample)> = samples
+        .iter()
+        .filter(|s| s.t >= from && s.t <= to)
+        .filter_map(|s| of(s).map(|p| (s.t, p)))
+        .collect();
+    let (first, last) = (within.first()?, within.last()?);
+    let secs = (last.0 - first.0) as f64 / 1e6;
+    let cpu = if secs > 0.0 {
+        100.0 * (last.1.cpu_secs - first.1.cpu_secs) / secs
+    } else {
+        0.0
+    };
+    let rss = within.iter().map(|(_, p)| p.rss_kib).max().unwrap_or(0);
+    Some((cpu, rss))
+}
+
+/// The storm step by step (a quarter of a second, or longer so that it fits in 40 lines): from a
+/// second before the drop to two seconds after the last client is back.
+fn print_timeline(probes: &ProbeSide, clients: &[MemberReport], dropped: u64, back: u64, end: u64) {
+    let mut from = dropped.saturating_sub(1_000_000);
+    let until = (back + 2_000_000).min(end);
+    let step = (until.saturating_sub(from) / 40)
+        .max(250_000)
+        .div_ceil(250_000)
+        * 250_000;
+    println!(
+        "timeline               from the drop, per {} ms: clients back (total); probe messages sent, their delivery p50 and max; gateway and generator CPU; presence backlog; median split of the send ack (ms until the gateway's createdAt stamp + ms from it to the ack)",
+        step / 1000
+    );
+    let mut backs: Vec<u64> = clients.iter().filter_map(|c| c.back_at).collect();
+    backs.sort_unstable();
+    while from < until {
+        let to = from + step;
+        let h = histogram_of(
+            probes
+                .probes
+                .iter()
+                .flat_map(|p| p.samples.iter())
+                .filter(|(t, _)| (from..to).contains(t))
+                .map(|(_, l)| *l),
+        );
+        let in_step: Vec<&Sampled> = probes
+            .samples
+            .iter()
+            .filter(|s| s.t >= from && s.t <= to)
+            .collect();
+        let cpu = match (
+            in_step.first().and_then(|s| s.server),
+            in_step.last().and_then(|s| s.server),
+            in_step.first().zip(in_step.last()),
+        ) {
+            (Some(a), Some(b), Some((sa, sb))) if sb.t > sa.t => format!(
+                "{:>4.0}%",
+                100.0 * (b.cpu_secs - a.cpu_secs) / ((sb.t - sa.t) as f64 / 1e6)
+            ),
+            _ => "    -".into(),
+        };
+        let backlog = in_step
+            .iter()
+            .filter_map(|s| s.backlog)
+            .fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))))
+            .map_or("-".into(), |b| format!("{b:.0}"));
+        let ms = |v: u64| v as f64 / 1000.0;
+        let (p50, max) = if h.is_empty() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (
+                format!("{:.1}", ms(h.value_at_quantile(0.5))),
+                format!("{:.1}", ms(h.max())),
+            )
+        };
+        let mut split: Vec<(i64, i64)> = probes
+            .probes
+            .iter()
+            .flat_map(|p| p.split.iter())
+            .filter(|(t, _, _)| (from..to).contains(t))
+            .map(|(_, a, b)| (*a, *b))
+            .collect();
+        split.sort_unstable();
+        let split = split
+            .get(split.len() / 2)
+            .map_or("-".into(), |(a, b)| format!("{a}+{b}"));
+        let gen_cpu = match (in_step.first(), in_step.last()) {
+            (Some(sa), Some(sb)) if sb.t > sa.t => match (sa.generator, sb.generator) {
+                (Some(a), Some(b)) => format!(
+                    "{:>4.0}%",
+                    100.0 * (b.cpu_secs - a.cpu_secs) / ((sb.t - sa.t) as f64 / 1e6)
+                ),
+                _ => "    -".into(),
+            },
+            _ => "    -".into(),
+        };
+        println!(
+            "  {:>+6.2}s  back {:>6}  sent {:>4}  p50 {:>8}ms  max {:>8}ms  cpu {cpu}  gen {gen_cpu}  backlog {backlog}  split {split}",
+            (from as f64 - dropped as f64) / 1e6,
+            backs.partition_point(|b| *b < to),
+            h.len(),
+            p50,
+            max,
+        );
+        from = to;
+    }
+}
+
+async fn storm(gw: Arc<Gateway>, common: &Common, o: StormOptions) -> anyhow::Result<u64> {
+    let limit = raise_nofile();
+    let room_size = o.room_size.clamp(1, o.clients.max(1));
+    let rooms = o.clients.div_ceil(room_size);
+    let per_room = o.probes.max(2);
+    let sockets = o.clients + rooms * per_room;
+    println!(
+        "scenario               storm: {} clients in rooms of {room_size} ({rooms} rooms) + {per_room} probes per room, {} msgs/s from the probes; baseline {}s, drop all, reconnect all ({} handshakes at once), {}s after",
+        o.clients, o.rate, common.duration, o.reconnect_concurrency, o.settle
+    );
+    if (sockets as u64) + 64 > limit {
+        bail!("{sockets} sockets need a higher open-file limit than {limit} (ulimit -n)");
+    }
+    let room_of = |u: usize| u / room_size;
+    let room_names: Arc<Vec<String>> = Arc::new((0..rooms).map(|r| gw.room_id(r)).collect());
+    let members: Vec<(String, Vec<String>)> = (0..rooms)
+        .map(|r| {
+            let mut m: Vec<String> = (r * room_size..((r + 1) * room_size).min(o.clients))
+                .map(|u| gw.user_id(u))
+                .collect();
+            m.extend((r * per_room..(r + 1) * per_room).map(|p| gw.probe_id(p)));
+            (room_names[r].clone(), m)
+        })
+        .collect();
+    let sockets_in_room: Vec<u64> = members.iter().map(|(_, m)| m.len() as u64).collect();
+    let t = Instant::now();
+    gw.setup(&members).await?;
+    println!(
+        "setup                  {rooms} rooms, {sockets} members in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let phases = Arc::new(Phases::new());
+    let counters = Arc::new(StormCounters {
+        acked: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+        delivered: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        replies: AtomicU64::new(0),
+        back: AtomicUsize::new(0),
+        presence_answers: AtomicUsize::new(0),
+    });
+    let epoch = Instant::now();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+    let (check_tx, check_rx) = tokio::sync::oneshot::channel();
+    let stop_sending = tokio_util::sync::CancellationToken::new();
+    let t = Instant::now();
+    let probe_thread = spawn_probes(
+        gw.clone(),
+        room_names.clone(),
+        per_room,
+        o.rate,
+        common.connect_concurrency,
+        ProbeControl {
+            ready: ready_tx,
+            go: go_rx,
+            epoch,
+            stop_sending: stop_sending.clone(),
+            check: check_rx,
+            phases: phases.clone(),
+            counters: counters.clone(),
+            server_pid: common.server_pid,
+        },
+    )?;
+    ready_rx.await.context("probe thread")??;
+
+    let gate = Arc::new(Semaphore::new(common.connect_concurrency.max(1)));
+    let connects: Vec<_> = (0..o.clients)
+        .map(|u| {
+            let gw = gw.clone();
+            let gate = gate.clone();
+            let room = room_names[room_of(u)].clone();
+            tokio::spawn(async move {
+                let _permit = gate.acquire().await.expect("semaphore open");
+                let token = gw.token(&gw.user_id(u));
+                join_one(&gw, u, &token, &room, None).await
+            })
+        })
+        .collect();
+    let mut clients = Vec::with_capacity(o.clients);
+    for (u, h) in connects.into_iter().enumerate() {
+        let (c, head, _) = h
+            .await?
+            .with_context(|| format!("client {u} of {}", o.clients))?;
+        clients.push((c, head));
+    }
+    println!(
+        "connected              {} clients + {} probes (auth + join) in {:.1}s",
+        o.clients,
+        rooms * per_room,
+        t.elapsed().as_secs_f64()
+    );
+    let drop_all = tokio_util::sync::CancellationToken::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reconnect_gate = Arc::new(Semaphore::new(o.reconnect_concurrency.max(1)));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(u, (c, head))| {
+            let ctx = MemberCtx {
+                gw: gw.clone(),
+                n: u,
+                user: gw.user_id(u),
+                room: room_names[room_of(u)].clone(),
+                epoch,
+                phases: phases.clone(),
+                counters: counters.clone(),
+                drop: drop_all.clone(),
+                stop: stop.clone(),
+                gate: reconnect_gate.clone(),
+                storm_timeout: Duration::from_secs(o.storm_timeout),
+            };
+            tokio::spawn(ctx.run(c, head))
+        })
+        .collect();
+    // Let the presence of the first joins settle (pushes are at most one per room per second, and
+    // the gateway's backlog of presence changes, where it tells, is empty).
+    let quiet_from = Instant::now();
+    while quiet_from.elapsed() < Duration::from_secs(30)
+        && presence_backlog(&gw.http, &gw.base)
+            .await
+            .is_some_and(|b| b > 0.0)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Phase 1: everyone connected.
+    phases.started.store(micros_since(epoch), Ordering::Relaxed);
+    let _ = go_tx.send(());
+    tokio::time::sleep(Duration::from_secs(common.duration)).await;
+    // Phase 2: every client drops its socket at once and reconnects at once.
+    phases.dropped.store(micros_since(epoch), Ordering::Relaxed);
+    drop_all.cancel();
+    let storm_until = Instant::now() + Duration::from_secs(o.storm_timeout);
+    while counters.back.load(Ordering::Relaxed) < o.clients && Instant::now() < storm_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    phases.back.store(micros_since(epoch), Ordering::Relaxed);
+    // Phase 3: the same load for a while after everyone is back.
+    tokio::time::sleep(Duration::from_secs(o.settle)).await;
+    let end = micros_since(epoch);
+    stop_sending.cancel();
+
+    // Drain: every send answered and every acknowledged message at every socket of its room.
+    let expected = || {
+        counters
+            .acked
+            .iter()
+            .zip(&sockets_in_room)
+            .map(|(a, n)| a.load(Ordering::Relaxed) * n)
+            .sum::<u64>()
+    };
+    let drain_until = Instant::now() + Duration::from_millis(common.drain_ms);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    while Instant::now() < drain_until
+        && (counters.replies.load(Ordering::Relaxed) < counters.requests.load(Ordering::Relaxed)
+            || counters.delivered.load(Ordering::Relaxed) < expected())
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let unanswered = counters
+        .requests
+        .load(Ordering::Relaxed)
+        .saturating_sub(counters.replies.load(Ordering::Relaxed));
+    let _ = check_tx.send(());
+    let probe_side = tokio::task::spawn_blocking(move || probe_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the probe thread panicked"))??;
+    stop.cancel();
+    let mut reports = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        reports.push(t.await?);
+    }
+
+    // The report.
+    let started = phases.started.load(Ordering::Relaxed);
+    let dropped = phases.dropped.load(Ordering::Relaxed);
+    let back_all = phases.back.load(Ordering::Relaxed);
+    let secs = |us: u64| us as f64 / 1e6;
+    let backs: Vec<u64> = reports.iter().filter_map(|r| r.back_at).collect();
+    let not_back = o.clients - backs.len();
+    let retries: u64 = reports.iter().map(|r| r.retries as u64).sum();
+    if let (Some(first), Some(last)) = (backs.iter().min(), backs.iter().max()) {
+        println!(
+            "back                   {} of {} clients; first {:.2}s, last {:.2}s after the drop: reconnect time (first to last back) {:.2}s; {retries} failed attempts retried",
+            backs.len(),
+            o.clients,
+            secs(first - dropped),
+            secs(last - dropped),
+            secs(last - first)
+        );
+    }
+    println!(
+        "phases                 baseline {:.1}s, storm {:.1}s (drop to last back), after {:.1}s",
+        secs(dropped - started),
+        secs(back_all.saturating_sub(dropped)),
+        secs(end.saturating_sub(back_all))
+    );
+    let probe_samples = || probe_side.probes.iter().flat_map(|p| p.samples.iter());
+    let mut p99 = [0u64; 4];
+    for phase in PHASES {
+        let h = histogram_of(
+            probe_samples()
+                .filter(|(t, _)| phases.of(*t) == phase)
+                .map(|(_, l)| *l),
+        );
+        if !h.is_empty() {
+            p99[phase.index()] = h.value_at_quantile(0.99);
+        }
+        line(&format!("probe latency {}", phase.label()), &h);
+    }
+    let (base_p99, storm_p99) = (p99[Phase::Baseline.index()], p99[Phase::Storm.index()]);
+    let ratio = storm_p99 as f64 / base_p99.max(1) as f64;
+    println!(
+        "storm p99 / baseline   {:.2}x ({:.1} ms / {:.1} ms): requirement <= 2x {}",
+        ratio,
+        storm_p99 as f64 / 1000.0,
+        base_p99 as f64 / 1000.0,
+        if ratio <= 2.0 { "met" } else { "MISSED" }
+    );
+    let acks = || probe_side.probes.iter().flat_map(|p| p.acks.iter());
+    for phase in PHASES {
+        let h = histogram_of(
+            acks()
+                .filter(|(t, _)| phases.of(*t) == phase)
+                .map(|(_, l)| *l),
+        );
+        line(&format!("send ack {}", phase.label()), &h);
+    }
+    for phase in PHASES {
+        let h = histogram_of(
+            reports
+                .iter()
+                .flat_map(|r| r.samples.iter())
+                .filter(|(t, _)| phases.of(*t) == phase)
+                .map(|(_, l)| *l),
+        );
+        line(&format!("client latency {}", phase.label()), &h);
+    }
+    println!("                       (clients: live, or replayed on resume after the reconnect)");
+
+    print_timeline(&probe_side, &reports, dropped, back_all, end);
+
+    let storm_secs = secs(end.saturating_sub(dropped)).max(1e-6);
+    let probe_pushes: Vec<u32> = probe_side
+        .probes
+        .iter()
+        .map(|p| p.presence[2] + p.presence[3])
+        .collect();
+    let client_pushes: Vec<u32> = reports
+        .iter()
+        .map(|r| r.presence[2] + r.presence[3])
+        .collect();
+    let mean = |v: &[u32]| v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
+    let max = |v: &[u32]| v.iter().copied().max().unwrap_or(0);
+    println!(
+        "presence pushes        from the drop to the end ({storm_secs:.1}s): per probe mean {:.1}, max {} ({:.2}/s); per client (after its reconnect) mean {:.1}, max {}; baseline per probe {:.1}",
+        mean(&probe_pushes),
+        max(&probe_pushes),
+        mean(&probe_pushes) / storm_secs,
+        mean(&client_pushes),
+        max(&client_pushes),
+        mean(
+            &probe_side
+                .probes
+                .iter()
+                .map(|p| p.presence[1])
+                .collect::<Vec<_>>()
+        )
+    );
+    // Presence must end where it started: everyone online in every room.
+    let mut wrong_rooms = 0u64;
+    let mut last_push = 0u64;
+    for (probes, want) in probe_side.probes.chunks(per_room).zip(&sockets_in_room) {
+        // The first probe of each room asked the room's presence at the end.
+        if probes[0].final_online != Some(*want) {
+            wrong_rooms += 1;
+        }
+        for p in probes {
+            if let Some((at, _)) = p.last_presence {
+                last_push = last_push.max(at);
+            }
+        }
+    }
+    println!(
+        "presence settled       {} of {rooms} rooms report everyone online at the end; last presence push {:+.2}s from the last client back",
+        rooms as u64 - wrong_rooms,
+        (last_push as f64 - back_all as f64) / 1e6
+    );
+    let bounds = [(started, dropped), (dropped, back_all), (back_all, end)];
+    let usage = |of: fn(&Sampled) -> Option<ProcSample>| {
+        bounds
+            .iter()
+            .zip(PHASES)
+            .map(
+                |((from, to), phase)| match usage_between(&probe_side.samples, *from, *to, of) {
+                    Some((cpu, rss)) => {
+                        format!("{} {cpu:.0}% max rss {} MiB", phase.label(), rss / 1024)
+                    }
+                    None => format!("{} -", phase.label()),
+                },
+            )
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if common.server_pid.is_some() {
+        println!("server                 {}", usage(|s| s.server));
+    }
+    println!("generator              {}", usage(|s| s.generator));
+    let backlog: Vec<String> = bounds
+        .iter()
+        .zip(PHASES)
+        .map(|((from, to), phase)| {
+            let max = probe_side
+                .samples
+                .iter()
+                .filter(|s| s.t >= *from && s.t <= *to)
+                .filter_map(|s| s.backlog)
+                .fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))));
+            match max {
+                Some(b) => format!("{} max {b:.0}", phase.label()),
+                None => format!("{} -", phase.label()),
+            }
+        })
+        .collect();
+    println!(
+        "presence backlog       {} (chat_presence_backlog, sampled every 200 ms)",
+        backlog.join(", ")
+    );
+
+    let acked: u64 = counters
+        .acked
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .sum();
+    let delivered = counters.delivered.load(Ordering::Relaxed);
+    let expected = expected();
+    let duplicates = reports.iter().map(|r| r.duplicates).sum::<u64>()
+        + probe_side.probes.iter().map(|p| p.duplicates).sum::<u64>();
+    let lost = expected.saturating_sub(delivered);
+    println!(
+        "sent                   {} ({} dropped: generator backlog); acknowledged {acked}",
+        probe_side.issued, probe_side.overflow
+    );
+    println!("delivered              {delivered} of {expected} expected (clients and probes)");
+    println!(
+        "lost                   {lost} (acknowledged, not delivered to every socket of its room)"
+    );
+    println!("unanswered requests    {unanswered}");
+    println!("duplicates             {duplicates}");
+    let mut errors: HashMap<String, u64> = HashMap::new();
+    for e in reports
+        .iter()
+        .flat_map(|r| r.errors.iter())
+        .chain(probe_side.probes.iter().flat_map(|p| p.errors.iter()))
+    {
+        *errors.entry(e.clone()).or_default() += 1;
+    }
+    let stats = Stats {
+        errors,
+        ..Stats::new()
+    };
+    let errors = print_errors(&stats);
+    Ok(errors
+        + lost
+        + duplicates
+        + unanswered
+        + probe_side.overflow
+        + not_back as u64
+        + wrong_rooms)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let common = cli.common.clone();
@@ -1431,6 +2624,12 @@ fn main() -> anyhow::Result<()> {
         } => rooms * (receivers + 1),
         Scenario::Idle { sockets } => *sockets,
         Scenario::History { sockets, .. } => *sockets,
+        Scenario::Storm {
+            clients,
+            room_size,
+            probes,
+            ..
+        } => clients + clients.div_ceil((*room_size).max(1)) * (*probes).max(2),
     };
     if sockets > MAX_SOCKETS {
         bail!("{sockets} sockets: at most {MAX_SOCKETS}");
@@ -1438,7 +2637,8 @@ fn main() -> anyhow::Result<()> {
     let rate = match &cli.scenario {
         Scenario::Chat { rate, .. }
         | Scenario::Fanout { rate, .. }
-        | Scenario::History { rate, .. } => *rate,
+        | Scenario::History { rate, .. }
+        | Scenario::Storm { rate, .. } => *rate,
         _ => 1.0,
     };
     if !(rate > 0.0 && rate <= MAX_RATE) {
@@ -1459,6 +2659,11 @@ fn main() -> anyhow::Result<()> {
             Scenario::Idle { sockets } => idle(gw, &common, sockets).await,
             Scenario::History { hot_rooms, cold_rooms, fill, rate, cold_fraction, sockets, limit } => {
                 history(gw, &common, hot_rooms, cold_rooms, fill, rate, cold_fraction, sockets, limit).await
+            }
+            Scenario::Storm { clients, room_size, probes, rate, settle, reconnect_concurrency, storm_timeout } => {
+                let reconnect_concurrency = reconnect_concurrency.unwrap_or(clients).max(1);
+                let options = StormOptions { clients, room_size, probes, rate, settle, reconnect_concurrency, storm_timeout };
+                storm(gw, &common, options).await
             }
         };
         println!("wall time              {:.1}s", started.elapsed().as_secs_f64());
