@@ -15,12 +15,13 @@
 //! nodes out of order, a message stored by something else) the tail is dropped and the next read
 //! refills it from the store. So a tail only ever holds a gap-free run of what the store held.
 //!
-//! **Races.** Each room has a *generation*, bumped by every append (before the ack). A lookup
-//! returns the generation it saw; the tail a miss reads from the store is stored only if the
-//! generation has not moved since, atomically with the check. A send that commits while the tail
-//! is being read bumps the generation, so that read, possibly older than the message, is thrown
-//! away: no reader is ever served a latest page without a message already acknowledged, and no
-//! invalidation scans keys.
+//! **Races.** Each room has a *generation*, bumped by every append (before the ack). A miss takes
+//! the generation before the store is read; the tail read is stored only if the generation has not
+//! moved since, atomically with the check. A send that commits while the tail is being read bumps
+//! the generation, so that read, possibly older than the message, is thrown away; a send whose
+//! append came before the generation was taken committed before the read began. So no reader is
+//! ever served a latest page without a message already acknowledged, and no invalidation scans
+//! keys.
 //!
 //! **Lifetime.** A tail lives `cache.history_ttl_ms` from the store read that filled it: appends
 //! do not extend it, so changes made outside the gateway (moderation) show within that time. A
@@ -33,7 +34,7 @@ use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -256,10 +257,10 @@ struct CachedTail {
     expires_at: Instant,
     /// A reader took the refresh token (one background re-read per tail).
     refresh_taken: AtomicBool,
-    /// The last page cut from this tail and its limit: readers of a room mostly ask the same
-    /// limit, and until the next append they share these bytes instead of copying them again.
-    /// Locked only to compare and clone.
-    last_page: Mutex<Option<(u32, Utf8Bytes)>>,
+    /// The first page cut from this tail and its limit: readers of a room mostly ask one limit,
+    /// and until the next append they share these bytes instead of copying them again. Set once,
+    /// read without a lock; pages of other limits are cut each time.
+    first_page: OnceLock<(u32, Utf8Bytes)>,
 }
 
 impl CachedTail {
@@ -268,18 +269,18 @@ impl CachedTail {
             tail,
             expires_at,
             refresh_taken: AtomicBool::new(refresh_taken),
-            last_page: Mutex::new(None),
+            first_page: OnceLock::new(),
         }
     }
 
     fn latest_page(&self, room: &str, limit: u32) -> Option<Utf8Bytes> {
-        if let Some((cut, page)) = &*self.last_page.lock().unwrap()
+        if let Some((cut, page)) = self.first_page.get()
             && *cut == limit
         {
             return Some(page.clone());
         }
         let page = self.tail.latest_page(room, limit)?;
-        *self.last_page.lock().unwrap() = Some((limit, page.clone()));
+        let _ = self.first_page.set((limit, page.clone()));
         Some(page)
     }
 }
@@ -299,7 +300,7 @@ impl Entry {
         /// A message's `seq` and byte-buffer handle.
         const PER_MESSAGE: usize = 48;
         let json = match self {
-            // The messages, and the last page cut from them (about as large).
+            // The messages, and the first page cut from them (about as large).
             Entry::Tail(t) => t
                 .tail
                 .messages
@@ -380,10 +381,10 @@ impl MemoryHistoryCache {
 #[async_trait]
 impl HistoryCache for MemoryHistoryCache {
     async fn latest(&self, room: &str, limit: u32) -> Latest {
-        let generation = self.generations.get(room).map_or(0, |g| *g);
+        // Taken only when a store read follows (see "Races"), so a plain hit touches no lock.
         let token = || MissToken {
             room: room.to_string(),
-            generation: Some(generation),
+            generation: Some(self.generations.get(room).map_or(0, |g| *g)),
         };
         let Some(cached) = self.tail(room) else {
             return Latest::Miss(token());
