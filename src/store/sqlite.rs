@@ -63,13 +63,17 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        // An in-process connection does not go stale: no ping (a round trip to the connection's
+        // thread) before every use.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(readers.max(1))
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         Ok(Self { writer, readers })
@@ -86,6 +90,12 @@ impl SqliteStore {
         self.writer.close().await;
         self.readers.close().await;
     }
+}
+
+/// Rows for `json_each(?)`: a JSON array (of arrays), so one fixed statement text (prepared once)
+/// takes any number of rows.
+fn json<T: serde::Serialize>(rows: &T) -> String {
+    serde_json::to_string(rows).expect("strings and numbers serialize")
 }
 
 #[async_trait]
@@ -302,19 +312,22 @@ impl Store for SqliteStore {
     }
 
     async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        for (room, at) in rooms {
-            let at = ts(at);
-            sqlx::query(
-                r#"UPDATE "ChatRoom" SET "lastMessageAt" = ?1, "updatedAt" = ?1
-                   WHERE id = ?2 AND ("lastMessageAt" IS NULL OR "lastMessageAt" < ?1)"#,
-            )
-            .bind(&at)
-            .bind(room)
-            .execute(&mut *tx)
-            .await?;
+        if rooms.is_empty() {
+            return Ok(());
         }
-        tx.commit().await?;
+        let rows: Vec<(&str, String)> = rooms
+            .iter()
+            .map(|(room, at)| (room.as_str(), ts(at)))
+            .collect();
+        // One statement for every room; a room listed twice takes its latest time.
+        sqlx::query(
+            r#"UPDATE "ChatRoom" SET "lastMessageAt" = t.at, "updatedAt" = t.at
+               FROM (SELECT value->>0 AS room, max(value->>1) AS at FROM json_each(?) GROUP BY 1) AS t
+               WHERE "ChatRoom".id = t.room AND ("lastMessageAt" IS NULL OR "lastMessageAt" < t.at)"#,
+        )
+        .bind(json(&rows))
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -351,23 +364,26 @@ impl Store for SqliteStore {
     }
 
     async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let mut changed = 0;
-        for mark in marks {
-            changed += sqlx::query(
-                r#"UPDATE "ChatRoomMember" SET "lastReadSeq" = ?1, "lastReadAt" = ?2
-                   WHERE "roomId" = ?3 AND "userId" = ?4 AND "lastReadSeq" < ?1"#,
-            )
-            .bind(mark.seq)
-            .bind(ts(&mark.at))
-            .bind(&mark.room_id)
-            .bind(&mark.user_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        if marks.is_empty() {
+            return Ok(0);
         }
-        tx.commit().await?;
-        Ok(changed)
+        let rows: Vec<(&str, &str, i64, String)> = marks
+            .iter()
+            .map(|m| (m.room_id.as_str(), m.user_id.as_str(), m.seq, ts(&m.at)))
+            .collect();
+        // One statement for every mark; a (room, user) listed twice takes its furthest mark.
+        let done = sqlx::query(
+            r#"UPDATE "ChatRoomMember" SET "lastReadSeq" = r.seq, "lastReadAt" = r.at
+               FROM (SELECT value->>0 AS room, value->>1 AS usr, max(value->>2) AS seq,
+                            max(value->>3) AS at
+                     FROM json_each(?) GROUP BY 1, 2) AS r
+               WHERE "ChatRoomMember"."roomId" = r.room AND "ChatRoomMember"."userId" = r.usr
+                 AND "lastReadSeq" < r.seq"#,
+        )
+        .bind(json(&rows))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn outbox_claim(
@@ -398,13 +414,11 @@ impl Store for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let placeholders = vec!["?"; ids.len()].join(",");
-        let sql = format!(r#"DELETE FROM "ChatOutbox" WHERE id IN ({placeholders})"#);
-        let mut query = sqlx::query(&sql);
-        for id in ids {
-            query = query.bind(id);
-        }
-        query.execute(&self.writer).await?;
+        // One fixed statement text whatever the number of ids (prepared once).
+        sqlx::query(r#"DELETE FROM "ChatOutbox" WHERE id IN (SELECT value FROM json_each(?))"#)
+            .bind(json(&ids))
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
