@@ -75,6 +75,10 @@ use crate::transport::UserConnections;
 /// How long a sequence gap may stay open before the registry reads it from the store.
 const GAP_FILL_AFTER: Duration = Duration::from_millis(250);
 
+/// Shortest time between two outbox drains (see `OutboxRelay::pace`): at most 100 claims a second
+/// under load, each covering what was stored since the last.
+const RELAY_PACE: Duration = Duration::from_millis(10);
+
 /// Server-wide state shared by every connection and route.
 pub struct App {
     pub service: Arc<ChatService>,
@@ -277,6 +281,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             batch: settings.queue.batch as u32,
             poll: Duration::from_secs(1),
             lease: Duration::from_secs(10),
+            pace: RELAY_PACE,
         }
         .run(relay_stop.clone()),
     );
@@ -424,6 +429,7 @@ pub async fn run_worker(
             batch: settings.queue.batch as u32,
             poll: Duration::from_millis(500),
             lease: Duration::from_secs(10),
+            pace: RELAY_PACE,
         }
         .run(stop.clone()),
     );
