@@ -69,11 +69,15 @@ use crate::ratelimit::{MemoryRateLimiter, RateLimiter, Unlimited};
 use crate::rooms::RoomRegistry;
 use crate::service::ChatService;
 use crate::store::postgres::PgStore;
-use crate::store::sqlite::SqliteStore;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::transport::UserConnections;
 
 /// How long a sequence gap may stay open before the registry reads it from the store.
 const GAP_FILL_AFTER: Duration = Duration::from_millis(250);
+
+/// Shortest time between two outbox drains (see `OutboxRelay::pace`): at most 100 claims a second
+/// under load, each covering what was stored since the last.
+const RELAY_PACE: Duration = Duration::from_millis(10);
 
 /// Server-wide state shared by every connection and route.
 pub struct App {
@@ -122,7 +126,15 @@ pub async fn open_store(
         return Ok(Arc::new(store));
     }
     let path = settings.sqlite_path();
-    let store = SqliteStore::open(&path, settings.database.max_connections)
+    let db = &settings.database;
+    let options = SqliteOptions {
+        readers: db.max_connections,
+        busy_timeout: Duration::from_millis(db.busy_timeout_ms),
+        write_batch: db.write_batch,
+        write_queue: db.write_queue,
+        write_interval: Duration::from_millis(db.write_interval_ms),
+    };
+    let store = SqliteStore::open_with(&path, &options)
         .await
         .with_context(|| format!("opening {}", path.display()))?;
     if migrate {
@@ -229,7 +241,11 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let authenticator = Authenticator::new(&settings.auth, dev_secret.as_ref())?;
     let dev_minter = dev_secret.as_ref().map(TokenMinter::hs256);
 
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(counted) = store.metrics() {
+        metrics.register_store(&counted);
+    }
+    let metrics = Arc::new(metrics);
     let membership = Arc::new(MembershipCache::new(Duration::from_secs(
         settings.auth.membership_ttl_secs,
     )));
@@ -277,6 +293,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             batch: settings.queue.batch as u32,
             poll: Duration::from_secs(1),
             lease: Duration::from_secs(10),
+            pace: RELAY_PACE,
         }
         .run(relay_stop.clone()),
     );
@@ -411,7 +428,11 @@ pub async fn run_worker(
     }
     let store = open_store(&settings, settings.database.migrate_on_start).await?;
     let conn = redis_conn::RedisConn::connect(&settings.redis).await?;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(counted) = store.metrics() {
+        metrics.register_store(&counted);
+    }
+    let metrics = Arc::new(metrics);
     let dyn_store: Arc<dyn store::Store> = store.clone();
     let stop = CancellationToken::new();
     let relay = tokio::spawn(
@@ -424,6 +445,7 @@ pub async fn run_worker(
             batch: settings.queue.batch as u32,
             poll: Duration::from_millis(500),
             lease: Duration::from_secs(10),
+            pace: RELAY_PACE,
         }
         .run(stop.clone()),
     );
