@@ -47,6 +47,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -490,6 +491,13 @@ pub async fn run(
         });
     }
     let router = http::router(app.clone());
+    // Small frames (acks, pushes) go out at once: with Nagle's algorithm a reply written while
+    // the client's delayed ACK of the previous one is pending waits up to 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted socket");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(app.shutdown.clone().cancelled_owned())
         .await?;
