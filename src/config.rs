@@ -16,6 +16,10 @@ use serde::Deserialize;
 
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
+/// Most sends in one SQLite transaction (`database.write_batch`). The rows travel as one JSON
+/// parameter, so this bounds the transaction's size and time, not a parameter count.
+const MAX_WRITE_BATCH: usize = 4096;
+
 /// Environment prefix for every key, e.g. `CHAT_GATEWAY__LIMITS__OUTBOUND_QUEUE`.
 pub const ENV_PREFIX: &str = "CHAT_GATEWAY";
 
@@ -48,6 +52,10 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
+    pub busy_timeout_ms: u64,
+    pub write_batch: usize,
+    pub write_queue: usize,
+    pub write_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -295,6 +303,21 @@ impl Settings {
         }
         if self.database.acquire_timeout_ms == 0 {
             return fail("database.acquire_timeout_ms", "must be at least 1");
+        }
+        if self.database.busy_timeout_ms == 0 {
+            return fail("database.busy_timeout_ms", "must be at least 1");
+        }
+        if !(1..=MAX_WRITE_BATCH).contains(&self.database.write_batch) {
+            return fail(
+                "database.write_batch",
+                &format!("must be 1..={MAX_WRITE_BATCH}"),
+            );
+        }
+        if self.database.write_queue == 0 {
+            return fail("database.write_queue", "must be at least 1");
+        }
+        if self.database.write_interval_ms > 1000 {
+            return fail("database.write_interval_ms", "must be at most 1000");
         }
         let url = self.database.url.expose_secret();
         if !(url.is_empty() || url.starts_with("postgres://") || url.starts_with("postgresql://")) {

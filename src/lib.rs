@@ -48,6 +48,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -70,11 +71,15 @@ use crate::ratelimit::{MemoryRateLimiter, RateLimiter, Unlimited};
 use crate::rooms::RoomRegistry;
 use crate::service::ChatService;
 use crate::store::postgres::PgStore;
-use crate::store::sqlite::SqliteStore;
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::transport::UserConnections;
 
 /// How long a sequence gap may stay open before the registry reads it from the store.
 const GAP_FILL_AFTER: Duration = Duration::from_millis(250);
+
+/// Shortest time between two outbox drains (see `OutboxRelay::pace`): at most 100 claims a second
+/// under load, each covering what was stored since the last.
+const RELAY_PACE: Duration = Duration::from_millis(10);
 
 /// Server-wide state shared by every connection and route.
 pub struct App {
@@ -123,7 +128,15 @@ pub async fn open_store(
         return Ok(Arc::new(store));
     }
     let path = settings.sqlite_path();
-    let store = SqliteStore::open(&path, settings.database.max_connections)
+    let db = &settings.database;
+    let options = SqliteOptions {
+        readers: db.max_connections,
+        busy_timeout: Duration::from_millis(db.busy_timeout_ms),
+        write_batch: db.write_batch,
+        write_queue: db.write_queue,
+        write_interval: Duration::from_millis(db.write_interval_ms),
+    };
+    let store = SqliteStore::open_with(&path, &options)
         .await
         .with_context(|| format!("opening {}", path.display()))?;
     if migrate {
@@ -232,7 +245,11 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let authenticator = Authenticator::new(&settings.auth, dev_secret.as_ref())?;
     let dev_minter = dev_secret.as_ref().map(TokenMinter::hs256);
 
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(counted) = store.metrics() {
+        metrics.register_store(&counted);
+    }
+    let metrics = Arc::new(metrics);
     let membership = Arc::new(MembershipCache::new(Duration::from_secs(
         settings.auth.membership_ttl_secs,
     )));
@@ -280,6 +297,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             batch: settings.queue.batch as u32,
             poll: Duration::from_secs(1),
             lease: Duration::from_secs(10),
+            pace: RELAY_PACE,
         }
         .run(relay_stop.clone()),
     );
@@ -414,7 +432,11 @@ pub async fn run_worker(
     }
     let store = open_store(&settings, settings.database.migrate_on_start).await?;
     let conn = redis_conn::RedisConn::connect(&settings.redis).await?;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(counted) = store.metrics() {
+        metrics.register_store(&counted);
+    }
+    let metrics = Arc::new(metrics);
     let dyn_store: Arc<dyn store::Store> = store.clone();
     let stop = CancellationToken::new();
     let relay = tokio::spawn(
@@ -427,6 +449,7 @@ pub async fn run_worker(
             batch: settings.queue.batch as u32,
             poll: Duration::from_millis(500),
             lease: Duration::from_secs(10),
+            pace: RELAY_PACE,
         }
         .run(stop.clone()),
     );
@@ -471,6 +494,13 @@ pub async fn run(
         });
     }
     let router = http::router(app.clone());
+    // Small frames (acks, pushes) go out at once: with Nagle's algorithm a reply written while
+    // the client's delayed ACK of the previous one is pending waits up to 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted socket");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(app.shutdown.clone().cancelled_owned())
         .await?;

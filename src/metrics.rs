@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::store::StoreMetrics;
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 pub struct Metrics {
@@ -170,6 +172,25 @@ impl Metrics {
             read_marks_written,
             presence_backlog,
         }
+    }
+
+    /// Adds the store's own counters (the SQLite store's writer) to the registry.
+    pub fn register_store(&mut self, store: &StoreMetrics) {
+        self.registry.register(
+            "store_write_statements",
+            "Statements run on the SQLite writer connection, BEGIN and COMMIT included",
+            store.write_statements.clone(),
+        );
+        self.registry.register(
+            "store_send_batch_size",
+            "Sends written per SQLite group commit",
+            store.send_batch_size.clone(),
+        );
+        self.registry.register(
+            "store_sends_waiting",
+            "Sends queued for the SQLite writer, not yet in a batch",
+            store.sends_waiting.clone(),
+        );
     }
 
     pub fn render(&self) -> String {

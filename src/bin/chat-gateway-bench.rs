@@ -36,7 +36,9 @@ const MAX_RATE: f64 = 200_000.0;
     long_about = "Load generator for chat-gateway. It speaks the real protocol (REST and \
 WebSocket) to a gateway on this machine, knows every message it sent, and prints a report: \
 throughput, latency p50/p95/p99/max, errors, lost and duplicated messages, the server's CPU \
-seconds and RSS (with --server-pid) and the history cache hit ratio (from /metrics).\n\n\
+seconds and RSS (with --server-pid), the history cache hit ratio (from /metrics) and database \
+statements per stored message (the SQLite store's own count from /metrics; on Postgres from \
+pg_stat_statements with --database-url).\n\n\
 Run the gateway with JWT_SECRET set to the --jwt-secret given here (tokens and the SERVICE \
 token for room setup are minted from it) and, except for `seed`, with rate limits off \
 (CHAT_GATEWAY__RATE_LIMIT__ENABLED=false): the scenarios send far above the default per-room \
@@ -97,6 +99,16 @@ struct Common {
     /// Most WebSocket handshakes (connect + auth + join) in flight at once.
     #[arg(long, global = true, default_value_t = 256)]
     connect_concurrency: usize,
+    /// The gateway's Postgres database (loopback): report database statements per stored
+    /// message from `pg_stat_statements` (or transactions from `pg_stat_database` when that
+    /// extension is not installed). On SQLite the gateway's own statement counter is read.
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -292,6 +304,89 @@ fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
         cpu_secs: (utime + stime) / ticks,
         rss_kib,
     })
+}
+
+/// Counters read from the gateway's /metrics for the statements-per-message line: messages
+/// stored (`chat_messages_received_total`, every door) and, on the SQLite store, the store's
+/// write statements (`chat_store_write_statements_total`, BEGIN and COMMIT included).
+async fn store_counters(http: &reqwest::Client, base: &str) -> (f64, Option<f64>) {
+    let Ok(r) = http.get(format!("{base}/metrics")).send().await else {
+        return (0.0, None);
+    };
+    let text = r.text().await.unwrap_or_default();
+    let mut messages = 0.0;
+    let mut statements = None;
+    for line in text.lines() {
+        let value = || -> f64 {
+            line.rsplit_once(' ')
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        if line.starts_with("chat_messages_received_total") {
+            messages += value();
+        } else if line.starts_with("chat_store_write_statements_total") {
+            statements = Some(statements.unwrap_or(0.0) + value());
+        }
+    }
+    (messages, statements)
+}
+
+/// What Postgres counted: statements from `pg_stat_statements` when installed in the
+/// database, else committed and rolled back transactions from `pg_stat_database`.
+struct PgCounter {
+    pool: sqlx::PgPool,
+    statements: bool,
+}
+
+impl PgCounter {
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        let host = url
+            .split_once('@')
+            .map(|(_, rest)| rest)
+            .unwrap_or(url)
+            .trim_start_matches("postgres://")
+            .trim_start_matches("postgresql://");
+        if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]"))
+        {
+            bail!("--database-url must point at a loopback server");
+        }
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .context("connecting to --database-url")?;
+        let statements = sqlx::query("SELECT 1 FROM pg_stat_statements LIMIT 1")
+            .execute(&pool)
+            .await
+            .is_ok();
+        Ok(Self { pool, statements })
+    }
+
+    fn what(&self) -> &'static str {
+        if self.statements {
+            "statements (pg_stat_statements)"
+        } else {
+            "transactions (pg_stat_database; install pg_stat_statements to count statements)"
+        }
+    }
+
+    async fn count(&self) -> Option<f64> {
+        let q = if self.statements {
+            "SELECT coalesce(sum(calls), 0)::float8 FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        } else {
+            "SELECT (xact_commit + xact_rollback)::float8 FROM pg_stat_database \
+             WHERE datname = current_database()"
+        };
+        // The cumulative statistics are a snapshot per transaction: clear it to see fresh ones.
+        let _ = sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&self.pool)
+            .await;
+        sqlx::query_scalar::<_, f64>(q)
+            .fetch_one(&self.pool)
+            .await
+            .ok()
+    }
 }
 
 /// The history cache's hit and miss counters from /metrics.
@@ -803,22 +898,67 @@ struct Observer {
     pid: Option<u32>,
     before: Option<ProcSample>,
     cache_before: (f64, f64),
+    store_before: (f64, Option<f64>),
+    pg: Option<(PgCounter, Option<f64>)>,
     started: Instant,
 }
 
 impl Observer {
-    async fn start(gw: &Gateway, pid: Option<u32>) -> Self {
+    async fn start(gw: &Gateway, common: &Common) -> Self {
+        let pg = match &common.database_url {
+            Some(url) => match PgCounter::connect(url).await {
+                Ok(counter) => {
+                    let before = counter.count().await;
+                    Some((counter, before))
+                }
+                Err(e) => {
+                    eprintln!("database statements not counted: {e:#}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let pid = common.server_pid;
         Self {
             pid,
             before: pid.and_then(|p| proc_sample(p).ok()),
             cache_before: cache_counters(&gw.http, &gw.base).await,
+            store_before: store_counters(&gw.http, &gw.base).await,
+            pg,
             started: Instant::now(),
+        }
+    }
+
+    /// Database statements per message stored during the run, when there were any.
+    async fn statements(&self, gw: &Gateway) {
+        let (messages, statements) = store_counters(&gw.http, &gw.base).await;
+        let stored = messages - self.store_before.0;
+        if stored <= 0.0 {
+            return;
+        }
+        if let (Some(after), Some(before)) = (statements, self.store_before.1) {
+            println!(
+                "store statements       {:.0} write statements (gateway's count) for {stored:.0} messages stored: {:.2} per message",
+                after - before,
+                (after - before) / stored
+            );
+        }
+        if let Some((counter, Some(before))) = &self.pg
+            && let Some(after) = counter.count().await
+        {
+            println!(
+                "database statements    {:.0} {} for {stored:.0} messages stored: {:.2} per message (whole database, every client)",
+                after - before,
+                counter.what(),
+                (after - before) / stored
+            );
         }
     }
 
     /// Prints the server-side lines; returns the server CPU seconds spent, when known.
     async fn finish(&self, gw: &Gateway) -> Option<f64> {
         let wall = self.started.elapsed().as_secs_f64();
+        self.statements(gw).await;
         let (hit, miss) = cache_counters(&gw.http, &gw.base).await;
         let (dh, dm) = (hit - self.cache_before.0, miss - self.cache_before.1);
         if dh + dm > 0.0 {
@@ -918,7 +1058,7 @@ async fn run_rooms(
             30,
         )));
     }
-    let observer = Observer::start(&gw, common.server_pid).await;
+    let observer = Observer::start(&gw, common).await;
     let duration = Duration::from_secs(common.duration);
     let mut overflow = 0u64;
     let issued = paced(rate, duration, |k| {
@@ -1217,7 +1357,7 @@ async fn history(
             limit,
         )));
     }
-    let observer = Observer::start(&gw, common.server_pid).await;
+    let observer = Observer::start(&gw, common).await;
     let mut overflow = 0u64;
     let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next_random = move || {
@@ -1356,7 +1496,7 @@ async fn seed(
         .collect();
     gw.setup(&members).await?;
     let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
-    let observer = Observer::start(&gw, common.server_pid).await;
+    let observer = Observer::start(&gw, common).await;
     let deadline = Instant::now() + Duration::from_secs(common.duration);
     let iterations = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();

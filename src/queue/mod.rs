@@ -283,7 +283,8 @@ impl From<OutboxEntry> for Job {
     }
 }
 
-/// Moves outbox rows to the job queue. Woken by each send, and polls for rows left by others.
+/// Moves outbox rows to the job queue. Woken by each send (draining at most every `pace`), and
+/// polls for rows left by others.
 pub struct OutboxRelay {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn JobQueue>,
@@ -298,16 +299,28 @@ pub struct OutboxRelay {
     pub poll: Duration,
     /// How long claimed rows stay ours before another relay may take them.
     pub lease: Duration,
+    /// Shortest time between two drains. Under load every stored message wakes the relay; pacing
+    /// the drains makes each claim, ack and room touch cover many messages instead of a few. A
+    /// wake after a quiet spell drains at once.
+    pub pace: Duration,
 }
 
 impl OutboxRelay {
     /// Runs until `shutdown`, then relays what is in the outbox once more and returns.
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
+            let drained = tokio::time::Instant::now();
             self.drain().await;
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.poll) => {}
+                _ = shutdown.cancelled() => {
+                    self.drain().await;
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(drained + self.pace) => {}
                 _ = shutdown.cancelled() => {
                     self.drain().await;
                     return;
@@ -356,7 +369,9 @@ impl OutboxRelay {
                     }
                 }
             }
-            if relayed.len() < claimed {
+            // A short claim emptied the outbox: asking again would cost a statement to learn
+            // that. Rows stored since then woke us again (`wake` keeps the notification).
+            if relayed.len() < claimed || claimed < self.batch as usize {
                 return;
             }
         }

@@ -82,7 +82,8 @@ pub struct Room {
     pub last_seq: i64,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Cloned when one failure answers every send of a group commit.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached (or the connection broke). Retriable. Nothing was written,
     /// except when the connection broke during the commit itself: then the write may have landed,
@@ -226,6 +227,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// Closes the connections (shutdown, after the last job).
     async fn close(&self) {}
+
+    /// What the store counts of its own work, for `/metrics` (the SQLite store; `None` elsewhere).
+    fn metrics(&self) -> Option<StoreMetrics> {
+        None
+    }
+}
+
+/// A store's own counters, shared with the metrics registry (the handles are cheap clones).
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    /// Statements run on the writer connection, `BEGIN` and `COMMIT` included.
+    pub write_statements: prometheus_client::metrics::counter::Counter,
+    /// Sends written per group commit (one observation per batch, taken when the batch starts).
+    pub send_batch_size: prometheus_client::metrics::histogram::Histogram,
+    /// Sends queued for the writer and not yet taken into a batch.
+    pub sends_waiting: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        Self {
+            write_statements: Default::default(),
+            // 1, 2, 4, ... 1024 sends per batch.
+            send_batch_size: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
+            ),
+            sends_waiting: Default::default(),
+        }
+    }
 }
 
 /// One of a user's rooms, with what its unread count is computed from.

@@ -3,24 +3,70 @@
 //! Write transactions start with `BEGIN IMMEDIATE`, taking the write lock up front, so several
 //! processes may share the file (the busy timeout queues them) without a reader upgrading to a
 //! writer on a stale snapshot.
-//! SQLite has one writer at a time, so the store keeps exactly one writer connection (sends are
-//! serialized through it, which is also what makes the per-room sequence trivially gap-free) and
-//! a small pool of reader connections, which WAL lets run beside the writer.
+//! SQLite has one writer at a time, so the store keeps exactly one writer connection and a small
+//! pool of reader connections, which WAL lets run beside the writer.
 //! `synchronous = NORMAL`: a commit survives a crash of the gateway; a power loss may lose the last
 //! few commits (the embedded default is for one machine; production runs on Postgres).
+//!
+//! # Sends: group commit
+//!
+//! Sends do not take the writer connection themselves. They queue to one `GroupWriter` task
+//! (`database.write_queue` deep; a full queue makes senders wait, it is not an error), which takes
+//! everything waiting, up to `database.write_batch`, and writes it in one transaction of six
+//! statements whatever the batch size: `BEGIN IMMEDIATE`; one `SELECT` of the originals of the
+//! batch's `(roomId, senderId, clientMsgId)` keys that are stored already; one
+//! `UPDATE "ChatRoom" ... RETURNING` moving each room's `lastSeq` by its number of new messages;
+//! one multi-row `INSERT` of the messages; one of their outbox rows; `COMMIT`.
+//!
+//! A send after a quiet spell is written at once. Under load, a batch starts no sooner than
+//! `database.write_interval_ms` after the previous one started and takes everything that arrived
+//! meanwhile: transactions per second stay bounded and batches grow with the load, so statements
+//! per message fall as traffic rises (Postgres's `commit_delay` with `commit_siblings`, in spirit).
+//!
+//! - Order: a room's messages get their sequence numbers in the order their sends reached the
+//!   writer; being the only writer is what keeps the sequence gap-free.
+//! - Idempotency: a key already stored answers with the original (`duplicate = true`); the same
+//!   key twice in one batch is stored once, and the later sends get that message as duplicates.
+//! - A send to a room that does not exist gets `RoomNotFound`; the rest of its batch is written.
+//! - Any other failure rolls the whole batch back: nothing of it is stored and no sequence number
+//!   is spent. A retriable one (`Unavailable`: another process held the write lock past
+//!   `database.busy_timeout_ms`, or the connection is gone) answers every send of the batch with
+//!   it. Any other error
+//!   may be one message's doing, so the writer then writes the batch's sends one by one, and only
+//!   the message the database refuses fails.
+//! - A caller that goes away (its future dropped) before its batch is taken is skipped: nobody can
+//!   be told, and a retry with the same `clientMsgId` stores the message once. One that goes away
+//!   later does not disturb the batch: its message is stored and its answer dropped; the outbox
+//!   relay announces the room's head, so sockets still receive the message.
+//!
+//! The rows of a batch travel as one JSON array bound to one parameter and unpacked by
+//! `json_each`: each statement has one fixed text (prepared once, cached by the connection), and
+//! no batch comes near SQLite's bound-parameter limit.
+//!
+//! The other writes (rooms, memberships, read marks, room touches, outbox claim and ack) share the
+//! writer connection with the group writer, one statement each whatever the number of rows.
+//! `chat_store_write_statements_total`, `chat_store_send_batch_size` and
+//! `chat_store_sends_waiting` in `/metrics` show the writer's work.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
+use prometheus_client::metrics::gauge::Gauge;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, Store,
-    StoreError,
+    StoreError, StoreMetrics,
 };
 
 /// The embedded migrations (migrations/sqlite), applied by `migrate` and at start-up.
@@ -38,41 +84,117 @@ const FIND_BY_CLIENT_MSG_ID: &str = concat!(
     r#" FROM "ChatMessage" WHERE "roomId" = ? AND "senderId" = ? AND "clientMsgId" = ?"#
 );
 
+/// How the store uses the file (`database.*`: `max_connections`, `busy_timeout_ms`, `write_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    /// Reader connections.
+    pub readers: u32,
+    /// How long a write waits for another process's write lock before failing (`Unavailable`).
+    pub busy_timeout: Duration,
+    /// Most sends written in one transaction.
+    pub write_batch: usize,
+    /// Most sends waiting for the writer; past it, senders wait for room.
+    pub write_queue: usize,
+    /// Shortest time between the starts of two transactions. A send that arrives after a quiet
+    /// spell is written at once; under load this bounds the commits per second, so the batches
+    /// grow with the load (and statements per message fall) instead of commits multiplying.
+    pub write_interval: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            readers: 8,
+            busy_timeout: Duration::from_secs(5),
+            write_batch: 256,
+            write_queue: 4096,
+            write_interval: Duration::from_millis(2),
+        }
+    }
+}
+
 pub struct SqliteStore {
-    /// The only connection that writes. Held for one transaction at a time.
+    /// The only connection that writes. Held for one transaction (or statement) at a time: a
+    /// group commit of sends, or one of the other writes.
     writer: SqlitePool,
     readers: SqlitePool,
+    /// Sends waiting for the group writer. Bounded (`database.write_queue`); when it is full a
+    /// send waits for room, it never fails for it.
+    sends: mpsc::Sender<PendingSend>,
+    /// Cancelled by `close`: the group writer writes what is queued, then ends.
+    stop: CancellationToken,
+    /// The group writer task, awaited by `close`. Locked only to take it.
+    group_writer: Mutex<Option<JoinHandle<()>>>,
+    stats: StoreMetrics,
 }
 
 fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
 impl SqliteStore {
-    /// Opens (creating if missing) the database file; does not migrate.
+    /// Opens (creating if missing) the database file with `readers` reader connections and the
+    /// other options at their defaults; does not migrate.
     pub async fn open(path: &Path, readers: u32) -> Result<Self, StoreError> {
+        let options = SqliteOptions {
+            readers,
+            ..SqliteOptions::default()
+        };
+        Self::open_with(path, &options).await
+    }
+
+    /// Opens (creating if missing) the database file and starts the group writer; does not
+    /// migrate.
+    pub async fn open_with(path: &Path, options: &SqliteOptions) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("{}: {e}", dir.display())))?;
         }
-        let options = SqliteConnectOptions::from_str("sqlite://")
+        let connect = SqliteConnectOptions::from_str("sqlite://")
             .map_err(StoreError::from)?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(options.busy_timeout);
+        // An in-process connection does not go stale: no ping (a round trip to the connection's
+        // thread) before every use.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(options.clone())
+            .test_before_acquire(false)
+            .connect_with(connect.clone())
             .await?;
         let readers = SqlitePoolOptions::new()
-            .max_connections(readers.max(1))
-            .connect_with(options.read_only(true))
+            .max_connections(options.readers.max(1))
+            .test_before_acquire(false)
+            .connect_with(connect.read_only(true))
             .await?;
-        Ok(Self { writer, readers })
+        let (sends, queued) = mpsc::channel(options.write_queue.max(1));
+        let stop = CancellationToken::new();
+        let stats = StoreMetrics::default();
+        let task = tokio::spawn(
+            GroupWriter {
+                pool: writer.clone(),
+                batch: options.write_batch.max(1),
+                interval: options.write_interval,
+                stats: stats.clone(),
+            }
+            .run(queued, stop.clone()),
+        );
+        Ok(Self {
+            writer,
+            readers,
+            sends,
+            stop,
+            group_writer: Mutex::new(Some(task)),
+            stats,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -82,10 +204,355 @@ impl SqliteStore {
             .map_err(|e| StoreError::Other(format!("migration failed: {e}")))
     }
 
+    /// Writes the sends already queued, then closes the connections. Later sends get
+    /// `Unavailable`.
     pub async fn close(&self) {
+        self.stop.cancel();
+        let task = self.group_writer.lock().unwrap().take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
         self.writer.close().await;
         self.readers.close().await;
     }
+
+    /// Counts `n` statements run on the writer connection.
+    fn wrote(&self, n: u64) {
+        self.stats.write_statements.inc_by(n);
+    }
+}
+
+/// A send waiting for the group writer, and where its outcome goes.
+struct PendingSend {
+    msg: NewMessage,
+    reply: oneshot::Sender<Result<Inserted, StoreError>>,
+}
+
+/// Counts a send in `sends_waiting` from the moment it asks for a place in the queue; a caller that
+/// gives up before getting one takes itself out again.
+struct Waiting<'a>(Option<&'a Gauge>);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(Some(gauge))
+    }
+
+    /// The send is in the queue; the writer decrements when it takes it.
+    fn handed_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(gauge) = self.0 {
+            gauge.dec();
+        }
+    }
+}
+
+/// The task that writes every send: batches in one transaction each (see the module docs).
+struct GroupWriter {
+    pool: SqlitePool,
+    /// Most sends per transaction.
+    batch: usize,
+    /// Shortest time between the starts of two batches (`database.write_interval_ms`).
+    interval: Duration,
+    stats: StoreMetrics,
+}
+
+/// What a send of a batch turned out to be, before the batch's sequence numbers are known.
+enum Plan {
+    /// Its key is stored already: answered with the original.
+    Stored(Box<Message>),
+    /// Its key came earlier in this batch: answered as that send is, as a duplicate.
+    SameAs(usize),
+    /// A new message, `index`-th of its room in this batch.
+    New { index: i64 },
+}
+
+/// One row of the messages bound as JSON: id, roomId, seq, senderId, senderName,
+/// senderAvatarUrl, content, createdAt, clientMsgId.
+type Row<'a> = (
+    &'a str,
+    &'a str,
+    i64,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'a str,
+    String,
+    Option<&'a str>,
+);
+
+impl GroupWriter {
+    /// Runs until the queue closes or `stop`; then writes what is still queued and returns.
+    async fn run(self, mut queued: mpsc::Receiver<PendingSend>, stop: CancellationToken) {
+        let mut batch = Vec::with_capacity(self.batch);
+        let mut last_start: Option<tokio::time::Instant> = None;
+        loop {
+            let n = tokio::select! {
+                n = queued.recv_many(&mut batch, self.batch) => n,
+                _ = stop.cancelled() => {
+                    queued.close();
+                    while queued.recv_many(&mut batch, self.batch).await > 0 {
+                        self.stats.sends_waiting.dec_by(batch.len() as i64);
+                        self.commit(&mut batch).await;
+                    }
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            // Under load (a batch started less than `interval` ago), wait for the rest of the
+            // interval and take what arrived meanwhile too. After a quiet spell: at once.
+            let now = tokio::time::Instant::now();
+            if let Some(next) = last_start.map(|t| t + self.interval)
+                && next > now
+            {
+                tokio::time::sleep_until(next).await;
+                while batch.len() < self.batch {
+                    match queued.try_recv() {
+                        Ok(send) => batch.push(send),
+                        Err(_) => break,
+                    }
+                }
+            }
+            last_start = Some(tokio::time::Instant::now());
+            self.stats.sends_waiting.dec_by(batch.len() as i64);
+            self.commit(&mut batch).await;
+        }
+    }
+
+    /// Writes `batch` (emptying it) and answers every caller still waiting.
+    async fn commit(&self, batch: &mut Vec<PendingSend>) {
+        // Nobody is left to tell about these: not writing them is what their callers saw.
+        batch.retain(|send| !send.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
+        self.stats.send_batch_size.observe(batch.len() as f64);
+        let msgs: Vec<&NewMessage> = batch.iter().map(|send| &send.msg).collect();
+        match self.write(&msgs).await {
+            Ok(outcomes) => {
+                for (send, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = send.reply.send(outcome);
+                }
+            }
+            Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, sends = batch.len(), "group commit failed; writing its sends one by one");
+                for send in batch.drain(..) {
+                    let outcome = match self.write(&[&send.msg]).await {
+                        Ok(mut outcomes) => outcomes.pop().expect("one outcome per send"),
+                        Err(e) => Err(e),
+                    };
+                    let _ = send.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for send in batch.drain(..) {
+                    let _ = send.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Writes `msgs` in one transaction. The outer error fails (and rolls back) all of them; the
+    /// inner ones are per send (`RoomNotFound`). One outcome per send, in order.
+    async fn write(
+        &self,
+        msgs: &[&NewMessage],
+    ) -> Result<Vec<Result<Inserted, StoreError>>, StoreError> {
+        let statements = &self.stats.write_statements;
+        statements.inc();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+
+        // The originals of keys stored before this batch.
+        let mut keys: Vec<(&str, &str, &str)> = msgs
+            .iter()
+            .filter_map(|m| {
+                let id = m.client_msg_id.as_deref()?;
+                Some((m.room_id.as_str(), m.sender_id.as_str(), id))
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut stored: HashMap<(String, String, String), Message> = HashMap::new();
+        if !keys.is_empty() {
+            statements.inc();
+            let originals: Vec<Message> = sqlx::query_as(concat!(
+                "SELECT ",
+                columns!(),
+                r#" FROM "ChatMessage" WHERE ("roomId", "senderId", "clientMsgId") IN
+                    (SELECT value->>0, value->>1, value->>2 FROM json_each(?))"#
+            ))
+            .bind(json(&keys))
+            .fetch_all(&mut *tx)
+            .await?;
+            for m in originals {
+                if let Some(id) = m.client_msg_id.clone() {
+                    stored.insert((m.room_id.clone(), m.sender_id.clone(), id), m);
+                }
+            }
+        }
+
+        // What each send is, and how many new messages each room gets, in arrival order.
+        let mut first_of_key: HashMap<(&str, &str, &str), usize> = HashMap::new();
+        let mut per_room: Vec<(&str, i64)> = Vec::new();
+        let mut room_index: HashMap<&str, usize> = HashMap::new();
+        let mut plans = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            if let Some(id) = m.client_msg_id.as_deref() {
+                let key = (m.room_id.as_str(), m.sender_id.as_str(), id);
+                let original = if stored.is_empty() {
+                    None
+                } else {
+                    stored.get(&(key.0.into(), key.1.into(), key.2.into()))
+                };
+                if let Some(original) = original {
+                    plans.push(Plan::Stored(Box::new(original.clone())));
+                    continue;
+                }
+                match first_of_key.entry(key) {
+                    Entry::Occupied(first) => {
+                        plans.push(Plan::SameAs(*first.get()));
+                        continue;
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(i);
+                    }
+                }
+            }
+            let r = *room_index.entry(m.room_id.as_str()).or_insert_with(|| {
+                per_room.push((m.room_id.as_str(), 0));
+                per_room.len() - 1
+            });
+            per_room[r].1 += 1;
+            plans.push(Plan::New {
+                index: per_room[r].1,
+            });
+        }
+
+        // Every room's numbers for the whole batch, in one statement: a room that gets n new
+        // messages moves its head by n; they take head - n + 1 ..= head. Missing rooms return
+        // no row.
+        let mut first_seq: HashMap<String, i64> = HashMap::new();
+        if !per_room.is_empty() {
+            statements.inc();
+            let heads: Vec<(String, i64)> = sqlx::query_as(
+                r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + (n.value->>1)
+                   FROM json_each(?) AS n WHERE "ChatRoom".id = n.value->>0
+                   RETURNING id, "lastSeq""#,
+            )
+            .bind(json(&per_room))
+            .fetch_all(&mut *tx)
+            .await?;
+            let counts: HashMap<&str, i64> = per_room.iter().copied().collect();
+            for (room, head) in heads {
+                let n = counts.get(room.as_str()).copied().unwrap_or(0);
+                first_seq.insert(room, head - n + 1);
+            }
+        }
+
+        let seq_of = |m: &NewMessage, index: i64| first_seq.get(&m.room_id).map(|s| s + index - 1);
+        let rows: Vec<Row> = msgs
+            .iter()
+            .zip(&plans)
+            .filter_map(|(m, plan)| {
+                let Plan::New { index } = plan else {
+                    return None;
+                };
+                Some((
+                    m.id.as_str(),
+                    m.room_id.as_str(),
+                    seq_of(m, *index)?,
+                    m.sender_id.as_str(),
+                    m.sender_name.as_deref(),
+                    m.sender_avatar_url.as_deref(),
+                    m.content.as_str(),
+                    ts(&m.created_at),
+                    m.client_msg_id.as_deref(),
+                ))
+            })
+            .collect();
+        if !rows.is_empty() {
+            statements.inc_by(2);
+            let rows = json(&rows);
+            sqlx::query(
+                r#"INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName",
+                     "senderAvatarUrl", content, "contentType", status, "moderationStatus",
+                     "createdAt", "clientMsgId")
+                   SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+                     value->>6, 'TEXT', 'SENT', 'APPROVED', value->>7, value->>8
+                   FROM json_each(?) ORDER BY key"#,
+            )
+            .bind(&rows)
+            .execute(&mut *tx)
+            .await?;
+            // In sequence order, so the relay (which reads the outbox by id) queues them so.
+            sqlx::query(
+                r#"INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
+                   SELECT value->>1, value->>2, value->>0, value->>7 FROM json_each(?) ORDER BY key"#,
+            )
+            .bind(&rows)
+            .execute(&mut *tx)
+            .await?;
+        }
+        statements.inc();
+        tx.commit().await?;
+
+        let mut outcomes: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(msgs.len());
+        for (m, plan) in msgs.iter().zip(plans) {
+            let outcome = match plan {
+                Plan::Stored(message) => Ok(Inserted {
+                    message: *message,
+                    duplicate: true,
+                }),
+                Plan::SameAs(first) => match &outcomes[first] {
+                    Ok(Inserted { message, .. }) => Ok(Inserted {
+                        message: message.clone(),
+                        duplicate: true,
+                    }),
+                    Err(e) => Err(e.clone()),
+                },
+                Plan::New { index } => match seq_of(m, index) {
+                    Some(seq) => Ok(Inserted {
+                        message: stored_message(m, seq),
+                        duplicate: false,
+                    }),
+                    None => Err(StoreError::RoomNotFound),
+                },
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The message as stored: the send's fields and its sequence number.
+fn stored_message(m: &NewMessage, seq: i64) -> Message {
+    Message {
+        id: m.id.clone(),
+        room_id: m.room_id.clone(),
+        seq,
+        sender_id: m.sender_id.clone(),
+        sender_name: m.sender_name.clone(),
+        sender_avatar_url: m.sender_avatar_url.clone(),
+        content: m.content.clone(),
+        content_type: "TEXT".into(),
+        status: "SENT".into(),
+        moderation_status: "APPROVED".into(),
+        created_at: m.created_at,
+        client_msg_id: m.client_msg_id.clone(),
+    }
+}
+
+/// Rows for `json_each(?)`: a JSON array (of arrays), so one fixed statement text (prepared once)
+/// takes any number of rows.
+fn json<T: serde::Serialize>(rows: &T) -> String {
+    serde_json::to_string(rows).expect("strings and numbers serialize")
 }
 
 #[async_trait]
@@ -96,74 +563,16 @@ impl Store for SqliteStore {
     }
 
     async fn insert_message(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(client_msg_id) = &msg.client_msg_id {
-            let existing: Option<Message> = sqlx::query_as(FIND_BY_CLIENT_MSG_ID)
-                .bind(&msg.room_id)
-                .bind(&msg.sender_id)
-                .bind(client_msg_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(message) = existing {
-                tx.rollback().await?;
-                return Ok(Inserted {
-                    message,
-                    duplicate: true,
-                });
-            }
-        }
-        let seq: Option<i64> = sqlx::query_scalar(
-            r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1 WHERE id = ? RETURNING "lastSeq""#,
-        )
-        .bind(&msg.room_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(seq) = seq else {
-            return Err(StoreError::RoomNotFound);
-        };
-        sqlx::query(
-            r#"INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl",
-                 content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId")
-               VALUES (?, ?, ?, ?, ?, ?, ?, 'TEXT', 'SENT', 'APPROVED', ?, ?)"#,
-        )
-        .bind(&msg.id)
-        .bind(&msg.room_id)
-        .bind(seq)
-        .bind(&msg.sender_id)
-        .bind(&msg.sender_name)
-        .bind(&msg.sender_avatar_url)
-        .bind(&msg.content)
-        .bind(ts(&msg.created_at))
-        .bind(&msg.client_msg_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            r#"INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt") VALUES (?, ?, ?, ?)"#,
-        )
-        .bind(&msg.room_id)
-        .bind(seq)
-        .bind(&msg.id)
-        .bind(ts(&msg.created_at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Inserted {
-            message: Message {
-                id: msg.id,
-                room_id: msg.room_id,
-                seq,
-                sender_id: msg.sender_id,
-                sender_name: msg.sender_name,
-                sender_avatar_url: msg.sender_avatar_url,
-                content: msg.content,
-                content_type: "TEXT".into(),
-                status: "SENT".into(),
-                moderation_status: "APPROVED".into(),
-                created_at: msg.created_at,
-                client_msg_id: msg.client_msg_id,
-            },
-            duplicate: false,
-        })
+        let (reply, answer) = oneshot::channel();
+        let waiting = Waiting::new(&self.stats.sends_waiting);
+        // A full queue makes the caller wait here (back-pressure), it is not an error.
+        self.sends
+            .send(PendingSend { msg, reply })
+            .await
+            .map_err(|_| closed())?;
+        // Queued: the writer counts it out when it takes it.
+        waiting.handed_over();
+        answer.await.map_err(|_| closed())?
     }
 
     async fn find_by_client_msg_id(
@@ -246,6 +655,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_room(&self, id: &str, name: &str) -> Result<Room, StoreError> {
+        self.wrote(1);
         sqlx::query(r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?)"#)
             .bind(id)
             .bind(name)
@@ -265,6 +675,7 @@ impl Store for SqliteStore {
     }
 
     async fn ensure_room(&self, id: &str, name: &str) -> Result<bool, StoreError> {
+        self.wrote(1);
         let done = sqlx::query(
             r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"#,
         )
@@ -279,6 +690,7 @@ impl Store for SqliteStore {
         if self.room_head(room).await?.is_none() {
             return Err(StoreError::RoomNotFound);
         }
+        self.wrote(1);
         let done = sqlx::query(
             r#"INSERT INTO "ChatRoomMember" (id, "roomId", "userId") VALUES (?, ?, ?)
                ON CONFLICT ("roomId", "userId") DO NOTHING"#,
@@ -292,6 +704,7 @@ impl Store for SqliteStore {
     }
 
     async fn remove_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
+        self.wrote(1);
         let done =
             sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = ? AND "userId" = ?"#)
                 .bind(room)
@@ -302,19 +715,23 @@ impl Store for SqliteStore {
     }
 
     async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        for (room, at) in rooms {
-            let at = ts(at);
-            sqlx::query(
-                r#"UPDATE "ChatRoom" SET "lastMessageAt" = ?1, "updatedAt" = ?1
-                   WHERE id = ?2 AND ("lastMessageAt" IS NULL OR "lastMessageAt" < ?1)"#,
-            )
-            .bind(&at)
-            .bind(room)
-            .execute(&mut *tx)
-            .await?;
+        if rooms.is_empty() {
+            return Ok(());
         }
-        tx.commit().await?;
+        let rows: Vec<(&str, String)> = rooms
+            .iter()
+            .map(|(room, at)| (room.as_str(), ts(at)))
+            .collect();
+        // One statement for every room; a room listed twice takes its latest time.
+        self.wrote(1);
+        sqlx::query(
+            r#"UPDATE "ChatRoom" SET "lastMessageAt" = t.at, "updatedAt" = t.at
+               FROM (SELECT value->>0 AS room, max(value->>1) AS at FROM json_each(?) GROUP BY 1) AS t
+               WHERE "ChatRoom".id = t.room AND ("lastMessageAt" IS NULL OR "lastMessageAt" < t.at)"#,
+        )
+        .bind(json(&rows))
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -351,23 +768,27 @@ impl Store for SqliteStore {
     }
 
     async fn mark_read(&self, marks: &[ReadMark]) -> Result<u64, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let mut changed = 0;
-        for mark in marks {
-            changed += sqlx::query(
-                r#"UPDATE "ChatRoomMember" SET "lastReadSeq" = ?1, "lastReadAt" = ?2
-                   WHERE "roomId" = ?3 AND "userId" = ?4 AND "lastReadSeq" < ?1"#,
-            )
-            .bind(mark.seq)
-            .bind(ts(&mark.at))
-            .bind(&mark.room_id)
-            .bind(&mark.user_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        if marks.is_empty() {
+            return Ok(0);
         }
-        tx.commit().await?;
-        Ok(changed)
+        let rows: Vec<(&str, &str, i64, String)> = marks
+            .iter()
+            .map(|m| (m.room_id.as_str(), m.user_id.as_str(), m.seq, ts(&m.at)))
+            .collect();
+        // One statement for every mark; a (room, user) listed twice takes its furthest mark.
+        self.wrote(1);
+        let done = sqlx::query(
+            r#"UPDATE "ChatRoomMember" SET "lastReadSeq" = r.seq, "lastReadAt" = r.at
+               FROM (SELECT value->>0 AS room, value->>1 AS usr, max(value->>2) AS seq,
+                            max(value->>3) AS at
+                     FROM json_each(?) GROUP BY 1, 2) AS r
+               WHERE "ChatRoomMember"."roomId" = r.room AND "ChatRoomMember"."userId" = r.usr
+                 AND "lastReadSeq" < r.seq"#,
+        )
+        .bind(json(&rows))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn outbox_claim(
@@ -378,6 +799,7 @@ impl Store for SqliteStore {
         let now = Utc::now();
         let until =
             now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
+        self.wrote(1);
         let mut rows: Vec<OutboxEntry> = sqlx::query_as(
             r#"UPDATE "ChatOutbox" SET "claimedUntil" = ?1
                WHERE id IN (SELECT id FROM "ChatOutbox"
@@ -398,17 +820,20 @@ impl Store for SqliteStore {
         if ids.is_empty() {
             return Ok(());
         }
-        let placeholders = vec!["?"; ids.len()].join(",");
-        let sql = format!(r#"DELETE FROM "ChatOutbox" WHERE id IN ({placeholders})"#);
-        let mut query = sqlx::query(&sql);
-        for id in ids {
-            query = query.bind(id);
-        }
-        query.execute(&self.writer).await?;
+        // One fixed statement text whatever the number of ids (prepared once).
+        self.wrote(1);
+        sqlx::query(r#"DELETE FROM "ChatOutbox" WHERE id IN (SELECT value FROM json_each(?))"#)
+            .bind(json(&ids))
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
     async fn close(&self) {
         SqliteStore::close(self).await;
+    }
+
+    fn metrics(&self) -> Option<StoreMetrics> {
+        Some(self.stats.clone())
     }
 }
