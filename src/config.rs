@@ -129,7 +129,10 @@ pub struct RateLimitSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CacheSettings {
     pub history_ttl_ms: u64,
-    pub max_pages: u64,
+    pub max_bytes: u64,
+    /// Replaced by `max_bytes`; read only to refuse it with a note (see `validate`).
+    #[serde(default)]
+    pub max_pages: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +274,19 @@ impl Settings {
                 }
             }
         }
+        if self.cache.max_pages.is_some() {
+            return fail(
+                "cache.max_pages",
+                "was replaced by cache.max_bytes (the in-process history cache is bounded in \
+                 bytes, 64 MiB by default); remove cache.max_pages",
+            );
+        }
+        if self.cache.history_ttl_ms < 10 {
+            return fail("cache.history_ttl_ms", "must be at least 10");
+        }
+        if self.cache.max_bytes < 1 << 20 {
+            return fail("cache.max_bytes", "must be at least 1048576 (1 MiB)");
+        }
         if self.queue.capacity == 0 || self.queue.batch == 0 {
             return fail("queue.capacity", "capacity and batch must be at least 1");
         }
@@ -351,6 +367,14 @@ impl Settings {
     }
 }
 
+impl Limits {
+    /// Messages kept in a room's cached history tail: the largest page, and one more to tell
+    /// whether an older message exists.
+    pub fn history_tail_len(&self) -> usize {
+        self.history_max_limit as usize + 1
+    }
+}
+
 impl HeartbeatSettings {
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.interval_ms)
@@ -374,6 +398,17 @@ mod tests {
         let mut s = Settings::defaults();
         s.auth.jwt_secret = SecretString::from("super-secret-value-that-must-not-leak!!");
         assert!(!format!("{s:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn the_replaced_max_pages_is_refused_with_its_successor_named() {
+        let mut s = Settings::defaults();
+        s.cache.max_pages = Some(100_000);
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("cache.max_pages") && err.contains("cache.max_bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -221,7 +221,7 @@ async fn history(
                     "private, max-age=3, stale-while-revalidate=5",
                 ),
             ],
-            page.to_string(),
+            Bytes::from(page),
         )
             .into_response(),
         Err(e) => error_response(&app, e),

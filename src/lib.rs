@@ -15,8 +15,9 @@
 //! - [`rooms`]: the room registry and per-room sequencer (in-order, exactly-once delivery).
 //! - [`membership`]: cached membership answers.
 //! - Backing parts, each a trait with its in-process implementation:
-//!   [`store`] (SQLite, or Postgres with `DATABASE_URL`), [`broker`] (fan-out), [`cache`] (history pages),
-//!   [`queue`] (side-effect jobs + worker), [`ratelimit`] (send limits).
+//!   [`store`] (SQLite, or Postgres with `DATABASE_URL`), [`broker`] (fan-out), [`cache`]
+//!   (history: each room's newest messages, older pages), [`queue`] (side-effect jobs + worker),
+//!   [`ratelimit`] (send limits).
 //!
 //! Calls go one way: `http`/`transport` -> `service` -> (`rooms`, backing parts). `rooms` reads
 //! the `store` only to fill sequence gaps. Nothing calls back into `service`.
@@ -172,6 +173,7 @@ fn backing(
 ) -> Backing {
     let sink: Arc<dyn broker::EventSink> = Arc::new(registry.clone());
     let history_ttl = Duration::from_millis(settings.cache.history_ttl_ms);
+    let tail_len = settings.limits.history_tail_len();
     let enabled = settings.rate_limit.enabled;
     match redis {
         None => {
@@ -180,7 +182,8 @@ fn backing(
                 broker: Arc::new(MemoryBroker::new(sink)),
                 cache: Arc::new(MemoryHistoryCache::new(
                     history_ttl,
-                    settings.cache.max_pages,
+                    settings.cache.max_bytes,
+                    tail_len,
                 )),
                 queue: Arc::new(memory_queue),
                 limiter: if enabled {
@@ -206,7 +209,7 @@ fn backing(
                 presence: redis_presence.clone(),
                 redis_presence: Some(redis_presence),
                 broker: broker.clone(),
-                cache: Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl)),
+                cache: Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl, tail_len)),
                 queue: Arc::new(RedisJobQueue::new(conn.clone())),
                 limiter: if enabled {
                     Arc::new(RedisRateLimiter::new(conn.clone(), &settings.rate_limit))

@@ -6,6 +6,8 @@
 //! entry expires: the next send or history request after that is refused, and the socket is
 //! detached from the room then.
 
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -13,8 +15,66 @@ use moka::sync::Cache;
 use crate::store::Access;
 
 pub struct MembershipCache {
-    entries: Cache<(String, String), Access>,
+    entries: Cache<MemberKey, Access>,
 }
+
+/// `(room, user)`. Lookups borrow both instead of allocating a key per request (every send and
+/// history request asks).
+struct MemberKey {
+    room: Box<str>,
+    user: Box<str>,
+}
+
+trait KeyParts {
+    fn parts(&self) -> (&str, &str);
+}
+
+impl KeyParts for MemberKey {
+    fn parts(&self) -> (&str, &str) {
+        (&self.room, &self.user)
+    }
+}
+
+impl KeyParts for (&str, &str) {
+    fn parts(&self) -> (&str, &str) {
+        *self
+    }
+}
+
+impl<'a> Borrow<dyn KeyParts + 'a> for MemberKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+// The key and its borrowed form must hash and compare alike: both go through `parts`.
+impl Hash for dyn KeyParts + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl Hash for MemberKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state)
+    }
+}
+
+impl PartialEq for MemberKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for MemberKey {}
 
 impl MembershipCache {
     pub fn new(ttl: Duration) -> Self {
@@ -27,16 +87,36 @@ impl MembershipCache {
     }
 
     pub fn get(&self, room: &str, user: &str) -> Option<Access> {
-        self.entries.get(&(room.to_string(), user.to_string()))
+        self.entries.get(&(room, user) as &dyn KeyParts)
     }
 
     pub fn put(&self, room: &str, user: &str, access: Access) {
-        self.entries
-            .insert((room.to_string(), user.to_string()), access);
+        let key = MemberKey {
+            room: room.into(),
+            user: user.into(),
+        };
+        self.entries.insert(key, access);
     }
 
     pub fn invalidate(&self, room: &str, user: &str) {
-        self.entries
-            .invalidate(&(room.to_string(), user.to_string()));
+        self.entries.invalidate(&(room, user) as &dyn KeyParts);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_found_by_borrowed_keys() {
+        let cache = MembershipCache::new(Duration::from_secs(60));
+        cache.put("r", "alice", Access::Member);
+        cache.put("r", "bob", Access::NotMember);
+        assert_eq!(cache.get("r", "alice"), Some(Access::Member));
+        assert_eq!(cache.get("r", "bob"), Some(Access::NotMember));
+        assert_eq!(cache.get("ra", "lice"), None);
+        cache.invalidate("r", "alice");
+        assert_eq!(cache.get("r", "alice"), None);
+        assert_eq!(cache.get("r", "bob"), Some(Access::NotMember));
     }
 }

@@ -28,8 +28,12 @@ pub struct Metrics {
     pub messages_delivered: Counter,
     /// Send latency from request to ack, seconds.
     pub send_duration: Histogram,
-    /// History requests by cache result.
-    pub history_requests: Family<Labels, Counter>,
+    /// History requests by cache result: `history_requests{cache="hit"}` and `{cache="miss"}`,
+    /// resolved once (no label lookup per request).
+    pub history_hits: Counter,
+    pub history_misses: Counter,
+    /// Cached newest messages of a room re-read from the store ahead of their expiry.
+    pub history_refreshes: Counter,
     /// Sends refused by a rate limit, by scope.
     pub rate_limited: Family<Labels, Counter>,
     /// Side-effect jobs: enqueued, done, failed, dropped (queue full).
@@ -58,6 +62,13 @@ impl Metrics {
         let messages_delivered = Counter::default();
         let send_duration = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
         let history_requests = Family::<Labels, Counter>::default();
+        let history_hits = history_requests
+            .get_or_create(&vec![("cache", "hit")])
+            .clone();
+        let history_misses = history_requests
+            .get_or_create(&vec![("cache", "miss")])
+            .clone();
+        let history_refreshes = Counter::default();
         let rate_limited = Family::<Labels, Counter>::default();
         let jobs = Family::<Labels, Counter>::default();
         let errors = Family::<Labels, Counter>::default();
@@ -126,6 +137,11 @@ impl Metrics {
             history_requests.clone(),
         );
         registry.register(
+            "history_refreshes",
+            "Latest history pages re-read from the store ahead of their expiry",
+            history_refreshes.clone(),
+        );
+        registry.register(
             "rate_limited",
             "Sends refused by a rate limit",
             rate_limited.clone(),
@@ -145,7 +161,9 @@ impl Metrics {
             messages_received,
             messages_delivered,
             send_duration,
-            history_requests,
+            history_hits,
+            history_misses,
+            history_refreshes,
             rate_limited,
             jobs,
             errors,

@@ -5,6 +5,10 @@
 //! sends is a push (no `id`). Requests on one socket are processed in the order they arrive, so
 //! replies come back in request order.
 
+use std::fmt::Write;
+use std::ops::Deref;
+
+use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -249,12 +253,134 @@ pub struct PongResult {
 }
 
 /// A history page, oldest first. `nextBefore` is the cursor for the next (older) page.
+///
+/// Older pages are serialized from it; latest pages are assembled from messages serialized once
+/// ([`history_page`]), byte for byte what serializing this would give.
 #[derive(Debug, Serialize)]
 pub struct HistoryPage<'a> {
     pub room: &'a str,
     pub messages: Vec<WireMessage<'a>>,
     #[serde(rename = "nextBefore")]
     pub next_before: Option<i64>,
+}
+
+/// One message serialized once (the message object of section 4), with its `seq`: what history
+/// pages are assembled from. `J` is the text: owned, or borrowed from a cached value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageJson<J = Utf8Bytes> {
+    pub seq: i64,
+    pub json: J,
+}
+
+impl From<&Message> for MessageJson {
+    fn from(m: &Message) -> Self {
+        MessageJson {
+            seq: m.seq,
+            json: encode_exact(&WireMessage::from(m)),
+        }
+    }
+}
+
+/// The JSON of a [`HistoryPage`] of `messages` (oldest first), without serializing any message
+/// again: a page costs one copy of its messages' bytes, into one allocation of its exact size.
+pub fn history_page<J: Deref<Target = str>>(
+    room: &str,
+    messages: &[MessageJson<J>],
+    next_before: Option<i64>,
+) -> Utf8Bytes {
+    const OPEN: &str = r#","messages":["#;
+    const CLOSE: &str = r#"],"nextBefore":"#;
+    let room = JsonString::new(room);
+    let json: usize = messages.iter().map(|m| m.json.len()).sum();
+    let commas = messages.len().saturating_sub(1);
+    let next_before_len = next_before.map_or("null".len(), decimal_len);
+    let len = r#"{"room":"#.len()
+        + room.len()
+        + OPEN.len()
+        + json
+        + commas
+        + CLOSE.len()
+        + next_before_len
+        + 1;
+    let mut page = String::with_capacity(len);
+    page.push_str(r#"{"room":"#);
+    room.push_to(&mut page);
+    page.push_str(OPEN);
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            page.push(',');
+        }
+        page.push_str(&m.json);
+    }
+    page.push_str(CLOSE);
+    match next_before {
+        Some(seq) => write!(page, "{seq}").expect("writing to a String cannot fail"),
+        None => page.push_str("null"),
+    }
+    page.push('}');
+    debug_assert_eq!(page.len(), len);
+    // Exactly full, so the bytes are handed over without another allocation.
+    page.into()
+}
+
+/// The `message` push of a message serialized once: what encoding [`Push::Message`] gives.
+pub fn message_push(room: &str, message: &MessageJson) -> Utf8Bytes {
+    const HEAD: &str = r#"{"type":"message","room":"#;
+    const MESSAGE: &str = r#","message":"#;
+    let room = JsonString::new(room);
+    let len = HEAD.len() + room.len() + MESSAGE.len() + message.json.len() + 1;
+    let mut push = String::with_capacity(len);
+    push.push_str(HEAD);
+    room.push_to(&mut push);
+    push.push_str(MESSAGE);
+    push.push_str(&message.json);
+    push.push('}');
+    debug_assert_eq!(push.len(), len);
+    push.into()
+}
+
+/// A string as JSON, escaped exactly as serde_json escapes it (room ids rarely need it).
+enum JsonString<'a> {
+    Plain(&'a str),
+    Escaped(String),
+}
+
+impl<'a> JsonString<'a> {
+    fn new(s: &'a str) -> Self {
+        if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            JsonString::Escaped(encode(&s))
+        } else {
+            JsonString::Plain(s)
+        }
+    }
+
+    /// Its length with the quotes.
+    fn len(&self) -> usize {
+        match self {
+            JsonString::Plain(s) => s.len() + 2,
+            JsonString::Escaped(s) => s.len(),
+        }
+    }
+
+    fn push_to(&self, out: &mut String) {
+        match self {
+            JsonString::Plain(s) => {
+                out.push('"');
+                out.push_str(s);
+                out.push('"');
+            }
+            JsonString::Escaped(s) => out.push_str(s),
+        }
+    }
+}
+
+/// How many characters `n` takes in decimal.
+fn decimal_len(n: i64) -> usize {
+    let sign = usize::from(n < 0);
+    sign + n
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(1, |d| d as usize + 1)
 }
 
 /// A message as every door shows it (socket pushes, replies, REST), compatible with the
@@ -366,6 +492,14 @@ pub fn encode<T: Serialize>(frame: &T) -> String {
     serde_json::to_string(frame).expect("server frames always serialize")
 }
 
+/// Encodes to bytes held in an allocation of their exact size (for what is kept in a cache: no
+/// slack, and no second allocation when the text becomes bytes).
+pub fn encode_exact<T: Serialize>(value: &T) -> Utf8Bytes {
+    let mut text = encode(value);
+    text.shrink_to_fit();
+    text.into()
+}
+
 /// Parses one client frame. Returns the request id (when one could be read) with the failure,
 /// so the error reply can still be matched by the client.
 pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
@@ -459,6 +593,56 @@ mod tests {
         assert_eq!(e.code, code::BAD_REQUEST);
         let e = decode(r#"{"type":"ping","id":{"a":1}}"#).unwrap_err();
         assert_eq!((e.code, e.id.is_none()), (code::BAD_REQUEST, true));
+    }
+
+    fn message(room: &str, seq: i64, content: &str) -> Message {
+        Message {
+            id: format!("m{seq}"),
+            room_id: room.into(),
+            seq,
+            sender_id: "alice".into(),
+            sender_name: Some("Alice".into()),
+            sender_avatar_url: None,
+            content: content.into(),
+            content_type: "TEXT".into(),
+            status: "SENT".into(),
+            moderation_status: "APPROVED".into(),
+            created_at: Utc::now(),
+            client_msg_id: Some("c1".into()),
+        }
+    }
+
+    #[test]
+    fn assembled_history_pages_are_what_serde_writes() {
+        for room in ["lobby", r#"a "quoted" \ room"#, "caf\u{e9} \u{1F600}"] {
+            let rows = [
+                message(room, 7, "hi \"there\"\n\tbye"),
+                message(room, 8, "\u{e9} \u{2713} \u{7f}"),
+            ];
+            for (messages, next_before) in
+                [(&rows[..], Some(7)), (&rows[..1], None), (&[][..], None)]
+            {
+                let expected = encode(&HistoryPage {
+                    room,
+                    messages: messages.iter().map(WireMessage::from).collect(),
+                    next_before,
+                });
+                let fragments: Vec<MessageJson> = messages.iter().map(MessageJson::from).collect();
+                assert_eq!(&*history_page(room, &fragments, next_before), expected);
+            }
+            let push = encode(&Push::Message {
+                room,
+                message: WireMessage::from(&rows[0]),
+            });
+            assert_eq!(&*message_push(room, &MessageJson::from(&rows[0])), push);
+        }
+    }
+
+    #[test]
+    fn decimal_lengths() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, i64::MAX, -1, -10, i64::MIN] {
+            assert_eq!(decimal_len(n), n.to_string().len(), "{n}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::broker::{EventSink, PresenceDiff, Published, RoomEvent};
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
 use crate::presence::{OnlineUser, PresenceChange, PresenceChanges};
-use crate::protocol::{self, Push, WireMessage, close};
+use crate::protocol::{self, MessageJson, Push, close};
 use crate::store::{Message, Store};
 
 pub type ConnId = u64;
@@ -233,13 +233,14 @@ pub struct RoomRegistry {
 
 /// Builds the shared `message` push for a stored message.
 pub fn publish_frame(message: &Message) -> Arc<Published> {
-    let frame = protocol::encode(&Push::Message {
-        room: &message.room_id,
-        message: WireMessage::from(message),
-    });
+    published(&message.room_id, &MessageJson::from(message))
+}
+
+/// Builds the shared `message` push for a message already serialized (a send's).
+pub fn published(room: &str, message: &MessageJson) -> Arc<Published> {
     Arc::new(Published {
         seq: message.seq,
-        frame: frame.into(),
+        frame: protocol::message_push(room, message),
     })
 }
 

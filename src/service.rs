@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use crate::auth::{AuthError, Authenticator, Identity, Role, TokenMinter};
 use crate::broker::PresenceDiff;
 use crate::broker::{Broker, RoomEvent};
-use crate::cache::{HistoryCache, Lookup, PageKey};
+use crate::cache::{HistoryCache, Latest, MissToken, Tail};
 use crate::config::Settings;
 use crate::error::ChatError;
 use crate::membership::MembershipCache;
@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::presence::PresenceChanges;
 use crate::protocol::PresenceResult;
-use crate::protocol::{self, HistoryPage, Push, WireMessage};
+use crate::protocol::{self, HistoryPage, MessageJson, Push, WireMessage};
 use crate::queue::{Job, JobQueue};
 
 /// Most users in one page of a presence list.
@@ -31,9 +31,9 @@ const PRESENCE_PAGE: u32 = 100;
 const PRESENCE_BATCH: usize = 1000;
 /// How long the presence task waits before recording again after the backend failed.
 const PRESENCE_RETRY: Duration = Duration::from_secs(1);
-use crate::ratelimit::RateLimiter;
-use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame};
-use crate::store::{Access, Inserted, NewMessage, Room, RoomSummary, Store};
+use crate::ratelimit::{RateLimiter, Refused};
+use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame, published};
+use crate::store::{Access, Inserted, NewMessage, Room, RoomSummary, Store, StoreError};
 
 /// Read marks not yet queued: (room, user) -> (highest seq, when).
 pub type PendingReads = HashMap<(String, String), (i64, DateTime<Utc>)>;
@@ -244,8 +244,9 @@ impl ChatService {
         }
     }
 
-    /// Validates, authorizes, rate-limits, stores (one atomic insert), invalidates the room's
-    /// cached history, publishes, and queues side effects. Returns once the message is durable.
+    /// Validates, authorizes, rate-limits, stores (one atomic insert), appends the message to the
+    /// room's cached history, publishes, and queues side effects. Returns once the message is
+    /// durable.
     #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
     pub async fn send(
         &self,
@@ -279,47 +280,50 @@ impl ChatService {
             )));
         }
         self.authorize(who, room, false).await?;
-        if let Err(refused) = self.limiter.check_send(&who.user_id, room).await {
+        let inserted = match self.limiter.check_send(&who.user_id, room).await {
+            Ok(()) => {
+                self.store
+                    .insert_message(NewMessage {
+                        id: uuid::Uuid::now_v7().to_string(),
+                        room_id: room.to_string(),
+                        sender_id: who.user_id.clone(),
+                        sender_name: who.name.clone(),
+                        sender_avatar_url: who.avatar.clone(),
+                        content: content.to_string(),
+                        created_at: Utc::now().trunc_subsecs(3),
+                        client_msg_id: client_msg_id.map(str::to_string),
+                    })
+                    .await?
+            }
             // A retry of a message that was stored (its ack got lost) is answered, not refused:
             // only refused sends pay for this lookup.
-            if let Some(id) = client_msg_id
-                && let Some(message) = self
+            Err(refused) => match client_msg_id {
+                Some(id) => match self
                     .store
                     .find_by_client_msg_id(room, &who.user_id, id)
                     .await?
-            {
-                return Ok(Inserted {
-                    message,
-                    duplicate: true,
-                });
-            }
-            self.metrics
-                .rate_limited
-                .get_or_create(&vec![("scope", refused.scope.label())])
-                .inc();
-            return Err(ChatError::RateLimited {
-                retry_after: refused.retry_after,
-            });
+                {
+                    Some(message) => Inserted {
+                        message,
+                        duplicate: true,
+                    },
+                    None => return Err(self.refuse(refused)),
+                },
+                None => return Err(self.refuse(refused)),
+            },
+        };
+        let m = &inserted.message;
+        // Serialized once: for the cached history and for the push.
+        let json = MessageJson::from(m);
+        // Before the ack, so a read after it shows the message. A retry answered with the
+        // original appends it too: its first attempt may have been cut off before this line.
+        if m.is_visible() {
+            self.cache.append(room, &json).await;
         }
-        let inserted = self
-            .store
-            .insert_message(NewMessage {
-                id: uuid::Uuid::now_v7().to_string(),
-                room_id: room.to_string(),
-                sender_id: who.user_id.clone(),
-                sender_name: who.name.clone(),
-                sender_avatar_url: who.avatar.clone(),
-                content: content.to_string(),
-                created_at: Utc::now().trunc_subsecs(3),
-                client_msg_id: client_msg_id.map(str::to_string),
-            })
-            .await?;
         if !inserted.duplicate {
-            let m = &inserted.message;
-            self.cache.invalidate_room(room).await;
             if let Err(e) = self
                 .broker
-                .publish(room, RoomEvent::Message(publish_frame(m)))
+                .publish(room, RoomEvent::Message(published(room, &json)))
                 .await
             {
                 // Stored and acknowledged anyway: receivers fill the gap from the store.
@@ -338,6 +342,17 @@ impl ChatService {
         Ok(inserted)
     }
 
+    /// Counts a send refused by a rate limit, and the error it gets.
+    fn refuse(&self, refused: Refused) -> ChatError {
+        self.metrics
+            .rate_limited
+            .get_or_create(&vec![("scope", refused.scope.label())])
+            .inc();
+        ChatError::RateLimited {
+            retry_after: refused.retry_after,
+        }
+    }
+
     /// A page of history as JSON (`HistoryPage`), oldest first, from the cache when possible.
     #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
     pub async fn history(
@@ -346,42 +361,79 @@ impl ChatService {
         room: &str,
         before: Option<i64>,
         limit: Option<u32>,
-    ) -> Result<Arc<str>, ChatError> {
+    ) -> Result<Utf8Bytes, ChatError> {
         self.authorize(who, room, false).await?;
         let limits = &self.settings.limits;
         let limit = limit
             .unwrap_or(limits.history_default_limit)
             .clamp(1, limits.history_max_limit);
-        if before.is_some_and(|b| b < 1) {
-            return Err(ChatError::BadRequest(
+        match before {
+            None => self.latest_page(room, limit).await,
+            Some(before) if before < 1 => Err(ChatError::BadRequest(
                 "before must be a positive sequence number".into(),
-            ));
+            )),
+            Some(before) => self.older_page(room, before, limit).await,
         }
-        let key = PageKey {
-            room: room.to_string(),
-            limit,
-            before,
-        };
-        let token = match self.cache.get(key).await {
-            Lookup::Hit(page) => {
-                self.metrics
-                    .history_requests
-                    .get_or_create(&vec![("cache", "hit")])
-                    .inc();
+    }
+
+    /// The newest `limit` messages, cut from the room's cached tail (which sends keep current) or
+    /// read from the store, which refills the tail.
+    async fn latest_page(&self, room: &str, limit: u32) -> Result<Utf8Bytes, ChatError> {
+        let token = match self.cache.latest(room, limit).await {
+            Latest::Hit { page, refresh } => {
+                self.metrics.history_hits.inc();
+                if let Some(token) = refresh {
+                    self.refresh_tail(token);
+                }
                 return Ok(page);
             }
-            Lookup::Miss(token) => token,
+            Latest::Miss(token) => token,
         };
-        self.metrics
-            .history_requests
-            .get_or_create(&vec![("cache", "miss")])
-            .inc();
+        self.metrics.history_misses.inc();
+        let tail = read_tail(&*self.store, room, self.settings.limits.history_tail_len()).await?;
+        let page = tail
+            .latest_page(room, limit)
+            .expect("a tail read from the store reaches the room's start or is longer than a page");
+        self.cache.fill(token, tail).await;
+        Ok(page)
+    }
+
+    /// Re-reads a room's tail in the background, so readers keep hitting while it is refreshed.
+    fn refresh_tail(&self, token: MissToken) {
+        self.metrics.history_refreshes.inc();
+        let (store, cache, len) = (
+            self.store.clone(),
+            self.cache.clone(),
+            self.settings.limits.history_tail_len(),
+        );
+        tokio::spawn(async move {
+            match read_tail(&*store, token.room(), len).await {
+                Ok(tail) => cache.fill(token, tail).await,
+                Err(e) => tracing::debug!(error = %e, "latest history page not refreshed"),
+            }
+        });
+    }
+
+    /// `limit` messages older than `before`: no new message changes them, so they are cached
+    /// once every sequence below `before` is taken (the page ends at `before - 1`).
+    async fn older_page(
+        &self,
+        room: &str,
+        before: i64,
+        limit: u32,
+    ) -> Result<Utf8Bytes, ChatError> {
+        if let Some(page) = self.cache.older(room, limit, before).await {
+            self.metrics.history_hits.inc();
+            return Ok(page);
+        }
+        self.metrics.history_misses.inc();
         // One row more than asked tells whether an older page exists.
-        let mut rows = self.store.history(room, before, limit + 1).await?;
+        let mut rows = self.store.history(room, Some(before), limit + 1).await?;
         let more = rows.len() > limit as usize;
         rows.truncate(limit as usize);
+        let settled = rows.first().is_some_and(|newest| newest.seq == before - 1);
         rows.reverse();
-        let page = HistoryPage {
+        let page = protocol::encode_exact(&HistoryPage {
             room,
             next_before: if more {
                 rows.first().map(|m| m.seq)
@@ -389,9 +441,12 @@ impl ChatService {
                 None
             },
             messages: rows.iter().map(WireMessage::from).collect(),
-        };
-        let page: Arc<str> = Arc::from(protocol::encode(&page));
-        self.cache.put(token, page.clone()).await;
+        });
+        if settled {
+            self.cache
+                .put_older(room, limit, before, page.clone())
+                .await;
+        }
         Ok(page)
     }
 
@@ -655,4 +710,10 @@ impl ChatService {
         let minter = self.dev_minter.as_ref()?;
         Some(minter.mint(&crate::auth::claims_for(user, name, role, ttl_secs)))
     }
+}
+
+/// The room's newest `len` messages, as a cached tail.
+async fn read_tail(store: &dyn Store, room: &str, len: usize) -> Result<Tail, StoreError> {
+    let rows = store.history(room, None, len as u32).await?;
+    Ok(Tail::from_store(&rows, len))
 }

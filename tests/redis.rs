@@ -147,7 +147,7 @@ async fn the_rate_limit_holds_for_the_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_history_cache_is_shared_and_invalidated_on_every_node() {
+async fn the_history_cache_is_shared_and_kept_current_on_every_node() {
     let Some(c) = cluster(2, |_| {}).await else {
         return;
     };
@@ -158,14 +158,14 @@ async fn the_history_cache_is_shared_and_invalidated_on_every_node() {
     alice_a.send_ok("r", "one").await;
     let first = alice_b.history("r", None, None).await;
     assert_eq!(first["result"]["messages"].as_array().unwrap().len(), 1);
-    // The seed's key holds the page.
+    // The room's newest messages are in Redis, one line each after a header.
     let mut conn = redis_conn(&c.url).await;
-    let exists: bool = redis::cmd("EXISTS")
-        .arg(format!("{}messages:r:30:latest", c.prefix))
+    let tail: String = redis::cmd("GET")
+        .arg(format!("{}messages:r:tail", c.prefix))
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(exists);
+    assert!(tail.starts_with("1 1 1\n1 {"), "{tail}");
     // Served from the cache on the other node.
     let again = alice_a.history("r", None, None).await;
     assert_eq!(again["result"], first["result"]);
@@ -173,13 +173,128 @@ async fn the_history_cache_is_shared_and_invalidated_on_every_node() {
         a.metric("chat_history_requests_total{cache=\"hit\"}").await,
         1.0
     );
-    // A send on one node invalidates the page for every node before its ack.
+    // A send on one node appends to the shared tail before its ack: the other node serves the
+    // message from the cache.
     alice_a.send_ok("r", "two").await;
     let after = alice_b.history("r", None, None).await;
     assert_eq!(
         seqs(after["result"]["messages"].as_array().unwrap()),
         vec![1, 2]
     );
+    assert_eq!(
+        b.metric("chat_history_requests_total{cache=\"hit\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sending_to_one_room_never_serve_a_page_missing_an_acknowledged_message() {
+    let Some(c) = cluster(2, |_| {}).await else {
+        return;
+    };
+    let users = ["alice", "bob", "carol", "dave"];
+    c.nodes[0].room("r", &users).await;
+    let mut tasks = Vec::new();
+    for (i, user) in users.into_iter().enumerate() {
+        // Each sender reads on the node it did not send through.
+        let mut sender = c.nodes[i % 2].client(user).await;
+        let mut reader = c.nodes[(i + 1) % 2].client(user).await;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..25 {
+                let seq = sender.send_ok("r", &format!("{user} {n}")).await["seq"]
+                    .as_i64()
+                    .unwrap();
+                let reply = reader.history("r", None, Some(50)).await;
+                let got = seqs(reply["result"]["messages"].as_array().unwrap());
+                assert!(
+                    got.contains(&seq),
+                    "{user} got {got:?} after the ack of {seq}"
+                );
+                let newest = *got.last().unwrap();
+                let from = (newest - got.len() as i64 + 1).max(1);
+                assert_eq!(got, (from..=newest).collect::<Vec<_>>(), "a gap-free page");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut hits = 0.0;
+    for node in &c.nodes {
+        hits += node
+            .metric("chat_history_requests_total{cache=\"hit\"}")
+            .await;
+    }
+    assert!(hits > 0.0, "the reads never reached the shared cache");
+    // Whatever the interleaving, the shared tail is absent or a gap-free run ending at 100.
+    let mut conn = redis_conn(&c.url).await;
+    let tail: Option<String> = redis::cmd("GET")
+        .arg(format!("{}messages:r:tail", c.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if let Some(tail) = tail {
+        let lines: Vec<i64> = tail
+            .lines()
+            .skip(1)
+            .map(|l| l.split_once(' ').unwrap().0.parse().unwrap())
+            .collect();
+        assert_eq!(lines, (50..=100).collect::<Vec<_>>(), "{tail}");
+    }
+}
+
+#[tokio::test]
+async fn out_of_order_appends_drop_the_shared_tail_and_a_stale_fill_is_refused() {
+    use chat_gateway::cache::redis::RedisHistoryCache;
+    use chat_gateway::cache::{HistoryCache, Latest, Tail};
+    use chat_gateway::protocol::MessageJson;
+    let Some(url) = redis_url().await else {
+        return;
+    };
+    let settings = redis_settings(&url, &unique_prefix());
+    let conn = chat_gateway::redis_conn::RedisConn::connect(&settings.redis)
+        .await
+        .unwrap();
+    let cache = RedisHistoryCache::new(conn, Duration::from_secs(60), 5);
+    let message = |seq: i64| MessageJson {
+        seq,
+        json: format!(r#"{{"seq":{seq}}}"#).into(),
+    };
+    let tail = |seqs: std::ops::RangeInclusive<i64>| Tail {
+        messages: seqs.map(message).collect(),
+        complete: true,
+    };
+    async fn latest(cache: &RedisHistoryCache) -> Option<Vec<i64>> {
+        match cache.latest("r", 5).await {
+            Latest::Hit { page, .. } => {
+                let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+                Some(seqs(page["messages"].as_array().unwrap()))
+            }
+            Latest::Miss(_) => None,
+        }
+    }
+    // A miss, then message 3 is appended (on another node) before the read of 1..=2 is stored.
+    let Latest::Miss(token) = cache.latest("r", 5).await else {
+        panic!("empty cache hit")
+    };
+    cache.append("r", &message(3)).await;
+    cache.fill(token, tail(1..=2)).await;
+    assert_eq!(
+        latest(&cache).await,
+        None,
+        "a read older than message 3 was stored"
+    );
+    let Latest::Miss(token) = cache.latest("r", 5).await else {
+        unreachable!()
+    };
+    cache.fill(token, tail(1..=3)).await;
+    cache.append("r", &message(4)).await;
+    cache.append("r", &message(4)).await;
+    assert_eq!(latest(&cache).await, Some(vec![1, 2, 3, 4]));
+    // 6 lands before 5: the tail is dropped, not left with a hole.
+    cache.append("r", &message(6)).await;
+    cache.append("r", &message(5)).await;
+    assert_eq!(latest(&cache).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{TestApp, seqs};
 use serde_json::json;
@@ -181,4 +181,133 @@ async fn an_oversize_body_gets_a_json_413_and_errors_carry_no_empty_fields() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "too_large");
     assert!(body["error"].get("retryAfterMs").is_none(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_page_stays_cached_while_the_room_is_written_to() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice", "bob"]).await;
+    // The seed's loop: read the latest page, then send. Every read shows every acknowledged
+    // message, and only the first one reads the store.
+    for i in 1..=20 {
+        let (status, page) = app.rest_history("alice", "r", "?limit=5").await;
+        assert_eq!(status, 200);
+        let acked = i - 1;
+        assert_eq!(
+            seqs(page["messages"].as_array().unwrap()),
+            ((acked - 4).max(1)..=acked).collect::<Vec<_>>()
+        );
+        let next_before = (acked > 5).then_some(acked - 4);
+        assert_eq!(page["nextBefore"].as_i64(), next_before, "after {acked}");
+        let user = if i % 2 == 0 { "alice" } else { "bob" };
+        assert_eq!(
+            app.rest_send(user, "r", &format!("m{i}"), None).await.0,
+            201
+        );
+    }
+    assert_eq!(
+        (
+            app.metric("chat_history_requests_total{cache=\"miss\"}")
+                .await,
+            app.metric("chat_history_requests_total{cache=\"hit\"}")
+                .await
+        ),
+        (1.0, 19.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_pages_survive_sends_and_a_cursor_past_the_head_is_never_stale() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    for i in 1..=40 {
+        app.rest_send("alice", "r", &format!("m{i}"), None).await;
+    }
+    let (_, older) = app.rest_history("alice", "r", "?before=21&limit=10").await;
+    assert_eq!(
+        seqs(older["messages"].as_array().unwrap()),
+        (11..=20).collect::<Vec<_>>()
+    );
+    assert_eq!(older["nextBefore"], 11);
+    let misses = app
+        .metric("chat_history_requests_total{cache=\"miss\"}")
+        .await;
+    app.rest_send("alice", "r", "m41", None).await;
+    let (_, again) = app.rest_history("alice", "r", "?before=21&limit=10").await;
+    assert_eq!(again, older);
+    assert_eq!(
+        app.metric("chat_history_requests_total{cache=\"miss\"}")
+            .await,
+        misses,
+        "a send does not drop older pages"
+    );
+    // A cursor beyond the room's head is a latest page in disguise: new messages belong in it.
+    let (_, beyond) = app.rest_history("alice", "r", "?before=100&limit=5").await;
+    assert_eq!(
+        seqs(beyond["messages"].as_array().unwrap()),
+        (37..=41).collect::<Vec<_>>()
+    );
+    app.rest_send("alice", "r", "m42", None).await;
+    let (_, beyond) = app.rest_history("alice", "r", "?before=100&limit=5").await;
+    assert_eq!(
+        seqs(beyond["messages"].as_array().unwrap()),
+        (38..=42).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_rejected_in_the_database_leaves_a_busy_rooms_latest_page_within_the_ttl() {
+    let ttl = Duration::from_millis(800);
+    let app = TestApp::spawn_with(|s| s.cache.history_ttl_ms = ttl.as_millis() as u64).await;
+    app.room("r", &["alice"]).await;
+    for i in 1..=5 {
+        app.rest_send("alice", "r", &format!("m{i}"), None).await;
+    }
+    let (_, page) = app.rest_history("alice", "r", "").await;
+    assert_eq!(seqs(page["messages"].as_array().unwrap()), [1, 2, 3, 4, 5]);
+    // Moderation, behind the gateway's back.
+    let db = app.data_dir.path().join("chat.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        r#"UPDATE "ChatMessage" SET "moderationStatus" = 'REJECTED' WHERE "roomId" = 'r' AND seq = 3"#,
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let rejected_at = Instant::now();
+    // The room stays busy (a send and a read every 50 ms): sends keep the cached page current,
+    // but do not keep the rejected message in it past the TTL.
+    let mut sent = 5;
+    let gone_after = loop {
+        sent += 1;
+        app.rest_send("alice", "r", &format!("m{sent}"), None).await;
+        let (_, page) = app.rest_history("alice", "r", "").await;
+        let got = seqs(page["messages"].as_array().unwrap());
+        assert_eq!(
+            got.last(),
+            Some(&sent),
+            "the newest acknowledged message is shown"
+        );
+        if !got.contains(&3) {
+            break rejected_at.elapsed();
+        }
+        assert!(
+            rejected_at.elapsed() < ttl + Duration::from_millis(500),
+            "message 3 still shown {:?} after its rejection",
+            rejected_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Re-read in the background ahead of its expiry: no reader waited for the store but the first.
+    assert!(
+        app.metric("chat_history_refreshes_total").await >= 1.0,
+        "gone after {gone_after:?} without a refresh"
+    );
+    assert_eq!(
+        app.metric("chat_history_requests_total{cache=\"miss\"}")
+            .await,
+        1.0
+    );
 }

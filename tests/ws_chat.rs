@@ -8,7 +8,7 @@ use std::time::Duration;
 use chat_gateway::auth::{Role, claims_for};
 use common::{Client, Ended, TestApp, seqs};
 use futures::SinkExt;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,23 +267,124 @@ async fn history_never_serves_a_page_older_than_an_acknowledged_message() {
     alice.send_ok("r", "one").await;
     let first = alice.history("r", None, None).await;
     assert_eq!(first["result"]["messages"].as_array().unwrap().len(), 1);
-    // Cached now; a send must invalidate it before its ack.
+    // Cached now; the send appends to it before its ack, so the next read is a hit with it.
     alice.send_ok("r", "two").await;
     let second = alice.history("r", None, None).await;
+    let messages = second["result"]["messages"].as_array().unwrap();
+    assert_eq!(seqs(messages), vec![1, 2]);
+    assert_eq!(messages[1]["content"], "two");
+    assert!(second["result"]["nextBefore"].is_null());
+    let _ = alice.history("r", None, None).await;
     assert_eq!(
-        seqs(second["result"]["messages"].as_array().unwrap()),
-        vec![1, 2]
+        (
+            app.metric("chat_history_requests_total{cache=\"miss\"}")
+                .await,
+            app.metric("chat_history_requests_total{cache=\"hit\"}")
+                .await
+        ),
+        (1.0, 2.0)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_before_is_exact_whether_the_room_is_shorter_or_longer_than_the_page() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    let page = |reply: Value| {
+        let page = &reply["result"];
+        (
+            seqs(page["messages"].as_array().unwrap()),
+            page["nextBefore"].as_i64(),
+        )
+    };
+    let empty = alice.history("r", None, Some(5)).await;
+    assert_eq!(page(empty), (vec![], None));
+    for i in 1..=3 {
+        alice.send_ok("r", &format!("m{i}")).await;
+    }
+    // Fewer messages than the limit, exactly as many, and more.
+    assert_eq!(
+        page(alice.history("r", None, Some(5)).await),
+        (vec![1, 2, 3], None)
+    );
+    assert_eq!(
+        page(alice.history("r", None, Some(3)).await),
+        (vec![1, 2, 3], None)
+    );
+    assert_eq!(
+        page(alice.history("r", None, Some(2)).await),
+        (vec![2, 3], Some(2))
+    );
+    for i in 4..=50 {
+        alice.send_ok("r", &format!("m{i}")).await;
+    }
+    assert_eq!(
+        page(alice.history("r", None, Some(50)).await),
+        ((1..=50).collect(), None)
+    );
+    // Two more: the room now has more messages than the largest page.
+    alice.send_ok("r", "m51").await;
+    alice.send_ok("r", "m52").await;
+    assert_eq!(
+        page(alice.history("r", None, Some(50)).await),
+        ((3..=52).collect(), Some(3))
+    );
+    assert_eq!(
+        page(alice.history("r", None, Some(30)).await),
+        ((23..=52).collect(), Some(23))
+    );
+    assert_eq!(
+        page(alice.history("r", Some(3), Some(50)).await),
+        (vec![1, 2], None)
+    );
+    // Every latest page above came from the cached messages the sends appended to; the empty
+    // room's read and the older page were read from the store.
     assert_eq!(
         app.metric("chat_history_requests_total{cache=\"miss\"}")
             .await,
         2.0
     );
-    let _ = alice.history("r", None, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_always_find_their_message_in_the_latest_page() {
+    let app = TestApp::spawn().await;
+    let users = ["alice", "bob", "carol", "dave"];
+    app.room("r", &users).await;
+    let mut tasks = Vec::new();
+    for user in users {
+        let mut client = app.client(user).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let sent = client.send_ok("r", &format!("{user} {i}")).await;
+                let seq = sent["seq"].as_i64().unwrap();
+                let reply = client.history("r", None, Some(50)).await;
+                let got = seqs(reply["result"]["messages"].as_array().unwrap());
+                assert!(
+                    got.contains(&seq),
+                    "{user} got {got:?} after the ack of {seq}"
+                );
+                let newest = *got.last().unwrap();
+                let from = (newest - got.len() as i64 + 1).max(1);
+                assert_eq!(got, (from..=newest).collect::<Vec<_>>(), "a gap-free page");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut alice = app.client("alice").await;
+    let last = alice.history("r", None, Some(50)).await;
     assert_eq!(
+        seqs(last["result"]["messages"].as_array().unwrap()),
+        (51..=100).collect::<Vec<_>>()
+    );
+    assert!(
         app.metric("chat_history_requests_total{cache=\"hit\"}")
-            .await,
-        1.0
+            .await
+            > 0.0,
+        "the reads never reached the cache"
     );
 }
 

@@ -40,6 +40,13 @@ pub struct Message {
     pub client_msg_id: Option<String>,
 }
 
+impl Message {
+    /// Not rejected by moderation (see [`VISIBLE`]).
+    pub fn is_visible(&self) -> bool {
+        self.moderation_status != "REJECTED"
+    }
+}
+
 /// What the send path asks the store to persist. The store assigns `seq`.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
