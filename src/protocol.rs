@@ -492,6 +492,22 @@ pub fn encode<T: Serialize>(frame: &T) -> String {
     serde_json::to_string(frame).expect("server frames always serialize")
 }
 
+/// Encodes `ServerFrame::Result { id, result }` whose `result` is JSON text already (a history
+/// page from the cache), without parsing or re-serializing it: the caller vouches that `result`
+/// is one JSON value. Same bytes as `encode` of that frame.
+pub fn encode_result_json(id: &RequestId, result: &str) -> String {
+    const HEAD: &str = r#"{"type":"result","id":"#;
+    const MIDDLE: &str = r#","result":"#;
+    let id = serde_json::to_string(id).expect("a JSON value always serializes");
+    let mut frame = String::with_capacity(HEAD.len() + id.len() + MIDDLE.len() + result.len() + 1);
+    frame.push_str(HEAD);
+    frame.push_str(&id);
+    frame.push_str(MIDDLE);
+    frame.push_str(result);
+    frame.push('}');
+    frame
+}
+
 /// Encodes to bytes held in an allocation of their exact size (for what is kept in a cache: no
 /// slack, and no second allocation when the text becomes bytes).
 pub fn encode_exact<T: Serialize>(value: &T) -> Utf8Bytes {
@@ -564,6 +580,19 @@ pub struct DecodeError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_result_of_json_text_encodes_as_the_serialized_frame_does() {
+        let page = r#"{"room":"r","nextBefore":null,"messages":[{"seq":1,"content":"a \"b\""}]}"#;
+        for id in [serde_json::json!(7), serde_json::json!("req-\"1\"")] {
+            let raw = serde_json::value::RawValue::from_string(page.to_string()).unwrap();
+            let expected = super::encode(&super::ServerFrame::Result {
+                id: &id,
+                result: raw,
+            });
+            assert_eq!(super::encode_result_json(&id, page), expected);
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use serde_json::value::RawValue;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
@@ -372,14 +371,12 @@ impl Connection {
                 before,
                 limit,
             } => match service.history(&identity, &room, before, limit).await {
-                // Pages may come from a shared cache: never trust them to be JSON.
-                Ok(page) => match RawValue::from_string(page.to_string()) {
-                    Ok(raw) => self.reply(&id, raw).await,
-                    Err(e) => {
-                        tracing::error!(error = %e, "a history page is not JSON");
-                        self.reply_chat_error(&id, ChatError::Internal).await
-                    }
-                },
+                // The page is JSON text: built by this gateway, or read back from Redis and
+                // checked there (src/cache/redis.rs). Framed as it is, not parsed again.
+                Ok(page) => {
+                    let frame = protocol::encode_result_json(&id, &page);
+                    self.out.push_wait(frame.into(), REPLY_PATIENCE).await;
+                }
                 Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
             },
         }
