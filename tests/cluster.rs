@@ -503,7 +503,16 @@ async fn the_users_of_a_killed_node_go_offline_within_the_lease() {
     tab2.join("r", None).await;
     let mut bob = client(b.addr, "bob").await;
     bob.join("r", None).await;
-    let page = bob.request(json!({"type": "presence", "room": "r"})).await;
+    // A join is recorded in presence just after its reply (each node records its presence
+    // changes in batches), so a request right after the join may not count it yet.
+    let asked = Instant::now();
+    let page = loop {
+        let page = bob.request(json!({"type": "presence", "room": "r"})).await;
+        if page["result"]["online"] == 2 || asked.elapsed() > Duration::from_secs(5) {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         page["result"]["online"], 2,
         "alice (two tabs) and bob: {page}"
