@@ -994,6 +994,27 @@ fn print_errors(stats: &Stats) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Scenarios
 
+/// Starts each connected client's measured phase (`Client::run`, client i as user i), each with a
+/// command queue of `queue` entries; returns the queues' senders and the tasks.
+fn start_clients(
+    clients: Vec<Client>,
+    rooms: &Arc<Vec<String>>,
+    epoch: Instant,
+    shared: &Shared,
+    queue: usize,
+    limit: u32,
+) -> (Vec<mpsc::Sender<Cmd>>, Vec<tokio::task::JoinHandle<()>>) {
+    clients
+        .into_iter()
+        .enumerate()
+        .map(|(u, client)| {
+            let (tx, rx) = mpsc::channel(queue);
+            let task = tokio::spawn(client.run(rooms.clone(), epoch, rx, shared.clone(), u, limit));
+            (tx, task)
+        })
+        .unzip()
+}
+
 /// Rooms of WebSocket members with senders: `chat` and `fanout` share it.
 struct RoomLoad {
     /// (room index, sender user index) per send, round-robin.
@@ -1044,20 +1065,7 @@ async fn run_rooms(
 
     let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
     let epoch = Instant::now();
-    let mut txs = Vec::with_capacity(users);
-    let mut tasks = Vec::with_capacity(users);
-    for (u, client) in clients.into_iter().enumerate() {
-        let (tx, rx) = mpsc::channel(1024);
-        txs.push(tx);
-        tasks.push(tokio::spawn(client.run(
-            room_names.clone(),
-            epoch,
-            rx,
-            shared.clone(),
-            u,
-            30,
-        )));
-    }
+    let (txs, tasks) = start_clients(clients, &room_names, epoch, &shared, 1024, 30);
     let observer = Observer::start(&gw, common).await;
     let duration = Duration::from_secs(common.duration);
     let mut overflow = 0u64;
@@ -1343,20 +1351,7 @@ async fn history(
     .await?;
     let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
     let epoch = Instant::now();
-    let mut txs = Vec::new();
-    let mut tasks = Vec::new();
-    for (u, client) in clients.into_iter().enumerate() {
-        let (tx, rx) = mpsc::channel(4096);
-        txs.push(tx);
-        tasks.push(tokio::spawn(client.run(
-            room_names.clone(),
-            epoch,
-            rx,
-            shared.clone(),
-            u,
-            limit,
-        )));
-    }
+    let (txs, tasks) = start_clients(clients, &room_names, epoch, &shared, 4096, limit);
     let observer = Observer::start(&gw, common).await;
     let mut overflow = 0u64;
     let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
