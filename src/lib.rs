@@ -22,6 +22,64 @@
 //! Calls go one way: `http`/`transport` -> `service` -> (`rooms`, backing parts). `rooms` reads
 //! the `store` only to fill sequence gaps. Nothing calls back into `service`.
 
+/// A map key that lookups can borrow instead of allocating: declares `trait KeyParts` with
+/// `parts()` for the owned key and for its borrowed form, and makes both hash and compare through
+/// `parts`, so `map.get(&borrowed as &dyn KeyParts)` finds the owned entry.
+macro_rules! borrowed_key {
+    ($key:ty, $borrowed:ty => $parts:ty, |$k:ident| $owned_parts:expr) => {
+        trait KeyParts {
+            fn parts(&self) -> $parts;
+        }
+
+        impl KeyParts for $key {
+            fn parts(&self) -> $parts {
+                let $k = self;
+                $owned_parts
+            }
+        }
+
+        impl KeyParts for $borrowed {
+            fn parts(&self) -> $parts {
+                *self
+            }
+        }
+
+        impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for $key {
+            fn borrow(&self) -> &(dyn KeyParts + 'a) {
+                self
+            }
+        }
+
+        impl std::hash::Hash for dyn KeyParts + '_ {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                std::hash::Hash::hash(&self.parts(), state)
+            }
+        }
+
+        impl PartialEq for dyn KeyParts + '_ {
+            fn eq(&self, other: &Self) -> bool {
+                self.parts() == other.parts()
+            }
+        }
+
+        impl Eq for dyn KeyParts + '_ {}
+
+        impl std::hash::Hash for $key {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                std::hash::Hash::hash(&self.parts(), state)
+            }
+        }
+
+        impl PartialEq for $key {
+            fn eq(&self, other: &Self) -> bool {
+                self.parts() == other.parts()
+            }
+        }
+
+        impl Eq for $key {}
+    };
+}
+
 pub mod auth;
 pub mod broker;
 pub mod cache;

@@ -6,8 +6,6 @@
 //! entry expires: the next send or history request after that is refused, and the socket is
 //! detached from the room then.
 
-use std::borrow::Borrow;
-use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -25,56 +23,7 @@ struct MemberKey {
     user: Box<str>,
 }
 
-trait KeyParts {
-    fn parts(&self) -> (&str, &str);
-}
-
-impl KeyParts for MemberKey {
-    fn parts(&self) -> (&str, &str) {
-        (&self.room, &self.user)
-    }
-}
-
-impl KeyParts for (&str, &str) {
-    fn parts(&self) -> (&str, &str) {
-        *self
-    }
-}
-
-impl<'a> Borrow<dyn KeyParts + 'a> for MemberKey {
-    fn borrow(&self) -> &(dyn KeyParts + 'a) {
-        self
-    }
-}
-
-// The key and its borrowed form must hash and compare alike: both go through `parts`.
-impl Hash for dyn KeyParts + '_ {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.parts().hash(state)
-    }
-}
-
-impl PartialEq for dyn KeyParts + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for dyn KeyParts + '_ {}
-
-impl Hash for MemberKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.parts().hash(state)
-    }
-}
-
-impl PartialEq for MemberKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for MemberKey {}
+borrowed_key!(MemberKey, (&str, &str) => (&str, &str), |k| (&k.room, &k.user));
 
 impl MembershipCache {
     pub fn new(ttl: Duration) -> Self {

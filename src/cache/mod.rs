@@ -30,8 +30,6 @@
 
 pub mod redis;
 
-use std::borrow::Borrow;
-use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -190,57 +188,8 @@ struct Key {
     older: Option<(u32, i64)>,
 }
 
-/// A key's parts, so lookups can borrow the room instead of allocating a key per request.
-trait KeyParts {
-    fn parts(&self) -> (&str, Option<(u32, i64)>);
-}
-
-impl KeyParts for Key {
-    fn parts(&self) -> (&str, Option<(u32, i64)>) {
-        (&self.room, self.older)
-    }
-}
-
-impl KeyParts for (&str, Option<(u32, i64)>) {
-    fn parts(&self) -> (&str, Option<(u32, i64)>) {
-        *self
-    }
-}
-
-impl<'a> Borrow<dyn KeyParts + 'a> for Key {
-    fn borrow(&self) -> &(dyn KeyParts + 'a) {
-        self
-    }
-}
-
-// `Key` and its borrowed form must hash and compare alike: both go through `parts`.
-impl Hash for dyn KeyParts + '_ {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.parts().hash(state)
-    }
-}
-
-impl PartialEq for dyn KeyParts + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for dyn KeyParts + '_ {}
-
-impl Hash for Key {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.parts().hash(state)
-    }
-}
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
-    }
-}
-
-impl Eq for Key {}
+// Lookups borrow the room instead of allocating a key per request.
+borrowed_key!(Key, (&str, Option<(u32, i64)>) => (&str, Option<(u32, i64)>), |k| (&k.room, k.older));
 
 #[derive(Clone)]
 enum Entry {
