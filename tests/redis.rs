@@ -8,7 +8,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{DataDir, TestApp, WAIT, redis_settings, redis_url, seqs, unique_prefix};
+use common::{
+    DataDir, TestApp, WAIT, assert_latest_page_holds, redis_settings, redis_url, seqs,
+    unique_prefix,
+};
 use serde_json::json;
 
 struct Cluster {
@@ -205,14 +208,7 @@ async fn two_nodes_sending_to_one_room_never_serve_a_page_missing_an_acknowledge
                     .as_i64()
                     .unwrap();
                 let reply = reader.history("r", None, Some(50)).await;
-                let got = seqs(reply["result"]["messages"].as_array().unwrap());
-                assert!(
-                    got.contains(&seq),
-                    "{user} got {got:?} after the ack of {seq}"
-                );
-                let newest = *got.last().unwrap();
-                let from = (newest - got.len() as i64 + 1).max(1);
-                assert_eq!(got, (from..=newest).collect::<Vec<_>>(), "a gap-free page");
+                assert_latest_page_holds(&reply, seq, user);
             }
         }));
     }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chat_gateway::auth::{Role, claims_for};
-use common::{Client, Ended, TestApp, seqs};
+use common::{Client, Ended, TestApp, assert_latest_page_holds, seqs};
 use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -360,14 +360,7 @@ async fn concurrent_senders_always_find_their_message_in_the_latest_page() {
                 let sent = client.send_ok("r", &format!("{user} {i}")).await;
                 let seq = sent["seq"].as_i64().unwrap();
                 let reply = client.history("r", None, Some(50)).await;
-                let got = seqs(reply["result"]["messages"].as_array().unwrap());
-                assert!(
-                    got.contains(&seq),
-                    "{user} got {got:?} after the ack of {seq}"
-                );
-                let newest = *got.last().unwrap();
-                let from = (newest - got.len() as i64 + 1).max(1);
-                assert_eq!(got, (from..=newest).collect::<Vec<_>>(), "a gap-free page");
+                assert_latest_page_holds(&reply, seq, user);
             }
         }));
     }

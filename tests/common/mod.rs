@@ -498,6 +498,19 @@ pub fn seqs(messages: &[Value]) -> Vec<i64> {
         .collect()
 }
 
+/// Asserts that a history reply holds the acknowledged message `seq` in a gap-free page: what
+/// a reader must see right after `who`'s send was acknowledged.
+pub fn assert_latest_page_holds(reply: &Value, seq: i64, who: &str) {
+    let got = seqs(reply["result"]["messages"].as_array().unwrap());
+    assert!(
+        got.contains(&seq),
+        "{who} got {got:?} after the ack of {seq}"
+    );
+    let newest = *got.last().unwrap();
+    let from = (newest - got.len() as i64 + 1).max(1);
+    assert_eq!(got, (from..=newest).collect::<Vec<_>>(), "a gap-free page");
+}
+
 /// The Redis the Redis suites use: `TEST_REDIS_URL`, else the local default. When it is not
 /// reachable the suite is skipped with a plain message, except under `CI=true`, where that fails.
 pub async fn redis_url() -> Option<String> {
