@@ -605,6 +605,11 @@ struct Frame<'a> {
     id: Option<u64>,
     #[serde(default, borrow)]
     message: Option<PushMessage<'a>>,
+    /// Presence pushes: the room's online count (storm).
+    #[serde(default)]
+    online: Option<u64>,
+    #[serde(default, borrow)]
+    result: Option<&'a serde_json::value::RawValue>,
     #[serde(default)]
     error: Option<serde_json::Value>,
 }
@@ -1684,24 +1689,6 @@ struct StormCounters {
 /// One delivery: when the message was sent and how long it took, in microseconds.
 type Sample = (u64, u64);
 
-/// A frame, read as far as the storm needs.
-#[derive(Deserialize)]
-struct StormFrame<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: &'a str,
-    #[serde(default)]
-    id: Option<u64>,
-    #[serde(default, borrow)]
-    message: Option<PushMessage<'a>>,
-    /// Presence pushes: the room's online count.
-    #[serde(default)]
-    online: Option<u64>,
-    #[serde(default, borrow)]
-    result: Option<&'a serde_json::value::RawValue>,
-    #[serde(default)]
-    error: Option<serde_json::Value>,
-}
-
 /// The send time and sender carried in a probe message's content (`t=<us> p=<probe> n=<k>`).
 fn probe_stamp(content: &str) -> Option<(u64, usize)> {
     let mut parts = content.split(' ');
@@ -1800,7 +1787,7 @@ impl MemberCtx {
                 }
             };
             let now = micros_since(self.epoch);
-            let Ok(frame) = serde_json::from_str::<StormFrame>(&text) else {
+            let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
                 report.errors.push("unparsable frame".into());
                 continue;
             };
@@ -2003,7 +1990,7 @@ async fn probe_task(
                 };
                 let now = Instant::now();
                 let now_us = now.duration_since(epoch).as_micros() as u64;
-                let Ok(frame) = serde_json::from_str::<StormFrame>(&text) else {
+                let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
                     report.errors.push("unparsable frame".into());
                     continue;
                 };
