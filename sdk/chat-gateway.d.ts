@@ -44,6 +44,12 @@ export interface ClientOptions {
   token: string | TokenProvider;
   /** How long a request waits for its answer; history waits this long in total. Default 10 000. */
   requestTimeoutMs?: number;
+  /**
+   * How long opening the socket and authenticating may take before the attempt is abandoned and
+   * retried. During a reconnect storm the gateway upgrades connections at its accept pace, so a
+   * connect can take seconds. Default 30 000.
+   */
+  connectTimeoutMs?: number;
   /** How long a send keeps being retried before rejecting with `timeout`. Default 30 000. */
   sendTimeoutMs?: number;
   /** Reconnect delays: initialMs * factor^attempt, capped at maxMs, with jitter. */

@@ -178,6 +178,9 @@ export function normalizeUrl(url) {
  *   The token, or a provider called whenever a token is needed (see {@link TokenReason}).
  * @property {number} [requestTimeoutMs=10000] how long a request waits for its answer
  *   (history waits this long in total, connection included)
+ * @property {number} [connectTimeoutMs=30000] how long opening the socket and authenticating may
+ *   take before the attempt is abandoned and retried (a gateway in a reconnect storm upgrades new
+ *   connections at its accept pace, so a connect can take seconds; giving up early loses the turn)
  * @property {number} [sendTimeoutMs=30000] how long a send keeps being retried before its promise
  *   rejects with `timeout` (the outcome is then unknown: retry with the same clientMsgId)
  * @property {{initialMs?: number, maxMs?: number, factor?: number}} [backoff] reconnect delays
@@ -222,6 +225,7 @@ export class ChatClient {
     this.url = url;
     this._tokenSource = options.token;
     this._requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    this._connectTimeoutMs = options.connectTimeoutMs ?? 30_000;
     this._sendTimeoutMs = options.sendTimeoutMs ?? 30_000;
     this._backoff = { initialMs: 250, maxMs: 30_000, factor: 2, ...options.backoff };
     this._maxFrameBytes = options.maxFrameBytes ?? 65_536;
@@ -578,7 +582,7 @@ export class ChatClient {
     }
     this._socket = socket;
     this._lastReceivedAt = Date.now();
-    this._handshakeTimer = setTimeout(() => this._giveUp(socket, "connect timed out"), this._requestTimeoutMs);
+    this._handshakeTimer = setTimeout(() => this._giveUp(socket, "connect timed out"), this._connectTimeoutMs);
     socket.onopen = () => this._authenticate(socket, token);
     socket.onmessage = (event) => this._onFrame(socket, event.data);
     // `error` is always followed by `close`, which carries the code; nothing to do here.
