@@ -66,6 +66,7 @@ impl Room {
             metrics.clone(),
             Duration::from_millis(250),
             settings.limits.outbound_queue + settings.limits.catch_up_limit as usize,
+            settings.limits.resume_buffer,
         );
         let hub = registry.hub(ROOM);
         registry.initialize(&hub, 0);
@@ -86,7 +87,8 @@ impl Room {
                     batch.clear();
                 }
             });
-            assert_eq!(registry.attach(&hub, &conn), Some(0));
+            let attached = registry.attach(&hub, &conn, None).expect("the hub is open");
+            assert_eq!(attached.delivered, 0);
             registry.go_live(&hub, &conn, Duration::from_secs(1)).await;
         }
         let frame = rooms::publish_frame(&common::message(ROOM, 1))

@@ -44,6 +44,10 @@ pub struct ServerSettings {
     pub max_connections: usize,
     pub shutdown_grace_secs: u64,
     pub data_dir: PathBuf,
+    pub listen_backlog: u32,
+    pub accept_rate: u32,
+    pub accept_burst: u32,
+    pub churn_concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -56,6 +60,7 @@ pub struct DatabaseSettings {
     pub write_batch: usize,
     pub write_queue: usize,
     pub write_interval_ms: u64,
+    pub checkpoint_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +99,7 @@ pub struct Limits {
     pub max_connections_per_user: usize,
     pub outbound_queue: usize,
     pub catch_up_limit: u32,
+    pub resume_buffer: usize,
     pub history_default_limit: u32,
     pub history_max_limit: u32,
     pub max_client_msg_id_bytes: usize,
@@ -219,6 +225,18 @@ impl Settings {
         if self.server.max_connections == 0 {
             return fail("server.max_connections", "must be at least 1");
         }
+        if self.server.churn_concurrency == 0 {
+            return fail("server.churn_concurrency", "must be at least 1");
+        }
+        if self.server.listen_backlog == 0 {
+            return fail("server.listen_backlog", "must be at least 1");
+        }
+        if self.server.accept_rate > 0 && self.server.accept_burst == 0 {
+            return fail(
+                "server.accept_burst",
+                "must be at least 1 when accept_rate is set",
+            );
+        }
         if l.max_frame_bytes < 1024 {
             return fail("limits.max_frame_bytes", "must be at least 1024");
         }
@@ -315,6 +333,12 @@ impl Settings {
         }
         if self.database.write_queue == 0 {
             return fail("database.write_queue", "must be at least 1");
+        }
+        if !(10..=60_000).contains(&self.database.checkpoint_interval_ms) {
+            return fail(
+                "database.checkpoint_interval_ms",
+                "must be between 10 and 60000",
+            );
         }
         if self.database.write_interval_ms > 1000 {
             return fail("database.write_interval_ms", "must be at most 1000");

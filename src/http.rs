@@ -95,6 +95,14 @@ async fn ws_upgrade(
     let Ok(permit) = app.conn_slots.clone().try_acquire_owned() else {
         return unavailable("connection limit reached");
     };
+    // Held through the upgrade and the token check; released before the socket reads frames.
+    let turn = app
+        .service
+        .churn
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the churn semaphore is never closed");
     let token = query
         .get("token")
         .cloned()
@@ -111,7 +119,7 @@ async fn ws_upgrade(
             // of the upgrade task's size, which makes room for the WebSocket handshake too). The
             // guard covered the upgrade; the tracked task takes over from it.
             let tracker = app.tracker.clone();
-            tracker.spawn(Connection::run(app, socket, token, permit));
+            tracker.spawn(Connection::run(app, socket, token, permit, turn));
             drop(guard);
             std::future::ready(())
         })

@@ -80,6 +80,7 @@ macro_rules! borrowed_key {
     };
 }
 
+pub mod admission;
 pub mod auth;
 pub mod broker;
 pub mod cache;
@@ -106,7 +107,6 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -193,6 +193,7 @@ pub async fn open_store(
         write_batch: db.write_batch,
         write_queue: db.write_queue,
         write_interval: Duration::from_millis(db.write_interval_ms),
+        checkpoint_interval: Duration::from_millis(db.checkpoint_interval_ms),
     };
     let store = SqliteStore::open_with(&path, &options)
         .await
@@ -318,6 +319,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         metrics.clone(),
         GAP_FILL_AFTER,
         settings.limits.outbound_queue + settings.limits.catch_up_limit as usize,
+        settings.limits.resume_buffer,
     );
     // Stops the background tasks that have nothing to drain (subscriber, sweeps).
     let shutdown = CancellationToken::new();
@@ -389,6 +391,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
 
     let read_flush = Duration::from_millis(settings.signals.read_flush_ms.max(1));
     let max_connections = settings.server.max_connections;
+    let churn_concurrency = settings.server.churn_concurrency;
     let service = Arc::new(ChatService {
         settings,
         store: dyn_store,
@@ -408,6 +411,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         metrics,
         authenticator,
         dev_minter,
+        churn: Arc::new(Semaphore::new(churn_concurrency)),
     });
     let app = Arc::new(App {
         service,
@@ -552,13 +556,13 @@ pub async fn run(
         });
     }
     let router = http::router(app.clone());
-    // Small frames (acks, pushes) go out at once: with Nagle's algorithm a reply written while
-    // the client's delayed ACK of the previous one is pending waits up to 40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted socket");
-        }
-    });
+    let server = &app.service.settings.server;
+    let listener = admission::PacedListener::new(
+        listener,
+        server.accept_rate,
+        server.accept_burst,
+        app.service.metrics.pace.clone(),
+    );
     axum::serve(listener, router)
         .with_graceful_shutdown(app.shutdown.clone().cancelled_owned())
         .await?;

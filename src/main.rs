@@ -239,9 +239,9 @@ async fn backfill(
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     chat_gateway::telemetry::init(&settings.log);
-    let listener = tokio::net::TcpListener::bind(settings.server.bind_addr)
-        .await
-        .with_context(|| format!("binding {}", settings.server.bind_addr))?;
+    let listener =
+        chat_gateway::admission::bind(settings.server.bind_addr, settings.server.listen_backlog)
+            .with_context(|| format!("binding {}", settings.server.bind_addr))?;
     chat_gateway::run(listener, settings, shutdown_signal()).await
 }
 

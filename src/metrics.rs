@@ -49,6 +49,13 @@ pub struct Metrics {
     pub read_marks_written: Counter,
     /// Presence changes of this node's sockets not yet recorded by the presence task.
     pub presence_backlog: Gauge,
+    /// Resuming joins by where their missed messages came from: `resumes{from="memory"}` (the
+    /// room's recent messages) and `{from="store"}`.
+    pub resumes_from_memory: Counter,
+    pub resumes_from_store: Counter,
+    /// New connections read later than they were accepted (`server.accept_rate`), and those
+    /// waiting for their turn now.
+    pub pace: crate::admission::PaceMetrics,
 }
 
 impl Metrics {
@@ -76,6 +83,25 @@ impl Metrics {
         let queue_pending = Gauge::default();
         let read_marks_written = Counter::default();
         let presence_backlog = Gauge::default();
+        let pace = crate::admission::PaceMetrics::default();
+        registry.register(
+            "connections_paced",
+            "New connections read later than accepted, at server.accept_rate",
+            pace.paced.clone(),
+        );
+        registry.register(
+            "connections_waiting",
+            "New connections waiting for their turn to be read (server.accept_rate)",
+            pace.waiting.clone(),
+        );
+        let resumes = Family::<Labels, Counter>::default();
+        let resumes_from_memory = resumes.get_or_create(&vec![("from", "memory")]).clone();
+        let resumes_from_store = resumes.get_or_create(&vec![("from", "store")]).clone();
+        registry.register(
+            "resumes",
+            "Resuming joins by where the missed messages came from",
+            resumes,
+        );
         registry.register(
             "presence_backlog",
             "Presence changes waiting to be recorded",
@@ -171,6 +197,9 @@ impl Metrics {
             queue_pending,
             read_marks_written,
             presence_backlog,
+            pace,
+            resumes_from_memory,
+            resumes_from_store,
         }
     }
 
@@ -190,6 +219,16 @@ impl Metrics {
             "store_sends_waiting",
             "Sends queued for the SQLite writer, not yet in a batch",
             store.sends_waiting.clone(),
+        );
+        self.registry.register(
+            "store_wal_frames_pending",
+            "SQLite WAL frames not yet checkpointed into the database file",
+            store.wal_frames_pending.clone(),
+        );
+        self.registry.register(
+            "store_checkpoints",
+            "SQLite checkpoints run by the background checkpointer",
+            store.checkpoints.clone(),
         );
     }
 

@@ -7,15 +7,17 @@
 //! or reorders it.
 //!
 //! A joining socket is attached in *catching-up* state at the hub's current `delivered` sequence D:
-//! live messages after D are buffered for it while the socket replays what it missed (up to D)
-//! from the store; then the buffer is flushed and the member goes live. No gap, no duplicate.
+//! live messages after D are buffered for it while the socket replays what it missed (up to D):
+//! from the hub's newest delivered pushes (`limits.resume_buffer`) when they cover it, taken under
+//! the same lock as D, else from the store; then the buffer is flushed and the member goes live.
+//! No gap, no duplicate.
 //!
 //! Locking rules: a hub's `state` mutex is held only for in-memory work (never across `.await`).
 //! The registry's `DashMap` shard lock may be held while taking a hub's lock (in `detach`), never
 //! the other way round. A socket's `rooms` lock may be taken while holding a hub lock, never the
 //! other way round; so may the lock of the node's pending presence changes (`PresenceChanges`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -56,6 +58,8 @@ const MAX_AHEAD: i64 = 1_000_000;
 pub struct Closer {
     reason: OnceLock<(u16, &'static str)>,
     token: CancellationToken,
+    /// The peer went away without a close frame: nothing more is written to it.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 impl Closer {
@@ -63,7 +67,18 @@ impl Closer {
         Self {
             reason: OnceLock::new(),
             token: CancellationToken::new(),
+            gone: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The connection ended under the socket (reset, or closed without a close frame).
+    pub fn peer_gone(&self) {
+        self.gone.store(true, Ordering::Relaxed);
+        self.token.cancel();
+    }
+
+    pub fn is_peer_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
     }
 
     pub fn close(&self, code: u16, reason: &'static str) {
@@ -195,6 +210,11 @@ struct HubState {
     delivered: i64,
     /// Messages that arrived ahead of a gap, by seq.
     pending: BTreeMap<i64, Arc<Published>>,
+    /// The newest delivered message pushes (seq, frame), at most `resume_buffer`: every visible
+    /// message with `recent_floor < seq <= delivered` is here, so a socket that resumes after a
+    /// short absence is caught up from memory instead of the store.
+    recent: VecDeque<(i64, Utf8Bytes)>,
+    recent_floor: i64,
     gap_fill_scheduled: bool,
     /// Local sockets per user: presence changes when a user's count goes 0 -> 1 or 1 -> 0.
     user_sockets: HashMap<String, usize>,
@@ -213,6 +233,14 @@ pub struct RoomHub {
     state: Mutex<HubState>,
 }
 
+/// A socket attached to a hub (see [`RoomRegistry::attach`]).
+pub struct Attached {
+    /// The sequence the socket is live after.
+    pub delivered: i64,
+    /// What it missed after its `since`, when the hub still holds all of it.
+    pub missed: Option<Vec<Utf8Bytes>>,
+}
+
 /// Every room with local members.
 pub struct RoomRegistry {
     hubs: DashMap<Arc<str>, Arc<RoomHub>>,
@@ -221,6 +249,8 @@ pub struct RoomRegistry {
     metrics: Arc<Metrics>,
     gap_fill_after: Duration,
     catch_up_buffer: usize,
+    /// Message pushes each hub keeps for resumes (`limits.resume_buffer`).
+    resume_buffer: usize,
     /// Hubs created, for ids in logs.
     created: AtomicU64,
     /// Where this node's presence transitions wait for the task that records them and publishes
@@ -251,6 +281,7 @@ impl RoomRegistry {
         metrics: Arc<Metrics>,
         gap_fill_after: Duration,
         catch_up_buffer: usize,
+        resume_buffer: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             hubs: DashMap::new(),
@@ -259,6 +290,7 @@ impl RoomRegistry {
             metrics,
             gap_fill_after,
             catch_up_buffer,
+            resume_buffer,
             created: AtomicU64::new(0),
             unsubscriber: OnceLock::new(),
             presence_changes: OnceLock::new(),
@@ -290,6 +322,7 @@ impl RoomRegistry {
             let mut st = hub.state.lock().unwrap();
             st.initialized = true;
             st.delivered = head;
+            st.recent_floor = head;
             st.pending = st.pending.split_off(&(head + 1));
             self.drain_contiguous(&mut st)
         };
@@ -297,9 +330,10 @@ impl RoomRegistry {
         self.schedule_gap_fill_if_needed(hub);
     }
 
-    /// Attaches a socket in catching-up state. Returns the sequence it is live after, or `None`
-    /// if the hub closed meanwhile (look it up again).
-    pub fn attach(&self, hub: &RoomHub, conn: &Conn) -> Option<i64> {
+    /// Attaches a socket in catching-up state. Returns the sequence it is live after and, when
+    /// the socket resumes after `since` and the hub still holds every message it missed, those
+    /// message pushes; `None` if the hub closed meanwhile (look it up again).
+    pub fn attach(&self, hub: &RoomHub, conn: &Conn, since: Option<i64>) -> Option<Attached> {
         let mut st = hub.state.lock().unwrap();
         if st.closed {
             return None;
@@ -318,7 +352,16 @@ impl RoomRegistry {
                 self.presence_change(&hub.room, conn, true);
             }
         }
-        Some(st.delivered)
+        let missed = since
+            .filter(|&since| since < st.delivered && since >= st.recent_floor)
+            .map(|since| {
+                let first = st.recent.partition_point(|(seq, _)| *seq <= since);
+                st.recent.range(first..).map(|(_, f)| f.clone()).collect()
+            });
+        Some(Attached {
+            delivered: st.delivered,
+            missed,
+        })
     }
 
     /// Ends a member's catch-up: queues what was buffered for it (paced, in chunks taken under the
@@ -542,8 +585,7 @@ impl RoomRegistry {
             } else if msg.seq <= st.delivered {
                 0 // a duplicate: already delivered
             } else {
-                let mut n = self.fan_out(&mut st, &msg.frame);
-                st.delivered = msg.seq;
+                let mut n = self.deliver_next(&mut st, &msg);
                 n += self.drain_contiguous(&mut st);
                 n
             };
@@ -577,6 +619,23 @@ impl RoomRegistry {
         pushed
     }
 
+    /// Delivers the message after `delivered` (the next visible one) and keeps it for resumes.
+    fn deliver_next(&self, st: &mut HubState, msg: &Published) -> u64 {
+        let pushed = self.fan_out(st, &msg.frame);
+        st.delivered = msg.seq;
+        if self.resume_buffer > 0 {
+            if st.recent.len() >= self.resume_buffer
+                && let Some((seq, _)) = st.recent.pop_front()
+            {
+                st.recent_floor = seq;
+            }
+            st.recent.push_back((msg.seq, msg.frame.clone()));
+        } else {
+            st.recent_floor = msg.seq;
+        }
+        pushed
+    }
+
     /// Delivers pending messages that now follow `delivered` without a gap.
     fn drain_contiguous(&self, st: &mut HubState) -> u64 {
         let mut pushed = 0;
@@ -586,8 +645,7 @@ impl RoomRegistry {
                 entry.remove();
             } else if seq == st.delivered + 1 {
                 let msg = entry.remove();
-                pushed += self.fan_out(st, &msg.frame);
-                st.delivered = seq;
+                pushed += self.deliver_next(st, &msg);
             } else {
                 break;
             }
@@ -671,8 +729,7 @@ async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
             let mut pushed = 0;
             for msg in frames {
                 if msg.seq > st.delivered {
-                    pushed += registry.fan_out(&mut st, &msg.frame);
-                    st.delivered = msg.seq;
+                    pushed += registry.deliver_next(&mut st, &msg);
                 }
             }
             // Whatever the store did not return up to `until` is not visible (moderated away).

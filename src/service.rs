@@ -84,6 +84,10 @@ pub struct ChatService {
     pub authenticator: Authenticator,
     /// Present only in dev mode (no key configured).
     pub dev_minter: Option<TokenMinter>,
+    /// Turns for connection churn: upgrades, joins and disconnect cleanups take one each
+    /// (`server.churn_concurrency` at once, first come first served), so that thousands of them
+    /// at once queue here, parked, instead of ahead of the established sockets' messages.
+    pub churn: Arc<tokio::sync::Semaphore>,
 }
 
 /// Room ids are opaque text: 1..=128 bytes, no control characters.
@@ -97,6 +101,14 @@ pub fn validate_room_id(room: &str) -> Result<(), ChatError> {
 }
 
 impl ChatService {
+    /// Waits for a turn of connection churn (see [`ChatService::churn`]).
+    pub async fn churn_turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.churn
+            .acquire()
+            .await
+            .expect("the churn semaphore is never closed")
+    }
+
     pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         self.authenticator.verify(token)
     }
@@ -153,6 +165,7 @@ impl ChatService {
         room: &str,
         since: Option<i64>,
     ) -> Result<JoinPlan, ChatError> {
+        let _turn = self.churn_turn().await;
         self.authorize(who, room, true).await?;
         let room_key: Arc<str> = Arc::from(room);
         {
@@ -164,7 +177,7 @@ impl ChatService {
         }
         // A repeated join starts over: `attach` replaces this socket's member entry, so a join
         // that fails below leaves the earlier one in place.
-        let (hub, delivered) = loop {
+        let (hub, attached) = loop {
             let hub = self.registry.hub(room);
             let ready = hub
                 .ready
@@ -193,13 +206,14 @@ impl ChatService {
                 self.registry.discard_unready(room, &hub);
                 return Err(e);
             }
-            if let Some(delivered) = self.registry.attach(&hub, conn) {
-                break (hub, delivered);
+            if let Some(attached) = self.registry.attach(&hub, conn, since) {
+                break (hub, attached);
             }
         };
         conn.rooms.lock().unwrap().insert(room_key);
 
         let limit = self.settings.limits.catch_up_limit;
+        let delivered = attached.delivered;
         let mut plan = JoinPlan {
             hub,
             head: delivered,
@@ -209,7 +223,12 @@ impl ChatService {
         if let Some(since) = since.filter(|&s| s < delivered) {
             if delivered - since.max(0) > i64::from(limit) {
                 plan.reload = true;
+            } else if let Some(missed) = attached.missed {
+                // A short absence: the room's recent messages in memory cover it.
+                self.metrics.resumes_from_memory.inc();
+                plan.catch_up = missed;
             } else {
+                self.metrics.resumes_from_store.inc();
                 let missed = self
                     .store
                     .messages_between(room, since, delivered, limit)

@@ -2,13 +2,15 @@
 //!
 //! Life of a connection, in stages:
 //! 1. **handshake**: the upgrade is refused (HTTP 503) when the node holds `server.max_connections`;
-//!    otherwise the socket authenticates with a token from the `token` query parameter, the
+//!    otherwise it waits for a turn of connection churn (held until the socket starts reading
+//!    frames), and the socket authenticates with a token from the `token` query parameter, the
 //!    `Authorization` header, or its first `auth` frame (within `auth.auth_timeout_ms`).
 //! 2. **ready loop**: one `select!` over inbound frames, token expiry, close requests and shutdown.
 //!    Requests are handled one at a time, in order; all writes go through the bounded outbox to
 //!    the writer task, which also sends heartbeat pings and reaps silent sockets.
-//! 3. **cleanup**: leave every room, release the user's connection slot, let the writer send the
-//!    close frame. The first task to end cancels the other.
+//! 3. **cleanup**: in a turn of connection churn (see `crate::admission`), leave every room,
+//!    release the user's connection slot, let the writer send the close frame (none when the peer
+//!    is gone). The first task to end cancels the other.
 
 use std::cmp;
 use std::collections::HashMap;
@@ -20,6 +22,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
 use crate::App;
@@ -89,6 +92,7 @@ impl Connection {
         socket: WebSocket,
         query_token: Option<String>,
         permit: OwnedSemaphorePermit,
+        turn: OwnedSemaphorePermit,
     ) -> impl Future<Output = ()> + Send + 'static {
         let id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (sink, stream) = socket.split();
@@ -120,16 +124,16 @@ impl Connection {
             if let Some(token) = query_token {
                 Box::pin(connection.authenticate(None, &token)).await;
             }
-            connection.ready_loop(stream).await;
-            Box::pin(connection.cleanup()).await;
-            // The writer ends on the cancelled token; give it a moment to send the close frame.
-            connection.out.closer.token().cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+            // The upgrade's turn of churn ends here: from now on the socket waits for its client.
+            drop(turn);
+            let mut stream = stream;
+            connection.ready_loop(&mut stream).await;
+            Box::pin(connection.cleanup(stream, writer)).await;
             connection.app.service.metrics.connections.dec();
         }
     }
 
-    async fn ready_loop(&mut self, mut stream: SplitStream<WebSocket>) {
+    async fn ready_loop(&mut self, stream: &mut SplitStream<WebSocket>) {
         let settings = &self.app.service.settings;
         let auth_deadline =
             TokioInstant::now() + Duration::from_millis(settings.auth.auth_timeout_ms);
@@ -169,7 +173,11 @@ impl Connection {
                 frame = stream.next() => {
                     self.last_seen.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                     match frame {
-                        None | Some(Ok(Message::Close(_))) => break,
+                        None => {
+                            closer.peer_gone();
+                            break;
+                        }
+                        Some(Ok(Message::Close(_))) => break,
                         Some(Ok(Message::Text(text))) => Box::pin(self.handle_text(text)).await,
                         Some(Ok(Message::Binary(_))) => {
                             let why = "binary frames are not supported; send JSON text";
@@ -177,8 +185,12 @@ impl Connection {
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Err(e)) => {
-                            if is_too_big(e) {
-                                closer.close(close::MESSAGE_TOO_BIG, "frame too large");
+                            match read_failure(e) {
+                                ReadFailure::TooBig => {
+                                    closer.close(close::MESSAGE_TOO_BIG, "frame too large")
+                                }
+                                ReadFailure::PeerGone => closer.peer_gone(),
+                                ReadFailure::Protocol => {}
                             }
                             break;
                         }
@@ -233,10 +245,28 @@ impl Connection {
         }
     }
 
-    async fn cleanup(&mut self) {
+    /// Leaves the rooms, releases the user's slot and ends the writer, in a turn of churn (a
+    /// storm of disconnects waits for turns instead of crowding the runtime). When the peer is
+    /// gone, the socket is closed within the turn too; otherwise the writer may take up to 2 s
+    /// to say goodbye to the client, after the turn.
+    async fn cleanup(&mut self, stream: SplitStream<WebSocket>, writer: JoinHandle<()>) {
         if let Some((code, _)) = self.out.closer.reason() {
             self.app.service.metrics.close(close_label(code));
         }
+        let app = self.app.clone();
+        let turn = app.service.churn_turn().await;
+        self.leave_everything().await;
+        // The writer ends on the cancelled token. To a peer that is gone it says nothing, so the
+        // socket closes within the turn; saying goodbye to one that is there may wait for it,
+        // which is no churn work.
+        self.out.closer.token().cancel();
+        let turn = self.out.closer.is_peer_gone().then_some(turn);
+        drop(stream);
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        drop(turn);
+    }
+
+    async fn leave_everything(&mut self) {
         let typing: Vec<String> = self
             .session
             .as_ref()
@@ -673,6 +703,10 @@ async fn say_goodbye(
     mut rx: mpsc::Receiver<Utf8Bytes>,
     closer: Arc<Closer>,
 ) {
+    if closer.is_peer_gone() {
+        // Nothing to say to a peer that is not there (a close frame would only draw a reset).
+        return;
+    }
     if let Some((code, reason)) = closer.reason() {
         // A slow consumer's queue is not waited for: its socket is not being read.
         let flush_queued = async {
@@ -697,11 +731,28 @@ fn deadline_of(expires_at: i64) -> TokioInstant {
     TokioInstant::now() + Duration::from_secs(left.max(0) as u64)
 }
 
-fn is_too_big(e: axum::Error) -> bool {
-    matches!(
-        e.into_inner().downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(_))
-    )
+/// Why reading a socket failed, as far as the close goes.
+enum ReadFailure {
+    /// A frame over `limits.max_frame_bytes`: closed with 1009.
+    TooBig,
+    /// The connection is gone (reset, or ended without a close frame): nothing is written to it.
+    PeerGone,
+    /// The peer broke the WebSocket protocol: the socket is closed with a bare close frame.
+    Protocol,
+}
+
+fn read_failure(e: axum::Error) -> ReadFailure {
+    use tungstenite::error::ProtocolError;
+    match e.into_inner().downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => ReadFailure::TooBig,
+        Some(
+            tungstenite::Error::Io(_)
+            | tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed
+            | tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake),
+        ) => ReadFailure::PeerGone,
+        _ => ReadFailure::Protocol,
+    }
 }
 
 fn close_label(code: u16) -> &'static str {

@@ -483,3 +483,35 @@ async fn a_lone_send_is_written_at_once_whatever_the_write_interval() {
         started.elapsed()
     );
 }
+
+/// Checkpoints run beside the writer, on a connection of their own: after a burst of sends the
+/// write-ahead log is copied into the database file (no WAL frame left pending) without a send
+/// ever running a checkpoint itself, and the messages are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_is_checkpointed_in_the_background() {
+    let app = TestApp::spawn_with(|s| s.database.checkpoint_interval_ms = 50).await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    for i in 0..100 {
+        alice.send_ok("r", &format!("m{i}")).await;
+    }
+    let before = app.metric("chat_store_checkpoints_total").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ran = app.metric("chat_store_checkpoints_total").await - before;
+        let pending = app.metric("chat_store_wal_frames_pending").await;
+        if ran >= 2.0 && pending == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the WAL was not checkpointed: {ran} checkpoints since the sends, {pending} frames pending"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let page = alice.history("r", None, Some(50)).await;
+    let messages = page["result"]["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 50);
+    assert_eq!(messages[0]["content"], "m50", "the newest 50, oldest first");
+    assert_eq!(messages[49]["content"], "m99");
+}

@@ -156,6 +156,77 @@ async fn the_connection_cap_answers_503_before_upgrading() {
     }
 }
 
+/// A burst of connections beyond `server.accept_rate` waits its turn: every one is served, none
+/// refused, at the configured pace, while a socket that was already connected keeps its answers
+/// quick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_accept_rate_wait_their_turn_and_none_is_refused() {
+    const RATE: u32 = 20;
+    const BURST: u32 = 2;
+    const ARRIVING: usize = 12;
+    let app = TestApp::spawn_with(|s| {
+        s.server.accept_rate = RATE;
+        s.server.accept_burst = BURST;
+        // One turn of churn at a time: upgrades, joins and cleanups still all get theirs.
+        s.server.churn_concurrency = 1;
+    })
+    .await;
+    let users: Vec<String> = (0..ARRIVING).map(|i| format!("u{i}")).collect();
+    let mut members: Vec<&str> = users.iter().map(String::as_str).collect();
+    members.push("steady");
+    app.room("r", &members).await;
+    let mut steady = app.client("steady").await;
+    steady.join("r", None).await;
+    // The bucket is full again before the burst arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let arriving: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let (addr, token) = (app.addr, app.token(user));
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr, Some(&format!("token={token}"))).await;
+                c.join("r", None).await;
+                (started.elapsed(), c)
+            })
+        })
+        .collect();
+    // Meanwhile the connected socket is served as usual: sends and pings answered quickly.
+    let mut slowest = Duration::ZERO;
+    while !arriving.iter().all(|h| h.is_finished()) {
+        let asked = Instant::now();
+        steady.send_ok("r", "still here").await;
+        steady.expect_message("r").await;
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut last = Duration::ZERO;
+    let mut arrived = Vec::new();
+    for h in arriving {
+        let (took, client) = h.await.expect("every connection is served and joins");
+        last = last.max(took);
+        arrived.push(client);
+    }
+    // 12 connections, 2 at once and then 20 a second: the last waits about 0.5 s.
+    let paced = Duration::from_secs_f64((ARRIVING as u32 - BURST) as f64 / RATE as f64);
+    assert!(
+        last >= paced.mul_f64(0.8),
+        "accepted faster than the pace: the last after {last:?}, expected about {paced:?}"
+    );
+    assert!(
+        slowest < Duration::from_millis(250),
+        "the connected socket waited {slowest:?} for an answer"
+    );
+    assert!(app.metric("chat_connections_paced_total").await >= 1.0);
+    assert_eq!(app.metric("chat_connections_waiting").await, 0.0);
+    assert_eq!(
+        app.metric("chat_connections").await,
+        ARRIVING as f64 + 1.0,
+        "every connection is open"
+    );
+}
+
 fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-gateway"));
     for var in [
@@ -185,6 +256,11 @@ fn invalid_configuration_stops_start_up_with_one_line_naming_the_key() {
             "server.max_connections",
         ),
         ("BIND_ADDR", "not-an-address", "server.bind_addr"),
+        (
+            "CHAT_GATEWAY__SERVER__LISTEN_BACKLOG",
+            "0",
+            "server.listen_backlog",
+        ),
         ("JWT_SECRET", "short", "auth.jwt_secret"),
     ] {
         let out = binary().env(var, value).arg("serve").output().unwrap();

@@ -169,6 +169,55 @@ async fn resume_delivers_exactly_the_missed_messages() {
     bob.expect_silence(Duration::from_millis(200)).await;
 }
 
+/// While the room has sockets on the node, a resume that missed no more than the room's recent
+/// messages kept in memory (`limits.resume_buffer`) is replayed from memory; one that missed
+/// more, from the store. Either way: exactly the missed messages, in order, then live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_resume_is_replayed_from_memory_and_a_longer_one_from_the_store() {
+    let app = TestApp::spawn_with(|s| s.limits.resume_buffer = 5).await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    alice.join("r", None).await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+    alice.send_ok("r", "seen").await;
+    assert_eq!(bob.expect_message("r").await["seq"], 1);
+    bob.close().await;
+
+    let mut last_seen = 1;
+    for (missed, from) in [(5, "memory"), (6, "store")] {
+        for i in 0..missed {
+            alice
+                .send_ok("r", &format!("missed {}", last_seen + 1 + i))
+                .await;
+        }
+        let mut bob = app.client("bob").await;
+        let joined = bob.join("r", Some(last_seen)).await;
+        assert_eq!(joined["missed"], missed, "{joined}");
+        alice.send_ok("r", "live").await;
+        let got: Vec<_> = {
+            let mut v = Vec::new();
+            for _ in 0..=missed {
+                v.push(bob.expect_message("r").await);
+            }
+            v
+        };
+        let want: Vec<i64> = (last_seen + 1..=last_seen + missed + 1).collect();
+        assert_eq!(seqs(&got), want, "replayed from {from}");
+        assert_eq!(got[0]["content"], format!("missed {}", last_seen + 1));
+        assert_eq!(got[missed as usize]["content"], "live");
+        bob.expect_silence(Duration::from_millis(200)).await;
+        assert_eq!(
+            app.metric(&format!("chat_resumes_total{{from=\"{from}\"}}"))
+                .await,
+            1.0,
+            "{missed} missed, buffer of 5: replayed from {from}"
+        );
+        bob.close().await;
+        last_seen += missed + 1;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_while_messages_keep_arriving_has_no_gap_or_duplicate() {
     let app = TestApp::spawn().await;

@@ -243,6 +243,10 @@ pub struct StoreMetrics {
     pub send_batch_size: prometheus_client::metrics::histogram::Histogram,
     /// Sends queued for the writer and not yet taken into a batch.
     pub sends_waiting: prometheus_client::metrics::gauge::Gauge,
+    /// WAL frames not yet copied into the database file, as of the last checkpoint.
+    pub wal_frames_pending: prometheus_client::metrics::gauge::Gauge,
+    /// Checkpoints run by the background checkpointer.
+    pub checkpoints: prometheus_client::metrics::counter::Counter,
 }
 
 impl Default for StoreMetrics {
@@ -254,6 +258,8 @@ impl Default for StoreMetrics {
                 prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
             ),
             sends_waiting: Default::default(),
+            wal_frames_pending: Default::default(),
+            checkpoints: Default::default(),
         }
     }
 }

@@ -1,0 +1,225 @@
+//! Admission of new connections: the sockets that are connected come first.
+//!
+//! A socket that is already connected costs little per message; a new one costs an HTTP upgrade,
+//! a token check and usually a join, which together are worth dozens of messages, and a socket
+//! that goes away costs its cleanup. When thousands of clients come back at once (a network
+//! blip, another node restarting), doing all of that as it arrives would queue it on the runtime
+//! ahead of the messages of the sockets that stayed, and their latency would grow with the size
+//! of the storm. Two things keep the churn to a bounded share of the node, and nothing is refused:
+//!
+//! - **Pace** ([`PacedListener`]): new connections are accepted, and their requests read (parsed,
+//!   upgraded, authenticated), at most `server.accept_rate` a second, in bursts of at most
+//!   `server.accept_burst`, in arrival order.
+//! - **Turns** (`ChatService::churn`): upgrades, joins and disconnect cleanups take a turn each,
+//!   at most `server.churn_concurrency` at once; the others wait, parked, first come first served.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::serve::Listener;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::time::{Instant, Sleep};
+
+/// A pace of `rate` a second with bursts of `burst` (GCRA by virtual scheduling): each caller
+/// reserves the next free start time and waits for it. Hand-written because a limiter that
+/// answers "not yet, try at t" (governor's) would wake every waiter at each free slot, and a
+/// storm is thousands of waiters; here each caller is woken once, at its own time.
+pub struct Pace {
+    /// Time between two starts at the sustained rate.
+    interval: Duration,
+    /// How far ahead of the sustained rate a burst may start: `(burst - 1) * interval`.
+    tolerance: Duration,
+    /// The theoretical arrival time of the next caller.
+    next: Instant,
+}
+
+impl Pace {
+    /// `None` when `rate` is 0 (unpaced).
+    pub fn new(rate: u32, burst: u32) -> Option<Self> {
+        (rate > 0).then(|| {
+            let interval = Duration::from_secs(1) / rate;
+            Self {
+                interval,
+                tolerance: interval * burst.saturating_sub(1),
+                next: Instant::now(),
+            }
+        })
+    }
+
+    /// Reserves the caller's start time: now, or later when callers came faster than the pace.
+    pub fn reserve(&mut self) -> Instant {
+        let now = Instant::now();
+        let start = now.max(self.next.checked_sub(self.tolerance).unwrap_or(now));
+        self.next = self.next.max(now) + self.interval;
+        start
+    }
+}
+
+/// A TCP listener that paces new connections twice at `server.accept_rate`: it takes them from
+/// the kernel's listen queue at that pace (the queue, `server.listen_backlog` deep, holds the
+/// others for free), and it reads each one's HTTP request no sooner than its turn at that pace,
+/// counted from when the request arrived. The second pace spreads requests that arrive in a
+/// bunch long after their connects (clients that were slow to send them). Sets `TCP_NODELAY`.
+pub struct PacedListener {
+    inner: TcpListener,
+    /// `None`: unpaced (`server.accept_rate = 0`).
+    accepts: Option<Pace>,
+    reads: Option<Arc<Mutex<Pace>>>,
+    metrics: PaceMetrics,
+}
+
+/// What the pacing counts: connections read later than their request arrived, and those
+/// waiting for their turn now.
+#[derive(Clone, Default)]
+pub struct PaceMetrics {
+    pub paced: Counter,
+    pub waiting: Gauge,
+}
+
+impl PacedListener {
+    pub fn new(inner: TcpListener, rate: u32, burst: u32, metrics: PaceMetrics) -> Self {
+        Self {
+            inner,
+            accepts: Pace::new(rate, burst),
+            reads: Pace::new(rate, burst).map(|pace| Arc::new(Mutex::new(pace))),
+            metrics,
+        }
+    }
+}
+
+impl Listener for PacedListener {
+    type Io = PacedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        if let Some(pace) = &mut self.accepts {
+            tokio::time::sleep_until(pace.reserve()).await;
+        }
+        // Retries and logs accept errors (out of file descriptors and the like) itself.
+        let (tcp, addr) = Listener::accept(&mut self.inner).await;
+        // Small frames (acks, pushes) go out at once: with Nagle's algorithm a reply written
+        // while the client's delayed ACK of the previous one is pending waits up to 40 ms.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted socket");
+        }
+        let turn = match &self.reads {
+            Some(pace) => ReadTurn::Unasked(pace.clone(), self.metrics.clone()),
+            None => ReadTurn::Taken,
+        };
+        (PacedStream { tcp, turn }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection that is not read before its turn.
+pub struct PacedStream {
+    tcp: TcpStream,
+    turn: ReadTurn,
+}
+
+enum ReadTurn {
+    /// Nothing arrived yet: the turn is asked for when the request arrives.
+    Unasked(Arc<Mutex<Pace>>, PaceMetrics),
+    /// Waiting for the turn (counted in `waiting` until the wait ends or the connection does).
+    Waiting(Pin<Box<Sleep>>, Gauge),
+    Taken,
+}
+
+impl Drop for PacedStream {
+    fn drop(&mut self) {
+        if let ReadTurn::Waiting(_, waiting) = &self.turn {
+            waiting.dec();
+        }
+    }
+}
+
+impl AsyncRead for PacedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.turn {
+                ReadTurn::Taken => return Pin::new(&mut this.tcp).poll_read(cx, buf),
+                ReadTurn::Unasked(pace, metrics) => {
+                    // A failed readiness check is the read's failure too: read now and see it.
+                    if ready!(this.tcp.poll_read_ready(cx)).is_err() {
+                        this.turn = ReadTurn::Taken;
+                        continue;
+                    }
+                    let start = pace.lock().unwrap().reserve();
+                    this.turn = if start > Instant::now() {
+                        metrics.paced.inc();
+                        metrics.waiting.inc();
+                        let waiting = metrics.waiting.clone();
+                        ReadTurn::Waiting(Box::pin(tokio::time::sleep_until(start)), waiting)
+                    } else {
+                        ReadTurn::Taken
+                    };
+                }
+                ReadTurn::Waiting(sleep, waiting) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    waiting.dec();
+                    this.turn = ReadTurn::Taken;
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PacedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Binds a listener with a listen queue of `backlog` connections (tokio's own `bind` asks for
+/// 1,024, which a reconnect storm overflows: the overflow comes back only with the clients' SYN
+/// retransmits, one and three seconds later).
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted gateway can bind while old sockets are in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
