@@ -623,6 +623,24 @@ struct PushMessage<'a> {
     content: std::borrow::Cow<'a, str>,
 }
 
+/// What one read of a generator socket gave: a text frame, something to skip (pings, pongs,
+/// binary), or the end of the socket, with why.
+enum Read {
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    Skip,
+    Ended(String),
+}
+
+fn read_text(msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> Read {
+    match msg {
+        Some(Ok(Message::Text(text))) => Read::Text(text),
+        Some(Ok(Message::Close(frame))) => Read::Ended(format!("closed by server: {frame:?}")),
+        Some(Ok(_)) => Read::Skip,
+        Some(Err(e)) => Read::Ended(format!("socket read: {e}")),
+        None => Read::Ended("socket closed by server".into()),
+    }
+}
+
 /// A connected, authenticated client with its rooms joined.
 struct Client {
     ws: Ws,
@@ -737,19 +755,11 @@ impl Client {
                     }
                 }
                 msg = self.ws.next() => {
-                    let text = match msg {
-                        Some(Ok(Message::Text(text))) => text,
-                        Some(Ok(Message::Close(frame))) => {
-                            shared.0.lock().unwrap().error(format!("closed by server: {frame:?}"));
-                            break;
-                        }
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => {
-                            shared.0.lock().unwrap().error(format!("socket read: {e}"));
-                            break;
-                        }
-                        None => {
-                            shared.0.lock().unwrap().error("socket closed by server");
+                    let text = match read_text(msg) {
+                        Read::Text(text) => text,
+                        Read::Skip => continue,
+                        Read::Ended(why) => {
+                            shared.0.lock().unwrap().error(why);
                             break;
                         }
                     };
@@ -1770,19 +1780,11 @@ impl MemberCtx {
                 _ = &mut until => return true,
                 msg = c.ws.next() => msg,
             };
-            let text = match msg {
-                Some(Ok(Message::Text(text))) => text,
-                Some(Ok(Message::Close(frame))) => {
-                    report.errors.push(format!("closed by server: {frame:?}"));
-                    return false;
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => {
-                    report.errors.push(format!("socket read: {e}"));
-                    return false;
-                }
-                None => {
-                    report.errors.push("socket closed by server".into());
+            let text = match read_text(msg) {
+                Read::Text(text) => text,
+                Read::Skip => continue,
+                Read::Ended(why) => {
+                    report.errors.push(why);
                     return false;
                 }
             };
@@ -1972,19 +1974,11 @@ async fn probe_task(
                 }
             }
             msg = c.ws.next() => {
-                let text = match msg {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(frame))) => {
-                        report.errors.push(format!("probe closed by server: {frame:?}"));
-                        break;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        report.errors.push(format!("probe socket read: {e}"));
-                        break;
-                    }
-                    None => {
-                        report.errors.push("probe socket closed by server".into());
+                let text = match read_text(msg) {
+                    Read::Text(text) => text,
+                    Read::Skip => continue,
+                    Read::Ended(why) => {
+                        report.errors.push(format!("probe {why}"));
                         break;
                     }
                 };
