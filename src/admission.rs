@@ -129,16 +129,27 @@ pub struct PacedStream {
 enum ReadTurn {
     /// Nothing arrived yet: the turn is asked for when the request arrives.
     Unasked(Arc<Mutex<Pace>>, PaceMetrics),
-    /// Waiting for the turn (counted in `waiting` until the wait ends or the connection does).
-    Waiting(Pin<Box<Sleep>>, Gauge),
+    /// Waiting for the turn, counted in `waiting` until the wait ends or the connection does.
+    Waiting {
+        sleep: Pin<Box<Sleep>>,
+        _waiting: Counted,
+    },
     Taken,
 }
 
-impl Drop for PacedStream {
+/// One count in a gauge, taken back when dropped.
+struct Counted(Gauge);
+
+impl Counted {
+    fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        if let ReadTurn::Waiting(_, waiting) = &self.turn {
-            waiting.dec();
-        }
+        self.0.dec();
     }
 }
 
@@ -161,16 +172,16 @@ impl AsyncRead for PacedStream {
                     let start = pace.lock().unwrap().reserve();
                     this.turn = if start > Instant::now() {
                         metrics.paced.inc();
-                        metrics.waiting.inc();
-                        let waiting = metrics.waiting.clone();
-                        ReadTurn::Waiting(Box::pin(tokio::time::sleep_until(start)), waiting)
+                        ReadTurn::Waiting {
+                            sleep: Box::pin(tokio::time::sleep_until(start)),
+                            _waiting: Counted::new(&metrics.waiting),
+                        }
                     } else {
                         ReadTurn::Taken
                     };
                 }
-                ReadTurn::Waiting(sleep, waiting) => {
+                ReadTurn::Waiting { sleep, .. } => {
                     ready!(sleep.as_mut().poll(cx));
-                    waiting.dec();
                     this.turn = ReadTurn::Taken;
                 }
             }

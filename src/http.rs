@@ -96,13 +96,7 @@ async fn ws_upgrade(
         return unavailable("connection limit reached");
     };
     // Held through the upgrade and the token check; released before the socket reads frames.
-    let turn = app
-        .service
-        .churn
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("the churn semaphore is never closed");
+    let turn = app.service.churn_turn().await;
     let token = query
         .get("token")
         .cloned()

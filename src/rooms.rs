@@ -18,7 +18,7 @@
 //! other way round; so may the lock of the node's pending presence changes (`PresenceChanges`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -59,7 +59,7 @@ pub struct Closer {
     reason: OnceLock<(u16, &'static str)>,
     token: CancellationToken,
     /// The peer went away without a close frame: nothing more is written to it.
-    gone: std::sync::atomic::AtomicBool,
+    gone: AtomicBool,
 }
 
 impl Closer {
@@ -67,7 +67,7 @@ impl Closer {
         Self {
             reason: OnceLock::new(),
             token: CancellationToken::new(),
-            gone: std::sync::atomic::AtomicBool::new(false),
+            gone: AtomicBool::new(false),
         }
     }
 

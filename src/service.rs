@@ -102,9 +102,10 @@ pub fn validate_room_id(room: &str) -> Result<(), ChatError> {
 
 impl ChatService {
     /// Waits for a turn of connection churn (see [`ChatService::churn`]).
-    pub async fn churn_turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+    pub async fn churn_turn(&self) -> tokio::sync::OwnedSemaphorePermit {
         self.churn
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .expect("the churn semaphore is never closed")
     }

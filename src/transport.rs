@@ -95,7 +95,7 @@ impl Connection {
         turn: OwnedSemaphorePermit,
     ) -> impl Future<Output = ()> + Send + 'static {
         let id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (sink, stream) = socket.split();
+        let (sink, mut stream) = socket.split();
         let (tx, rx) = mpsc::channel(app.service.settings.limits.outbound_queue);
         let closer = Arc::new(Closer::new());
         let epoch = Instant::now();
@@ -126,7 +126,6 @@ impl Connection {
             }
             // The upgrade's turn of churn ends here: from now on the socket waits for its client.
             drop(turn);
-            let mut stream = stream;
             connection.ready_loop(&mut stream).await;
             Box::pin(connection.cleanup(stream, writer)).await;
             connection.app.service.metrics.connections.dec();
@@ -253,8 +252,7 @@ impl Connection {
         if let Some((code, _)) = self.out.closer.reason() {
             self.app.service.metrics.close(close_label(code));
         }
-        let app = self.app.clone();
-        let turn = app.service.churn_turn().await;
+        let turn = self.app.service.churn_turn().await;
         self.leave_everything().await;
         // The writer ends on the cancelled token. To a peer that is gone it says nothing, so the
         // socket closes within the turn; saying goodbye to one that is there may wait for it,

@@ -15,8 +15,8 @@
 //! commit that crosses 1,000 WAL pages, so every few hundred milliseconds under load one group
 //! commit, and every send queued behind it, waited 10-20 ms for the disk (more on a busy one).
 //! The writer connection therefore does not checkpoint (`wal_autocheckpoint = 0`); a connection of
-//! its own runs a `PASSIVE` checkpoint every `database.checkpoint_interval_ms`, beside the writer, which keeps
-//! appending to the WAL meanwhile. When the store closes, the last connection to close folds the
+//! its own runs a `PASSIVE` checkpoint every `database.checkpoint_interval_ms`, beside the writer,
+//! which keeps appending to the WAL meanwhile. When the store closes, the last connection to close folds the
 //! WAL into the database file as SQLite always does.
 //!
 //! # Sends: group commit
@@ -137,11 +137,11 @@ pub struct SqliteStore {
     sends: mpsc::Sender<PendingSend>,
     /// Cancelled by `close`: the group writer writes what is queued, then ends.
     stop: CancellationToken,
-    /// The group writer task, awaited by `close`. Locked only to take it.
-    group_writer: Mutex<Option<JoinHandle<()>>>,
-    /// The background checkpointer's connection and task (ended by `stop`).
+    /// The group writer and the checkpointer, ended by `stop` and awaited by `close`. Locked only
+    /// to take them.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The background checkpointer's connection.
     checkpointer: SqlitePool,
-    checkpoint_task: Mutex<Option<JoinHandle<()>>>,
     stats: StoreMetrics,
 }
 
@@ -223,9 +223,8 @@ impl SqliteStore {
             readers,
             sends,
             stop,
-            group_writer: Mutex::new(Some(task)),
+            tasks: Mutex::new(vec![task, checkpoint_task]),
             checkpointer,
-            checkpoint_task: Mutex::new(Some(checkpoint_task)),
             stats,
         })
     }
@@ -241,12 +240,8 @@ impl SqliteStore {
     /// `Unavailable`.
     pub async fn close(&self) {
         self.stop.cancel();
-        let task = self.group_writer.lock().unwrap().take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-        let task = self.checkpoint_task.lock().unwrap().take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
+        for task in tasks {
             let _ = task.await;
         }
         self.checkpointer.close().await;
@@ -261,8 +256,8 @@ impl SqliteStore {
     }
 }
 
-/// Runs a `PASSIVE` checkpoint every `database.checkpoint_interval_ms` until `stop`: it copies what the WAL
-/// holds into the database file without blocking the writer (or waiting for readers).
+/// Runs a `PASSIVE` checkpoint every `database.checkpoint_interval_ms` until `stop`: it copies
+/// what the WAL holds into the database file without blocking the writer (or waiting for readers).
 async fn run_checkpoints(
     pool: SqlitePool,
     every: Duration,
