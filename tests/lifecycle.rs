@@ -192,13 +192,13 @@ async fn connections_beyond_the_accept_rate_wait_their_turn_and_none_is_refused(
             })
         })
         .collect();
-    // Meanwhile the connected socket is served as usual: sends and pings answered quickly.
-    let mut slowest = Duration::ZERO;
+    // Meanwhile the connected socket is served as usual: its sends answered and delivered.
+    let mut answers = Vec::new();
     while !arriving.iter().all(|h| h.is_finished()) {
         let asked = Instant::now();
         steady.send_ok("r", "still here").await;
         steady.expect_message("r").await;
-        slowest = slowest.max(asked.elapsed());
+        answers.push(asked.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut last = Duration::ZERO;
@@ -214,9 +214,14 @@ async fn connections_beyond_the_accept_rate_wait_their_turn_and_none_is_refused(
         last >= paced.mul_f64(0.8),
         "accepted faster than the pace: the last after {last:?}, expected about {paced:?}"
     );
+    // Not queued behind the arrivals: typically answered at once, and never as late as the last
+    // arrival waited (a single slow commit of the store file may still take a few hundred ms).
+    answers.sort();
+    let (typical, slowest) = (answers[answers.len() / 2], answers[answers.len() - 1]);
     assert!(
-        slowest < Duration::from_millis(250),
-        "the connected socket waited {slowest:?} for an answer"
+        typical < Duration::from_millis(100) && slowest < last,
+        "the connected socket's answers took {typical:?} (median) and {slowest:?} (slowest) while \
+         the last arrival waited {last:?}"
     );
     assert!(app.metric("chat_connections_paced_total").await >= 1.0);
     assert_eq!(app.metric("chat_connections_waiting").await, 0.0);
