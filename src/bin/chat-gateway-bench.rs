@@ -208,6 +208,10 @@ enum Scenario {
         /// Clients not back this many seconds after the drop count as errors.
         #[arg(long, default_value_t = 120)]
         storm_timeout: u64,
+        /// Also list every probe message from a second before the drop on whose delivery took
+        /// longer than this (ms), with its ack and where the ack's time went.
+        #[arg(long)]
+        slow_ms: Option<f64>,
     },
 }
 
@@ -1617,6 +1621,7 @@ struct StormOptions {
     settle: u64,
     reconnect_concurrency: usize,
     storm_timeout: u64,
+    slow_ms: Option<f64>,
 }
 
 /// The storm's phases, by the time a message was sent (or a push received).
@@ -2360,6 +2365,42 @@ fn print_timeline(probes: &ProbeSide, clients: &[MemberReport], dropped: u64, ba
     }
 }
 
+/// Every probe message sent from a second before the drop on that took longer than `slow_ms` to
+/// deliver: when, its delivery and ack latency, and the ack's split (ms until the gateway's
+/// createdAt stamp + ms from it to the ack). A stall shows as a staircase of messages released
+/// together; the split tells a late read (first part) from a late write or fan-out (second).
+fn print_slow(probes: &ProbeSide, dropped: u64, slow_ms: f64) {
+    let mut acks: HashMap<u64, u64> = HashMap::new();
+    let mut splits: HashMap<u64, (i64, i64)> = HashMap::new();
+    for p in &probes.probes {
+        acks.extend(p.acks.iter().copied());
+        splits.extend(p.split.iter().map(|(t, a, b)| (*t, (*a, *b))));
+    }
+    let from = dropped.saturating_sub(1_000_000);
+    let mut slow: Vec<(u64, u64)> = probes
+        .probes
+        .iter()
+        .flat_map(|p| p.samples.iter().copied())
+        .filter(|(t, l)| *t >= from && *l as f64 > slow_ms * 1000.0)
+        .collect();
+    slow.sort_unstable();
+    println!(
+        "slow messages          {} delivered in over {slow_ms} ms (from 1 s before the drop)",
+        slow.len()
+    );
+    for (t, l) in slow {
+        let split = splits
+            .get(&t)
+            .map_or("-".into(), |(a, b)| format!("{a}+{b}"));
+        println!(
+            "  {:>+8.4}s  delivery {:>7.1}ms  ack {:>7.1}ms  split {split}",
+            (t as f64 - dropped as f64) / 1e6,
+            l as f64 / 1000.0,
+            acks.get(&t).copied().unwrap_or(0) as f64 / 1000.0,
+        );
+    }
+}
+
 async fn storm(gw: Arc<Gateway>, common: &Common, o: StormOptions) -> anyhow::Result<u64> {
     let limit = raise_nofile();
     let room_size = o.room_size.clamp(1, o.clients.max(1));
@@ -2493,6 +2534,7 @@ async fn storm(gw: Arc<Gateway>, common: &Common, o: StormOptions) -> anyhow::Re
     tokio::time::sleep(Duration::from_secs(common.duration)).await;
     // Phase 2: every client drops its socket at once and reconnects at once.
     phases.dropped.store(micros_since(epoch), Ordering::Relaxed);
+
     drop_all.cancel();
     let storm_until = Instant::now() + Duration::from_secs(o.storm_timeout);
     while counters.back.load(Ordering::Relaxed) < o.clients && Instant::now() < storm_until {
@@ -2603,6 +2645,9 @@ async fn storm(gw: Arc<Gateway>, common: &Common, o: StormOptions) -> anyhow::Re
     println!("                       (clients: live, or replayed on resume after the reconnect)");
 
     print_timeline(&probe_side, &reports, dropped, back_all, end);
+    if let Some(slow_ms) = o.slow_ms {
+        print_slow(&probe_side, dropped, slow_ms);
+    }
 
     let storm_secs = secs(end.saturating_sub(dropped)).max(1e-6);
     let probe_pushes: Vec<u32> = probe_side
@@ -2783,9 +2828,9 @@ fn main() -> anyhow::Result<()> {
             Scenario::History { hot_rooms, cold_rooms, fill, rate, cold_fraction, sockets, limit } => {
                 history(gw, &common, hot_rooms, cold_rooms, fill, rate, cold_fraction, sockets, limit).await
             }
-            Scenario::Storm { clients, room_size, probes, rate, settle, reconnect_concurrency, storm_timeout } => {
+            Scenario::Storm { clients, room_size, probes, rate, settle, reconnect_concurrency, storm_timeout, slow_ms } => {
                 let reconnect_concurrency = reconnect_concurrency.unwrap_or(clients).max(1);
-                let options = StormOptions { clients, room_size, probes, rate, settle, reconnect_concurrency, storm_timeout };
+                let options = StormOptions { clients, room_size, probes, rate, settle, reconnect_concurrency, storm_timeout, slow_ms };
                 storm(gw, &common, options).await
             }
         };
