@@ -12,7 +12,21 @@
 //!   `server.accept_burst`, in arrival order.
 //! - **Turns** (`ChatService::churn`): upgrades, joins and disconnect cleanups take a turn each,
 //!   at most `server.churn_concurrency` at once; the others wait, parked, first come first served.
+//! - **A lane of its own** ([`ChurnLane`]): all of that runs on a runtime whose one thread the
+//!   kernel runs after the main runtime's (`server.churn_nice`). Pace and turns bound how much
+//!   churn there is; the lane keeps what there is from queueing ahead of connected sockets. On
+//!   one runtime, a task that is woken waits for every task woken before it: the 10,000 cleanups
+//!   of a storm's disconnects, or the joins of its returns, held the acknowledgement of every
+//!   message sent meanwhile for 40-120 ms. Connected sockets still read their peer's goodbye on
+//!   the main runtime (a few microseconds each); everything after it moves to the lane.
+//!
+//! What the lane must not do is own what connected sockets use: a socket answers on the runtime
+//! that registered it. Upgraded sockets therefore move to the main runtime at their first read
+//! or write there ([`PacedStream`]), and the stores open every connection at start, on the main
+//! runtime, and keep it. The SQLite store's writer connection has a thread of its own
+//! ([`spawn_dedicated`]).
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -112,7 +126,12 @@ impl Listener for PacedListener {
             Some(pace) => ReadTurn::Unasked(pace.clone(), self.metrics.clone()),
             None => ReadTurn::Taken,
         };
-        (PacedStream { tcp, turn }, addr)
+        let stream = PacedStream {
+            tcp: Some(tcp),
+            turn,
+            on_churn: on_churn_lane(),
+        };
+        (stream, addr)
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
@@ -121,9 +140,54 @@ impl Listener for PacedListener {
 }
 
 /// An accepted connection that is not read before its turn.
+///
+/// Accepted on the churn lane, it moves to the runtime of the first task outside the lane that
+/// reads or writes it (the connection's, once upgraded): its readiness is then reported by that
+/// runtime, not by the lane's thread, which runs at a lower priority.
 pub struct PacedStream {
-    tcp: TcpStream,
+    /// `None` only when moving to another runtime failed (every later use fails too).
+    tcp: Option<TcpStream>,
     turn: ReadTurn,
+    /// Registered with the churn lane's runtime.
+    on_churn: bool,
+}
+
+impl PacedStream {
+    /// The socket, registered with the runtime of the calling task.
+    fn tcp(&mut self) -> std::io::Result<&mut TcpStream> {
+        settle(&mut self.tcp, &mut self.on_churn)
+    }
+}
+
+/// Moves `tcp` to the calling task's runtime if it is still registered with the churn lane's
+/// and the caller is not on the lane.
+fn settle<'a>(
+    tcp: &'a mut Option<TcpStream>,
+    on_churn: &mut bool,
+) -> std::io::Result<&'a mut TcpStream> {
+    if *on_churn && !on_churn_lane() {
+        *on_churn = false;
+        *tcp = tcp
+            .take()
+            .map(|tcp| TcpStream::from_std(tcp.into_std()?))
+            .transpose()?;
+    }
+    tcp.as_mut().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "the socket could not move to the connection's runtime",
+        )
+    })
+}
+
+/// `Poll::Ready(Err(_))` out of a failed `io::Result`.
+macro_rules! ready_io {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    };
 }
 
 enum ReadTurn {
@@ -161,11 +225,12 @@ impl AsyncRead for PacedStream {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         loop {
+            let tcp = ready_io!(settle(&mut this.tcp, &mut this.on_churn));
             match &mut this.turn {
-                ReadTurn::Taken => return Pin::new(&mut this.tcp).poll_read(cx, buf),
+                ReadTurn::Taken => return Pin::new(tcp).poll_read(cx, buf),
                 ReadTurn::Unasked(pace, metrics) => {
                     // A failed readiness check is the read's failure too: read now and see it.
-                    if ready!(this.tcp.poll_read_ready(cx)).is_err() {
+                    if ready!(tcp.poll_read_ready(cx)).is_err() {
                         this.turn = ReadTurn::Taken;
                         continue;
                     }
@@ -195,7 +260,7 @@ impl AsyncWrite for PacedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(ready_io!(self.tcp())).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -203,19 +268,20 @@ impl AsyncWrite for PacedStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(ready_io!(self.tcp())).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        // As `TcpStream`'s (a socket takes `writev`).
+        true
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(ready_io!(self.tcp())).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(ready_io!(self.tcp())).poll_shutdown(cx)
     }
 }
 
@@ -233,4 +299,136 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+/// Runs `task` on a thread of its own, with a single-threaded runtime of its own, and returns a
+/// handle that completes when the task does, and the runtime's handle: tasks spawned on it run
+/// on that thread too, until `task` ends.
+///
+/// For the few tasks whose every step must not wait behind the node's connection churn: a task
+/// of the main runtime that is woken waits for every task woken before it, and in a reconnect
+/// storm that is thousands of sockets' handshakes, joins and cleanups. The SQLite group writer
+/// is one: each of its transaction's statements is a round trip to the connection's thread, and
+/// queued behind a storm six round trips held every send's acknowledgement for over 100 ms.
+pub fn spawn_dedicated<F>(
+    name: &str,
+    task: F,
+) -> std::io::Result<(tokio::task::JoinHandle<()>, tokio::runtime::Handle)>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            runtime.block_on(task);
+            let _ = done.send(());
+        })?;
+    let finished = tokio::spawn(async move {
+        let _ = finished.await;
+    });
+    Ok((finished, handle))
+}
+
+thread_local! {
+    /// Set on the churn lane's threads.
+    static ON_CHURN_LANE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the caller runs on the churn lane.
+fn on_churn_lane() -> bool {
+    ON_CHURN_LANE.with(Cell::get)
+}
+
+/// The churn lane: a runtime of its own, on one thread that the kernel runs after the node's
+/// other threads (`server.churn_nice`), for the work of sockets that come and go. It accepts and
+/// paces new connections, serves HTTP (upgrades, REST, metrics), and runs joins and disconnect
+/// cleanups; a socket, once upgraded, is read and written on the main runtime. Whenever the
+/// main runtime has work (messages of the sockets that stayed) the kernel runs it first; the
+/// churn gets the rest of the core, which between storms is nearly all of it.
+pub struct ChurnLane {
+    handle: tokio::runtime::Handle,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl ChurnLane {
+    /// Starts the lane's runtime; its thread runs at `nice` (0: as the others; 1..=19: after
+    /// them, as `nice(1)` does). Where the thread's priority cannot be set (not Linux, or not
+    /// allowed), the lane still runs, at the default priority, and says so in the log.
+    pub fn start(nice: i32) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("churn")
+            .on_thread_start(move || {
+                ON_CHURN_LANE.with(|c| c.set(true));
+                lower_priority(nice);
+            })
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+        })
+    }
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// Runs `task` on the lane and waits for it. A panic in it is resumed in the caller.
+    pub async fn run<F>(&self, task: F) -> F::Output
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self.handle.spawn(task).await {
+            Ok(output) => output,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: only when the lane shut down, after the server stopped.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Stops the lane's runtime without waiting for its tasks (callable from async code).
+    pub fn shutdown(&self) {
+        if let Some(runtime) = self.runtime.lock().unwrap().take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for ChurnLane {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority on the calling thread's id has no memory effects.
+    let tid = unsafe { libc::gettid() };
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        tracing::warn!(
+            nice,
+            error = %std::io::Error::last_os_error(),
+            "could not lower the churn lane's priority; it runs at the default"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(nice: i32) {
+    if nice != 0 {
+        tracing::warn!(
+            nice,
+            "thread priorities are set on Linux only; the churn lane runs at the default"
+        );
+    }
 }

@@ -48,6 +48,8 @@ pub struct ServerSettings {
     pub accept_rate: u32,
     pub accept_burst: u32,
     pub churn_concurrency: usize,
+    /// The churn lane's thread priority (`nice`, 0..=19): see `admission::ChurnLane`.
+    pub churn_nice: i32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,6 +229,9 @@ impl Settings {
         }
         if self.server.churn_concurrency == 0 {
             return fail("server.churn_concurrency", "must be at least 1");
+        }
+        if !(0..=19).contains(&self.server.churn_nice) {
+            return fail("server.churn_nice", "must be 0..=19");
         }
         if self.server.listen_backlog == 0 {
             return fail("server.listen_backlog", "must be at least 1");

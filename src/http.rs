@@ -110,10 +110,13 @@ async fn ws_upgrade(
         .write_buffer_size(limits.ws_write_buffer_bytes)
         .on_upgrade(move |socket| {
             // The connection gets a task of its own, sized for the connection alone (about half
-            // of the upgrade task's size, which makes room for the WebSocket handshake too). The
-            // guard covered the upgrade; the tracked task takes over from it.
+            // of the upgrade task's size, which makes room for the WebSocket handshake too), on
+            // the main runtime: the upgrade ran on the churn lane, the socket's life does not.
+            // The guard covered the upgrade; the tracked task takes over from it.
             let tracker = app.tracker.clone();
-            tracker.spawn(Connection::run(app, socket, token, permit, turn));
+            let main = app.main.clone();
+            let _main = main.enter();
+            tracker.spawn_on(Connection::run(app, socket, token, permit, turn), &main);
             drop(guard);
             std::future::ready(())
         })
@@ -148,9 +151,10 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         }
     };
     let mut body = json!({"ready": store_ok, "store": if store_ok { "ok" } else { "unreachable" }});
-    if let Some((redis, broker)) = &app.redis {
-        // Both the command connection and the pub/sub subscription must be up for fan-out.
-        let redis_ok = broker.connected() && redis.ping().await;
+    if let Some((redis, presence, broker)) = &app.redis {
+        // The command connection and the pub/sub subscription must be up for fan-out, and the
+        // presence's own connection for presence.
+        let redis_ok = broker.connected() && redis.ping().await && presence.ping().await;
         body["redis"] = json!(if redis_ok { "ok" } else { "unreachable" });
         body["ready"] = json!(store_ok && redis_ok);
     }

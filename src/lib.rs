@@ -150,8 +150,25 @@ pub struct App {
     pub next_conn_id: AtomicU64,
     /// Every WebSocket connection task, so shutdown can wait for them to close.
     pub tracker: TaskTracker,
-    /// The Redis connection and broker, when configured (for readiness).
-    pub redis: Option<(redis_conn::RedisConn, Arc<RedisBroker>)>,
+    /// The Redis connections (shared, presence) and broker, when configured (for readiness).
+    pub redis: Option<(
+        redis_conn::RedisConn,
+        redis_conn::RedisConn,
+        Arc<RedisBroker>,
+    )>,
+    /// Where connections come and go: accepts, HTTP, upgrades, joins, cleanups.
+    pub churn: admission::ChurnLane,
+    /// The runtime the gateway was started on: connected sockets are read and written there.
+    pub main: tokio::runtime::Handle,
+}
+
+/// Stops the churn lane when dropped.
+struct LaneGuard(Arc<App>);
+
+impl Drop for LaneGuard {
+    fn drop(&mut self) {
+        self.0.churn.shutdown();
+    }
 }
 
 /// Background tasks owned by a running gateway.
@@ -207,6 +224,7 @@ pub async fn open_store(
 /// The Redis-backed parts, when `redis.url` is set.
 struct RedisParts {
     conn: redis_conn::RedisConn,
+    presence: redis_conn::RedisConn,
     broker: Arc<RedisBroker>,
 }
 
@@ -224,9 +242,10 @@ struct Backing {
     memory_jobs: Option<tokio::sync::mpsc::Receiver<queue::Job>>,
 }
 
+/// `redis`: the node's shared connection, and the presence's own (see `build`).
 fn backing(
     settings: &Settings,
-    redis: Option<redis_conn::RedisConn>,
+    redis: Option<(redis_conn::RedisConn, redis_conn::RedisConn)>,
     registry: &Arc<RoomRegistry>,
     shutdown: &CancellationToken,
 ) -> Backing {
@@ -256,14 +275,15 @@ fn backing(
                 memory_jobs: Some(jobs),
             }
         }
-        Some(conn) => {
+        Some((conn, presence_conn)) => {
             let resync = {
                 let registry = registry.clone();
                 Arc::new(move || registry.resync_all()) as Arc<dyn Fn() + Send + Sync>
             };
             let broker = RedisBroker::start(conn.clone(), sink, resync, shutdown.clone());
             let lease = Duration::from_millis(settings.signals.presence_lease_ms);
-            let redis_presence = Arc::new(presence::RedisPresence::new(conn.clone(), lease));
+            let redis_presence =
+                Arc::new(presence::RedisPresence::new(presence_conn.clone(), lease));
             Backing {
                 presence: redis_presence.clone(),
                 redis_presence: Some(redis_presence),
@@ -275,7 +295,11 @@ fn backing(
                 } else {
                     Arc::new(Unlimited)
                 },
-                redis: Some(RedisParts { conn, broker }),
+                redis: Some(RedisParts {
+                    conn,
+                    presence: presence_conn,
+                    broker,
+                }),
                 memory_jobs: None,
             }
         }
@@ -287,7 +311,12 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let redis = if settings.redis.url.expose_secret().is_empty() {
         None
     } else {
-        Some(redis_conn::RedisConn::connect(&settings.redis).await?)
+        // Presence records the node's arrivals and departures, thousands at once in a reconnect
+        // storm, in pipelines of scripts: on a connection of its own, so that the commands of
+        // messages (history cache, publish, rate limits) do not queue behind them.
+        let shared = redis_conn::RedisConn::connect(&settings.redis).await?;
+        let presence = redis_conn::RedisConn::connect(&settings.redis).await?;
+        Some((shared, presence))
     };
     let dev_secret = if settings.dev_mode() {
         let secret = auth::load_or_create_dev_secret(&settings.server.data_dir)?;
@@ -392,6 +421,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let read_flush = Duration::from_millis(settings.signals.read_flush_ms.max(1));
     let max_connections = settings.server.max_connections;
     let churn_concurrency = settings.server.churn_concurrency;
+    let settings_nice = settings.server.churn_nice;
     let service = Arc::new(ChatService {
         settings,
         store: dyn_store,
@@ -422,9 +452,15 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         tracker: TaskTracker::new(),
         redis: redis_parts
             .as_ref()
-            .map(|p| (p.conn.clone(), p.broker.clone())),
+            .map(|p| (p.conn.clone(), p.presence.clone(), p.broker.clone())),
+        churn: admission::ChurnLane::start(settings_nice)
+            .context("starting the churn lane's runtime")?,
+        main: tokio::runtime::Handle::current(),
     });
-    tokio::spawn(app.service.clone().run_presence(presence_changes));
+    // Presence changes come from joins and cleanups: churn, recorded on its lane.
+    app.churn
+        .handle()
+        .spawn(app.service.clone().run_presence(presence_changes));
     if let Some(redis_presence) = redis_presence {
         let service = app.service.clone();
         let stop = app.shutdown.clone();
@@ -547,6 +583,8 @@ pub async fn run(
         );
     }
     let (app, background) = build(settings).await?;
+    // However `run` ends (returned, failed, or its future dropped), the churn lane's thread ends.
+    let _lane = LaneGuard(app.clone());
     tracing::info!(%addr, "chat-gateway listening");
     {
         let token = app.shutdown.clone();
@@ -555,17 +593,25 @@ pub async fn run(
             token.cancel();
         });
     }
-    let router = http::router(app.clone());
-    let server = &app.service.settings.server;
-    let listener = admission::PacedListener::new(
-        listener,
-        server.accept_rate,
-        server.accept_burst,
-        app.service.metrics.pace.clone(),
-    );
-    axum::serve(listener, router)
-        .with_graceful_shutdown(app.shutdown.clone().cancelled_owned())
-        .await?;
+    // Accepted, paced and served on the churn lane (the listener moves to its runtime).
+    let listener = listener.into_std()?;
+    let serve = {
+        let app = app.clone();
+        async move {
+            let router = http::router(app.clone());
+            let server = &app.service.settings.server;
+            let listener = admission::PacedListener::new(
+                TcpListener::from_std(listener)?,
+                server.accept_rate,
+                server.accept_burst,
+                app.service.metrics.pace.clone(),
+            );
+            axum::serve(listener, router)
+                .with_graceful_shutdown(app.shutdown.clone().cancelled_owned())
+                .await
+        }
+    };
+    app.churn.run(serve).await?;
     tracing::info!("draining sockets");
     app.tracker.close();
     if tokio::time::timeout(grace, app.tracker.wait())

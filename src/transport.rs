@@ -127,8 +127,14 @@ impl Connection {
             // The upgrade's turn of churn ends here: from now on the socket waits for its client.
             drop(turn);
             connection.ready_loop(&mut stream).await;
-            Box::pin(connection.cleanup(stream, writer)).await;
-            connection.app.service.metrics.connections.dec();
+            // On the churn lane, like the connection's upgrade (see `crate::admission`).
+            let app = connection.app.clone();
+            app.churn
+                .run(async move {
+                    connection.cleanup(stream, writer).await;
+                    connection.app.service.metrics.connections.dec();
+                })
+                .await;
         }
     }
 
@@ -316,7 +322,14 @@ impl Connection {
                 self.reply(&id, PongResult { server_time: now }).await;
             }
             ClientFrame::Join { id, room, since } => {
-                match service.join(&identity, &conn, &room, since).await {
+                // On the churn lane: a join is churn work (see `crate::admission`).
+                let joined = {
+                    let (service, conn, room) = (service.clone(), conn.clone(), room.clone());
+                    app.churn
+                        .run(async move { service.join(&identity, &conn, &room, since).await })
+                        .await
+                };
+                match joined {
                     Ok(plan) => {
                         let result = JoinResult {
                             room: &room,

@@ -232,6 +232,52 @@ async fn connections_beyond_the_accept_rate_wait_their_turn_and_none_is_refused(
     );
 }
 
+/// The nice values of this process's threads named `name`.
+#[cfg(target_os = "linux")]
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        if comm.trim() != name {
+            continue;
+        }
+        // After "pid (comm) ": state is field 3 of proc(5), nice field 19.
+        let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+        nices.push(fields[19 - 3].parse().unwrap());
+    }
+    nices
+}
+
+/// Connection churn runs on its own thread at `server.churn_nice` (10), below the threads that
+/// serve connected sockets, and the sockets it upgrades are served as usual.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_churn_runs_on_a_thread_of_lower_priority() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    alice.join("r", None).await;
+    assert_eq!(alice.send_ok("r", "upgraded on the lane").await["seq"], 1);
+    assert_eq!(alice.expect_message("r").await["seq"], 1);
+    let lanes = nice_of_threads("churn");
+    assert!(!lanes.is_empty(), "a thread named churn runs");
+    assert!(
+        lanes.iter().all(|n| *n == 10),
+        "churn threads' nice: {lanes:?}"
+    );
+    let own = nice_of_threads("tokio-rt-worker");
+    assert!(
+        own.iter().all(|n| *n == 0),
+        "the test's runtime keeps the default priority: {own:?}"
+    );
+}
+
 fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat-gateway"));
     for var in [
@@ -265,6 +311,11 @@ fn invalid_configuration_stops_start_up_with_one_line_naming_the_key() {
             "CHAT_GATEWAY__SERVER__LISTEN_BACKLOG",
             "0",
             "server.listen_backlog",
+        ),
+        (
+            "CHAT_GATEWAY__SERVER__CHURN_NICE",
+            "20",
+            "server.churn_nice",
         ),
         ("JWT_SECRET", "short", "auth.jwt_secret"),
     ] {

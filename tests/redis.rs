@@ -587,6 +587,16 @@ async fn presence_changed_while_redis_is_down_waits_once_per_user_and_is_recorde
     node.room("r", &["alice", "bob"]).await;
     let mut bob = node.client("bob").await;
     bob.join("r", None).await;
+    // Bob's arrival is recorded (it follows his join by a few milliseconds) before Redis stops.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = bob.request(json!({"type": "presence", "room": "r"})).await;
+        if page["result"]["online"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob never showed online: {page}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     wait_presence_backlog(&node, 0.0).await;
 
     redis.stop();

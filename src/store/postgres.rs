@@ -145,6 +145,13 @@ impl PgStore {
             // that died meanwhile fails its one statement (`Unavailable`, nothing written) and is
             // discarded when it is returned; the pool opens a fresh one.
             .test_before_acquire(false)
+            // Every connection is opened here, on the runtime that starts the gateway, and kept:
+            // a socket belongs to the runtime that opened it, and one opened by a task on the
+            // churn lane would have every later query on it answered at the lane's lower
+            // priority (see `crate::admission::ChurnLane`).
+            .min_connections(max_connections.max(1))
+            .idle_timeout(None)
+            .max_lifetime(None)
             .connect_with(options)
             .await?;
         Ok(Self { pool })

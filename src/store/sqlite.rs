@@ -56,6 +56,16 @@
 //!
 //! The other writes (rooms, memberships, read marks, room touches, outbox claim and ack) share the
 //! writer connection with the group writer, one statement each whatever the number of rows.
+//!
+//! # The writer's thread
+//!
+//! The group writer, and every other use of the writer connection, runs on a thread of its own
+//! (a single-threaded runtime, `sqlite-group-writer`), never on the node's main runtime. Each
+//! statement is a round trip to the connection's thread, and a pooled connection is held until
+//! the task that holds it runs again: on a main runtime busy with a reconnect storm, each of those
+//! steps waited behind thousands of woken tasks, and one outbox claim holding the only writer
+//! connection that way held every send behind it (40-120 ms in the storm benchmark). On its own
+//! thread each step follows at once.
 //! `chat_store_write_statements_total`, `chat_store_send_batch_size` and
 //! `chat_store_sends_waiting` in `/metrics` show the writer's work.
 
@@ -142,6 +152,8 @@ pub struct SqliteStore {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The background checkpointer's connection.
     checkpointer: SqlitePool,
+    /// The runtime of the group writer's thread, where every use of `writer` runs.
+    writer_thread: tokio::runtime::Handle,
     stats: StoreMetrics,
 }
 
@@ -189,8 +201,14 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(connect.clone())
             .await?;
+        // Every reader is opened here, by the caller's thread, and kept: a connection opened
+        // later by a task on the churn lane would get its thread from the lane's, at the lane's
+        // lower priority (see `crate::admission::ChurnLane`).
         let readers = SqlitePoolOptions::new()
             .max_connections(options.readers.max(1))
+            .min_connections(options.readers.max(1))
+            .idle_timeout(None)
+            .max_lifetime(None)
             .test_before_acquire(false)
             .connect_with(connect.clone().read_only(true))
             .await?;
@@ -209,7 +227,10 @@ impl SqliteStore {
             stats.clone(),
             stop.clone(),
         ));
-        let task = tokio::spawn(
+        // On a thread of its own, with every other use of the writer connection (see the module
+        // docs).
+        let (task, writer_thread) = crate::admission::spawn_dedicated(
+            "sqlite-group-writer",
             GroupWriter {
                 pool: writer.clone(),
                 batch: options.write_batch.max(1),
@@ -217,13 +238,15 @@ impl SqliteStore {
                 stats: stats.clone(),
             }
             .run(queued, stop.clone()),
-        );
+        )
+        .map_err(|e| StoreError::Unavailable(format!("starting the group writer: {e}")))?;
         Ok(Self {
             writer,
             readers,
             sends,
             stop,
             tasks: Mutex::new(vec![task, checkpoint_task]),
+            writer_thread,
             checkpointer,
             stats,
         })
@@ -253,6 +276,21 @@ impl SqliteStore {
     /// Counts `n` statements run on the writer connection.
     fn wrote(&self, n: u64) {
         self.stats.write_statements.inc_by(n);
+    }
+
+    /// Runs `work` with the writer connection on the writer's thread (see the module docs:
+    /// the connection is held until the task that holds it runs again, and on the writer's
+    /// thread that is at once, whatever the rest of the node is doing).
+    async fn on_writer<T, F>(&self, work: impl FnOnce(SqlitePool) -> F) -> Result<T, sqlx::Error>
+    where
+        F: Future<Output = Result<T, sqlx::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self.writer_thread.spawn(work(self.writer.clone())).await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(sqlx::Error::PoolClosed),
+        }
     }
 }
 
@@ -719,17 +757,19 @@ impl Store for SqliteStore {
 
     async fn create_room(&self, id: &str, name: &str) -> Result<Room, StoreError> {
         self.wrote(1);
-        sqlx::query(r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?)"#)
-            .bind(id)
-            .bind(name)
-            .execute(&self.writer)
-            .await
-            .map_err(|e| match StoreError::from(e) {
-                StoreError::Conflict(_) => {
-                    StoreError::Conflict(format!("room {id:?} already exists"))
-                }
-                other => other,
-            })?;
+        let (owned_id, owned_name) = (id.to_string(), name.to_string());
+        self.on_writer(move |pool| async move {
+            sqlx::query(r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?)"#)
+                .bind(owned_id)
+                .bind(owned_name)
+                .execute(&pool)
+                .await
+        })
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("room {id:?} already exists")),
+            other => other,
+        })?;
         Ok(Room {
             id: id.to_string(),
             name: name.to_string(),
@@ -739,13 +779,18 @@ impl Store for SqliteStore {
 
     async fn ensure_room(&self, id: &str, name: &str) -> Result<bool, StoreError> {
         self.wrote(1);
-        let done = sqlx::query(
-            r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"#,
-        )
-        .bind(id)
-        .bind(name)
-        .execute(&self.writer)
-        .await?;
+        let (id, name) = (id.to_string(), name.to_string());
+        let done = self
+            .on_writer(move |pool| async move {
+                sqlx::query(
+                    r#"INSERT INTO "ChatRoom" (id, name) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"#,
+                )
+                .bind(id)
+                .bind(name)
+                .execute(&pool)
+                .await
+            })
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -754,26 +799,35 @@ impl Store for SqliteStore {
             return Err(StoreError::RoomNotFound);
         }
         self.wrote(1);
-        let done = sqlx::query(
-            r#"INSERT INTO "ChatRoomMember" (id, "roomId", "userId") VALUES (?, ?, ?)
-               ON CONFLICT ("roomId", "userId") DO NOTHING"#,
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(room)
-        .bind(user)
-        .execute(&self.writer)
-        .await?;
+        let (room, user) = (room.to_string(), user.to_string());
+        let done = self
+            .on_writer(move |pool| async move {
+                sqlx::query(
+                    r#"INSERT INTO "ChatRoomMember" (id, "roomId", "userId") VALUES (?, ?, ?)
+                       ON CONFLICT ("roomId", "userId") DO NOTHING"#,
+                )
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(room)
+                .bind(user)
+                .execute(&pool)
+                .await
+            })
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn remove_member(&self, room: &str, user: &str) -> Result<bool, StoreError> {
         self.wrote(1);
-        let done =
-            sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = ? AND "userId" = ?"#)
-                .bind(room)
-                .bind(user)
-                .execute(&self.writer)
-                .await?;
+        let (room, user) = (room.to_string(), user.to_string());
+        let done = self
+            .on_writer(move |pool| async move {
+                sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = ? AND "userId" = ?"#)
+                    .bind(room)
+                    .bind(user)
+                    .execute(&pool)
+                    .await
+            })
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -787,13 +841,17 @@ impl Store for SqliteStore {
             .collect();
         // One statement for every room; a room listed twice takes its latest time.
         self.wrote(1);
-        sqlx::query(
-            r#"UPDATE "ChatRoom" SET "lastMessageAt" = t.at, "updatedAt" = t.at
-               FROM (SELECT value->>0 AS room, max(value->>1) AS at FROM json_each(?) GROUP BY 1) AS t
-               WHERE "ChatRoom".id = t.room AND ("lastMessageAt" IS NULL OR "lastMessageAt" < t.at)"#,
-        )
-        .bind(json(&rows))
-        .execute(&self.writer)
+        let rows = json(&rows);
+        self.on_writer(move |pool| async move {
+            sqlx::query(
+                r#"UPDATE "ChatRoom" SET "lastMessageAt" = t.at, "updatedAt" = t.at
+                   FROM (SELECT value->>0 AS room, max(value->>1) AS at FROM json_each(?) GROUP BY 1) AS t
+                   WHERE "ChatRoom".id = t.room AND ("lastMessageAt" IS NULL OR "lastMessageAt" < t.at)"#,
+            )
+            .bind(rows)
+            .execute(&pool)
+            .await
+        })
         .await?;
         Ok(())
     }
@@ -840,17 +898,22 @@ impl Store for SqliteStore {
             .collect();
         // One statement for every mark; a (room, user) listed twice takes its furthest mark.
         self.wrote(1);
-        let done = sqlx::query(
-            r#"UPDATE "ChatRoomMember" SET "lastReadSeq" = r.seq, "lastReadAt" = r.at
-               FROM (SELECT value->>0 AS room, value->>1 AS usr, max(value->>2) AS seq,
-                            max(value->>3) AS at
-                     FROM json_each(?) GROUP BY 1, 2) AS r
-               WHERE "ChatRoomMember"."roomId" = r.room AND "ChatRoomMember"."userId" = r.usr
-                 AND "lastReadSeq" < r.seq"#,
-        )
-        .bind(json(&rows))
-        .execute(&self.writer)
-        .await?;
+        let rows = json(&rows);
+        let done = self
+            .on_writer(move |pool| async move {
+                sqlx::query(
+                    r#"UPDATE "ChatRoomMember" SET "lastReadSeq" = r.seq, "lastReadAt" = r.at
+                       FROM (SELECT value->>0 AS room, value->>1 AS usr, max(value->>2) AS seq,
+                                    max(value->>3) AS at
+                             FROM json_each(?) GROUP BY 1, 2) AS r
+                       WHERE "ChatRoomMember"."roomId" = r.room AND "ChatRoomMember"."userId" = r.usr
+                         AND "lastReadSeq" < r.seq"#,
+                )
+                .bind(rows)
+                .execute(&pool)
+                .await
+            })
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -863,18 +926,22 @@ impl Store for SqliteStore {
         let until =
             now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(30));
         self.wrote(1);
-        let mut rows: Vec<OutboxEntry> = sqlx::query_as(
-            r#"UPDATE "ChatOutbox" SET "claimedUntil" = ?1
-               WHERE id IN (SELECT id FROM "ChatOutbox"
-                            WHERE "claimedUntil" IS NULL OR "claimedUntil" < ?2
-                            ORDER BY id LIMIT ?3)
-               RETURNING id, "roomId", seq, "messageId", "createdAt""#,
-        )
-        .bind(ts(&until))
-        .bind(ts(&now))
-        .bind(limit)
-        .fetch_all(&self.writer)
-        .await?;
+        let mut rows: Vec<OutboxEntry> = self
+            .on_writer(move |pool| async move {
+                sqlx::query_as(
+                    r#"UPDATE "ChatOutbox" SET "claimedUntil" = ?1
+                       WHERE id IN (SELECT id FROM "ChatOutbox"
+                                    WHERE "claimedUntil" IS NULL OR "claimedUntil" < ?2
+                                    ORDER BY id LIMIT ?3)
+                       RETURNING id, "roomId", seq, "messageId", "createdAt""#,
+                )
+                .bind(ts(&until))
+                .bind(ts(&now))
+                .bind(limit)
+                .fetch_all(&pool)
+                .await
+            })
+            .await?;
         rows.sort_by_key(|r| r.id);
         Ok(rows)
     }
@@ -885,10 +952,14 @@ impl Store for SqliteStore {
         }
         // One fixed statement text whatever the number of ids (prepared once).
         self.wrote(1);
-        sqlx::query(r#"DELETE FROM "ChatOutbox" WHERE id IN (SELECT value FROM json_each(?))"#)
-            .bind(json(&ids))
-            .execute(&self.writer)
-            .await?;
+        let ids = json(&ids);
+        self.on_writer(move |pool| async move {
+            sqlx::query(r#"DELETE FROM "ChatOutbox" WHERE id IN (SELECT value FROM json_each(?))"#)
+                .bind(ids)
+                .execute(&pool)
+                .await
+        })
+        .await?;
         Ok(())
     }
 
