@@ -12,10 +12,10 @@
 //!   `server.accept_burst`, in arrival order.
 //! - **Turns** (`ChatService::churn`): upgrades, joins and disconnect cleanups take a turn each,
 //!   at most `server.churn_concurrency` at once; the others wait, parked, first come first served.
-//! - **A lane of its own** ([`ChurnLane`]): all of that runs on a runtime whose one thread the
-//!   kernel runs after the main runtime's (`server.churn_nice`). Pace and turns bound how much
-//!   churn there is; the lane keeps what there is from queueing ahead of connected sockets. On
-//!   one runtime, a task that is woken waits for every task woken before it: the 10,000 cleanups
+//! - **A lane of its own** ([`ChurnLane`]): all of that runs on a runtime of its own, one thread
+//!   with its own task queue (`server.churn_nice` can also lower its priority). Pace and turns
+//!   bound how much churn there is; the lane keeps what there is from queueing ahead of connected
+//!   sockets. On one runtime, a task that is woken waits for every task woken before it: the 10,000 cleanups
 //!   of a storm's disconnects, or the joins of its returns, held the acknowledgement of every
 //!   message sent meanwhile for 40-120 ms. Connected sockets still read their peer's goodbye on
 //!   the main runtime (a few microseconds each); everything after it moves to the lane.
@@ -143,7 +143,7 @@ impl Listener for PacedListener {
 ///
 /// Accepted on the churn lane, it moves to the runtime of the first task outside the lane that
 /// reads or writes it (the connection's, once upgraded): its readiness is then reported by that
-/// runtime, not by the lane's thread, which runs at a lower priority.
+/// runtime, not by the lane's thread, which is busy with churn when connected sockets need it.
 pub struct PacedStream {
     /// `None` only when moving to another runtime failed (every later use fails too).
     tcp: Option<TcpStream>,
@@ -344,12 +344,16 @@ fn on_churn_lane() -> bool {
     ON_CHURN_LANE.with(Cell::get)
 }
 
-/// The churn lane: a runtime of its own, on one thread that the kernel runs after the node's
-/// other threads (`server.churn_nice`), for the work of sockets that come and go. It accepts and
-/// paces new connections, serves HTTP (upgrades, REST, metrics), and runs joins and disconnect
-/// cleanups; a socket, once upgraded, is read and written on the main runtime. Whenever the
-/// main runtime has work (messages of the sockets that stayed) the kernel runs it first; the
-/// churn gets the rest of the core, which between storms is nearly all of it.
+/// The churn lane: a runtime of its own, on one thread, for the work of sockets that come and
+/// go. It accepts and paces new connections, serves HTTP (upgrades, REST, metrics), and runs
+/// joins, disconnect cleanups and presence recording; a socket, once upgraded, is read and
+/// written on the main runtime. The two runtimes' threads share the cores as the kernel sees fit
+/// (equally at `server.churn_nice` = 0): a task of a connected socket waits for the main
+/// runtime's queue only, never for the churn's.
+///
+/// A positive `churn_nice` makes the kernel run the lane after the other threads too. In the
+/// storm benchmark that made no measurable difference (the separate queue is what counts), and a
+/// lane held back keeps what it uses (a pooled database connection) while it waits; hence 0.
 pub struct ChurnLane {
     handle: tokio::runtime::Handle,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,

@@ -147,8 +147,8 @@ impl PgStore {
             .test_before_acquire(false)
             // Every connection is opened here, on the runtime that starts the gateway, and kept:
             // a socket belongs to the runtime that opened it, and one opened by a task on the
-            // churn lane would have every later query on it answered at the lane's lower
-            // priority (see `crate::admission::ChurnLane`).
+            // churn lane would have every later query on it answered by the lane's thread, after
+            // the churn queued there (see `crate::admission::ChurnLane`).
             .min_connections(max_connections.max(1))
             .idle_timeout(None)
             .max_lifetime(None)

@@ -202,8 +202,8 @@ impl SqliteStore {
             .connect_with(connect.clone())
             .await?;
         // Every reader is opened here, by the caller's thread, and kept: a connection opened
-        // later by a task on the churn lane would get its thread from the lane's, at the lane's
-        // lower priority (see `crate::admission::ChurnLane`).
+        // later by a task on the churn lane would get its thread from the lane's, and with it the
+        // lane's priority (`server.churn_nice`; see `crate::admission::ChurnLane`).
         let readers = SqlitePoolOptions::new()
             .max_connections(options.readers.max(1))
             .min_connections(options.readers.max(1))
