@@ -151,10 +151,11 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         }
     };
     let mut body = json!({"ready": store_ok, "store": if store_ok { "ok" } else { "unreachable" }});
-    if let Some((redis, presence, broker)) = &app.redis {
+    if let Some(redis) = &app.redis {
         // The command connection and the pub/sub subscription must be up for fan-out, and the
         // presence's own connection for presence.
-        let redis_ok = broker.connected() && redis.ping().await && presence.ping().await;
+        let redis_ok =
+            redis.broker.connected() && redis.conn.ping().await && redis.presence.ping().await;
         body["redis"] = json!(if redis_ok { "ok" } else { "unreachable" });
         body["ready"] = json!(store_ok && redis_ok);
     }

@@ -150,12 +150,8 @@ pub struct App {
     pub next_conn_id: AtomicU64,
     /// Every WebSocket connection task, so shutdown can wait for them to close.
     pub tracker: TaskTracker,
-    /// The Redis connections (shared, presence) and broker, when configured (for readiness).
-    pub redis: Option<(
-        redis_conn::RedisConn,
-        redis_conn::RedisConn,
-        Arc<RedisBroker>,
-    )>,
+    /// The Redis connections and broker, when configured (for readiness).
+    pub redis: Option<RedisParts>,
     /// Where connections come and go: accepts, HTTP, upgrades, joins, cleanups.
     pub churn: admission::ChurnLane,
     /// The runtime the gateway was started on: connected sockets are read and written there.
@@ -222,10 +218,12 @@ pub async fn open_store(
 }
 
 /// The Redis-backed parts, when `redis.url` is set.
-struct RedisParts {
-    conn: redis_conn::RedisConn,
-    presence: redis_conn::RedisConn,
-    broker: Arc<RedisBroker>,
+pub struct RedisParts {
+    /// The node's shared command connection.
+    pub conn: redis_conn::RedisConn,
+    /// The presence's own (see `build`).
+    pub presence: redis_conn::RedisConn,
+    pub broker: Arc<RedisBroker>,
 }
 
 /// The broker, cache, queue and limiter: in-process, or Redis-backed when `redis` is given.
@@ -421,7 +419,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let read_flush = Duration::from_millis(settings.signals.read_flush_ms.max(1));
     let max_connections = settings.server.max_connections;
     let churn_concurrency = settings.server.churn_concurrency;
-    let settings_nice = settings.server.churn_nice;
+    let churn_nice = settings.server.churn_nice;
     let service = Arc::new(ChatService {
         settings,
         store: dyn_store,
@@ -450,10 +448,8 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         user_connections: UserConnections::default(),
         next_conn_id: AtomicU64::new(1),
         tracker: TaskTracker::new(),
-        redis: redis_parts
-            .as_ref()
-            .map(|p| (p.conn.clone(), p.presence.clone(), p.broker.clone())),
-        churn: admission::ChurnLane::start(settings_nice)
+        redis: redis_parts,
+        churn: admission::ChurnLane::start(churn_nice)
             .context("starting the churn lane's runtime")?,
         main: tokio::runtime::Handle::current(),
     });
