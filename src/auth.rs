@@ -108,15 +108,20 @@ impl Authenticator {
         };
         let mut validation = Validation::new(alg);
         validation.leeway = settings.leeway_secs;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not only checked when present: a token
+        // that leaves `iss` or `aud` out is refused like one that names another.
+        let mut required = vec!["exp", "sub"];
         if !settings.issuer.is_empty() {
             validation.set_issuer(&[&settings.issuer]);
+            required.push("iss");
         }
         if settings.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&[&settings.audience]);
+            required.push("aud");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Self {
             key,
             validation,

@@ -447,3 +447,54 @@ async fn audience_may_be_a_list_and_is_checked_when_configured() {
         assert_eq!(reply["type"] == "result", ok, "aud {aud}: {reply}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_issuer_or_audience_is_required_not_only_checked() {
+    // (issuer configured, audience configured)
+    for (issuer, audience) in [(true, false), (false, true), (true, true), (false, false)] {
+        let app = TestApp::spawn_with(|s| {
+            if issuer {
+                s.auth.issuer = "https://auth.example.com".into();
+            }
+            if audience {
+                s.auth.audience = "chat".into();
+            }
+        })
+        .await;
+        // Each claim omitted, wrong, or right.
+        for iss in [
+            None,
+            Some("https://evil.example.com"),
+            Some("https://auth.example.com"),
+        ] {
+            for aud in [None, Some("other"), Some("chat")] {
+                let mut claims = claims_for("alice", None, Role::User, 600);
+                claims.iss = iss.map(str::to_string);
+                claims.aud = aud.map(|a| json!(a));
+                let token = app.token_with(&claims);
+                let iss_ok = !issuer || iss == Some("https://auth.example.com");
+                let aud_ok = !audience || aud == Some("chat");
+                let ok = iss_ok && aud_ok;
+                let case =
+                    format!("issuer {issuer}, audience {audience}: iss {iss:?}, aud {aud:?}");
+
+                let mut c = Client::connect(app.addr, None).await;
+                let reply = c.request(json!({"type": "auth", "token": token})).await;
+                if ok {
+                    assert_eq!(reply["type"], "result", "{case}: {reply}");
+                } else {
+                    assert_eq!(reply["error"]["code"], "invalid_token", "{case}: {reply}");
+                    assert_eq!(c.expect_close().await, 4002, "{case}");
+                }
+                let r = app
+                    .http
+                    .get(app.url("/api/chat/rooms"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), if ok { 200 } else { 401 }, "{case}");
+            }
+        }
+    }
+}
