@@ -36,7 +36,7 @@ pub enum ChatError {
     ContentEmpty,
     #[error("content is longer than {max} characters")]
     ContentTooLong { max: usize },
-    #[error("rate limited; retry in {} ms", retry_after.as_millis())]
+    #[error("rate limited; retry in {} ms", retry_ms(*retry_after))]
     RateLimited { retry_after: Duration },
     #[error("a socket may join at most {max} rooms")]
     TooManyRooms { max: usize },
@@ -90,7 +90,7 @@ impl ChatError {
         }
     }
 
-    /// Milliseconds to wait before retrying, for errors where waiting helps.
+    /// How long to wait before retrying, for errors where waiting helps.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ChatError::RateLimited { retry_after } => Some(*retry_after),
@@ -98,6 +98,17 @@ impl ChatError {
             _ => None,
         }
     }
+
+    /// [`ChatError::retry_after`] as the `retryAfterMs` both doors send.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        self.retry_after().map(retry_ms)
+    }
+}
+
+/// Whole milliseconds, rounded up and at least 1: a limiter's wait is often a fraction of a
+/// millisecond, and a client told to retry in 0 ms retries at once and is refused again.
+fn retry_ms(wait: Duration) -> u64 {
+    (wait.as_micros().div_ceil(1000) as u64).max(1)
 }
 
 impl From<StoreError> for ChatError {
@@ -120,7 +131,7 @@ impl From<StoreError> for ChatError {
 
 impl IntoResponse for ChatError {
     fn into_response(self) -> Response {
-        let retry_ms = self.retry_after().map(|d| d.as_millis() as u64);
+        let retry_ms = self.retry_after_ms();
         let mut error = serde_json::json!({ "code": self.code(), "message": self.to_string() });
         if let Some(ms) = retry_ms {
             error["retryAfterMs"] = ms.into();
@@ -135,5 +146,30 @@ impl IntoResponse for ChatError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_hint_is_never_zero_and_never_early() {
+        let hint = |us| {
+            ChatError::RateLimited {
+                retry_after: Duration::from_micros(us),
+            }
+            .retry_after_ms()
+        };
+        assert_eq!(hint(0), Some(1));
+        assert_eq!(hint(1), Some(1));
+        assert_eq!(hint(999), Some(1));
+        assert_eq!(hint(1000), Some(1));
+        assert_eq!(hint(1001), Some(2));
+        assert_eq!(hint(333_334), Some(334));
+        let limited = ChatError::RateLimited {
+            retry_after: Duration::from_micros(10),
+        };
+        assert_eq!(limited.to_string(), "rate limited; retry in 1 ms");
     }
 }

@@ -645,7 +645,7 @@ impl Connection {
     }
 
     async fn reply_chat_error_opt(&self, id: Option<&RequestId>, e: ChatError) {
-        let retry = e.retry_after().map(|d| d.as_millis() as u64);
+        let retry = e.retry_after_ms();
         self.reply_error(id, e.code(), &e.to_string(), retry).await
     }
 }

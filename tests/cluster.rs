@@ -457,7 +457,12 @@ async fn the_rate_limit_holds_across_processes() {
                 .await;
             match reply["type"].as_str() {
                 Some("result") => accepted += 1,
-                _ => assert_eq!(reply["error"]["code"], "rate_limited", "{reply}"),
+                _ => {
+                    assert_eq!(reply["error"]["code"], "rate_limited", "{reply}");
+                    // Never "retry in 0 ms": a client that obeys it would spin.
+                    let hint = reply["error"]["retryAfterMs"].as_u64().unwrap_or(0);
+                    assert!(hint >= 1, "{reply}");
+                }
             }
         }
     }
