@@ -36,6 +36,28 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub queue: QueueSettings,
     pub log: LogSettings,
+    /// Fault injection for tests that run the gateway in-process. Never read from a file or the
+    /// environment: a deployed gateway has none.
+    #[serde(skip)]
+    pub faults: Faults,
+}
+
+/// Test seams (see [`Settings::faults`]).
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// Called with every text frame a socket receives, before it is handled: a test panics here
+    /// to prove that a connection's cleanup does not depend on its handler returning.
+    pub before_frame: Option<FrameHook>,
+}
+
+pub type FrameHook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("before_frame", &self.before_frame.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -56,6 +56,11 @@ pub struct Metrics {
     /// New connections read later than they were accepted (`server.accept_rate`), and those
     /// waiting for their turn now.
     pub pace: crate::admission::PaceMetrics,
+    /// Times a Redis connection was lost (and reconnected), by connection: `pubsub` (the
+    /// subscription), `commands` (the shared command connection), `presence` (its own).
+    pub redis_reconnects: Family<Labels, Counter>,
+    /// Connection tasks that panicked (their cleanup ran all the same).
+    pub connection_panics: Counter,
 }
 
 impl Metrics {
@@ -84,6 +89,18 @@ impl Metrics {
         let read_marks_written = Counter::default();
         let presence_backlog = Gauge::default();
         let pace = crate::admission::PaceMetrics::default();
+        let redis_reconnects = Family::<Labels, Counter>::default();
+        registry.register(
+            "redis_reconnects",
+            "Times a Redis connection was lost and reconnected, by connection",
+            redis_reconnects.clone(),
+        );
+        let connection_panics = Counter::default();
+        registry.register(
+            "connection_panics",
+            "Connection tasks that panicked; their cleanup ran all the same",
+            connection_panics.clone(),
+        );
         registry.register(
             "connections_paced",
             "New connections read later than accepted, at server.accept_rate",
@@ -200,11 +217,36 @@ impl Metrics {
             pace,
             resumes_from_memory,
             resumes_from_store,
+            redis_reconnects,
+            connection_panics,
         }
     }
 
-    /// Adds the store's own counters (the SQLite store's writer) to the registry.
+    /// The reconnect counter of one Redis connection.
+    pub fn redis_reconnects(&self, connection: &'static str) -> Counter {
+        self.redis_reconnects
+            .get_or_create(&vec![("connection", connection)])
+            .clone()
+    }
+
+    /// Adds the store's own counters to the registry.
     pub fn register_store(&mut self, store: &StoreMetrics) {
+        let store = match store {
+            StoreMetrics::Postgres(pg) => {
+                self.registry.register(
+                    "store_outages",
+                    "Times the database was found unreachable (operations then fail at once until it answers)",
+                    pg.outages.clone(),
+                );
+                self.registry.register(
+                    "store_retries",
+                    "Writes run again after Postgres made them a deadlock victim or they lost a serialization race",
+                    pg.retries.clone(),
+                );
+                return;
+            }
+            StoreMetrics::Sqlite(sqlite) => sqlite,
+        };
         self.registry.register(
             "store_write_statements",
             "Statements run on the SQLite writer connection, BEGIN and COMMIT included",

@@ -444,9 +444,14 @@ fn millis_rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Er
 pub mod close {
     /// Client asked to close; nothing to do.
     pub const NORMAL: u16 = 1000;
+    /// The client broke the WebSocket protocol (for example an unmasked or malformed frame).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame was not valid UTF-8 (RFC 6455 requires failing the connection).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// A frame exceeded `limits.max_frame_bytes`. Do not resend it.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// The server failed unexpectedly. Reconnect with backoff and resume.
+    /// The server failed unexpectedly while handling a request on this socket (the socket's
+    /// rooms and slots were released). Reconnect with backoff and resume.
     pub const INTERNAL_ERROR: u16 = 1011;
     /// The node is shutting down. Reconnect (another node will answer) and resume.
     pub const SERVICE_RESTART: u16 = 1012;

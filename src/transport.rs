@@ -10,7 +10,8 @@
 //!    the writer task, which also sends heartbeat pings and reaps silent sockets.
 //! 3. **cleanup**: in a turn of connection churn (see `crate::admission`), leave every room,
 //!    release the user's connection slot, let the writer send the close frame (none when the peer
-//!    is gone). The first task to end cancels the other.
+//!    is gone). The first task to end cancels the other. Cleanup runs however the ready loop
+//!    ended, a panic in a request handler included (the socket is then closed with 1011).
 
 use std::cmp;
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant as TokioInstant, sleep_until};
@@ -126,7 +127,28 @@ impl Connection {
             }
             // The upgrade's turn of churn ends here: from now on the socket waits for its client.
             drop(turn);
-            connection.ready_loop(&mut stream).await;
+            // A panic in a handler must not skip the cleanup below: the user's connection slot,
+            // the rooms' member entries (which keep the writer alive) and presence depend on it.
+            let ended = std::panic::AssertUnwindSafe(connection.ready_loop(&mut stream))
+                .catch_unwind()
+                .await;
+            if let Err(panic) = ended {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("a panic");
+                tracing::error!(
+                    conn = connection.id,
+                    panic = what,
+                    "connection task panicked; cleaning up"
+                );
+                connection.app.service.metrics.connection_panics.inc();
+                connection
+                    .out
+                    .closer
+                    .close(close::INTERNAL_ERROR, "internal error");
+            }
             // On the churn lane, like the connection's upgrade (see `crate::admission`).
             let app = connection.app.clone();
             app.churn
@@ -194,8 +216,14 @@ impl Connection {
                                 ReadFailure::TooBig => {
                                     closer.close(close::MESSAGE_TOO_BIG, "frame too large")
                                 }
+                                ReadFailure::InvalidUtf8 => closer.close(
+                                    close::INVALID_PAYLOAD,
+                                    "a text frame was not valid UTF-8",
+                                ),
                                 ReadFailure::PeerGone => closer.peer_gone(),
-                                ReadFailure::Protocol => {}
+                                ReadFailure::Protocol => {
+                                    closer.close(close::PROTOCOL_ERROR, "WebSocket protocol error")
+                                }
                             }
                             break;
                         }
@@ -289,6 +317,9 @@ impl Connection {
     }
 
     async fn handle_text(&mut self, text: Utf8Bytes) {
+        if let Some(before_frame) = &self.app.service.settings.faults.before_frame {
+            before_frame(text.as_str());
+        }
         let frame = match protocol::decode(text.as_str()) {
             Ok(frame) => frame,
             Err(e) => {
@@ -704,15 +735,23 @@ async fn write_loop(
         }
     }
     // Boxed: the goodbye runs once, and need not size the future an idle writer holds.
-    Box::pin(say_goodbye(sink, rx, closer)).await;
+    Box::pin(say_goodbye(sink, rx, closer, heartbeat)).await;
 }
 
 /// Ends a closed socket's writing: sends what was queued before the close (an error reply, the
 /// ack of an in-flight send) and the close frame, then closes the sink.
+///
+/// A slow consumer's queue is dropped, not sent, but the frames already written to its socket
+/// (the kernel's buffers, and a frame half written) are on their way and cannot be taken back:
+/// the close frame can only follow them. It waits up to `slow_patience` (the heartbeat interval)
+/// for the client to read that far; a client that reads again within it sees its backlog, then
+/// 4008. One that does not (a frozen tab) sees the connection end without a close frame (1006).
+/// The socket's rooms and slots were released before this; only the socket waits.
 async fn say_goodbye(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Utf8Bytes>,
     closer: Arc<Closer>,
+    slow_patience: Duration,
 ) {
     if closer.is_peer_gone() {
         // Nothing to say to a peer that is not there (a close frame would only draw a reset).
@@ -732,7 +771,12 @@ async fn say_goodbye(
             };
             sink.send(Message::Close(Some(frame))).await
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), flush_queued).await;
+        let patience = if code == close::SLOW_CONSUMER {
+            slow_patience
+        } else {
+            Duration::from_secs(1)
+        };
+        let _ = tokio::time::timeout(patience, flush_queued).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
@@ -746,9 +790,11 @@ fn deadline_of(expires_at: i64) -> TokioInstant {
 enum ReadFailure {
     /// A frame over `limits.max_frame_bytes`: closed with 1009.
     TooBig,
+    /// A text frame that is not UTF-8: closed with 1007, as RFC 6455 requires.
+    InvalidUtf8,
     /// The connection is gone (reset, or ended without a close frame): nothing is written to it.
     PeerGone,
-    /// The peer broke the WebSocket protocol: the socket is closed with a bare close frame.
+    /// The peer broke the WebSocket protocol otherwise: closed with 1002.
     Protocol,
 }
 
@@ -756,6 +802,7 @@ fn read_failure(e: axum::Error) -> ReadFailure {
     use tungstenite::error::ProtocolError;
     match e.into_inner().downcast_ref::<tungstenite::Error>() {
         Some(tungstenite::Error::Capacity(_)) => ReadFailure::TooBig,
+        Some(tungstenite::Error::Utf8(_)) => ReadFailure::InvalidUtf8,
         Some(
             tungstenite::Error::Io(_)
             | tungstenite::Error::ConnectionClosed
@@ -769,6 +816,9 @@ fn read_failure(e: axum::Error) -> ReadFailure {
 fn close_label(code: u16) -> &'static str {
     match code {
         close::MESSAGE_TOO_BIG => "message_too_big",
+        close::INVALID_PAYLOAD => "invalid_utf8",
+        close::PROTOCOL_ERROR => "protocol_error",
+        close::INTERNAL_ERROR => "internal_error",
         close::SERVICE_RESTART => "shutdown",
         close::HEARTBEAT_TIMEOUT => "heartbeat_timeout",
         close::AUTH_TIMEOUT => "auth_timeout",

@@ -428,3 +428,59 @@ async fn side_effects_left_in_the_outbox_by_a_dead_process_are_performed_at_star
     assert!(last.is_some(), "lastMessageAt was set by the worker");
     assert_eq!(outbox, 0, "relayed rows are deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_request_handler_closes_with_1011_and_still_cleans_up() {
+    let app = TestApp::spawn_with(|s| {
+        s.limits.max_connections_per_user = 1;
+        s.faults.before_frame = Some(std::sync::Arc::new(|text: &str| {
+            if text.contains("\"boom\"") {
+                panic!("injected fault in a request handler");
+            }
+        }));
+    })
+    .await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+    let mut alice = app.client("alice").await;
+    alice.join("r", None).await;
+    let arrived = loop {
+        let push = bob.next_push_any().await;
+        if push["type"] == "presence" && push["joined"][0]["userId"] == "alice" {
+            break push;
+        }
+    };
+    assert_eq!(arrived["online"], 2);
+    assert_eq!(app.metric("chat_connections").await, 2.0);
+
+    alice.send_text(r#"{"type":"ping","id":"boom"}"#).await;
+    assert_eq!(alice.expect_close().await, 1011, "told the server failed");
+
+    // Cleanup ran: her membership in the room (bob is told she left), her connection slot (the
+    // per-user limit is 1, so a leaked slot would refuse her next socket with 4029), the
+    // connection gauge.
+    let left = loop {
+        let push = bob.next_push_any().await;
+        if push["type"] == "presence" {
+            break push;
+        }
+    };
+    assert_eq!(left["left"], json!(["alice"]));
+    assert_eq!(left["online"], 1);
+    let deadline = Instant::now() + WAIT;
+    while app.metric("chat_connections").await != 1.0 {
+        assert!(Instant::now() < deadline, "the connection gauge leaked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.metric("chat_connection_panics_total").await, 1.0);
+    assert_eq!(
+        app.metric("chat_closes_total{reason=\"internal_error\"}")
+            .await,
+        1.0
+    );
+    let mut again = app.client("alice").await;
+    again.join("r", None).await;
+    let m = again.send_ok("r", "back").await;
+    assert_eq!(bob.expect_message("r").await["id"], m["id"]);
+}

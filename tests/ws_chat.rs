@@ -498,6 +498,55 @@ async fn an_oversize_frame_closes_with_1009() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_a_protocol_violation_with_1002() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let app = TestApp::spawn().await;
+    app.room("r", &["alice", "bob"]).await;
+    let mut bob = app.client("bob").await;
+    bob.join("r", None).await;
+
+    // RFC 6455: an endpoint that receives invalid UTF-8 in a text frame fails the connection
+    // with 1007 (a browser cannot send one; a broken client can).
+    let mut alice = app.client("alice").await;
+    alice.join("r", None).await;
+    let bytes: &[u8] = b"{\"type\":\"ping\",\"id\":\"\xff\xfe\"}";
+    alice
+        .ws
+        .send(WsMessage::Frame(Frame::message(
+            bytes.to_vec(),
+            OpCode::Data(Data::Text),
+            true,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(alice.expect_close().await, 1007);
+    assert_eq!(
+        app.metric("chat_closes_total{reason=\"invalid_utf8\"}")
+            .await,
+        1.0
+    );
+
+    // A continuation frame with nothing to continue breaks the protocol itself: 1002.
+    let mut carol = app.client("alice").await;
+    carol
+        .ws
+        .send(WsMessage::Frame(Frame::message(
+            b"stray".to_vec(),
+            OpCode::Data(Data::Continue),
+            true,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(carol.expect_close().await, 1002);
+
+    // Nobody else noticed, and alice's connection slots were given back.
+    let m = app.client("alice").await.send_ok("r", "still here").await;
+    assert_eq!(bob.expect_message("r").await["id"], m["id"]);
+    bob.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_rooms_on_one_socket_is_refused() {
     let app = TestApp::spawn_with(|s| s.limits.max_rooms_per_connection = 2).await;
     for room in ["a", "b", "c"] {
@@ -580,9 +629,32 @@ async fn a_client_that_stops_reading_is_disconnected_and_others_keep_receiving()
         }
         got
     });
-    for _ in 0..total {
-        sender.send_ok("r", &big).await;
+    let sending = tokio::spawn(async move {
+        for _ in 0..total {
+            sender.send_ok("r", &big).await;
+        }
+    });
+    // Dropped as slow while the traffic goes on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while app
+        .metric("chat_closes_total{reason=\"slow_consumer\"}")
+        .await
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never dropped as slow"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Reading again now, it gets what was already on its way (its queue was dropped), then the
+    // close frame that says why: 4008, not a bare end of the connection.
+    let (ended, frames) = slow.ended().await;
+    assert!(
+        matches!(ended, Ended::Close(4008, _)),
+        "the slow client is told why: {ended:?}"
+    );
+    sending.await.unwrap();
     let got = reader.await.unwrap();
     assert_eq!(
         got,
@@ -594,16 +666,10 @@ async fn a_client_that_stops_reading_is_disconnected_and_others_keep_receiving()
             .await,
         1.0
     );
-
-    // The slow socket was dropped: reading it now drains what the kernel buffered, then it ends.
-    let (ended, frames) = slow.ended().await;
     assert!(
         frames.len() < total,
         "the slow client cannot have received everything"
     );
-    if let Ended::Close(code, _) = ended {
-        assert_eq!(code, 4008);
-    }
     // And it can resume from what it saw.
     let last = frames
         .iter()
