@@ -92,6 +92,7 @@ pub struct RedisSettings {
     pub url: SecretString,
     pub key_prefix: String,
     pub command_timeout_ms: u64,
+    pub pubsub_keepalive_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -172,6 +173,7 @@ pub struct QueueSettings {
     pub max_attempts: u32,
     pub run_worker: bool,
     pub webhook_url: String,
+    pub redeliver_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -342,6 +344,12 @@ impl Settings {
         let hook = &self.queue.webhook_url;
         if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
             return fail("queue.webhook_url", "must be empty or an http(s):// URL");
+        }
+        if self.redis.pubsub_keepalive_ms < 100 {
+            return fail("redis.pubsub_keepalive_ms", "must be at least 100");
+        }
+        if self.queue.redeliver_after_ms < 1000 {
+            return fail("queue.redeliver_after_ms", "must be at least 1000");
         }
         if self.queue.max_attempts == 0 {
             return fail("queue.max_attempts", "must be at least 1");

@@ -118,6 +118,8 @@ impl From<StoreError> for ChatError {
                 tracing::warn!(error = %e, "store unavailable");
                 ChatError::Unavailable
             }
+            // Logged once, when the database was found unreachable.
+            StoreError::Down => ChatError::Unavailable,
             StoreError::RoomNotFound => ChatError::RoomNotFound,
             StoreError::Conflict(what) => ChatError::Conflict(what),
             StoreError::Invalid(what) => ChatError::BadRequest(what),

@@ -131,6 +131,14 @@ fn unavailable(why: &str) -> Response {
     response
 }
 
+/// Longest a readiness check waits for a dependency before calling it unreachable.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_millis(400);
+
+/// `check`'s answer, or false when it takes longer than `limit`.
+async fn within(limit: std::time::Duration, check: impl Future<Output = bool>) -> bool {
+    tokio::time::timeout(limit, check).await.unwrap_or(false)
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -143,19 +151,28 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         )
             .into_response();
     }
-    let store_ok = match app.service.store.ping().await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: store unreachable");
-            false
+    // Checked together, each bounded: a balancer probing with a short timeout gets a 503, not a
+    // timeout, while a dependency hangs. A dependency already known down answers at once.
+    let store = within(READY_WITHIN, async {
+        match app.service.store.ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "readiness: store unreachable");
+                false
+            }
         }
-    };
-    let mut body = json!({"ready": store_ok, "store": if store_ok { "ok" } else { "unreachable" }});
-    if let Some(redis) = &app.redis {
+    });
+    let redis = async {
+        let redis = app.redis.as_ref()?;
         // The command connection and the pub/sub subscription must be up for fan-out, and the
         // presence's own connection for presence.
-        let redis_ok =
-            redis.broker.connected() && redis.conn.ping().await && redis.presence.ping().await;
+        let pings =
+            async { tokio::join!(redis.conn.ping(), redis.presence.ping()) == (true, true) };
+        Some(redis.broker.connected() && within(READY_WITHIN, pings).await)
+    };
+    let (store_ok, redis_ok) = tokio::join!(store, redis);
+    let mut body = json!({"ready": store_ok, "store": if store_ok { "ok" } else { "unreachable" }});
+    if let Some(redis_ok) = redis_ok {
         body["redis"] = json!(if redis_ok { "ok" } else { "unreachable" });
         body["ready"] = json!(store_ok && redis_ok);
     }

@@ -14,6 +14,8 @@
 //! - [`http`]: routes (WebSocket upgrade, REST fallback, management API, health, metrics).
 //! - [`rooms`]: the room registry and per-room sequencer (in-order, exactly-once delivery).
 //! - [`membership`]: cached membership answers.
+//! - [`health`]: the known health of a dependency (the store, a Redis connection): fail fast
+//!   while it is down, probe it in the background.
 //! - Backing parts, each a trait with its in-process implementation:
 //!   [`store`] (SQLite, or Postgres with `DATABASE_URL`), [`broker`] (fan-out), [`cache`]
 //!   (history: each room's newest messages, older pages), [`queue`] (side-effect jobs + worker),
@@ -86,6 +88,7 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod membership;
 pub mod metrics;
@@ -245,6 +248,7 @@ fn backing(
     settings: &Settings,
     redis: Option<(redis_conn::RedisConn, redis_conn::RedisConn)>,
     registry: &Arc<RoomRegistry>,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Backing {
     let sink: Arc<dyn broker::EventSink> = Arc::new(registry.clone());
@@ -278,7 +282,20 @@ fn backing(
                 let registry = registry.clone();
                 Arc::new(move || registry.resync_all()) as Arc<dyn Fn() + Send + Sync>
             };
-            let broker = RedisBroker::start(conn.clone(), sink, resync, shutdown.clone());
+            // Publishes were skipped while the command connection was down: rooms whose last
+            // messages went unannounced catch up from the store when it is back.
+            {
+                let resync = resync.clone();
+                conn.health.on_recovered(move || resync());
+            }
+            let broker = RedisBroker::start(
+                conn.clone(),
+                sink,
+                resync,
+                Duration::from_millis(settings.redis.pubsub_keepalive_ms),
+                metrics.redis_reconnects("pubsub"),
+                shutdown.clone(),
+            );
             let lease = Duration::from_millis(settings.signals.presence_lease_ms);
             let redis_presence =
                 Arc::new(presence::RedisPresence::new(presence_conn.clone(), lease));
@@ -305,6 +322,7 @@ fn backing(
 }
 
 async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
+    let mut metrics = Metrics::new();
     let store = open_store(&settings, settings.database.migrate_on_start).await?;
     let redis = if settings.redis.url.expose_secret().is_empty() {
         None
@@ -312,8 +330,18 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         // Presence records the node's arrivals and departures, thousands at once in a reconnect
         // storm, in pipelines of scripts: on a connection of its own, so that the commands of
         // messages (history cache, publish, rate limits) do not queue behind them.
-        let shared = redis_conn::RedisConn::connect(&settings.redis).await?;
-        let presence = redis_conn::RedisConn::connect(&settings.redis).await?;
+        let shared = redis_conn::RedisConn::connect(
+            &settings.redis,
+            "redis (commands)",
+            metrics.redis_reconnects("commands"),
+        )
+        .await?;
+        let presence = redis_conn::RedisConn::connect(
+            &settings.redis,
+            "redis (presence)",
+            metrics.redis_reconnects("presence"),
+        )
+        .await?;
         Some((shared, presence))
     };
     let dev_secret = if settings.dev_mode() {
@@ -331,7 +359,6 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let authenticator = Authenticator::new(&settings.auth, dev_secret.as_ref())?;
     let dev_minter = dev_secret.as_ref().map(TokenMinter::hs256);
 
-    let mut metrics = Metrics::new();
     if let Some(counted) = store.metrics() {
         metrics.register_store(&counted);
     }
@@ -359,7 +386,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         redis_presence,
         redis: redis_parts,
         memory_jobs,
-    } = backing(&settings, redis, &registry, &shutdown);
+    } = backing(&settings, redis, &registry, &metrics, &shutdown);
     let presence_changes = Arc::new(presence::PresenceChanges::new(
         metrics.presence_backlog.clone(),
     ));
@@ -372,6 +399,17 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             }
         });
     }
+    if memory_jobs.is_some() {
+        // A fresh in-process queue holds nothing: rows an earlier process handed to its queue
+        // and never did are queued again now, not after their lease.
+        let released = dyn_store.outbox_release_all().await?;
+        if released > 0 {
+            tracing::info!(
+                released,
+                "queueing again the side effects the last run did not do"
+            );
+        }
+    }
     let outbox_wake = Arc::new(tokio::sync::Notify::new());
     let relay_stop = CancellationToken::new();
     let relay = tokio::spawn(
@@ -383,7 +421,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             wake: outbox_wake.clone(),
             batch: settings.queue.batch as u32,
             poll: Duration::from_secs(1),
-            lease: Duration::from_secs(10),
+            lease: Duration::from_millis(settings.queue.redeliver_after_ms),
             pace: RELAY_PACE,
         }
         .run(relay_stop.clone()),
@@ -510,6 +548,7 @@ fn new_worker(settings: &Settings, store: Arc<dyn store::Store>, metrics: Arc<Me
         batch: settings.queue.batch,
         max_attempts: settings.queue.max_attempts,
         webhook: (!hook.is_empty()).then(|| queue::Webhook::new(hook.clone())),
+        redeliver_after: Duration::from_millis(settings.queue.redeliver_after_ms),
     }
 }
 
@@ -525,8 +564,13 @@ pub async fn run_worker(
         );
     }
     let store = open_store(&settings, settings.database.migrate_on_start).await?;
-    let conn = redis_conn::RedisConn::connect(&settings.redis).await?;
     let mut metrics = Metrics::new();
+    let conn = redis_conn::RedisConn::connect(
+        &settings.redis,
+        "redis (commands)",
+        metrics.redis_reconnects("commands"),
+    )
+    .await?;
     if let Some(counted) = store.metrics() {
         metrics.register_store(&counted);
     }
@@ -542,7 +586,7 @@ pub async fn run_worker(
             wake: Arc::new(tokio::sync::Notify::new()),
             batch: settings.queue.batch as u32,
             poll: Duration::from_millis(500),
-            lease: Duration::from_secs(10),
+            lease: Duration::from_millis(settings.queue.redeliver_after_ms),
             pace: RELAY_PACE,
         }
         .run(stop.clone()),

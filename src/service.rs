@@ -347,7 +347,7 @@ impl ChatService {
                 .await
             {
                 // Stored and acknowledged anyway: receivers fill the gap from the store.
-                tracing::warn!(error = %e, seq = m.seq, "publish failed");
+                tracing::debug!(error = %e, seq = m.seq, "publish failed");
             }
             // The outbox row was written with the message; the relay queues its side effects.
             self.outbox_wake.notify_one();

@@ -8,89 +8,14 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Client, SECRET, ScratchDb, redis_url, scratch_database, unique_prefix};
+use common::nodes::{Node, client, gateway_binary, setup_room, token};
+use common::{SECRET, ScratchDb, redis_url, scratch_database, unique_prefix};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-struct Node {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl Node {
-    async fn start(
-        db: &ScratchDb,
-        redis: &str,
-        prefix: &str,
-        data_dir: &std::path::Path,
-        rate_limits: bool,
-    ) -> Node {
-        Self::start_with(db, redis, prefix, data_dir, rate_limits, &[]).await
-    }
-
-    async fn start_with(
-        db: &ScratchDb,
-        redis: &str,
-        prefix: &str,
-        data_dir: &std::path::Path,
-        rate_limits: bool,
-        extra_env: &[(&str, &str)],
-    ) -> Node {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_chat-gateway"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db.url)
-            .env("REDIS_URL", redis)
-            .env("CHAT_GATEWAY__REDIS__KEY_PREFIX", prefix)
-            .env("JWT_SECRET", SECRET)
-            .env("BIND_ADDR", addr.to_string())
-            .env("CHAT_GATEWAY__SERVER__DATA_DIR", data_dir)
-            .env("CHAT_GATEWAY__RATE_LIMIT__ENABLED", rate_limits.to_string())
-            .env("RUST_LOG", "warn")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the gateway binary");
-        let node = Node { addr, child };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
-                && r.status().is_success()
-            {
-                return node;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node on {addr} never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        // std's Child::kill sends SIGKILL on Unix: no drain, no goodbye.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 struct Cluster {
     nodes: Vec<Node>,
@@ -99,62 +24,23 @@ struct Cluster {
 }
 
 async fn cluster(n: usize) -> Option<Cluster> {
-    cluster_with(n, false).await
+    cluster_with(n, false, &[]).await
 }
 
-async fn cluster_with(n: usize, rate_limits: bool) -> Option<Cluster> {
+async fn cluster_with(n: usize, rate_limits: bool, env: &[(&str, &str)]) -> Option<Cluster> {
     let redis = redis_url().await?;
     let db = scratch_database().await?;
     let data = tempfile::tempdir().unwrap();
     let prefix = unique_prefix();
     let mut nodes = Vec::new();
     for _ in 0..n {
-        nodes.push(Node::start(&db, &redis, &prefix, data.path(), rate_limits).await);
+        nodes.push(Node::start_with(&db, &redis, &prefix, data.path(), rate_limits, env).await);
     }
     Some(Cluster {
         nodes,
         db,
         _data: data,
     })
-}
-
-fn token(user: &str, role: chat_gateway::auth::Role) -> String {
-    let minter = chat_gateway::auth::TokenMinter::hs256(&secrecy::SecretString::from(SECRET));
-    minter.mint(&chat_gateway::auth::claims_for(
-        user,
-        Some(user),
-        role,
-        3600,
-    ))
-}
-
-async fn setup_room(addr: SocketAddr, room: &str, members: &[&str]) {
-    let http = reqwest::Client::new();
-    let service = token("backend", chat_gateway::auth::Role::Service);
-    let r = http
-        .post(format!("http://{addr}/api/chat/rooms"))
-        .bearer_auth(&service)
-        .json(&json!({"id": room, "name": room}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    for user in members {
-        let r = http
-            .put(format!(
-                "http://{addr}/api/chat/rooms/{room}/members/{user}"
-            ))
-            .bearer_auth(&service)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-    }
-}
-
-async fn client(addr: SocketAddr, user: &str) -> Client {
-    let token = token(user, chat_gateway::auth::Role::User);
-    Client::connect(addr, Some(&format!("token={token}"))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +196,10 @@ async fn send_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
-    let Some(mut c) = cluster(3).await else {
+    // Side effects the dead node took and never did are queued again when their outbox lease
+    // ends: 5 s here instead of the default minute, so the test sees it happen.
+    let lease = [("CHAT_GATEWAY__QUEUE__REDELIVER_AFTER_MS", "5000")];
+    let Some(mut c) = cluster_with(3, false, &lease).await else {
         return;
     };
     let addrs: Vec<SocketAddr> = c.nodes.iter().map(|n| n.addr).collect();
@@ -349,9 +238,9 @@ async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
             assert_eq!(&expected[seq], id);
         }
     }
-    // No side effect was lost with the node: every outbox row is relayed (rows the dead node had
-    // claimed are taken over when their lease ends) and the room's lastMessageAt is the last
-    // message's time.
+    // No side effect was lost with the node: every outbox row is done and deleted (rows the dead
+    // node had taken are queued again when their lease ends) and the room's lastMessageAt is the
+    // last message's time.
     let pool = c.db.pool().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -412,7 +301,7 @@ async fn a_separate_worker_process_performs_the_side_effects() {
         last_message_at().await.is_none(),
         "the gateway must not run the worker"
     );
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_chat-gateway"))
+    let mut worker = Command::new(gateway_binary())
         .arg("worker")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -441,7 +330,7 @@ async fn a_separate_worker_process_performs_the_side_effects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_holds_across_processes() {
-    let Some(c) = cluster_with(3, true).await else {
+    let Some(c) = cluster_with(3, true, &[]).await else {
         return;
     };
     let addrs: Vec<SocketAddr> = c.nodes.iter().map(|n| n.addr).collect();

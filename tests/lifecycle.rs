@@ -430,6 +430,64 @@ async fn side_effects_left_in_the_outbox_by_a_dead_process_are_performed_at_star
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn side_effects_handed_to_the_queue_by_a_process_that_died_are_performed_at_start() {
+    use chat_gateway::store::{NewMessage, Store, sqlite::SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let mut app = TestApp::start(test_settings(), DataDir::Borrowed(path.clone())).await;
+    app.room("r", &["alice"]).await;
+    app.stop().await.unwrap();
+
+    // Committed, and handed to the in-process queue (its outbox row leased for an hour) by a
+    // process that died before its worker performed it: the queue died with the process.
+    let store = SqliteStore::open(&path.join("chat.db"), 1).await.unwrap();
+    store
+        .insert_message(NewMessage {
+            id: "queued".into(),
+            room_id: "r".into(),
+            sender_id: "alice".into(),
+            sender_name: None,
+            sender_avatar_url: None,
+            content: "queued, never done".into(),
+            created_at: chrono::Utc::now(),
+            client_msg_id: None,
+        })
+        .await
+        .unwrap();
+    let claimed = store
+        .outbox_claim(10, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    store.close().await;
+
+    let app = TestApp::start(test_settings(), DataDir::Borrowed(path.clone())).await;
+    let deadline = Instant::now() + WAIT;
+    while app.metric("chat_jobs_total{outcome=\"done\"}").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the job lost with the last process's queue was not performed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.join("chat.db").display()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let outbox: i64 = sqlx::query_scalar(r#"SELECT COUNT(*) FROM "ChatOutbox""#)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if outbox == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the done job's row stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_a_request_handler_closes_with_1011_and_still_cleans_up() {
     let app = TestApp::spawn_with(|s| {
         s.limits.max_connections_per_user = 1;

@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,10 +16,10 @@ use chat_gateway::store::postgres::{
     self, HISTORY_SQL, MAINTENANCE_DOWN_SQL, MIGRATOR, PgStore, SEQ_INDEX,
 };
 use chat_gateway::store::{NewMessage, Store, StoreError};
+use common::faults::{CuttableProxy, postgres_addr};
 use common::{TestApp, WAIT, scratch_database, seqs, with_host};
 use serde_json::{Value, json};
 use sqlx::{Executor, PgPool};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 /// The test's database, or return (skipped) when Postgres is unreachable outside CI.
@@ -793,67 +792,6 @@ async fn backfill_numbers_legacy_rows_and_fills_senders_while_live_sends_continu
     );
 }
 
-/// A TCP proxy in front of Postgres that can be cut: what the gateway sees when the database goes
-/// away (connections reset, new ones refused) and comes back.
-struct CuttableProxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    /// Replaced on every cut; each piped connection ends when its generation is cancelled.
-    generation: Arc<std::sync::Mutex<CancellationToken>>,
-}
-
-impl CuttableProxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let (up2, generation2) = (up.clone(), generation.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !up2.load(Ordering::SeqCst) {
-                    continue; // dropped: the client sees its connection closed
-                }
-                let cut = generation2.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.cancelled() => {}
-                    }
-                });
-            }
-        });
-        CuttableProxy {
-            addr,
-            up,
-            generation,
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        let old = std::mem::take(&mut *self.generation.lock().unwrap());
-        old.cancel();
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-async fn postgres_addr(url: &str) -> SocketAddr {
-    use std::str::FromStr;
-    let options = sqlx::postgres::PgConnectOptions::from_str(url).unwrap();
-    tokio::net::lookup_host((options.get_host(), options.get_port()))
-        .await
-        .unwrap()
-        .next()
-        .unwrap()
-}
-
 /// Retries a send with the same clientMsgId until it is acknowledged; every failure on the way
 /// must be the retriable `unavailable`.
 async fn send_until_acked(client: &mut common::Client, room: &str, text: &str, id: &str) -> Value {
@@ -1127,4 +1065,74 @@ async fn concurrent_first_sends_of_one_client_msg_id_store_it_once_and_allocate_
     }
     assert_eq!(store.room_head("r").await.unwrap(), Some(20));
     store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_touches_and_read_marks_in_any_order_from_many_workers_never_deadlock() {
+    use chat_gateway::store::{ReadMark, StoreMetrics};
+    use rand::seq::SliceRandom;
+    let db = database!();
+    let store = Arc::new(PgStore::connect(&db.url, 8, WAIT).await.unwrap());
+    store.migrate().await.unwrap();
+    let rooms: Vec<String> = (0..20).map(|r| format!("room-{r}")).collect();
+    let users: Vec<String> = (0..5).map(|u| format!("user-{u}")).collect();
+    for room in &rooms {
+        store.create_room(room, room).await.unwrap();
+        for user in &users {
+            store.add_member(room, user).await.unwrap();
+        }
+    }
+    // Four workers (as on four nodes) write the same rows, each batch in an order of its own, as
+    // batches coalesced in hash maps come out.
+    let seq = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (store, rooms, users, seq) = (store.clone(), rooms.clone(), users.clone(), seq.clone());
+        workers.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                let mut touched: Vec<(String, chrono::DateTime<chrono::Utc>)> = rooms
+                    .iter()
+                    .map(|r| (r.clone(), chrono::Utc::now()))
+                    .collect();
+                touched.shuffle(&mut rand::rng());
+                store.touch_rooms(&touched).await.unwrap();
+                let mut marks: Vec<ReadMark> = rooms
+                    .iter()
+                    .flat_map(|r| users.iter().map(move |u| (r.clone(), u.clone())))
+                    .map(|(room_id, user_id)| ReadMark {
+                        room_id,
+                        user_id,
+                        seq: seq.fetch_add(1, Ordering::Relaxed),
+                        at: chrono::Utc::now(),
+                    })
+                    .collect();
+                marks.shuffle(&mut rand::rng());
+                store.mark_read(&marks).await.unwrap();
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let Some(StoreMetrics::Postgres(counted)) = store.metrics() else {
+        panic!("the Postgres store counts its retries");
+    };
+    let retried = counted
+        .retries
+        .get_or_create(&vec![("reason", "deadlock")])
+        .get();
+    // The database's own count (its statistics are flushed within a second or so).
+    let pool = db.pool().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadlocks: i64 = sqlx::query_scalar(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (deadlocks, retried),
+        (0, 0),
+        "deadlocks detected by Postgres, writes retried after one"
+    );
 }

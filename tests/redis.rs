@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::faults::{OwnRedis, own_redis};
 use common::{
     DataDir, TestApp, WAIT, assert_latest_page_holds, redis_settings, redis_url, seqs,
     unique_prefix,
@@ -248,9 +249,10 @@ async fn out_of_order_appends_drop_the_shared_tail_and_a_stale_fill_is_refused()
         return;
     };
     let settings = redis_settings(&url, &unique_prefix());
-    let conn = chat_gateway::redis_conn::RedisConn::connect(&settings.redis)
-        .await
-        .unwrap();
+    let conn =
+        chat_gateway::redis_conn::RedisConn::connect(&settings.redis, "test", Default::default())
+            .await
+            .unwrap();
     let cache = RedisHistoryCache::new(conn, Duration::from_secs(60), 5);
     let message = |seq: i64| MessageJson {
         seq,
@@ -416,56 +418,6 @@ async fn readiness_includes_redis() {
     }
 }
 
-/// A Redis server of the test's own, so it can be stopped and restarted without disturbing others.
-struct OwnRedis {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl OwnRedis {
-    fn start(port: Option<u16>) -> Option<OwnRedis> {
-        let port = port.unwrap_or_else(|| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        });
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        Some(OwnRedis {
-            port,
-            child: Some(child),
-        })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 async fn wait_ready(node: &TestApp, ready: bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -528,33 +480,6 @@ async fn a_redis_restart_loses_nothing_acknowledged() {
         "every acknowledged message, once, in order"
     );
     bob.expect_silence(Duration::from_millis(300)).await;
-}
-
-/// A Redis server of the test's own, started and answering, or `None` when the test is skipped.
-async fn own_redis(port: Option<u16>) -> Option<OwnRedis> {
-    // Needs a redis-server binary; the shared Redis is the gate for the suite.
-    redis_url().await?;
-    let Some(redis) = OwnRedis::start(port) else {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "redis-server is needed in CI"
-        );
-        eprintln!("SKIPPED: own redis-server test (no redis-server binary)");
-        return None;
-    };
-    let url = redis.url();
-    let deadline = Instant::now() + WAIT;
-    while redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "own redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Some(redis)
 }
 
 /// Waits until `chat_presence_backlog` reads `backlog`.
@@ -744,4 +669,29 @@ async fn typing_crosses_nodes_is_not_echoed_and_ends_on_send() {
         .request(json!({"type": "typing", "room": "elsewhere", "typing": true}))
         .await;
     assert_eq!(e["error"]["code"], "not_joined");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pub_sub_keepalive_keeps_a_subscribed_connection() {
+    // Keepalive pings every 200 ms: ten of them while a room is subscribed (a subscribed
+    // connection answers PING differently from a plain one).
+    let Some(c) = cluster(2, |s| s.redis.pubsub_keepalive_ms = 200).await else {
+        return;
+    };
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    a.room("r", &["alice", "bob"]).await;
+    let mut alice = a.client("alice").await;
+    let mut bob = b.client("bob").await;
+    bob.join("r", None).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    for node in [a, b] {
+        assert_eq!(
+            node.metric("chat_redis_reconnects_total{connection=\"pubsub\"}")
+                .await,
+            0.0,
+            "the subscription was dropped and re-made"
+        );
+    }
+    let m = alice.send_ok("r", "still subscribed").await;
+    assert_eq!(bob.expect_message("r").await["id"], m["id"]);
 }

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 use redis::aio::PubSubSink;
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -34,8 +35,6 @@ use super::{Broker, BrokerError, EventSink, PresenceDiff, Published, RoomEvent};
 use crate::redis_conn::RedisConn;
 
 const CHANNEL: &str = "chat:room:";
-/// How often the pub/sub connection is pinged; no answer within half of it means it is dead.
-const KEEPALIVE: Duration = Duration::from_secs(10);
 
 pub struct RedisBroker {
     redis: RedisConn,
@@ -45,6 +44,11 @@ pub struct RedisBroker {
     /// subscribe/unsubscribe commands the order of the count changes.
     subscriptions: Mutex<Subscriptions>,
     connected: AtomicBool,
+    /// How often the pub/sub connection is pinged (`redis.pubsub_keepalive_ms`); no answer
+    /// within half of it means the connection is dead.
+    keepalive: Duration,
+    /// Times the subscription was lost (and re-established).
+    reconnects: Counter,
 }
 
 #[derive(Default)]
@@ -79,6 +83,8 @@ impl RedisBroker {
         redis: RedisConn,
         sink: Arc<dyn EventSink>,
         on_resubscribed: Arc<dyn Fn() + Send + Sync>,
+        keepalive: Duration,
+        reconnects: Counter,
         stop: CancellationToken,
     ) -> Arc<Self> {
         let broker = Arc::new(Self {
@@ -86,6 +92,8 @@ impl RedisBroker {
             sink,
             subscriptions: Mutex::new(Subscriptions::default()),
             connected: AtomicBool::new(false),
+            keepalive,
+            reconnects,
         });
         tokio::spawn(broker.clone().subscriber(on_resubscribed, stop));
         broker
@@ -142,26 +150,28 @@ impl RedisBroker {
             }
             first = false;
             // A connection that silently stopped carrying packets never ends the stream: ping it.
-            let mut keepalive = tokio::time::interval(KEEPALIVE);
+            let mut keepalive = tokio::time::interval(self.keepalive);
             keepalive.tick().await;
             loop {
                 let msg = tokio::select! {
                     m = stream.next() => m,
                     _ = keepalive.tick() => {
                         let sink = self.subscriptions.lock().await.sink.clone();
-                        let alive = match sink {
+                        let answer = match sink {
                             Some(mut sink) => {
-                                tokio::time::timeout(KEEPALIVE / 2, sink.ping::<String>())
+                                tokio::time::timeout(self.keepalive / 2, sink.ping::<redis::Value>())
                                     .await
-                                    .is_ok_and(|r| r.is_ok())
                             }
-                            None => false,
+                            None => continue,
                         };
-                        if !alive {
-                            tracing::warn!("redis pub/sub connection unresponsive");
-                            break;
+                        // A subscribed RESP2 connection answers PING with the array
+                        // ["pong", ""], an unsubscribed one with +PONG: any answer is alive.
+                        match answer {
+                            Ok(Ok(_)) => continue,
+                            Ok(Err(e)) => tracing::warn!(error = %e, "redis pub/sub ping failed"),
+                            Err(_) => tracing::warn!("redis pub/sub connection unresponsive"),
                         }
-                        continue;
+                        break;
                     }
                     _ = stop.cancelled() => return,
                 };
@@ -173,6 +183,7 @@ impl RedisBroker {
             }
             self.connected.store(false, Ordering::Relaxed);
             self.subscriptions.lock().await.sink = None;
+            self.reconnects.inc();
             tracing::warn!("redis pub/sub connection lost; reconnecting");
         }
     }
@@ -266,7 +277,10 @@ impl Broker for RedisBroker {
             .bounded(publish.query_async::<i64>(&mut conn))
             .await
             .map(|_| ())
-            .map_err(|e| BrokerError(e.to_string()))
+            .map_err(|e| {
+                self.redis.log_failure("publish failed", &e);
+                BrokerError(e.to_string())
+            })
     }
 
     async fn subscribe(&self, room: &str) -> Result<(), BrokerError> {

@@ -171,7 +171,8 @@ impl HistoryCache for RedisHistoryCache {
         let (generation, tail, refresh) = match found {
             Ok(found) => found,
             Err(e) => {
-                tracing::warn!(error = %e, "history cache unavailable; reading the store");
+                self.redis
+                    .log_failure("history cache unavailable; reading the store", &e);
                 return Latest::Miss(MissToken {
                     room: room.to_string(),
                     generation: None,
@@ -218,7 +219,7 @@ impl HistoryCache for RedisHistoryCache {
             .arg(self.ttl_ms());
         let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "history cache write failed");
+            self.redis.log_failure("history cache write failed", &e);
         }
     }
 
@@ -234,7 +235,7 @@ impl HistoryCache for RedisHistoryCache {
         let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
         if let Err(e) = result {
             // The message is stored; see the module doc for how long the tail may miss it.
-            tracing::warn!(room, error = %e, "history cache append failed");
+            self.redis.log_failure("history cache append failed", &e);
         }
     }
 
@@ -250,7 +251,8 @@ impl HistoryCache for RedisHistoryCache {
             Ok(Some(page)) if is_json(&page) => Some(page.into()),
             Ok(_) => None,
             Err(e) => {
-                tracing::warn!(error = %e, "history cache unavailable; reading the store");
+                self.redis
+                    .log_failure("history cache unavailable; reading the store", &e);
                 None
             }
         }
@@ -271,7 +273,7 @@ impl HistoryCache for RedisHistoryCache {
             )
             .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "history cache write failed");
+            self.redis.log_failure("history cache write failed", &e);
         }
     }
 }

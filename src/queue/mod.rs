@@ -1,14 +1,14 @@
 //! Side effects of a send leave the send path: the store writes an outbox row in the message's own
-//! transaction, the [`OutboxRelay`] moves outbox rows to the [`JobQueue`] (deleting them only once
-//! queued), and the [`Worker`] performs the jobs. A process that dies anywhere along the way loses
-//! no side effect: unrelayed rows stay in the outbox and are claimed again when their lease ends.
-//! Jobs are therefore at-least-once, and each is idempotent.
+//! transaction, the [`OutboxRelay`] hands outbox rows to the [`JobQueue`], leasing them for
+//! `queue.redeliver_after_ms`, and the [`Worker`] performs the jobs and only then deletes their
+//! rows. Whatever forgets a job on the way (a process that dies, a Redis that restarts empty), its
+//! row is still in the outbox and is queued again when its lease ends, or at once when the queue
+//! is found empty (a fresh in-process queue at start, a Redis consumer group created anew). Jobs
+//! are therefore at-least-once, and each is idempotent.
 //!
 //! The in-process queue is a bounded channel. Overflow policy: `enqueue` never waits; when the
-//! queue is full the relay leaves the rest of its batch in the outbox and retries after the lease.
-//! Jobs sitting in the in-process queue when the process dies are lost from it, but their outbox
-//! rows were deleted only after queueing, so durability on one node ends at the queue: the
-//! Redis-backed queue is the durable one.
+//! queue is full (or the Redis queue unreachable) the relay releases the rest of its batch in the
+//! outbox, to be claimed again at its next drain.
 
 pub mod redis;
 
@@ -37,6 +37,10 @@ pub enum Job {
         seq: i64,
         message_id: String,
         created_at: DateTime<Utc>,
+        /// The outbox row the worker deletes once this job is done (absent in jobs queued by
+        /// earlier versions, whose rows were deleted when queued).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outbox_id: Option<i64>,
     },
     /// A member read a room up to `seq`: move `"lastReadSeq"` / `"lastReadAt"` forward (coalesced
     /// per member and room within a batch; idempotent, positions never move back).
@@ -95,9 +99,31 @@ pub struct Worker {
     pub batch: usize,
     pub max_attempts: u32,
     pub webhook: Option<Webhook>,
+    /// `queue.redeliver_after_ms`: how long a job's outbox row is leased past its next attempt.
+    pub redeliver_after: Duration,
+}
+
+/// The outbox rows of jobs (those that have one).
+pub fn outbox_ids<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> Vec<i64> {
+    jobs.into_iter()
+        .filter_map(|job| match job {
+            Job::MessageStored { outbox_id, .. } => *outbox_id,
+            Job::MarkRead { .. } => None,
+        })
+        .collect()
 }
 
 impl Worker {
+    /// Deletes the outbox rows of jobs that are done, or given up on (dead-lettered): nothing
+    /// will queue them again. A failure leaves the rows to be queued again after their lease
+    /// (at-least-once).
+    pub async fn settle<'a>(&self, finished: impl IntoIterator<Item = &'a Job>) {
+        let ids = outbox_ids(finished);
+        if let Err(e) = self.store.outbox_done(&ids).await {
+            tracing::warn!(error = %e, rows = ids.len(), "outbox rows of done jobs not deleted; they will be done again");
+        }
+    }
+
     /// Performs a batch. Returns the indices of the jobs that failed (to retry later).
     pub async fn perform(&self, jobs: &[Job]) -> Vec<usize> {
         let mut latest: HashMap<&str, DateTime<Utc>> = HashMap::new();
@@ -196,6 +222,8 @@ impl Worker {
 
     async fn perform_with_retries(&self, jobs: &mut Vec<Job>) {
         let total = jobs.len() as u64;
+        // Done or given up on, the whole batch is settled at the end.
+        let settled = jobs.clone();
         let mut backoff = Duration::from_millis(50);
         let mut given_up = 0;
         for attempt in 1..=self.max_attempts {
@@ -220,6 +248,7 @@ impl Worker {
         }
         self.metrics.job("failed", given_up);
         self.metrics.job("done", total - given_up);
+        self.settle(&settled).await;
         jobs.clear();
     }
 }
@@ -246,6 +275,7 @@ impl Webhook {
             seq,
             message_id,
             created_at,
+            ..
         } = job
         else {
             return Ok(());
@@ -279,12 +309,13 @@ impl From<OutboxEntry> for Job {
             seq: e.seq,
             message_id: e.message_id,
             created_at: e.created_at,
+            outbox_id: Some(e.id),
         }
     }
 }
 
-/// Moves outbox rows to the job queue. Woken by each send (draining at most every `pace`), and
-/// polls for rows left by others.
+/// Hands outbox rows to the job queue. Woken by each send (draining at most every `pace`), and
+/// polls for rows left by others or whose lease ended.
 pub struct OutboxRelay {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn JobQueue>,
@@ -297,7 +328,8 @@ pub struct OutboxRelay {
     pub batch: u32,
     /// How often to look for rows nobody woke us for (left by a node that died).
     pub poll: Duration,
-    /// How long claimed rows stay ours before another relay may take them.
+    /// How long handed-over rows stay ours before they are queued again (by any relay), unless
+    /// the worker deleted them first: `queue.redeliver_after_ms`.
     pub lease: Duration,
     /// Shortest time between two drains. Under load every stored message wakes the relay; pacing
     /// the drains makes each claim, ack and room touch cover many messages instead of a few. A
@@ -343,25 +375,32 @@ impl OutboxRelay {
             if claimed == 0 {
                 return;
             }
-            let mut relayed = Vec::with_capacity(claimed);
+            let mut relayed = 0;
+            let mut refused = Vec::new();
             let mut heads: HashMap<String, i64> = HashMap::new();
             for row in rows {
-                let id = row.id;
-                let head = heads.entry(row.room_id.clone()).or_insert(row.seq);
-                *head = (*head).max(row.seq);
+                if !refused.is_empty() {
+                    refused.push(row.id);
+                    continue;
+                }
+                let (id, room, seq) = (row.id, row.room_id.clone(), row.seq);
                 match self.queue.enqueue(Job::from(row)).await {
-                    Ok(()) => relayed.push(id),
+                    Ok(()) => {
+                        relayed += 1;
+                        let head = heads.entry(room).or_insert(seq);
+                        *head = (*head).max(seq);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "job queue refused; the rest waits in the outbox");
-                        break;
+                        refused.push(id);
                     }
                 }
             }
-            if let Err(e) = self.store.outbox_ack(&relayed).await {
-                // Rows stay claimed and are relayed again after the lease: jobs are idempotent.
-                tracing::warn!(error = %e, "outbox ack failed");
+            // What the queue refused is claimed again at the next drain, not after the lease.
+            if let Err(e) = self.store.outbox_lease(&refused, None).await {
+                tracing::warn!(error = %e, "outbox rows not released; queued again after their lease");
             }
-            self.metrics.job("enqueued", relayed.len() as u64);
+            self.metrics.job("enqueued", relayed as u64);
             if let Some(broker) = &self.broker {
                 for (room, seq) in heads {
                     if let Err(e) = broker.publish(&room, RoomEvent::Head { seq }).await {
@@ -371,7 +410,7 @@ impl OutboxRelay {
             }
             // A short claim emptied the outbox: asking again would cost a statement to learn
             // that. Rows stored since then woke us again (`wake` keeps the notification).
-            if relayed.len() < claimed || claimed < self.batch as usize {
+            if relayed < claimed || claimed < self.batch as usize {
                 return;
             }
         }

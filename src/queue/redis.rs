@@ -9,6 +9,10 @@
 //!   exponential backoff) and acknowledged in the same MULTI; due retries go back into the stream.
 //! - After `queue.max_attempts` attempts a job is moved to `{prefix}chat:jobs:dead`, a stream you
 //!   can inspect (`XRANGE chat:jobs:dead - +`) and replay by hand.
+//! - Redis is not where side effects are kept safe: each job's outbox row stays in the store until
+//!   the job is done (or dead-lettered), leased past its next attempt. When a worker finds the
+//!   consumer group missing (a Redis that restarted empty, or a first start), it releases every
+//!   outbox lease, so whatever the lost stream held is queued again at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,10 +121,23 @@ pub async fn run_worker(
                 .arg("MKSTREAM")
                 .query_async(&mut conn)
                 .await;
-            if let Err(e) = created
-                && e.code() != Some("BUSYGROUP")
-            {
-                return Err(e);
+            match created {
+                Ok(_) => {
+                    // A new group: the stream (and with it every queued and retrying job) may
+                    // have been lost. Their outbox rows are still there; queue them again now
+                    // rather than after their lease.
+                    match worker.store.outbox_release_all().await {
+                        Ok(0) => {}
+                        Ok(released) => tracing::warn!(
+                            released,
+                            "the job queue was found empty (Redis restarted or was flushed); \
+                             queueing again every side effect not yet done"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "outbox leases not released"),
+                    }
+                }
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e),
             }
             let now = chrono::Utc::now().timestamp_millis();
             let _: i64 = promote
@@ -234,6 +251,10 @@ async fn process(
     }
     let failed = worker.perform(&jobs).await;
     let now = chrono::Utc::now().timestamp_millis();
+    // Outbox rows: deleted for jobs done or dead-lettered, leased past the retry for the others.
+    let mut finished = Vec::with_capacity(jobs.len());
+    let mut retrying = Vec::new();
+    let mut longest_delay = 0;
     for (i, id) in ids.iter().enumerate() {
         if failed.contains(&i) {
             let attempt = attempts[i];
@@ -249,8 +270,11 @@ async fn process(
                     .arg(attempt)
                     .ignore();
                 metrics.job("dead", 1);
+                finished.push(&jobs[i]);
             } else {
                 let delay = 500i64 << attempt.min(10);
+                longest_delay = longest_delay.max(delay);
+                retrying.push(&jobs[i]);
                 pipe.cmd("ZADD")
                     .arg(&keys.retry)
                     .arg(now + delay)
@@ -260,12 +284,19 @@ async fn process(
             }
         } else {
             metrics.job("done", 1);
+            finished.push(&jobs[i]);
         }
         pipe.cmd("XACK")
             .arg(&keys.stream)
             .arg(GROUP)
             .arg(id)
             .ignore();
+    }
+    worker.settle(finished).await;
+    let retrying = super::outbox_ids(retrying);
+    let lease = worker.redeliver_after + Duration::from_millis(longest_delay as u64);
+    if let Err(e) = worker.store.outbox_lease(&retrying, Some(lease)).await {
+        tracing::warn!(error = %e, "outbox leases of retried jobs not extended; they may run twice");
     }
     pipe.query_async::<()>(conn).await
 }

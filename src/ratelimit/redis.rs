@@ -77,7 +77,8 @@ impl RateLimiter for RedisRateLimiter {
                 retry_after: Duration::from_micros(wait_us.max(1) as u64),
             }),
             Err(e) => {
-                tracing::warn!(error = %e, "rate limiter unavailable; allowing the send");
+                self.redis
+                    .log_failure("rate limiter unavailable; allowing the send", &e);
                 Ok(())
             }
         }

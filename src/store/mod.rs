@@ -5,7 +5,8 @@
 //! Every implementation guarantees: a message's `seq` is allocated in the same transaction as its
 //! insert (strictly increasing, gap-free per room), a message is visible to readers before the
 //! insert returns, a repeated `(roomId, senderId, clientMsgId)` returns the stored original, and
-//! the same transaction writes the message's `"ChatOutbox"` row (see `queue::OutboxRelay`).
+//! the same transaction writes the message's `"ChatOutbox"` row (see `queue::OutboxRelay`), which
+//! stays until a worker has performed the message's side effects.
 
 pub mod backfill;
 pub mod postgres;
@@ -90,6 +91,10 @@ pub enum StoreError {
     /// which is why retries carry the same `clientMsgId`.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The database is known to be unreachable (a background probe waits for it to answer):
+    /// nothing was tried. Retriable, like `Unavailable`, and not logged again per operation.
+    #[error("store unavailable: the database is unreachable (waiting for it to answer again)")]
+    Down,
     #[error("room not found")]
     RoomNotFound,
     #[error("{0}")]
@@ -222,8 +227,19 @@ pub trait Store: Send + Sync + 'static {
         lease: std::time::Duration,
     ) -> Result<Vec<OutboxEntry>, StoreError>;
 
-    /// Deletes relayed outbox rows.
-    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError>;
+    /// Deletes the outbox rows whose side effects were performed (or given up on).
+    async fn outbox_done(&self, ids: &[i64]) -> Result<(), StoreError>;
+
+    /// Leases outbox rows for `lease` from now, or releases them (`None`) so the next claim
+    /// takes them again.
+    async fn outbox_lease(
+        &self,
+        ids: &[i64],
+        lease: Option<std::time::Duration>,
+    ) -> Result<(), StoreError>;
+
+    /// Releases every claimed row (the job queue lost what it held). Returns how many.
+    async fn outbox_release_all(&self) -> Result<u64, StoreError>;
 
     /// Closes the connections (shutdown, after the last job).
     async fn close(&self) {}
@@ -236,7 +252,14 @@ pub trait Store: Send + Sync + 'static {
 
 /// A store's own counters, shared with the metrics registry (the handles are cheap clones).
 #[derive(Debug, Clone)]
-pub struct StoreMetrics {
+pub enum StoreMetrics {
+    Sqlite(SqliteMetrics),
+    Postgres(postgres::PgMetrics),
+}
+
+/// The SQLite store's writer, group commit and checkpointer.
+#[derive(Debug, Clone)]
+pub struct SqliteMetrics {
     /// Statements run on the writer connection, `BEGIN` and `COMMIT` included.
     pub write_statements: prometheus_client::metrics::counter::Counter,
     /// Sends written per group commit (one observation per batch, taken when the batch starts).
@@ -249,7 +272,7 @@ pub struct StoreMetrics {
     pub checkpoints: prometheus_client::metrics::counter::Counter,
 }
 
-impl Default for StoreMetrics {
+impl Default for SqliteMetrics {
     fn default() -> Self {
         Self {
             write_statements: Default::default(),

@@ -14,14 +14,20 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOptions};
 use sqlx::{Connection, PgPool};
+
+use crate::health::Health;
 
 use super::{
     Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, Store,
-    StoreError,
+    StoreError, StoreMetrics,
 };
 
 /// The automatic migrations (migrations/postgres), applied by `migrate` and at start-up.
@@ -35,6 +41,9 @@ pub const MAINTENANCE_SQL: &str =
 /// Its rollback, also run by hand.
 pub const MAINTENANCE_DOWN_SQL: &str =
     include_str!("../../migrations/postgres-maintenance/20261127000100_live_database.down.sql");
+
+/// How long the probe of an unreachable database waits for its `SELECT 1`.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// The index every history page and resume reads (see [`HISTORY_SQL`]).
 pub const SEQ_INDEX: &str = "ChatMessage_roomId_seq_key";
@@ -101,6 +110,45 @@ SELECT true AS duplicate, * FROM existing"#
 /// The unique index that makes a clientMsgId idempotent (see migrations/postgres).
 const CLIENT_MSG_ID_KEY: &str = "ChatMessage_roomId_senderId_clientMsgId_key";
 
+/// Moves several rooms' `"lastMessageAt"` forward. `$1` ids, `$2` times (a room listed twice
+/// takes its latest). Workers on several nodes run this at once for overlapping rooms: the rows
+/// are locked in id order (`ORDER BY ... FOR UPDATE` locks as it reads the sorted rows), so two
+/// of them can never wait for each other in a cycle; an UPDATE ... FROM locks in whatever order
+/// its join produces, which deadlocked.
+const TOUCH_ROOMS_SQL: &str = r#"WITH u AS (
+    SELECT id, max(at) AS at FROM unnest($1::text[], $2::timestamp[]) AS u(id, at) GROUP BY id
+),
+locked AS MATERIALIZED (
+    SELECT r.id, u.at FROM "ChatRoom" r JOIN u ON r.id = u.id
+    WHERE r."lastMessageAt" IS NULL OR r."lastMessageAt" < u.at
+    ORDER BY r.id
+    FOR NO KEY UPDATE OF r
+)
+UPDATE "ChatRoom" r SET "lastMessageAt" = locked.at, "updatedAt" = locked.at
+FROM locked
+WHERE r.id = locked.id AND (r."lastMessageAt" IS NULL OR r."lastMessageAt" < locked.at)"#;
+
+/// Moves read positions forward, locking the memberships in (room, user) order for the same
+/// reason as [`TOUCH_ROOMS_SQL`]. `$1` rooms, `$2` users, `$3` seqs, `$4` times.
+const MARK_READ_SQL: &str = r#"WITH u AS (
+    SELECT room, usr, max(seq) AS seq, max(at) AS at
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamp[]) AS u(room, usr, seq, at)
+    GROUP BY room, usr
+),
+locked AS MATERIALIZED (
+    SELECT m.id, u.seq, u.at FROM "ChatRoomMember" m
+    JOIN u ON m."roomId" = u.room AND m."userId" = u.usr
+    WHERE m."lastReadSeq" < u.seq
+    ORDER BY m."roomId", m."userId"
+    FOR NO KEY UPDATE OF m
+)
+UPDATE "ChatRoomMember" m SET "lastReadSeq" = locked.seq, "lastReadAt" = locked.at
+FROM locked
+WHERE m.id = locked.id AND m."lastReadSeq" < locked.seq"#;
+
+/// Most times a write that lost a deadlock or serialization race is run again.
+const RACE_RETRIES: u32 = 3;
+
 #[derive(sqlx::FromRow)]
 struct Stored {
     duplicate: bool,
@@ -110,6 +158,48 @@ struct Stored {
 
 pub struct PgStore {
     pool: PgPool,
+    /// Whether Postgres answers: while it does not, every operation fails at once with
+    /// `Unavailable` instead of waiting `database.acquire_timeout_ms` for a connection that
+    /// cannot open (sends answered promptly, `/readyz` at once).
+    health: Arc<Health>,
+    counters: PgMetrics,
+}
+
+/// The Postgres store's own counters, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct PgMetrics {
+    /// Times the database was found unreachable.
+    pub outages: Counter,
+    /// Writes run again after losing a race: `reason="deadlock"` or `"serialization"`.
+    pub retries: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+/// A failure that says the database cannot be reached (as opposed to an answer it gave): no
+/// connection could be had or it broke, or the server is shutting down or starting up.
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.try_downcast_ref::<PgDatabaseError>().is_some_and(|pg| {
+            let code = pg.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// Why a write lost a race it may win when run again, if it did.
+fn race(e: &sqlx::Error) -> Option<&'static str> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    match db.try_downcast_ref::<PgDatabaseError>()?.code() {
+        "40P01" => Some("deadlock"),
+        "40001" => Some("serialization"),
+        _ => None,
+    }
 }
 
 /// `TIMESTAMP(3)` columns hold UTC without a zone.
@@ -154,11 +244,80 @@ impl PgStore {
             .max_lifetime(None)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        let counters = PgMetrics::default();
+        let probe_pool = pool.clone();
+        let pool_size = max_connections.max(1);
+        let health = Health::new(
+            "the database",
+            counters.outages.clone(),
+            Box::new(move || {
+                let pool = probe_pool.clone();
+                Box::pin(async move {
+                    // The pool hands out its idle connections first, and each that died with
+                    // the database fails its one statement and is dropped: go through them
+                    // until one answers, so that traffic does not meet them after the recovery
+                    // (each would find the database "down" again).
+                    for _ in 0..=pool_size {
+                        let ping = sqlx::query("SELECT 1").execute(&pool);
+                        match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+                            Ok(Ok(_)) => return true,
+                            Ok(Err(e)) if unreachable(&e) => continue,
+                            _ => return false,
+                        }
+                    }
+                    false
+                })
+            }),
+        );
+        Ok(Self {
+            pool,
+            health,
+            counters,
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The pool, or `Unavailable` at once while the database is known to be unreachable.
+    fn live_pool(&self) -> Result<&PgPool, StoreError> {
+        if self.health.is_up() {
+            Ok(&self.pool)
+        } else {
+            Err(StoreError::Down)
+        }
+    }
+
+    /// Maps a failed statement, marking the database down when it could not be reached.
+    fn failed(&self, e: sqlx::Error) -> StoreError {
+        if unreachable(&e) {
+            self.health.trip(&e);
+        }
+        e.into()
+    }
+
+    /// Runs a write that locks several rows, again (up to [`RACE_RETRIES`] times) when Postgres
+    /// made it a deadlock victim or it lost a serialization race; counts every retry.
+    async fn retrying<'p, T, F>(&'p self, run: impl Fn(&'p PgPool) -> F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match run(self.live_pool()?).await {
+                Err(e) if attempt < RACE_RETRIES && race(&e).is_some() => {
+                    let reason = race(&e).unwrap_or_default();
+                    self.counters
+                        .retries
+                        .get_or_create(&vec![("reason", reason)])
+                        .inc();
+                    tracing::warn!(error = %e, attempt, "a write lost a race; running it again");
+                    attempt += 1;
+                }
+                result => return result.map_err(|e| self.failed(e)),
+            }
+        }
     }
 
     /// Applies the automatic migrations. Refuses when "ChatMessage" holds rows but lacks the
@@ -291,7 +450,10 @@ pub async fn run_maintenance(url: &str, report: &mut dyn FnMut(&str)) -> Result<
 #[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1")
+            .execute(self.live_pool()?)
+            .await
+            .map_err(|e| self.failed(e))?;
         Ok(())
     }
 
@@ -315,7 +477,7 @@ impl Store for PgStore {
             .bind(&msg.content)
             .bind(utc(&msg.created_at))
             .bind(&msg.client_msg_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.live_pool()?)
             .await;
         match stored {
             Ok(Some(Stored { duplicate, message })) => Ok(Inserted { message, duplicate }),
@@ -333,7 +495,7 @@ impl Store for PgStore {
                     duplicate: true,
                 })
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.failed(e)),
         }
     }
 
@@ -348,8 +510,9 @@ impl Store for PgStore {
             .bind(room)
             .bind(sender)
             .bind(client_msg_id)
-            .fetch_optional(&self.pool)
-            .await?)
+            .fetch_optional(self.live_pool()?)
+            .await
+            .map_err(|e| self.failed(e))?)
     }
 
     async fn history(
@@ -362,8 +525,9 @@ impl Store for PgStore {
             .bind(room)
             .bind(before.unwrap_or(i64::MAX))
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(self.live_pool()?)
+            .await
+            .map_err(|e| self.failed(e))?)
     }
 
     async fn messages_between(
@@ -378,16 +542,18 @@ impl Store for PgStore {
             .bind(after)
             .bind(until)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(self.live_pool()?)
+            .await
+            .map_err(|e| self.failed(e))?)
     }
 
     async fn room_head(&self, room: &str) -> Result<Option<i64>, StoreError> {
         Ok(
             sqlx::query_scalar(r#"SELECT "lastSeq" FROM "ChatRoom" WHERE id = $1"#)
                 .bind(room)
-                .fetch_optional(&self.pool)
-                .await?,
+                .fetch_optional(self.live_pool()?)
+                .await
+                .map_err(|e| self.failed(e))?,
         )
     }
 
@@ -398,8 +564,9 @@ impl Store for PgStore {
         )
         .bind(room)
         .bind(user)
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))?;
         Ok(match (room_exists, member) {
             (false, _) => Access::NoRoom,
             (true, false) => Access::NotMember,
@@ -415,9 +582,9 @@ impl Store for PgStore {
         )
         .bind(id)
         .bind(name)
-        .execute(&self.pool)
+        .execute(self.live_pool()?)
         .await
-        .map_err(|e| match StoreError::from(e) {
+        .map_err(|e| match self.failed(e) {
             StoreError::Conflict(_) => StoreError::Conflict(format!("room {id:?} already exists")),
             other => other,
         })?;
@@ -436,8 +603,9 @@ impl Store for PgStore {
         )
         .bind(id)
         .bind(name)
-        .execute(&self.pool)
-        .await?;
+        .execute(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -456,8 +624,9 @@ impl Store for PgStore {
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(room)
         .bind(user)
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))?;
         if !room_exists {
             return Err(StoreError::RoomNotFound);
         }
@@ -469,8 +638,9 @@ impl Store for PgStore {
             sqlx::query(r#"DELETE FROM "ChatRoomMember" WHERE "roomId" = $1 AND "userId" = $2"#)
                 .bind(room)
                 .bind(user)
-                .execute(&self.pool)
-                .await?;
+                .execute(self.live_pool()?)
+                .await
+                .map_err(|e| self.failed(e))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -480,14 +650,12 @@ impl Store for PgStore {
         }
         let ids: Vec<&str> = rooms.iter().map(|(id, _)| id.as_str()).collect();
         let ats: Vec<NaiveDateTime> = rooms.iter().map(|(_, at)| utc(at)).collect();
-        sqlx::query(
-            r#"UPDATE "ChatRoom" r SET "lastMessageAt" = u.at, "updatedAt" = u.at
-               FROM unnest($1::text[], $2::timestamp[]) AS u(id, at)
-               WHERE r.id = u.id AND (r."lastMessageAt" IS NULL OR r."lastMessageAt" < u.at)"#,
-        )
-        .bind(&ids)
-        .bind(&ats)
-        .execute(&self.pool)
+        self.retrying(|pool| {
+            sqlx::query(TOUCH_ROOMS_SQL)
+                .bind(&ids)
+                .bind(&ats)
+                .execute(pool)
+        })
         .await?;
         Ok(())
     }
@@ -500,8 +668,9 @@ impl Store for PgStore {
         )
         .bind(user)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))?;
         let last: Vec<Message> = sqlx::query_as(concat!(
             "SELECT ",
             columns!(),
@@ -510,8 +679,9 @@ impl Store for PgStore {
                  WHERE m."userId" = $1) AND "moderationStatus" <> 'REJECTED'"#
         ))
         .bind(user)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))?;
         Ok(super::summaries(rooms, last))
     }
 
@@ -519,8 +689,9 @@ impl Store for PgStore {
         Ok(
             sqlx::query_scalar(r#"SELECT COUNT(*) FROM "ChatRoomMember" WHERE "roomId" = $1"#)
                 .bind(room)
-                .fetch_one(&self.pool)
-                .await?,
+                .fetch_one(self.live_pool()?)
+                .await
+                .map_err(|e| self.failed(e))?,
         )
     }
 
@@ -532,17 +703,16 @@ impl Store for PgStore {
         let users: Vec<&str> = marks.iter().map(|m| m.user_id.as_str()).collect();
         let seqs: Vec<i64> = marks.iter().map(|m| m.seq).collect();
         let ats: Vec<NaiveDateTime> = marks.iter().map(|m| utc(&m.at)).collect();
-        let done = sqlx::query(
-            r#"UPDATE "ChatRoomMember" m SET "lastReadSeq" = u.seq, "lastReadAt" = u.at
-               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamp[]) AS u(room, usr, seq, at)
-               WHERE m."roomId" = u.room AND m."userId" = u.usr AND m."lastReadSeq" < u.seq"#,
-        )
-        .bind(&rooms)
-        .bind(&users)
-        .bind(&seqs)
-        .bind(&ats)
-        .execute(&self.pool)
-        .await?;
+        let done = self
+            .retrying(|pool| {
+                sqlx::query(MARK_READ_SQL)
+                    .bind(&rooms)
+                    .bind(&users)
+                    .bind(&seqs)
+                    .bind(&ats)
+                    .execute(pool)
+            })
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -562,25 +732,62 @@ impl Store for PgStore {
         )
         .bind(lease.as_secs_f64())
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))?;
         rows.sort_by_key(|r| r.id);
         Ok(rows)
     }
 
-    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
+    async fn outbox_done(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        sqlx::query(r#"DELETE FROM "ChatOutbox" WHERE id = ANY($1)"#)
-            .bind(ids)
-            .execute(&self.pool)
-            .await?;
+        self.retrying(|pool| {
+            sqlx::query(r#"DELETE FROM "ChatOutbox" WHERE id = ANY($1)"#)
+                .bind(ids)
+                .execute(pool)
+        })
+        .await?;
         Ok(())
+    }
+
+    async fn outbox_lease(&self, ids: &[i64], lease: Option<Duration>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.retrying(|pool| {
+            sqlx::query(
+                r#"UPDATE "ChatOutbox"
+                   SET "claimedUntil" = now() AT TIME ZONE 'UTC' + make_interval(secs => $2)
+                   WHERE id = ANY($1)"#,
+            )
+            .bind(ids)
+            .bind(lease.map(|l| l.as_secs_f64()))
+            .execute(pool)
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn outbox_release_all(&self) -> Result<u64, StoreError> {
+        let done = self
+            .retrying(|pool| {
+                sqlx::query(
+                    r#"UPDATE "ChatOutbox" SET "claimedUntil" = NULL WHERE "claimedUntil" IS NOT NULL"#,
+                )
+                .execute(pool)
+            })
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn close(&self) {
         PgStore::close(self).await;
+    }
+
+    fn metrics(&self) -> Option<StoreMetrics> {
+        Some(StoreMetrics::Postgres(self.counters.clone()))
     }
 }
 

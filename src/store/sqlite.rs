@@ -86,8 +86,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, Store,
-    StoreError, StoreMetrics,
+    Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, SqliteMetrics,
+    Store, StoreError, StoreMetrics,
 };
 
 /// The embedded migrations (migrations/sqlite), applied by `migrate` and at start-up.
@@ -154,7 +154,7 @@ pub struct SqliteStore {
     checkpointer: SqlitePool,
     /// The runtime of the group writer's thread, where every use of `writer` runs.
     writer_thread: tokio::runtime::Handle,
-    stats: StoreMetrics,
+    stats: SqliteMetrics,
 }
 
 fn ts(t: &DateTime<Utc>) -> String {
@@ -220,7 +220,7 @@ impl SqliteStore {
             .await?;
         let (sends, queued) = mpsc::channel(options.write_queue.max(1));
         let stop = CancellationToken::new();
-        let stats = StoreMetrics::default();
+        let stats = SqliteMetrics::default();
         let checkpoint_task = tokio::spawn(run_checkpoints(
             checkpointer.clone(),
             options.checkpoint_interval,
@@ -299,7 +299,7 @@ impl SqliteStore {
 async fn run_checkpoints(
     pool: SqlitePool,
     every: Duration,
-    stats: StoreMetrics,
+    stats: SqliteMetrics,
     stop: CancellationToken,
 ) {
     let mut every = tokio::time::interval(every);
@@ -360,7 +360,7 @@ struct GroupWriter {
     batch: usize,
     /// Shortest time between the starts of two batches (`database.write_interval_ms`).
     interval: Duration,
-    stats: StoreMetrics,
+    stats: SqliteMetrics,
 }
 
 /// What a send of a batch turned out to be, before the batch's sequence numbers are known.
@@ -946,7 +946,7 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
-    async fn outbox_ack(&self, ids: &[i64]) -> Result<(), StoreError> {
+    async fn outbox_done(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -963,11 +963,49 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn outbox_lease(&self, ids: &[i64], lease: Option<Duration>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let until = lease.map(|lease| {
+            ts(&(Utc::now()
+                + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60))))
+        });
+        self.wrote(1);
+        let ids = json(&ids);
+        self.on_writer(move |pool| async move {
+            sqlx::query(
+                r#"UPDATE "ChatOutbox" SET "claimedUntil" = ?
+                   WHERE id IN (SELECT value FROM json_each(?))"#,
+            )
+            .bind(until)
+            .bind(ids)
+            .execute(&pool)
+            .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn outbox_release_all(&self) -> Result<u64, StoreError> {
+        self.wrote(1);
+        let done = self
+            .on_writer(move |pool| async move {
+                sqlx::query(
+                    r#"UPDATE "ChatOutbox" SET "claimedUntil" = NULL WHERE "claimedUntil" IS NOT NULL"#,
+                )
+                .execute(&pool)
+                .await
+            })
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn close(&self) {
         SqliteStore::close(self).await;
     }
 
     fn metrics(&self) -> Option<StoreMetrics> {
-        Some(self.stats.clone())
+        Some(StoreMetrics::Sqlite(self.stats.clone()))
     }
 }

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+pub mod nodes;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
