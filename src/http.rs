@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::App;
 use crate::auth::{Identity, Role};
 use crate::error::ChatError;
+use crate::origins::RequestOrigin;
 use crate::protocol::WireMessage;
 use crate::service::Door;
 use crate::transport::Connection;
@@ -89,10 +90,18 @@ async fn ws_upgrade(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // First: a page from an origin not allowed takes no connection slot, no turn of churn, and
+    // its token is never looked at.
+    if app.origins.check(&headers) == RequestOrigin::Refused {
+        app.service.metrics.upgrade_refused("origin");
+        return origin_not_allowed();
+    }
     if app.shutdown.is_cancelled() {
+        app.service.metrics.upgrade_refused("draining");
         return unavailable("shutting down");
     }
     let Ok(permit) = app.conn_slots.clone().try_acquire_owned() else {
+        app.service.metrics.upgrade_refused("connection_limit");
         return unavailable("connection limit reached");
     };
     // Held through the upgrade and the token check; released before the socket reads frames.
@@ -129,6 +138,11 @@ fn unavailable(why: &str) -> Response {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
+}
+
+fn origin_not_allowed() -> Response {
+    let body = json!({"error": {"code": "forbidden", "message": "origin not allowed"}});
+    (StatusCode::FORBIDDEN, Json(body)).into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -12,6 +12,8 @@
 //! - [`service`]: every chat operation and rule, once; both doors call it.
 //! - [`transport`]: one WebSocket connection (reader task, writer task, heartbeat).
 //! - [`http`]: routes (WebSocket upgrade, REST fallback, management API, health, metrics).
+//! - [`origins`]: which browser origins may use both doors (`server.allowed_origins`): the
+//!   upgrade's 403.
 //! - [`rooms`]: the room registry and per-room sequencer (in-order, exactly-once delivery).
 //! - [`membership`]: cached membership answers.
 //! - Backing parts, each a trait with its in-process implementation:
@@ -89,6 +91,7 @@ pub mod error;
 pub mod http;
 pub mod membership;
 pub mod metrics;
+pub mod origins;
 pub mod presence;
 pub mod protocol;
 pub mod queue;
@@ -156,6 +159,8 @@ pub struct App {
     pub churn: admission::ChurnLane,
     /// The runtime the gateway was started on: connected sockets are read and written there.
     pub main: tokio::runtime::Handle,
+    /// The browser origins allowed on the WebSocket upgrade.
+    pub origins: Arc<origins::OriginPolicy>,
 }
 
 /// Stops the churn lane when dropped.
@@ -329,6 +334,8 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         None
     };
     let authenticator = Authenticator::new(&settings.auth, dev_secret.as_ref())?;
+    let origins = Arc::new(origins::OriginPolicy::from_settings(&settings)?);
+    tracing::info!("browser origins allowed: {origins}");
     let dev_minter = dev_secret.as_ref().map(TokenMinter::hs256);
 
     let mut metrics = Metrics::new();
@@ -452,6 +459,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         churn: admission::ChurnLane::start(churn_nice)
             .context("starting the churn lane's runtime")?,
         main: tokio::runtime::Handle::current(),
+        origins,
     });
     // Presence changes come from joins and cleanups: churn, recorded on its lane.
     app.churn
