@@ -13,7 +13,7 @@
 //! - [`transport`]: one WebSocket connection (reader task, writer task, heartbeat).
 //! - [`http`]: routes (WebSocket upgrade, REST fallback, management API, health, metrics).
 //! - [`origins`]: which browser origins may use both doors (`server.allowed_origins`): the
-//!   upgrade's 403.
+//!   upgrade's 403, CORS for the REST routes pages call.
 //! - [`rooms`]: the room registry and per-room sequencer (in-order, exactly-once delivery).
 //! - [`membership`]: cached membership answers.
 //! - Backing parts, each a trait with its in-process implementation:
@@ -159,7 +159,7 @@ pub struct App {
     pub churn: admission::ChurnLane,
     /// The runtime the gateway was started on: connected sockets are read and written there.
     pub main: tokio::runtime::Handle,
-    /// The browser origins allowed on the WebSocket upgrade.
+    /// The browser origins allowed on the upgrade and the REST routes pages call.
     pub origins: Arc<origins::OriginPolicy>,
 }
 

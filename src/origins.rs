@@ -1,7 +1,8 @@
 //! Which browser origins may use the gateway (`server.allowed_origins`): one policy for both
 //! doors. The WebSocket upgrade refuses a page from any other origin (HTTP 403, before it takes a
-//! connection slot or shows a token). A request without `Origin` does not come from a page (a
-//! backend, a load tool): the policy does not concern it.
+//! connection slot or shows a token); the REST routes browsers call answer CORS for allowed
+//! origins only. A request without `Origin` does not come from a page (a backend, a load tool):
+//! the policy does not concern it.
 //!
 //! An entry is an origin, `scheme://host[:port]` (http or https), or a pattern of one:
 //! `https://*.example.com` (any subdomain of example.com, at any depth; not example.com itself),
@@ -17,14 +18,27 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use tower::{Layer, ServiceExt};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::{ConfigError, Settings};
 
 /// The dev-mode default: a page served by the gateway itself (the demo) or by a development
 /// server on the same machine.
 const DEV_MODE_ORIGINS: &[&str] = &["http://localhost:*", "http://127.0.0.1:*"];
+
+/// How long a browser may reuse a preflight's answer (per URL, so per room): one extra round trip
+/// per room and method every ten minutes is cheap, and an origin taken off the list (and the
+/// gateway restarted) is refused in every answer at once, but its browser may still send the
+/// requests a cached preflight allowed until it expires.
+const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(10 * 60);
 
 /// The origins allowed besides the gateway's own.
 #[derive(Debug, Clone)]
@@ -311,6 +325,53 @@ fn check_host(host: &str) -> Result<(), &'static str> {
         Ok(())
     } else {
         Err("the host must be a domain name or an address (`*.` only as the first label)")
+    }
+}
+
+/// CORS for one REST route that pages call, for the methods it serves them. Allowed origins get
+/// tower-http's answers: the preflight (`Authorization` and `Content-Type` allowed, cached
+/// [`PREFLIGHT_MAX_AGE`]) and `Access-Control-Allow-Origin` with `Retry-After` exposed (a page
+/// must read it on 429). No credentials: requests authenticate with a bearer token, never a
+/// cookie. Any other request passes it by and gets no CORS header at all.
+#[derive(Clone)]
+pub struct BrowserCors {
+    policy: Arc<OriginPolicy>,
+    cors: CorsLayer,
+}
+
+impl BrowserCors {
+    pub fn new(policy: Arc<OriginPolicy>, methods: &[Method]) -> Self {
+        let cors = CorsLayer::new()
+            // Only the allowed origins reach it (see `browser_cors`).
+            .allow_origin(AllowOrigin::mirror_request())
+            .allow_methods(methods.to_vec())
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(PREFLIGHT_MAX_AGE);
+        Self { policy, cors }
+    }
+}
+
+/// The middleware of [`BrowserCors`] (`axum::middleware::from_fn_with_state`).
+pub async fn browser_cors(
+    State(gate): State<BrowserCors>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match gate.policy.check(request.headers()) {
+        RequestOrigin::Allowed => {
+            let Ok(response) = gate.cors.layer(next).oneshot(request).await;
+            response
+        }
+        RequestOrigin::Absent | RequestOrigin::Refused => {
+            // A preflight from elsewhere meets the route's 405. The answer still varies by
+            // `Origin`: a browser must not reuse it for a page of an allowed one.
+            let mut response = next.run(request).await;
+            response
+                .headers_mut()
+                .append(header::VARY, HeaderValue::from_static("origin"));
+            response
+        }
     }
 }
 
