@@ -72,6 +72,9 @@ pub struct ServerSettings {
     pub churn_concurrency: usize,
     /// The churn lane's thread priority (`nice`, 0..=19): see `admission::ChurnLane`.
     pub churn_nice: i32,
+    /// Browser origins allowed besides the gateway's own; empty: the mode's default. See
+    /// `origins`, which parses and applies them.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +207,17 @@ const SHORT_ENV: &[(&str, &str)] = &[
     ("LOG_FORMAT", "log.format"),
 ];
 
+/// The `CHAT_GATEWAY__<SECTION>__<KEY>` variables. A list is written comma-separated
+/// (`CHAT_GATEWAY__SERVER__ALLOWED_ORIGINS=https://a.example.com,https://b.example.com`).
+fn environment() -> Environment {
+    Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("server.allowed_origins")
+}
+
 impl Settings {
     /// Defaults, then `file` (if any), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -211,12 +225,7 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).required(true));
         }
-        builder = builder.add_source(
-            Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
-        );
+        builder = builder.add_source(environment());
         for (var, key) in SHORT_ENV {
             if let Ok(value) = std::env::var(var) {
                 builder = builder
@@ -260,6 +269,7 @@ impl Settings {
         if self.server.listen_backlog == 0 {
             return fail("server.listen_backlog", "must be at least 1");
         }
+        crate::origins::OriginPolicy::from_settings(self)?;
         if self.server.accept_rate > 0 && self.server.accept_burst == 0 {
             return fail(
                 "server.accept_burst",
@@ -468,6 +478,36 @@ mod tests {
             err.contains("cache.max_pages") && err.contains("cache.max_bytes"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn allowed_origins_come_from_the_environment_as_a_comma_separated_list() {
+        let load = |value: &str| {
+            let env = [("CHAT_GATEWAY__SERVER__ALLOWED_ORIGINS", value)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Settings::build(
+                Config::builder()
+                    .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+                    .add_source(environment().source(Some(env))),
+            )
+        };
+        let s = load("https://app.example.com, https://*.example.com:8443").unwrap();
+        assert_eq!(
+            s.server.allowed_origins,
+            ["https://app.example.com", " https://*.example.com:8443"]
+        );
+        assert_eq!(
+            load("https://app.example.com")
+                .unwrap()
+                .server
+                .allowed_origins,
+            ["https://app.example.com"]
+        );
+        let err = load("https://app.example.com/").unwrap_err().to_string();
+        assert!(err.contains("server.allowed_origins"), "{err}");
+        assert!(Settings::defaults().server.allowed_origins.is_empty());
     }
 
     #[test]

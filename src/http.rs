@@ -9,7 +9,8 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State, WebSocketUpgrade};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -19,32 +20,62 @@ use serde_json::json;
 use crate::App;
 use crate::auth::{Identity, Role};
 use crate::error::ChatError;
+use crate::origins::{self, BrowserCors, RequestOrigin};
 use crate::protocol::WireMessage;
 use crate::service::Door;
 use crate::transport::Connection;
 
 pub fn router(app: Arc<App>) -> Router {
     let body_limit = app.service.settings.limits.max_frame_bytes;
+    // CORS for the routes pages call, for the methods they call (see `origins::BrowserCors`). The
+    // management API (role SERVICE) is for backends and has none: a page cannot call it.
+    let cors = |methods: &[Method]| {
+        from_fn_with_state(
+            BrowserCors::new(app.origins.clone(), methods),
+            origins::browser_cors,
+        )
+    };
     let mut router = Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/chat/rooms", post(create_room).get(my_rooms))
-        .route("/api/chat/rooms/{room}/read", post(mark_read))
-        .route("/api/chat/rooms/{room}/presence", get(presence))
-        .route("/api/chat/rooms/{room}/messages", get(history).post(send))
+        // GET (the caller's rooms) is for pages, POST (create a room) is the management API's:
+        // added after the layer, it stays without CORS, and the preflight (answered by the layered
+        // fallback) allows GET only.
+        .route(
+            "/api/chat/rooms",
+            get(my_rooms).layer(cors(&[Method::GET])).post(create_room),
+        )
+        .route(
+            "/api/chat/rooms/{room}/read",
+            post(mark_read).layer(cors(&[Method::POST])),
+        )
+        .route(
+            "/api/chat/rooms/{room}/presence",
+            get(presence).layer(cors(&[Method::GET])),
+        )
+        .route(
+            "/api/chat/rooms/{room}/messages",
+            get(history)
+                .post(send)
+                .layer(cors(&[Method::GET, Method::POST])),
+        )
         .route(
             "/api/chat/rooms/{room}/members/{user}",
             put(add_member).delete(remove_member),
         );
     if app.service.dev_minter.is_some() {
+        // An app under development on its own origin mints its tokens and loads the SDK here.
         router = router
-            .route("/dev/token", post(dev_token))
+            .route("/dev/token", post(dev_token).layer(cors(&[Method::POST])))
             .route("/", get(demo_page))
             .route("/app.js", get(demo_script))
             .route("/app.css", get(demo_style))
-            .route("/sdk/chat-gateway.js", get(sdk_script));
+            .route(
+                "/sdk/chat-gateway.js",
+                get(sdk_script).layer(cors(&[Method::GET])),
+            );
     }
     router
         .layer(DefaultBodyLimit::max(body_limit))
@@ -89,10 +120,18 @@ async fn ws_upgrade(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    // First: a page from an origin not allowed takes no connection slot, no turn of churn, and
+    // its token is never looked at.
+    if app.origins.check(&headers) == RequestOrigin::Refused {
+        app.service.metrics.upgrade_refused("origin");
+        return origin_not_allowed();
+    }
     if app.shutdown.is_cancelled() {
+        app.service.metrics.upgrade_refused("draining");
         return unavailable("shutting down");
     }
     let Ok(permit) = app.conn_slots.clone().try_acquire_owned() else {
+        app.service.metrics.upgrade_refused("connection_limit");
         return unavailable("connection limit reached");
     };
     // Held through the upgrade and the token check; released before the socket reads frames.
@@ -137,6 +176,11 @@ const READY_WITHIN: std::time::Duration = std::time::Duration::from_millis(400);
 /// `check`'s answer, or false when it takes longer than `limit`.
 async fn within(limit: std::time::Duration, check: impl Future<Output = bool>) -> bool {
     tokio::time::timeout(limit, check).await.unwrap_or(false)
+}
+
+fn origin_not_allowed() -> Response {
+    let body = json!({"error": {"code": "forbidden", "message": "origin not allowed"}});
+    (StatusCode::FORBIDDEN, Json(body)).into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -12,6 +12,8 @@
 //! - [`service`]: every chat operation and rule, once; both doors call it.
 //! - [`transport`]: one WebSocket connection (reader task, writer task, heartbeat).
 //! - [`http`]: routes (WebSocket upgrade, REST fallback, management API, health, metrics).
+//! - [`origins`]: which browser origins may use both doors (`server.allowed_origins`): the
+//!   upgrade's 403, CORS for the REST routes pages call.
 //! - [`rooms`]: the room registry and per-room sequencer (in-order, exactly-once delivery).
 //! - [`membership`]: cached membership answers.
 //! - [`health`]: the known health of a dependency (the store, a Redis connection): fail fast
@@ -92,6 +94,7 @@ pub mod health;
 pub mod http;
 pub mod membership;
 pub mod metrics;
+pub mod origins;
 pub mod presence;
 pub mod protocol;
 pub mod queue;
@@ -159,6 +162,8 @@ pub struct App {
     pub churn: admission::ChurnLane,
     /// The runtime the gateway was started on: connected sockets are read and written there.
     pub main: tokio::runtime::Handle,
+    /// The browser origins allowed on the upgrade and the REST routes pages call.
+    pub origins: Arc<origins::OriginPolicy>,
 }
 
 /// Stops the churn lane when dropped.
@@ -357,6 +362,8 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         None
     };
     let authenticator = Authenticator::new(&settings.auth, dev_secret.as_ref())?;
+    let origins = Arc::new(origins::OriginPolicy::from_settings(&settings)?);
+    tracing::info!("browser origins allowed: {origins}");
     let dev_minter = dev_secret.as_ref().map(TokenMinter::hs256);
 
     if let Some(counted) = store.metrics() {
@@ -490,6 +497,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         churn: admission::ChurnLane::start(churn_nice)
             .context("starting the churn lane's runtime")?,
         main: tokio::runtime::Handle::current(),
+        origins,
     });
     // Presence changes come from joins and cleanups: churn, recorded on its lane.
     app.churn

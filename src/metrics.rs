@@ -20,6 +20,9 @@ pub struct Metrics {
     pub connections_opened: Counter,
     /// Closes initiated by the server, by reason.
     pub closes: Family<Labels, Counter>,
+    /// WebSocket upgrades answered with an HTTP error instead, by reason: `origin` (403, a page
+    /// from an origin not allowed), `connection_limit` and `draining` (503).
+    pub upgrades_refused: Family<Labels, Counter>,
     /// Rooms with at least one local member.
     pub rooms_active: Gauge,
     /// Messages accepted and stored (duplicates by clientMsgId not counted), by door.
@@ -69,6 +72,16 @@ impl Metrics {
         let connections = Gauge::default();
         let connections_opened = Counter::default();
         let closes = Family::<Labels, Counter>::default();
+        let upgrades_refused = Family::<Labels, Counter>::default();
+        // Present at 0 from the start, so that an alert on their rate has a series to watch.
+        for reason in ["origin", "connection_limit", "draining"] {
+            let _ = upgrades_refused.get_or_create(&vec![("reason", reason)]);
+        }
+        registry.register(
+            "upgrades_refused",
+            "WebSocket upgrades refused with an HTTP error, by reason",
+            upgrades_refused.clone(),
+        );
         let rooms_active = Gauge::default();
         let messages_received = Family::<Labels, Counter>::default();
         let messages_delivered = Counter::default();
@@ -200,6 +213,7 @@ impl Metrics {
             connections,
             connections_opened,
             closes,
+            upgrades_refused,
             rooms_active,
             messages_received,
             messages_delivered,
@@ -282,6 +296,12 @@ impl Metrics {
 
     pub fn close(&self, reason: &'static str) {
         self.closes.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn upgrade_refused(&self, reason: &'static str) {
+        self.upgrades_refused
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     pub fn error(&self, code: &'static str) {

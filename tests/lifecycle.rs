@@ -328,6 +328,11 @@ fn invalid_configuration_stops_start_up_with_one_line_naming_the_key() {
             "server.churn_nice",
         ),
         ("JWT_SECRET", "short", "auth.jwt_secret"),
+        (
+            "CHAT_GATEWAY__SERVER__ALLOWED_ORIGINS",
+            "https://app.example.com,https://app.example.com/chat",
+            "server.allowed_origins",
+        ),
     ] {
         let out = binary().env(var, value).arg("serve").output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{var}={value}");
