@@ -712,7 +712,11 @@ async fn write_loop(
                     }
                     sink.flush().await
                 };
+                // The write first: a frame taken from the queue just as the socket is closed (the
+                // error reply that explains the close) goes out if the socket takes it, and is
+                // abandoned only while the peer is not reading.
                 tokio::select! {
+                    biased;
                     result = write => if result.is_err() { closer.token().cancel(); break },
                     _ = closer.token().cancelled() => break,
                 }
