@@ -70,15 +70,26 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Gateway base URL; must be a loopback address.
+    /// Gateway base URL; must be a loopback address. Several nodes of one cluster as a
+    /// comma-separated list: rooms are set up through the first, and socket i connects to node
+    /// i mod n (`chat` and `fanout` spread every room's members, senders included, over them).
     #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
     url: String,
     /// The gateway's HS256 secret (JWT_SECRET), used to mint users' and the SERVICE token.
     #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
-    /// The gateway's process id: report its CPU seconds and RSS (from /proc) over the run.
+    /// The gateway's process id: report its CPU seconds and RSS (from /proc) over the run. For
+    /// several nodes, their ids comma-separated (the CPU is summed; the idle and storm scenarios
+    /// read the first).
+    #[arg(long, global = true, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// Postgres' postmaster process id: report the CPU its processes (the postmaster and its
+    /// backends) spent per message stored, from /proc.
     #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    postgres_pid: Option<u32>,
+    /// The Redis server's process id: report its CPU per message stored, from /proc.
+    #[arg(long, global = true)]
+    redis_pid: Option<u32>,
     /// Seconds of measured load (after setup and connection); at most 600.
     #[arg(long, global = true, default_value_t = 10)]
     duration: u64,
@@ -446,8 +457,10 @@ fn raise_nofile() -> libc::rlim_t {
 // Setup through the management API
 
 struct Gateway {
+    /// The first node's base URL: setup and the scenarios' HTTP requests go there.
     base: String,
-    ws_addr: SocketAddr,
+    /// Every node: its base URL and socket address.
+    nodes: Vec<(String, SocketAddr)>,
     http: reqwest::Client,
     minter: TokenMinter,
     service_token: String,
@@ -457,17 +470,22 @@ struct Gateway {
 
 impl Gateway {
     fn new(common: &Common) -> anyhow::Result<Self> {
-        let base = common.url.trim_end_matches('/').to_string();
-        let hostport = base
-            .strip_prefix("http://")
-            .context("--url must be http://<loopback address>:<port>")?;
-        let ws_addr: SocketAddr = hostport
-            .replace("localhost", "127.0.0.1")
-            .parse()
-            .context("--url must name an IP address and port, like http://127.0.0.1:8080")?;
-        if !ws_addr.ip().is_loopback() {
-            bail!("refusing {ws_addr}: the load generator only targets loopback addresses");
+        let mut nodes = Vec::new();
+        for url in common.url.split(',') {
+            let base = url.trim().trim_end_matches('/').to_string();
+            let hostport = base
+                .strip_prefix("http://")
+                .context("--url must be http://<loopback address>:<port>")?;
+            let addr: SocketAddr = hostport
+                .replace("localhost", "127.0.0.1")
+                .parse()
+                .context("--url must name an IP address and port, like http://127.0.0.1:8080")?;
+            if !addr.ip().is_loopback() {
+                bail!("refusing {addr}: the load generator only targets loopback addresses");
+            }
+            nodes.push((base, addr));
         }
+        let base = nodes[0].0.clone();
         let secret = common
             .jwt_secret
             .clone()
@@ -488,13 +506,18 @@ impl Gateway {
             .build()?;
         Ok(Self {
             base,
-            ws_addr,
+            nodes,
             http,
             minter,
             service_token,
             run_id,
             source_addrs: common.source_addrs.max(1),
         })
+    }
+
+    /// The node socket `n` connects to.
+    fn node_addr(&self, n: usize) -> SocketAddr {
+        self.nodes[n % self.nodes.len()].1
     }
 
     fn room_id(&self, i: usize) -> String {
@@ -569,7 +592,7 @@ impl Gateway {
                 0,
             ))?;
         }
-        let stream = socket.connect(self.ws_addr).await?;
+        let stream = socket.connect(self.node_addr(n)).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -668,7 +691,7 @@ impl Client {
         rooms: &[String],
     ) -> anyhow::Result<Self> {
         let stream = gw.tcp(n).await.context("connect")?;
-        let url = format!("ws://{}/ws", gw.ws_addr);
+        let url = format!("ws://{}/ws", gw.node_addr(n));
         let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
             .await
             .context("websocket handshake")?;
@@ -914,12 +937,75 @@ fn line(name: &str, h: &Histogram<u64>) {
 }
 
 struct Observer {
-    pid: Option<u32>,
-    before: Option<ProcSample>,
+    /// The gateway processes and their samples at the start.
+    servers: Vec<(u32, ProcSample)>,
+    postgres: Option<(u32, f64)>,
+    redis: Option<(u32, f64)>,
     cache_before: (f64, f64),
     store_before: (f64, Option<f64>),
+    reconnects_before: f64,
     pg: Option<(PgCounter, Option<f64>)>,
     started: Instant,
+}
+
+/// CPU seconds of a process and its children: those alive (summed from /proc) and those it
+/// has waited for. Postgres runs a process per connection under the postmaster.
+fn tree_cpu(pid: u32) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // Fields after the command name: 0 state, 1 ppid, 11 utime, 12 stime, 13 cutime, 14 cstime.
+    let fields = |pid: &str| -> Option<Vec<f64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = stat.rsplit_once(')')?.1;
+        Some(
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0.0))
+                .collect(),
+        )
+    };
+    let own = fields(&pid.to_string())?;
+    let mut total = own[11] + own[12] + own[13] + own[14];
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(f) = fields(child)
+            && f.get(1).copied() == Some(pid as f64)
+        {
+            total += f[11] + f[12];
+        }
+    }
+    Some(total / ticks)
+}
+
+/// Sums a counter (all its label sets) over every node's /metrics.
+async fn nodes_metric(gw: &Gateway, name: &str) -> f64 {
+    let mut total = 0.0;
+    for (base, _) in &gw.nodes {
+        let Ok(r) = gw.http.get(format!("{base}/metrics")).send().await else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        total += text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum::<f64>();
+    }
+    total
+}
+
+/// Messages stored (every node) and the SQLite store's write statements (the first node).
+async fn all_store_counters(gw: &Gateway) -> (f64, Option<f64>) {
+    let (_, statements) = store_counters(&gw.http, &gw.base).await;
+    (
+        nodes_metric(gw, "chat_messages_received_total").await,
+        statements,
+    )
 }
 
 impl Observer {
@@ -937,23 +1023,31 @@ impl Observer {
             },
             None => None,
         };
-        let pid = common.server_pid;
         Self {
-            pid,
-            before: pid.and_then(|p| proc_sample(p).ok()),
+            servers: common
+                .server_pid
+                .iter()
+                .filter_map(|p| Some((*p, proc_sample(*p).ok()?)))
+                .collect(),
+            postgres: common.postgres_pid.and_then(|p| Some((p, tree_cpu(p)?))),
+            redis: common
+                .redis_pid
+                .and_then(|p| Some((p, proc_sample(p).ok()?.cpu_secs))),
             cache_before: cache_counters(&gw.http, &gw.base).await,
-            store_before: store_counters(&gw.http, &gw.base).await,
+            store_before: all_store_counters(gw).await,
+            reconnects_before: nodes_metric(gw, "chat_redis_reconnects_total").await,
             pg,
             started: Instant::now(),
         }
     }
 
-    /// Database statements per message stored during the run, when there were any.
-    async fn statements(&self, gw: &Gateway) {
-        let (messages, statements) = store_counters(&gw.http, &gw.base).await;
+    /// Database statements per message stored during the run, when there were any; returns the
+    /// messages stored.
+    async fn statements(&self, gw: &Gateway) -> f64 {
+        let (messages, statements) = all_store_counters(gw).await;
         let stored = messages - self.store_before.0;
         if stored <= 0.0 {
-            return;
+            return 0.0;
         }
         if let (Some(after), Some(before)) = (statements, self.store_before.1) {
             println!(
@@ -972,12 +1066,13 @@ impl Observer {
                 (after - before) / stored
             );
         }
+        stored
     }
 
-    /// Prints the server-side lines; returns the server CPU seconds spent, when known.
+    /// Prints the server-side lines; returns the gateways' CPU seconds spent, when known.
     async fn finish(&self, gw: &Gateway) -> Option<f64> {
         let wall = self.started.elapsed().as_secs_f64();
-        self.statements(gw).await;
+        let stored = self.statements(gw).await;
         let (hit, miss) = cache_counters(&gw.http, &gw.base).await;
         let (dh, dm) = (hit - self.cache_before.0, miss - self.cache_before.1);
         if dh + dm > 0.0 {
@@ -986,16 +1081,56 @@ impl Observer {
                 100.0 * dh / (dh + dm)
             );
         }
-        let (pid, before) = (self.pid?, self.before?);
-        let after = proc_sample(pid).ok()?;
-        let cpu = after.cpu_secs - before.cpu_secs;
-        println!(
-            "server                 cpu={cpu:.2}s over {wall:.1}s ({:.0}% of a core) rss={} KiB (was {} KiB)",
-            100.0 * cpu / wall,
-            after.rss_kib,
-            before.rss_kib
-        );
-        Some(cpu)
+        if gw.nodes.len() > 1 || self.reconnects_before > 0.0 {
+            let reconnects = nodes_metric(gw, "chat_redis_reconnects_total").await;
+            println!(
+                "redis reconnects       {:.0} (chat_redis_reconnects_total, every node)",
+                reconnects - self.reconnects_before
+            );
+        }
+        let per_message = |cpu: f64| {
+            if stored > 0.0 {
+                format!(", {:.1} us per message stored", cpu * 1e6 / stored)
+            } else {
+                String::new()
+            }
+        };
+        if let Some((pid, before)) = self.postgres
+            && let Some(after) = tree_cpu(pid)
+        {
+            let cpu = after - before;
+            println!(
+                "postgres               cpu={cpu:.2}s ({:.0}% of a core){}",
+                100.0 * cpu / wall,
+                per_message(cpu)
+            );
+        }
+        if let Some((pid, before)) = self.redis
+            && let Ok(after) = proc_sample(pid)
+        {
+            let cpu = after.cpu_secs - before;
+            println!(
+                "redis                  cpu={cpu:.2}s ({:.0}% of a core){}",
+                100.0 * cpu / wall,
+                per_message(cpu)
+            );
+        }
+        if self.servers.is_empty() {
+            return None;
+        }
+        let mut total = 0.0;
+        for (pid, before) in &self.servers {
+            let after = proc_sample(*pid).ok()?;
+            let cpu = after.cpu_secs - before.cpu_secs;
+            total += cpu;
+            println!(
+                "server {pid:<15} cpu={cpu:.2}s over {wall:.1}s ({:.0}% of a core) rss={} KiB (was {} KiB)",
+                100.0 * cpu / wall,
+                after.rss_kib,
+                before.rss_kib
+            );
+        }
+        Some(total)
     }
 }
 
@@ -1240,7 +1375,7 @@ async fn idle(gw: Arc<Gateway>, common: &Common, sockets: usize) -> anyhow::Resu
     if (sockets as u64) + 64 > limit {
         bail!("{sockets} sockets need a higher open-file limit than {limit} (ulimit -n)");
     }
-    let before = common.server_pid.and_then(|p| proc_sample(p).ok());
+    let before = common.server_pid.first().and_then(|p| proc_sample(*p).ok());
     let t = Instant::now();
     let no_rooms: Arc<Vec<String>> = Arc::new(Vec::new());
     let user = gw.user_id(0);
@@ -1288,7 +1423,7 @@ async fn idle(gw: Arc<Gateway>, common: &Common, sockets: usize) -> anyhow::Resu
         .collect();
     // Let the server settle (allocator, timers), sample, then hold for the rest of the duration.
     tokio::time::sleep(Duration::from_secs(common.duration.min(5))).await;
-    let during = common.server_pid.and_then(|p| proc_sample(p).ok());
+    let during = common.server_pid.first().and_then(|p| proc_sample(*p).ok());
     tokio::time::sleep(Duration::from_secs(common.duration.saturating_sub(5))).await;
     let closed = closed.load(Ordering::Relaxed);
     let alive = sockets - closed;
@@ -2462,7 +2597,7 @@ async fn storm(gw: Arc<Gateway>, common: &Common, o: StormOptions) -> anyhow::Re
             check: check_rx,
             phases: phases.clone(),
             counters: counters.clone(),
-            server_pid: common.server_pid,
+            server_pid: common.server_pid.first().copied(),
         },
     )?;
     ready_rx.await.context("probe thread")??;
@@ -2711,7 +2846,7 @@ async fn storm(gw: Arc<Gateway>, common: &Common, o: StormOptions) -> anyhow::Re
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if common.server_pid.is_some() {
+    if !common.server_pid.is_empty() {
         println!("server                 {}", usage(|s| s.server));
     }
     println!("generator              {}", usage(|s| s.generator));
