@@ -11,7 +11,7 @@
 //                  user of TOKENS_FILE a member of the room its virtual user will use
 //   SLEEP_S        pause between iterations in seconds (default 1)
 //
-// Mirrored by `chat-gateway-bench seed` (src/bin/chat-gateway-bench.rs).
+// Mirrored by `chat-gateway-bench seed` (src/bin/chat-gateway-bench/seed.rs).
 import http from 'k6/http';
 import { check, sleep } from 'k6';
 import { SharedArray } from 'k6/data';

@@ -12,7 +12,7 @@
 //   DURATION_S    how long each socket sends (default 60)
 //   RATE_PER_VU   messages per second per socket (default 0.5)
 //
-// Mirrored by `chat-gateway-bench chat` (src/bin/chat-gateway-bench.rs).
+// Mirrored by `chat-gateway-bench chat` (src/bin/chat-gateway-bench/rooms.rs).
 import ws from 'k6/ws';
 import { check } from 'k6';
 import { SharedArray } from 'k6/data';
