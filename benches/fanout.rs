@@ -26,7 +26,7 @@ use chat_gateway::broker::{EventSink, Published, RoomEvent};
 use chat_gateway::config::Settings;
 use chat_gateway::membership::MembershipCache;
 use chat_gateway::metrics::Metrics;
-use chat_gateway::rooms::{self, Closer, ConnShared, Outbox, RoomRegistry};
+use chat_gateway::rooms::{Closer, ConnShared, Outbox, RoomRegistry};
 use chat_gateway::store::sqlite::SqliteStore;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
@@ -41,8 +41,10 @@ const WRITE_BATCH: usize = 64;
 struct Room {
     registry: Arc<RoomRegistry>,
     metrics: Arc<Metrics>,
-    /// The `message` frame every delivery carries (encoded once, as `publish_frame` does).
+    /// The `message` frame every delivery carries (encoded once, as `publish_frame` does), and
+    /// its sender's profile.
     frame: Utf8Bytes,
+    profile: Box<str>,
     /// The last sequence delivered.
     seq: i64,
     /// Frames the writers have taken, all together.
@@ -91,13 +93,12 @@ impl Room {
             assert_eq!(attached.delivered, 0);
             registry.go_live(&hub, &conn, Duration::from_secs(1)).await;
         }
-        let frame = rooms::publish_frame(&common::message(ROOM, 1))
-            .frame
-            .clone();
+        let published = chat_gateway::wire::publish_frame(&common::message(ROOM, 1));
         let mut room = Room {
             registry,
             metrics,
-            frame,
+            frame: published.frame.clone(),
+            profile: published.profile.clone(),
             seq: 0,
             taken,
             _data: data,
@@ -113,10 +114,8 @@ impl Room {
     /// Hands the next message to the registry as the in-process broker does.
     fn deliver(&mut self) {
         self.seq += 1;
-        let published = Arc::new(Published {
-            seq: self.seq,
-            frame: self.frame.clone(),
-        });
+        // The same sender each time: the room tells its sockets the profile once.
+        let published = Arc::new(Published::new(self.seq, self.frame.clone(), &self.profile));
         self.registry.deliver(ROOM, RoomEvent::Message(published));
     }
 

@@ -59,7 +59,7 @@ fn history_cache(c: &mut Criterion) {
     });
 
     // One message's JSON, reused with each room's next seq (the cache reads only the seq).
-    let json = MessageJson::from(&common::message("room-0", 1)).json;
+    let json = chat_gateway::wire::message_json(&common::message("room-0", 1)).json;
     let mut next_seq = vec![TAIL_LEN as i64 + 1; ROOMS];
     let mut i = 0;
     c.bench_function("history_cache/append_and_hit", |b| {

@@ -85,7 +85,8 @@ export default function () {
   let counter = 0;
   // request id -> { kind, clientMsgId, at }
   const pending = {};
-  // clientMsgId -> sent-at (ms) for my own messages not yet seen back as a push
+  // content -> sent-at (ms) for my own messages not yet seen back as a push (pushes carry no
+  // clientMsgId: the content, unique per send here, is the key)
   const mine = {};
   // highest seq seen in the room: pushes arrive in seq order, each once
   let lastSeq = 0;
@@ -105,11 +106,12 @@ export default function () {
       socket.setInterval(function () {
         const clientMsgId = `k6-${__VU}-${counter++}`;
         const at = Date.now();
-        mine[clientMsgId] = at;
+        const content = `t=${at} from ${__VU} #${counter}`;
+        mine[content] = at;
         sent.add(1);
         // The send time travels in the content so every receiver can measure delivery.
         request(
-          { type: 'send', room: room, content: `t=${at} from ${__VU}`, clientMsgId: clientMsgId },
+          { type: 'send', room: room, content: content, clientMsgId: clientMsgId },
           { clientMsgId: clientMsgId },
         );
       }, interval);
@@ -163,8 +165,8 @@ export default function () {
           deliveryLatency.add(Date.now() - Number(m[1]));
         }
         // My own message came back as a push, with its seq.
-        if (msg.clientMsgId && msg.clientMsgId in mine) {
-          delete mine[msg.clientMsgId];
+        if (msg.content in mine) {
+          delete mine[msg.content];
           ownEchoes.add(1);
         }
       }

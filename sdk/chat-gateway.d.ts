@@ -3,9 +3,15 @@
  * Wire contract: proto-docs/protocol.md.
  */
 
-/** A message as the gateway sends it (protocol section 4). */
+/**
+ * A message, as the client hands it to the app: the REST message object (protocol section 4),
+ * whatever the socket sent. Live pushes are lean on the wire; the client fills in the sender's
+ * profile from what the server told it, and leaves `id` and `clientMsgId` null (a push is
+ * identified by its room and `seq`; history and send results carry both).
+ */
 export interface ChatMessage {
-  id: string;
+  /** The message id; null in live pushes (use roomId + seq). */
+  id: string | null;
   roomId: string;
   /** Per-room sequence: strictly increasing. A jump is not a loss (moderation). */
   seq: number;
@@ -17,8 +23,9 @@ export interface ChatMessage {
   contentType: string;
   status: string;
   moderationStatus: string;
-  /** RFC 3339 UTC with milliseconds. */
+  /** RFC 3339 UTC with milliseconds (from the socket's `ts`). */
   createdAt: string;
+  /** The sender's idempotency key; null in live pushes. */
   clientMsgId: string | null;
 }
 
@@ -79,6 +86,8 @@ export interface JoinResult {
   missed: number;
   /** Too much was missed to replay: the handler's onReload was called. */
   reload: boolean;
+  /** The sender profiles the room's pushes may leave out (the client applies them itself). */
+  senders: Record<string, { senderName: string | null; senderAvatarUrl: string | null }>;
 }
 
 export type RoomHandler =

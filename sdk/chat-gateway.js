@@ -23,6 +23,10 @@
  * - **Chat signals.** {@link ChatClient#typing} (kept alive while on, ended on send and leave),
  *   {@link ChatClient#markRead} (coalesced), {@link ChatClient#rooms} (unread counts),
  *   {@link ChatClient#presence}; the room handler gets `onTyping`, `onRead` and `onPresence`.
+ * - **Messages** reach the app in one shape (the REST message object, protocol section 4),
+ *   whatever the socket sent: pushes are lean (no `id`, the sender's profile only when it is
+ *   news to the room), and the client fills in each sender's name and avatar from the profiles
+ *   the server told it (in join results, history, pushes).
  *
  * @module chat-gateway
  */
@@ -244,6 +248,7 @@ export class ChatClient {
     this._waiting = []; // requests queued until the socket is ready
     this._rooms = new Map(); // room -> RoomState (rooms the app wants joined)
     this._lastSeq = new Map(); // room -> highest seq the app has seen (kept across leave)
+    this._profiles = new Map(); // room -> Map(userId -> {name, avatarUrl}) the server told us
     this._historyLocks = new Map(); // "room|before|limit" -> in-flight promise
     this._outbox = new Map(); // clientMsgId -> pending send
     this._typingOut = new Map(); // room -> repeat timer while this user is typing there
@@ -424,11 +429,12 @@ export class ChatClient {
     if (page.limit != null) frame.limit = page.limit;
     const promise = this._request(frame)
       .then((result) => {
+        const messages = result.messages.map((m) => this._message(room, m));
         // Only the newest page can move the resume point; older pages are below it anyway.
         if (page.before == null && this._rooms.has(room)) {
-          for (const m of result.messages) this._markSeen(room, m.seq);
+          for (const m of messages) this._markSeen(room, m.seq);
         }
-        return result;
+        return { ...result, messages };
       })
       .finally(() => this._historyLocks.delete(key));
     this._historyLocks.set(key, promise);
@@ -461,7 +467,12 @@ export class ChatClient {
   rooms(options = {}) {
     const frame = { type: "rooms" };
     if (options.limit != null) frame.limit = options.limit;
-    return this._request(frame);
+    return this._request(frame).then((result) => ({
+      rooms: result.rooms.map((r) => ({
+        ...r,
+        lastMessage: r.lastMessage ? this._message(r.id, r.lastMessage) : null,
+      })),
+    }));
   }
 
   /**
@@ -762,7 +773,7 @@ export class ChatClient {
         return;
       }
       case "message":
-        this._onMessage(frame.room, frame.message);
+        if (frame.message) this._onMessage(frame.room, this._message(frame.room, frame.message));
         return;
       case "removed": {
         const state = this._rooms.get(frame.room);
@@ -893,6 +904,45 @@ export class ChatClient {
     m.sentSeq = Math.max(m.sentSeq, seq);
   }
 
+  /**
+   * A message of `room` as the app gets it: the socket's object (lean in pushes) in the REST
+   * message object's shape (protocol section 4). A profile the message carries is remembered
+   * for the sender's later messages, which leave it out.
+   */
+  _message(room, m) {
+    let profiles = this._profiles.get(room);
+    if (!profiles) this._profiles.set(room, (profiles = new Map()));
+    if ("senderName" in m || "senderAvatarUrl" in m) {
+      profiles.set(m.senderId, { name: m.senderName ?? null, avatarUrl: m.senderAvatarUrl ?? null });
+    }
+    const profile = profiles.get(m.senderId) ?? { name: null, avatarUrl: null };
+    return {
+      id: m.id ?? null,
+      roomId: room,
+      seq: m.seq,
+      senderId: m.senderId,
+      senderName: profile.name,
+      senderAvatarUrl: profile.avatarUrl,
+      sender: { id: m.senderId, name: profile.name, avatarUrl: profile.avatarUrl },
+      content: m.content,
+      contentType: m.contentType ?? "TEXT",
+      status: m.status ?? "SENT",
+      moderationStatus: m.moderationStatus ?? "APPROVED",
+      createdAt: new Date(m.ts).toISOString(),
+      clientMsgId: m.clientMsgId ?? null,
+    };
+  }
+
+  /** Remembers the sender profiles a join result told (`{userId: {senderName, senderAvatarUrl}}`). */
+  _learnProfiles(room, senders) {
+    if (!senders) return;
+    let profiles = this._profiles.get(room);
+    if (!profiles) this._profiles.set(room, (profiles = new Map()));
+    for (const [userId, p] of Object.entries(senders)) {
+      profiles.set(userId, { name: p.senderName ?? null, avatarUrl: p.senderAvatarUrl ?? null });
+    }
+  }
+
   /** Records `seq` as seen; false when it was seen already. */
   _markSeen(room, seq) {
     const last = this._lastSeq.get(room);
@@ -920,6 +970,7 @@ export class ChatClient {
       resolve: (result) => {
         state.inFlight = false;
         if (!current()) return;
+        this._learnProfiles(state.room, result.senders);
         // With missed > 0 the catch-up pushes follow and move the resume point themselves.
         if (result.missed === 0 && result.head != null) {
           const last = this._lastSeq.get(state.room);
@@ -970,7 +1021,7 @@ export class ChatClient {
         entry.requestId = null;
         // Not marked as seen: the room's handler still gets the push, so every handler sees
         // every message of its room exactly once, the user's own included.
-        const m = result.message;
+        const m = this._message(entry.frame.room, result.message);
         this._settleSend(entry, null, { id: m.id, seq: m.seq, message: m, duplicate: !!result.duplicate });
       },
       reject: (err) => {

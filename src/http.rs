@@ -21,7 +21,6 @@ use crate::App;
 use crate::auth::{Identity, Role};
 use crate::error::ChatError;
 use crate::origins::{self, BrowserCors, RequestOrigin};
-use crate::protocol::WireMessage;
 use crate::service::Door;
 use crate::transport::Connection;
 
@@ -280,6 +279,13 @@ async fn history(
         app.service.history(&who, &room, before, limit).await
     }
     .await;
+    // The service's page holds the socket's message objects; REST shows its own.
+    let result = result.and_then(|page| {
+        crate::wire::rest_page(&page).ok_or_else(|| {
+            tracing::error!("a history page is not the JSON the service builds");
+            ChatError::Internal
+        })
+    });
     match result {
         Ok(page) => (
             [
@@ -289,7 +295,7 @@ async fn history(
                     "private, max-age=3, stale-while-revalidate=5",
                 ),
             ],
-            Bytes::from(page),
+            page,
         )
             .into_response(),
         Err(e) => error_response(&app, e),
@@ -331,7 +337,7 @@ async fn send(
                 StatusCode::CREATED
             };
             let body = json!({
-                "message": WireMessage::from(&inserted.message),
+                "message": crate::wire::rest_message(&inserted.message),
                 "duplicate": inserted.duplicate,
             });
             (status, Json(body)).into_response()
@@ -352,7 +358,7 @@ async fn my_rooms(
     }
     .await;
     match result {
-        Ok(rooms) => Json(crate::protocol::RoomsResult::new(&rooms)).into_response(),
+        Ok(rooms) => Json(crate::wire::rest_rooms(&rooms)).into_response(),
         Err(e) => error_response(&app, e),
     }
 }

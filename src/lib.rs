@@ -6,7 +6,10 @@
 //!
 //! - [`config`]: typed settings (defaults -> file -> env); owns every limit.
 //! - [`telemetry`]: logging setup. [`metrics`]: Prometheus registry of one running gateway.
-//! - [`protocol`]: the wire contract (mirrors `proto-docs/protocol.md`): frames, codes.
+//! - [`protocol`]: the wire contract (mirrors `proto-docs/protocol.md`): frames, codes, the
+//!   message objects of both doors; it knows nothing of the store.
+//! - [`wire`]: stored rows as each door shows them (the service's edge): the socket's message
+//!   object, the REST one, the shared push.
 //! - [`auth`]: JWT verification (algorithm pinned by config) and dev-mode minting.
 //! - [`error`]: the service error type and its mapping to HTTP and protocol codes.
 //! - [`service`]: every chat operation and rule, once; both doors call it.
@@ -105,6 +108,7 @@ pub mod service;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;

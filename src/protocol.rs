@@ -5,14 +5,14 @@
 //! sends is a push (no `id`). Requests on one socket are processed in the order they arrive, so
 //! replies come back in request order.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 use std::ops::Deref;
 
 use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
-
-use crate::store::Message;
+use serde_json::value::RawValue;
 
 /// A request id as the client sent it (a string or a number), echoed back as it came.
 pub type RequestId = serde_json::Value;
@@ -109,10 +109,12 @@ pub enum ServerFrame<'a, T: Serialize> {
         id: Option<&'a RequestId>,
         error: ErrorBody<'a>,
     },
-    /// Push: a message in a joined room, in sequence order, exactly once per socket.
+    /// Push: a message in a joined room, in sequence order, exactly once per socket: the
+    /// socket's message object without its `id` and `clientMsgId` (the room and `seq` identify
+    /// it), with the sender's profile only when that is news to the room ([`message_push`]).
     Message {
         room: &'a str,
-        message: WireMessage<'a>,
+        message: SocketMessage<'a>,
     },
     /// Push: this socket no longer receives the room (membership removed).
     Removed { room: &'a str, reason: &'a str },
@@ -179,6 +181,9 @@ pub struct JoinResult<'a> {
     pub missed: usize,
     /// Too many messages were missed to replay (over `limits.catch_up_limit`).
     pub reload: bool,
+    /// The profiles of the senders whose pushes may come without one: `{userId: {senderName,
+    /// senderAvatarUrl}}` (JSON assembled by the room, see `rooms::Profiles`).
+    pub senders: &'a RawValue,
 }
 
 #[derive(Debug, Serialize)]
@@ -188,7 +193,7 @@ pub struct RoomResult<'a> {
 
 #[derive(Debug, Serialize)]
 pub struct SendResult<'a> {
-    pub message: WireMessage<'a>,
+    pub message: SocketMessage<'a>,
     /// True when this `clientMsgId` had already been stored: nothing new was created.
     pub duplicate: bool,
 }
@@ -210,40 +215,23 @@ pub struct MarkReadResult<'a> {
     pub seq: i64,
 }
 
-/// One of the user's rooms: `unread` = `lastSeq` - `lastReadSeq` (never below 0).
+/// One of the user's rooms: `unread` = `lastSeq` - `lastReadSeq` (never below 0). `M` is the
+/// door's message object ([`SocketMessage`] or [`WireMessage`]).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct WireRoom<'a> {
+pub struct WireRoom<'a, M> {
     pub id: &'a str,
     pub name: &'a str,
     pub last_seq: i64,
     pub last_read_seq: i64,
     pub unread: i64,
-    pub last_message: Option<WireMessage<'a>>,
+    pub last_message: Option<M>,
 }
 
 /// Result of `rooms` (and the body of `GET /api/chat/rooms`).
 #[derive(Debug, Serialize)]
-pub struct RoomsResult<'a> {
-    pub rooms: Vec<WireRoom<'a>>,
-}
-
-impl<'a> RoomsResult<'a> {
-    pub fn new(rooms: &'a [crate::store::RoomSummary]) -> Self {
-        RoomsResult {
-            rooms: rooms
-                .iter()
-                .map(|r| WireRoom {
-                    id: &r.id,
-                    name: &r.name,
-                    last_seq: r.last_seq,
-                    last_read_seq: r.last_read_seq,
-                    unread: (r.last_seq - r.last_read_seq).max(0),
-                    last_message: r.last_message.as_ref().map(WireMessage::from),
-                })
-                .collect(),
-        }
-    }
+pub struct RoomsResult<'a, M> {
+    pub rooms: Vec<WireRoom<'a, M>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -252,31 +240,134 @@ pub struct PongResult {
     pub server_time: String,
 }
 
-/// A history page, oldest first. `nextBefore` is the cursor for the next (older) page.
+/// A history page, oldest first. `nextBefore` is the cursor for the next (older) page. `M` is
+/// the door's message object: the socket's pages hold [`SocketMessage`]s, REST's
+/// [`WireMessage`]s.
 ///
 /// Older pages are serialized from it; latest pages are assembled from messages serialized once
 /// ([`history_page`]), byte for byte what serializing this would give.
-#[derive(Debug, Serialize)]
-pub struct HistoryPage<'a> {
-    pub room: &'a str,
-    pub messages: Vec<WireMessage<'a>>,
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HistoryPage<'a, M> {
+    #[serde(borrow)]
+    pub room: Cow<'a, str>,
+    pub messages: Vec<M>,
     #[serde(rename = "nextBefore")]
     pub next_before: Option<i64>,
 }
 
-/// One message serialized once (the message object of section 4), with its `seq`: what history
-/// pages are assembled from. `J` is the text: owned, or borrowed from a cached value.
+/// One message serialized once (the socket's full message object, [`SocketMessage`] with its
+/// `clientMsgId` and profile), with its `seq`: what history pages are assembled from and pushes
+/// are cut from. `J` is the text: owned, or borrowed from a cached value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageJson<J = Utf8Bytes> {
     pub seq: i64,
     pub json: J,
 }
 
-impl From<&Message> for MessageJson {
-    fn from(m: &Message) -> Self {
-        MessageJson {
-            seq: m.seq,
-            json: encode_exact(&WireMessage::from(m)),
+/// A message as the socket shows it (section 4): what every receiver needs, its usual values
+/// left out (`contentType` "TEXT", `status` "SENT", `moderationStatus` "APPROVED"), the time as
+/// milliseconds (`ts`). Serialized in this field order, which [`MessageParts`] relies on: what a
+/// push leaves out (`id`, `clientMsgId`, the sender's profile) comes last, so a push is cut from
+/// the full object without parsing it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SocketMessage<'a> {
+    pub seq: i64,
+    #[serde(rename = "senderId", borrow)]
+    pub sender_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub content: Cow<'a, str>,
+    /// Milliseconds since the Unix epoch (the REST object's `createdAt`).
+    pub ts: i64,
+    #[serde(
+        rename = "contentType",
+        borrow,
+        default = "text",
+        skip_serializing_if = "is_text"
+    )]
+    pub content_type: Cow<'a, str>,
+    #[serde(borrow, default = "sent", skip_serializing_if = "is_sent")]
+    pub status: Cow<'a, str>,
+    #[serde(
+        rename = "moderationStatus",
+        borrow,
+        default = "approved",
+        skip_serializing_if = "is_approved"
+    )]
+    pub moderation_status: Cow<'a, str>,
+    /// The message id: in send results, history and rooms; not in pushes.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Cow<'a, str>>,
+    /// The sender's idempotency key: in send results and history, never in pushes.
+    #[serde(
+        rename = "clientMsgId",
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub client_msg_id: Option<Cow<'a, str>>,
+    /// The sender's profile: `Some` in send results and history (its value may be null), `None`
+    /// (absent) in pushes whose receivers know it already.
+    #[serde(
+        rename = "senderName",
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sender_name: Option<Option<Cow<'a, str>>>,
+    #[serde(
+        rename = "senderAvatarUrl",
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sender_avatar_url: Option<Option<Cow<'a, str>>>,
+}
+
+fn text() -> Cow<'static, str> {
+    Cow::Borrowed("TEXT")
+}
+fn sent() -> Cow<'static, str> {
+    Cow::Borrowed("SENT")
+}
+fn approved() -> Cow<'static, str> {
+    Cow::Borrowed("APPROVED")
+}
+fn is_text(v: &str) -> bool {
+    v == "TEXT"
+}
+fn is_sent(v: &str) -> bool {
+    v == "SENT"
+}
+fn is_approved(v: &str) -> bool {
+    v == "APPROVED"
+}
+
+/// Where the fields of a serialized [`SocketMessage`] are, found without parsing it: a raw `,"`
+/// (a comma, then an unescaped quote) only ever starts a key, since every quote inside a JSON
+/// string is escaped; and the keys a push leaves out come last, in a fixed order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MessageParts<'a> {
+    /// `{` through the last field every push carries (without the closing brace).
+    pub lean: &'a str,
+    /// `,"senderName":…,"senderAvatarUrl":…`, or empty when the object carries no profile.
+    pub profile: &'a str,
+}
+
+impl<'a> MessageParts<'a> {
+    /// Splits a message object serialized from [`SocketMessage`] (`json` may end with more
+    /// closing braces than its own: a push).
+    pub fn of(json: &'a str) -> Self {
+        let body = json.strip_suffix('}').unwrap_or(json);
+        let profile_at = body.rfind(r#","senderName":"#);
+        let lean_end = [r#","id":"#, r#","clientMsgId":"#]
+            .iter()
+            .find_map(|key| body.find(key))
+            .or(profile_at)
+            .unwrap_or(body.len());
+        let profile_end = body.trim_end_matches('}').len();
+        MessageParts {
+            lean: &body[..lean_end],
+            profile: profile_at.map_or("", |at| &body[at..profile_end]),
         }
     }
 }
@@ -323,18 +414,23 @@ pub fn history_page<J: Deref<Target = str>>(
     page.into()
 }
 
-/// The `message` push of a message serialized once: what encoding [`Push::Message`] gives.
-pub fn message_push(room: &str, message: &MessageJson) -> Utf8Bytes {
+/// The `message` push of a message serialized once: what encoding [`Push::Message`] gives with
+/// its `id` and `clientMsgId` left out, and its profile only when `with_profile` (the push that
+/// tells a room's sockets who the sender is).
+pub fn message_push(room: &str, message: &str, with_profile: bool) -> Utf8Bytes {
     const HEAD: &str = r#"{"type":"message","room":"#;
     const MESSAGE: &str = r#","message":"#;
+    let parts = MessageParts::of(message);
     let room = JsonString::new(room);
-    let len = HEAD.len() + room.len() + MESSAGE.len() + message.json.len() + 1;
+    let profile = if with_profile { parts.profile } else { "" };
+    let len = HEAD.len() + room.len() + MESSAGE.len() + parts.lean.len() + profile.len() + 2;
     let mut push = String::with_capacity(len);
     push.push_str(HEAD);
     room.push_to(&mut push);
     push.push_str(MESSAGE);
-    push.push_str(&message.json);
-    push.push('}');
+    push.push_str(parts.lean);
+    push.push_str(profile);
+    push.push_str("}}");
     debug_assert_eq!(push.len(), len);
     push.into()
 }
@@ -383,8 +479,9 @@ fn decimal_len(n: i64) -> usize {
         .map_or(1, |d| d as usize + 1)
 }
 
-/// A message as every door shows it (socket pushes, replies, REST), compatible with the
-/// `ChatMessage` JSON of the app the gateway replaces, plus `seq`, `clientMsgId` and `sender`.
+/// A message as the REST routes show it, compatible with the `ChatMessage` JSON of the app the
+/// gateway replaces, plus `seq`, `clientMsgId` and `sender` (the REST door's contract: the socket
+/// has its own, leaner object, [`SocketMessage`]).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WireMessage<'a> {
@@ -410,30 +507,6 @@ pub struct WireSender<'a> {
     pub id: &'a str,
     pub name: Option<&'a str>,
     pub avatar_url: Option<&'a str>,
-}
-
-impl<'a> From<&'a Message> for WireMessage<'a> {
-    fn from(m: &'a Message) -> Self {
-        WireMessage {
-            id: &m.id,
-            room_id: &m.room_id,
-            seq: m.seq,
-            sender_id: &m.sender_id,
-            sender_name: m.sender_name.as_deref(),
-            sender_avatar_url: m.sender_avatar_url.as_deref(),
-            sender: WireSender {
-                id: &m.sender_id,
-                name: m.sender_name.as_deref(),
-                avatar_url: m.sender_avatar_url.as_deref(),
-            },
-            content: &m.content,
-            content_type: &m.content_type,
-            status: &m.status,
-            moderation_status: &m.moderation_status,
-            created_at: m.created_at,
-            client_msg_id: m.client_msg_id.as_deref(),
-        }
-    }
 }
 
 fn millis_rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
@@ -627,49 +700,6 @@ mod tests {
         assert_eq!(e.code, code::BAD_REQUEST);
         let e = decode(r#"{"type":"ping","id":{"a":1}}"#).unwrap_err();
         assert_eq!((e.code, e.id.is_none()), (code::BAD_REQUEST, true));
-    }
-
-    fn message(room: &str, seq: i64, content: &str) -> Message {
-        Message {
-            id: format!("m{seq}"),
-            room_id: room.into(),
-            seq,
-            sender_id: "alice".into(),
-            sender_name: Some("Alice".into()),
-            sender_avatar_url: None,
-            content: content.into(),
-            content_type: "TEXT".into(),
-            status: "SENT".into(),
-            moderation_status: "APPROVED".into(),
-            created_at: Utc::now(),
-            client_msg_id: Some("c1".into()),
-        }
-    }
-
-    #[test]
-    fn assembled_history_pages_are_what_serde_writes() {
-        for room in ["lobby", r#"a "quoted" \ room"#, "caf\u{e9} \u{1F600}"] {
-            let rows = [
-                message(room, 7, "hi \"there\"\n\tbye"),
-                message(room, 8, "\u{e9} \u{2713} \u{7f}"),
-            ];
-            for (messages, next_before) in
-                [(&rows[..], Some(7)), (&rows[..1], None), (&[][..], None)]
-            {
-                let expected = encode(&HistoryPage {
-                    room,
-                    messages: messages.iter().map(WireMessage::from).collect(),
-                    next_before,
-                });
-                let fragments: Vec<MessageJson> = messages.iter().map(MessageJson::from).collect();
-                assert_eq!(&*history_page(room, &fragments, next_before), expected);
-            }
-            let push = encode(&Push::Message {
-                room,
-                message: WireMessage::from(&rows[0]),
-            });
-            assert_eq!(&*message_push(room, &MessageJson::from(&rows[0])), push);
-        }
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! the same lock as D, else from the store; then the buffer is flushed and the member goes live.
 //! No gap, no duplicate.
 //!
+//! A hub also remembers whose profile (name, avatar) its sockets have been told ([`Profiles`]):
+//! a message push carries its sender's profile only when that is news to the room (a new sender,
+//! or a changed profile); a joining socket is told every profile the hub remembers in its join
+//! result, taken under the same lock as D.
+//!
 //! Locking rules: a hub's `state` mutex is held only for in-memory work (never across `.await`).
 //! The registry's `DashMap` shard lock may be held while taking a hub's lock (in `detach`), never
 //! the other way round. A socket's `rooms` lock may be taken while holding a hub lock, never the
@@ -31,8 +36,9 @@ use crate::broker::{EventSink, PresenceDiff, Published, RoomEvent};
 use crate::membership::MembershipCache;
 use crate::metrics::Metrics;
 use crate::presence::{OnlineUser, PresenceChange, PresenceChanges};
-use crate::protocol::{self, MessageJson, Push, close};
-use crate::store::{Message, Store};
+use crate::protocol::{self, Push, close};
+use crate::store::Store;
+use crate::wire::publish_frame;
 
 pub type ConnId = u64;
 
@@ -224,6 +230,67 @@ struct HubState {
     /// gap filler reads up to it.
     known_head: i64,
     members: HashMap<ConnId, Member>,
+    /// The sender profiles the members have been told.
+    profiles: Profiles,
+}
+
+/// The sender profiles a room's sockets have been told, in a push or in their join result, so
+/// that a push carries its sender's profile only when it is news: the sender's first message in
+/// the hub, or a changed profile. Bounded: past `capacity` the sender heard from least recently
+/// is forgotten, and its next message announces it again. The capacity is at least
+/// `limits.resume_buffer`, so every sender of the pushes a resume replays from memory is known.
+#[derive(Default)]
+struct Profiles {
+    /// Sender (as its JSON string) -> (profile fragment, when last heard).
+    known: HashMap<Box<str>, (Box<str>, u64)>,
+    clock: u64,
+}
+
+/// Profiles a hub remembers at least (`limits.resume_buffer` raises it).
+const PROFILES_KEPT: usize = 128;
+
+impl Profiles {
+    /// Whether a push from `sender` with `profile` must carry it; it is known from now on.
+    fn tell(&mut self, sender: &str, profile: &str, capacity: usize) -> bool {
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some((known, heard)) = self.known.get_mut(sender) {
+            *heard = clock;
+            if **known == *profile {
+                return false;
+            }
+            *known = profile.into();
+            return true;
+        }
+        if self.known.len() >= capacity
+            && let Some(oldest) = self
+                .known
+                .iter()
+                .min_by_key(|(_, (_, heard))| *heard)
+                .map(|(sender, _)| sender.clone())
+        {
+            self.known.remove(&oldest);
+        }
+        self.known.insert(sender.into(), (profile.into(), clock));
+        true
+    }
+
+    /// The known profiles as a JSON object: `{"alice":{"senderName":…,"senderAvatarUrl":…}}`.
+    fn to_json(&self) -> String {
+        let mut json = String::from("{");
+        for (i, (sender, (profile, _))) in self.known.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(sender);
+            json.push_str(":{");
+            // The fragment starts with the comma that followed the message's fields.
+            json.push_str(profile.strip_prefix(',').unwrap_or(profile));
+            json.push('}');
+        }
+        json.push('}');
+        json
+    }
 }
 
 pub struct RoomHub {
@@ -239,6 +306,8 @@ pub struct Attached {
     pub delivered: i64,
     /// What it missed after its `since`, when the hub still holds all of it.
     pub missed: Option<Vec<Utf8Bytes>>,
+    /// The sender profiles the room's pushes may leave out, as a JSON object.
+    pub senders: String,
 }
 
 /// Every room with local members.
@@ -251,6 +320,8 @@ pub struct RoomRegistry {
     catch_up_buffer: usize,
     /// Message pushes each hub keeps for resumes (`limits.resume_buffer`).
     resume_buffer: usize,
+    /// Sender profiles each hub remembers (see [`Profiles`]).
+    profiles_kept: usize,
     /// Hubs created, for ids in logs.
     created: AtomicU64,
     /// Where this node's presence transitions wait for the task that records them and publishes
@@ -259,19 +330,6 @@ pub struct RoomRegistry {
     /// Called with a room whose last local member was removed (by a `MemberRemoved` event), so
     /// the node unsubscribes from it. Set once the broker exists.
     unsubscriber: OnceLock<Box<dyn Fn(String) + Send + Sync>>,
-}
-
-/// Builds the shared `message` push for a stored message.
-pub fn publish_frame(message: &Message) -> Arc<Published> {
-    published(&message.room_id, &MessageJson::from(message))
-}
-
-/// Builds the shared `message` push for a message already serialized (a send's).
-pub fn published(room: &str, message: &MessageJson) -> Arc<Published> {
-    Arc::new(Published {
-        seq: message.seq,
-        frame: protocol::message_push(room, message),
-    })
 }
 
 impl RoomRegistry {
@@ -291,6 +349,7 @@ impl RoomRegistry {
             gap_fill_after,
             catch_up_buffer,
             resume_buffer,
+            profiles_kept: PROFILES_KEPT.max(resume_buffer),
             created: AtomicU64::new(0),
             unsubscriber: OnceLock::new(),
             presence_changes: OnceLock::new(),
@@ -361,6 +420,7 @@ impl RoomRegistry {
         Some(Attached {
             delivered: st.delivered,
             missed,
+            senders: st.profiles.to_json(),
         })
     }
 
@@ -621,7 +681,16 @@ impl RoomRegistry {
 
     /// Delivers the message after `delivered` (the next visible one) and keeps it for resumes.
     fn deliver_next(&self, st: &mut HubState, msg: &Published) -> u64 {
-        let pushed = self.fan_out(st, &msg.frame);
+        let news = !msg.profile.is_empty()
+            && st
+                .profiles
+                .tell(msg.sender(), &msg.profile, self.profiles_kept);
+        let frame = if news {
+            msg.with_profile()
+        } else {
+            msg.frame.clone()
+        };
+        let pushed = self.fan_out(st, &frame);
         st.delivered = msg.seq;
         if self.resume_buffer > 0 {
             if st.recent.len() >= self.resume_buffer
@@ -629,7 +698,7 @@ impl RoomRegistry {
             {
                 st.recent_floor = seq;
             }
-            st.recent.push_back((msg.seq, msg.frame.clone()));
+            st.recent.push_back((msg.seq, frame));
         } else {
             st.recent_floor = msg.seq;
         }

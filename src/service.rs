@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::presence::PresenceChanges;
 use crate::protocol::PresenceResult;
-use crate::protocol::{self, HistoryPage, MessageJson, Push, WireMessage};
+use crate::protocol::{self, HistoryPage, Push};
 use crate::queue::{Job, JobQueue};
 
 /// Most users in one page of a presence list.
@@ -32,8 +32,9 @@ const PRESENCE_BATCH: usize = 1000;
 /// How long the presence task waits before recording again after the backend failed.
 const PRESENCE_RETRY: Duration = Duration::from_secs(1);
 use crate::ratelimit::{RateLimiter, Refused};
-use crate::rooms::{Conn, RoomHub, RoomRegistry, publish_frame, published};
+use crate::rooms::{Conn, RoomHub, RoomRegistry};
 use crate::store::{Access, Inserted, NewMessage, Room, RoomSummary, Store, StoreError};
+use crate::wire::{self, publish_frame, published};
 
 /// Read marks not yet queued: (room, user) -> (highest seq, when).
 pub type PendingReads = HashMap<(String, String), (i64, DateTime<Utc>)>;
@@ -60,6 +61,8 @@ pub struct JoinPlan {
     pub head: i64,
     pub catch_up: Vec<Utf8Bytes>,
     pub reload: bool,
+    /// The sender profiles the room's pushes may leave out (a JSON object, for the reply).
+    pub senders: String,
 }
 
 pub struct ChatService {
@@ -220,6 +223,7 @@ impl ChatService {
             head: delivered,
             catch_up: Vec::new(),
             reload: false,
+            senders: attached.senders,
         };
         if let Some(since) = since.filter(|&s| s < delivered) {
             if delivered - since.max(0) > i64::from(limit) {
@@ -238,7 +242,8 @@ impl ChatService {
                     Ok(rows) => {
                         plan.catch_up = rows
                             .iter()
-                            .map(|m| publish_frame(m).frame.clone())
+                            // With their profiles: the hub may not have told them.
+                            .map(|m| publish_frame(m).with_profile())
                             .collect()
                     }
                     Err(e) => {
@@ -334,7 +339,7 @@ impl ChatService {
         };
         let m = &inserted.message;
         // Serialized once: for the cached history and for the push.
-        let json = MessageJson::from(m);
+        let json = wire::message_json(m);
         // Before the ack, so a read after it shows the message. A retry answered with the
         // original appends it too: its first attempt may have been cut off before this line.
         if m.is_visible() {
@@ -373,7 +378,9 @@ impl ChatService {
         }
     }
 
-    /// A page of history as JSON (`HistoryPage`), oldest first, from the cache when possible.
+    /// A page of history as JSON (`HistoryPage` of the socket's message objects), oldest first,
+    /// from the cache when possible. The REST door shows it in its own objects
+    /// (`wire::rest_page`).
     #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
     pub async fn history(
         &self,
@@ -454,13 +461,13 @@ impl ChatService {
         let settled = rows.first().is_some_and(|newest| newest.seq == before - 1);
         rows.reverse();
         let page = protocol::encode_exact(&HistoryPage {
-            room,
+            room: room.into(),
             next_before: if more {
                 rows.first().map(|m| m.seq)
             } else {
                 None
             },
-            messages: rows.iter().map(WireMessage::from).collect(),
+            messages: rows.iter().map(wire::socket_message).collect(),
         });
         if settled {
             self.cache

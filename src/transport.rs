@@ -31,7 +31,7 @@ use crate::auth::{AuthError, Identity};
 use crate::error::ChatError;
 use crate::protocol::{
     self, AuthResult, ClientFrame, ErrorBody, JoinResult, MarkReadResult, PongResult, Push,
-    RequestId, RoomResult, RoomsResult, SendResult, ServerFrame, WireMessage, close, code,
+    RequestId, RoomResult, SendResult, ServerFrame, close, code,
 };
 use crate::rooms::{Closer, Conn, ConnShared, Outbox};
 use crate::service::Door;
@@ -362,11 +362,15 @@ impl Connection {
                 };
                 match joined {
                     Ok(plan) => {
+                        let senders =
+                            serde_json::value::RawValue::from_string(plan.senders.clone())
+                                .expect("the room assembles valid JSON");
                         let result = JoinResult {
                             room: &room,
                             head: plan.head,
                             missed: plan.catch_up.len(),
                             reload: plan.reload,
+                            senders: &senders,
                         };
                         self.reply(&id, result).await;
                         for frame in &plan.catch_up {
@@ -401,7 +405,7 @@ impl Connection {
                         // Sending ends typing in that room.
                         self.stop_typing(&room).await;
                         let result = SendResult {
-                            message: WireMessage::from(&inserted.message),
+                            message: crate::wire::socket_message(&inserted.message),
                             duplicate: inserted.duplicate,
                         };
                         self.reply(&id, result).await;
@@ -430,7 +434,7 @@ impl Connection {
                 }
             }
             ClientFrame::Rooms { id, limit } => match service.my_rooms(&identity, limit).await {
-                Ok(rooms) => self.reply(&id, RoomsResult::new(&rooms)).await,
+                Ok(rooms) => self.reply(&id, crate::wire::socket_rooms(&rooms)).await,
                 Err(e) => self.reply_chat_error(&id, e).await,
             },
             ClientFrame::Typing { id, room, typing } => match self.typing(&room, typing).await {

@@ -67,7 +67,8 @@ async fn three_processes_deliver_every_message_once_and_in_order() {
 }
 
 /// Reads a room's pushes, following the cluster: when its node dies it reconnects to the next one
-/// and resumes from the last sequence it saw. Returns every message id it was shown, in order.
+/// and resumes from the last sequence it saw. Returns every message it was shown, in order, as
+/// (seq, content).
 async fn follow(
     nodes: Vec<SocketAddr>,
     user: &str,
@@ -113,7 +114,7 @@ async fn follow(
                         let m = &frame["message"];
                         seen.push((
                             m["seq"].as_i64().unwrap(),
-                            m["id"].as_str().unwrap().to_string(),
+                            m["content"].as_str().unwrap().to_string(),
                         ));
                     }
                 }
@@ -128,13 +129,14 @@ async fn follow(
 }
 
 /// Sends `count` messages, following the cluster like `follow`; a send whose ack was lost with its
-/// node is retried elsewhere with the same clientMsgId. Returns the acknowledged (seq, id)s.
+/// node is retried elsewhere with the same clientMsgId. Returns the acknowledged (seq, message
+/// id, content)s.
 async fn send_all(
     nodes: Vec<SocketAddr>,
     user: &str,
     room: &str,
     count: usize,
-) -> Vec<(i64, String)> {
+) -> Vec<(i64, String, String)> {
     let mut acked = Vec::new();
     let mut node = 0;
     let mut next = 0;
@@ -185,6 +187,7 @@ async fn send_all(
             acked.push((
                 m["seq"].as_i64().unwrap(),
                 m["id"].as_str().unwrap().to_string(),
+                id.clone(),
             ));
             next += 1;
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -217,15 +220,18 @@ async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
     let mut acked = s1.await.unwrap();
     acked.extend(s2.await.unwrap());
     assert_eq!(acked.len(), 300);
-    let ids: HashSet<&String> = acked.iter().map(|(_, id)| id).collect();
+    let ids: HashSet<&String> = acked.iter().map(|(_, id, _)| id).collect();
     assert_eq!(ids.len(), 300, "a retried send created no second message");
-    let max = acked.iter().map(|(s, _)| *s).max().unwrap();
+    let max = acked.iter().map(|(s, _, _)| *s).max().unwrap();
     assert_eq!(
         max, 300,
         "the sequence has no gap: 300 messages, seqs 1..=300"
     );
     done_tx.send(max).unwrap();
-    let expected: BTreeMap<i64, String> = acked.into_iter().collect();
+    let expected: BTreeMap<i64, String> = acked
+        .into_iter()
+        .map(|(seq, _, content)| (seq, content))
+        .collect();
     for receiver in [r1, r2] {
         let seen = receiver.await.unwrap();
         let seqs: Vec<i64> = seen.iter().map(|(s, _)| *s).collect();
@@ -234,8 +240,8 @@ async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
             (1..=300).collect::<Vec<_>>(),
             "every message once, in order, across the failover"
         );
-        for (seq, id) in &seen {
-            assert_eq!(&expected[seq], id);
+        for (seq, content) in &seen {
+            assert_eq!(&expected[seq], content);
         }
     }
     // No side effect was lost with the node: every outbox row is done and deleted (rows the dead

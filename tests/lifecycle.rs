@@ -545,5 +545,5 @@ async fn a_panic_in_a_request_handler_closes_with_1011_and_still_cleans_up() {
     let mut again = app.client("alice").await;
     again.join("r", None).await;
     let m = again.send_ok("r", "back").await;
-    assert_eq!(bob.expect_message("r").await["id"], m["id"]);
+    assert_eq!(bob.expect_message("r").await["seq"], m["seq"]);
 }

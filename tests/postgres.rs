@@ -930,7 +930,21 @@ async fn hostile_text_round_trips_byte_for_byte_and_nul_is_refused_through_both_
             .unwrap();
     assert_eq!(stored, texts, "stored byte for byte");
     let (_, page) = app.rest_history("alice", "r", "?limit=10").await;
-    assert_eq!(page["messages"].as_array().unwrap(), &sent);
+    let page = page["messages"].as_array().unwrap();
+    assert_eq!(page.len(), sent.len());
+    // Socket results and REST messages are objects of their own doors; what both carry agrees.
+    for (listed, sent) in page.iter().zip(&sent) {
+        for field in [
+            "id",
+            "seq",
+            "senderId",
+            "content",
+            "clientMsgId",
+            "senderName",
+        ] {
+            assert_eq!(listed[field], sent[field], "{field}: {listed} vs {sent}");
+        }
+    }
 
     let reply = alice.send("r", "nul \u{0} inside", "c-nul").await;
     assert_eq!(reply["error"]["code"], "bad_request", "{reply}");

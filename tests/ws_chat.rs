@@ -42,13 +42,113 @@ async fn two_clients_see_each_others_messages_in_order() {
             assert!(m["content"].as_str().unwrap().ends_with(&format!(" {i}")));
         }
         assert_eq!(got[1]["senderId"], "bob");
+        // Each sender's profile comes with their first message in the room, then not again.
         assert_eq!(
             got[1]["senderName"], "bob name",
             "sender name comes from the token"
         );
-        assert_eq!(got[1]["sender"]["id"], "bob");
+        assert_eq!(got[0]["senderName"], "alice name");
+        for m in &got[2..] {
+            assert!(m.get("senderName").is_none(), "profile told again: {m}");
+        }
+        // The message id and the sender's idempotency key stay out of pushes.
+        assert!(
+            got.iter()
+                .all(|m| m.get("id").is_none() && m.get("clientMsgId").is_none())
+        );
     }
     alice.expect_silence(Duration::from_millis(200)).await;
+}
+
+/// The next `message` push as the text on the wire.
+async fn raw_push(client: &mut Client) -> String {
+    use futures::StreamExt;
+    loop {
+        match tokio::time::timeout(common::WAIT, client.ws.next()).await {
+            Ok(Some(Ok(WsMessage::Text(t)))) if t.as_str().starts_with(r#"{"type":"message""#) => {
+                return t.as_str().to_string();
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no push: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_lean_and_a_joining_socket_is_told_the_profiles_it_leaves_out() {
+    let app = TestApp::spawn().await;
+    app.room("r", &["carol", "dave", "erin"]).await;
+    // A user with a 60-character avatar URL sends an 82-character message.
+    let avatar = format!("https://cdn.example.com/avatars/{}.png", "a".repeat(24));
+    assert_eq!(avatar.len(), 60);
+    let mut claims = claims_for("carol", Some("Carol"), Role::User, 600);
+    claims.avatar = Some(avatar.clone());
+    let mut carol = Client::connect(app.addr, None).await;
+    carol
+        .request(json!({"type": "auth", "token": app.token_with(&claims)}))
+        .await;
+    carol.join("r", None).await;
+    let mut dave = app.client("dave").await;
+    dave.join("r", None).await;
+
+    let text = |i: usize| format!("{i:02} {}", "x".repeat(79));
+    assert_eq!(text(1).len(), 82);
+    carol.send("r", &text(1), "c-1").await;
+    let first = raw_push(&mut dave).await;
+    carol.send("r", &text(2), "c-2").await;
+    let second = raw_push(&mut dave).await;
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["message"]["senderAvatarUrl"], avatar.as_str());
+    assert_eq!(first["message"]["senderName"], "Carol");
+    // What every later push of hers costs on the wire (a 4-byte frame header for 126..65535).
+    let wire = second.len() + 4;
+    assert!(wire <= 250, "{wire} bytes: {second}");
+    let second: Value = serde_json::from_str(&second).unwrap();
+    assert_eq!(
+        second,
+        json!({"type": "message", "room": "r", "message": {
+            "seq": 2, "senderId": "carol", "content": text(2),
+            "ts": second["message"]["ts"].as_i64().unwrap()}})
+    );
+
+    // Erin joins after the profile was told: her join result tells her.
+    let mut erin = app.client("erin").await;
+    let joined = erin.join("r", None).await;
+    assert_eq!(
+        joined["senders"]["carol"],
+        json!({"senderName": "Carol", "senderAvatarUrl": avatar})
+    );
+    carol.send("r", &text(3), "c-3").await;
+    let third = erin.expect_message("r").await;
+    assert_eq!(third["seq"], 3);
+    assert!(third.get("senderName").is_none(), "{third}");
+    // A changed profile is told again, to everyone.
+    claims.avatar = None;
+    let mut carol_again = Client::connect(app.addr, None).await;
+    carol_again
+        .request(json!({"type": "auth", "token": app.token_with(&claims)}))
+        .await;
+    carol_again.send("r", &text(4), "c-4").await;
+    let fourth = erin.expect_message("r").await;
+    assert_eq!(
+        (fourth["seq"].as_i64(), &fourth["senderAvatarUrl"]),
+        (Some(4), &Value::Null)
+    );
+    // History and send results carry everything: id, clientMsgId, profile.
+    let page = erin.history("r", None, None).await;
+    let m = &page["result"]["messages"][0];
+    for field in [
+        "seq",
+        "id",
+        "senderId",
+        "content",
+        "ts",
+        "clientMsgId",
+        "senderName",
+        "senderAvatarUrl",
+    ] {
+        assert!(m.get(field).is_some(), "{field} missing in {m}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +174,6 @@ async fn one_socket_multiplexes_three_rooms() {
             push["room"], *room,
             "pushes arrive in send order, tagged with their room"
         );
-        assert_eq!(push["message"]["roomId"], *room);
         assert_eq!(push["message"]["content"], format!("{room}-{i}"));
         per_room
             .entry(room.to_string())
@@ -542,7 +641,7 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007_and_a_protocol_violation
 
     // Nobody else noticed, and alice's connection slots were given back.
     let m = app.client("alice").await.send_ok("r", "still here").await;
-    assert_eq!(bob.expect_message("r").await["id"], m["id"]);
+    assert_eq!(bob.expect_message("r").await["seq"], m["seq"]);
     bob.expect_silence(Duration::from_millis(200)).await;
 }
 

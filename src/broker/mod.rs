@@ -13,11 +13,59 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 
-/// A message ready to push: its sequence and the `message` frame, serialized once, shared by all.
+/// A message ready to push: its sequence and the `message` push serialized once and shared by
+/// every receiver, and its sender's profile, which a room splices into the push that tells its
+/// sockets who the sender is (see `rooms::Profiles`).
 #[derive(Debug)]
 pub struct Published {
     pub seq: i64,
+    /// The push without the sender's profile.
     pub frame: Utf8Bytes,
+    /// `,"senderName":…,"senderAvatarUrl":…` (empty when the message came without one).
+    pub profile: Box<str>,
+}
+
+impl Published {
+    pub fn new(seq: i64, frame: Utf8Bytes, profile: &str) -> Self {
+        Self {
+            seq,
+            frame,
+            profile: profile.into(),
+        }
+    }
+
+    /// A push as it crossed Redis (with the profile, so that every node can tell its own
+    /// sockets): split into the shared push and the profile.
+    pub fn from_announcing(seq: i64, push: &str) -> Self {
+        let parts = crate::protocol::MessageParts::of(push);
+        let frame = format!("{}}}}}", parts.lean);
+        Self::new(seq, frame.into(), parts.profile)
+    }
+
+    /// The sender's id as a JSON string, quotes and escapes included, cut from the push (the
+    /// key of a room's profiles; a raw `,"` only ever starts a key).
+    pub fn sender(&self) -> &str {
+        let frame = self.frame.as_str();
+        let start = frame
+            .find(r#","senderId":"#)
+            .map_or(0, |at| at + r#","senderId":"#.len());
+        let end = frame[start..]
+            .find(r#","content":"#)
+            .map_or(frame.len(), |at| start + at);
+        &frame[start..end]
+    }
+
+    /// The push with the sender's profile spliced in: what tells a room who the sender is, and
+    /// what crosses Redis.
+    pub fn with_profile(&self) -> Utf8Bytes {
+        let frame = self.frame.as_str();
+        let body = frame.strip_suffix("}}").unwrap_or(frame);
+        let mut push = String::with_capacity(frame.len() + self.profile.len());
+        push.push_str(body);
+        push.push_str(&self.profile);
+        push.push_str("}}");
+        push.into()
+    }
 }
 
 #[derive(Debug, Clone)]

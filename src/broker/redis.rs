@@ -3,8 +3,9 @@
 //! Channel per room: `{prefix}chat:room:{roomId}`. A node subscribes to a room's channel only while
 //! it has local members in the room (reference-counted per hub), and unsubscribes when the last one
 //! leaves. Envelopes (proto-docs/redis.md):
-//! - `{"type":"message","room":…,"message":{…,"seq":N,…}}`: a persisted message, published by a
-//!   gateway after commit; the payload is exactly the push sockets receive, forwarded as is.
+//! - `{"type":"message","room":…,"message":{"seq":N,…}}`: a persisted message, published by a
+//!   gateway after commit: the push sockets receive, with the sender's profile (each node's room
+//!   decides whether its own sockets need it, and cuts it off otherwise, without parsing again).
 //! - `{"type":"member_removed","room":…,"userId":…}`: that user's sockets leave the room.
 //! - `{"type":"event","room":…,"event":{…}}`: ephemeral, published by backend services; pushed to
 //!   the room's sockets as is, never stored, no sequence.
@@ -210,9 +211,9 @@ impl RedisBroker {
                 Some(seq) => RoomEvent::Head { seq },
                 None => return,
             },
-            ("message", Some(SeqOnly { seq }), _) => match frame() {
-                Some(frame) => RoomEvent::Message(Arc::new(Published { seq, frame })),
-                None => return,
+            ("message", Some(SeqOnly { seq }), _) => match std::str::from_utf8(payload) {
+                Ok(push) => RoomEvent::Message(Arc::new(Published::from_announcing(seq, push))),
+                Err(_) => return,
             },
             ("member_removed", _, Some(user_id)) => RoomEvent::MemberRemoved { user_id },
             ("event", _, _) => match frame() {
@@ -242,7 +243,7 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     async fn publish(&self, room: &str, event: RoomEvent) -> Result<(), BrokerError> {
         let payload: Bytes = match &event {
-            RoomEvent::Message(published) => Bytes::from(published.frame.clone()),
+            RoomEvent::Message(published) => Bytes::from(published.with_profile()),
             RoomEvent::MemberRemoved { user_id } => Bytes::from(
                 serde_json::json!({"type": "member_removed", "room": room, "userId": user_id})
                     .to_string(),

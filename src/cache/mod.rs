@@ -44,6 +44,7 @@ use moka::sync::Cache;
 
 use crate::protocol::{self, MessageJson};
 use crate::store::Message;
+use crate::wire::message_json;
 
 /// A room's newest messages, oldest first.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,7 +68,7 @@ impl Tail {
     /// A tail from a store read that asked for `asked` rows and got `rows`, newest first.
     pub fn from_store(rows: &[Message], asked: usize) -> Self {
         Tail {
-            messages: rows.iter().rev().map(MessageJson::from).collect(),
+            messages: rows.iter().rev().map(message_json).collect(),
             complete: rows.len() < asked,
         }
     }

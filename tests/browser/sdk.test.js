@@ -235,7 +235,7 @@ test("too much missed while away: the handler is told to reload, then live messa
     await page.evaluate(() => client.leave("busy"));
     for (let i = 0; i < 5; i++) await small.restSend(pat, "busy", `while away ${i}`, `pat-${i}`);
     const result = await page.evaluate(() => client.join("busy", handler));
-    assert.deepEqual(result, { room: "busy", head: 6, missed: 0, reload: true });
+    assert.deepEqual(result, { room: "busy", head: 6, missed: 0, reload: true, senders: {} });
     await small.restSend(pat, "busy", "after the reload", "pat-live");
     await waitFor(() => page.evaluate(() => events.length === 3), { what: "the live message" });
     assert.deepEqual(await page.evaluate(() => events), ["message 1", "reload at 6", "message 7"]);
@@ -243,4 +243,62 @@ test("too much missed while away: the handler is told to reload, then live messa
   } finally {
     await small.dispose();
   }
+});
+
+test("messages reach the app in one shape: lean pushes get their sender's profile from what the room told the client", async () => {
+  // Bob has an avatar, and speaks over REST.
+  const bob = { id: "bob", name: "Bob", avatarUrl: "https://cdn.example.com/bob.png" };
+  const bobToken = gateway.signToken({ sub: bob.id, name: bob.name, avatar: bob.avatarUrl });
+  const listen = async (p, name) =>
+    await p.evaluate(async (name) => {
+      const client = sdk.connect("/ws", { token: () => devToken(name) });
+      window.got = [];
+      return await client.join("shape", (m) => window.got.push(m));
+    }, name);
+  const received = (p, n) =>
+    waitFor(() => p.evaluate((n) => (window.got.length >= n ? window.got : null), n), { what: `${n} messages` });
+
+  await listen(page, "Alice");
+  // His first message in the room carries his profile on the wire; Carol, who joins after it,
+  // is told it in her join result, and his next push to both of them leaves it out.
+  await gateway.restSend(bobToken, "shape", "first");
+  await received(page, 1);
+  const carol = await context.newPage();
+  await carol.goto(`${gateway.url}/healthz`);
+  await carol.evaluate(async () => {
+    window.sdk = await import("/sdk/chat-gateway.js");
+    window.devToken = async (name) =>
+      (await (await fetch("/dev/token", { method: "POST", body: JSON.stringify({ name }) })).json()).token;
+  });
+  const joined = await listen(carol, "Carol");
+  assert.deepEqual(joined.senders.bob, { senderName: bob.name, senderAvatarUrl: bob.avatarUrl });
+  await gateway.restSend(bobToken, "shape", "second");
+  for (const [p, expected] of [
+    [page, [[1, "first"], [2, "second"]]],
+    [carol, [[2, "second"]]],
+  ]) {
+    const got = await received(p, expected.length);
+    assert.deepEqual(
+      got.map((m) => [m.seq, m.content]),
+      expected,
+    );
+    for (const m of got) {
+      assert.equal(m.senderName, bob.name);
+      assert.equal(m.senderAvatarUrl, bob.avatarUrl);
+      assert.deepEqual(m.sender, bob);
+      assert.equal(m.roomId, "shape");
+      assert.equal(m.id, null, "a push is identified by its room and seq");
+      assert.match(m.createdAt, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+      assert.equal(m.contentType, "TEXT");
+    }
+  }
+  // History carries ids, in the same shape.
+  const history = await carol.evaluate(async () => sdk.getClient("/ws").history("shape"));
+  assert.deepEqual(
+    history.messages.map((m) => [m.seq, typeof m.id, m.senderName]),
+    [
+      [1, "string", "Bob"],
+      [2, "string", "Bob"],
+    ],
+  );
 });

@@ -47,6 +47,9 @@ pub(crate) struct Frame<'a> {
     pub(crate) kind: &'a str,
     #[serde(default)]
     pub(crate) id: Option<u64>,
+    /// Pushes: their room.
+    #[serde(default, borrow)]
+    pub(crate) room: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     pub(crate) message: Option<PushMessage<'a>>,
     /// Presence pushes: the room's online count (storm).
@@ -60,8 +63,6 @@ pub(crate) struct Frame<'a> {
 
 #[derive(Deserialize)]
 pub(crate) struct PushMessage<'a> {
-    #[serde(rename = "roomId", borrow)]
-    room_id: std::borrow::Cow<'a, str>,
     pub(crate) seq: i64,
     #[serde(borrow)]
     pub(crate) content: std::borrow::Cow<'a, str>,
@@ -219,17 +220,20 @@ impl Client {
                     };
                     match frame.kind {
                         "message" => {
-                            let Some(m) = frame.message else { continue };
-                            if !last_seq.contains_key(&*m.room_id) {
-                                last_seq.insert(m.room_id.to_string(), 0);
+                            let (Some(m), Some(room)) = (frame.message, frame.room) else {
+                                continue;
+                            };
+                            if !last_seq.contains_key(&*room) {
+                                last_seq.insert(room.to_string(), 0);
                             }
-                            let last = last_seq.get_mut(&*m.room_id).expect("inserted above");
+                            let last = last_seq.get_mut(&*room).expect("inserted above");
                             if m.seq <= *last {
                                 shared.1.duplicates.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
                             *last = m.seq;
                             shared.1.delivered.fetch_add(1, Ordering::Relaxed);
+                            shared.1.push_bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
                             let sent_at = m
                                 .content
                                 .strip_prefix("t=")

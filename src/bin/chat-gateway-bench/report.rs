@@ -62,6 +62,8 @@ pub(crate) struct Counters {
     /// Replies received for requests sent (results and errors).
     pub(crate) replies: AtomicU64,
     pub(crate) requests: AtomicU64,
+    /// Bytes of the `message` pushes delivered (their text; the WebSocket frame header adds 2-4).
+    pub(crate) push_bytes: AtomicU64,
 }
 
 pub(crate) type Shared = Arc<(Mutex<Stats>, Counters)>;

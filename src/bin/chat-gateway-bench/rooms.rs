@@ -135,6 +135,12 @@ async fn run_rooms(
     println!("lost                   {lost} (acknowledged, not delivered to every member)");
     println!("unanswered sends       {unanswered}");
     println!("duplicates             {duplicates}");
+    if delivered > 0 {
+        println!(
+            "message push size      {:.0} bytes on average (text; the frame header adds 4)",
+            c.push_bytes.load(Ordering::Relaxed) as f64 / delivered as f64
+        );
+    }
     line("send ack latency", &stats.ack);
     line("delivery latency", &stats.delivery);
     let errors = print_errors(&stats);
