@@ -162,14 +162,23 @@ async fn the_history_cache_is_shared_and_kept_current_on_every_node() {
     alice_a.send_ok("r", "one").await;
     let first = alice_b.history("r", None, None).await;
     assert_eq!(first["result"]["messages"].as_array().unwrap().len(), 1);
-    // The room's newest messages are in Redis, one line each after a header.
+    // The room's newest messages are in Redis: a list of entries and its header.
     let mut conn = redis_conn(&c.url).await;
-    let tail: String = redis::cmd("GET")
-        .arg(format!("{}messages:r:tail", c.prefix))
+    let header: String = redis::cmd("GET")
+        .arg(format!("{}messages:r:last", c.prefix))
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert!(tail.starts_with("1 1 1\n1 {"), "{tail}");
+    assert_eq!(header, "1 1");
+    let entries: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{}messages:r:list", c.prefix))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    assert!(entries[0].starts_with(r#"1 {"seq":1,"#), "{entries:?}");
     // Served from the cache on the other node.
     let again = alice_a.history("r", None, None).await;
     assert_eq!(again["result"], first["result"]);

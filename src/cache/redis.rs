@@ -2,14 +2,17 @@
 //! as the in-process cache (see the module doc of [`super`]), each operation one round trip, the
 //! tail's checks and writes atomic in a script.
 //!
-//! Keys (proto-docs/redis.md): `{prefix}messages:{roomId}:tail` (the tail), `…:gen` (the room's
-//! generation, bumped by every append), `…:refresh` (a node is re-reading the tail), and older
-//! pages under the seed's key `{prefix}messages:{roomId}:{limit}:{before}`, as plain page JSON.
+//! Keys (proto-docs/redis.md): `{prefix}messages:{roomId}:list` and `…:last` (the tail), `…:gen`
+//! (the room's generation, bumped by every append), `…:refresh` (a node is re-reading the tail),
+//! and older pages under the seed's key `{prefix}messages:{roomId}:{limit}:{before}`, as plain
+//! page JSON.
 //!
-//! A tail is text: a header line `"{last seq} {complete 0|1} {count}\n"`, then one line per
-//! message, oldest first, `"{seq} {message JSON}\n"` (compact JSON never holds a newline). The
-//! append script reads the header to decide, appends a line and drops the first one when the
-//! tail is full, with `SET … KEEPTTL`, so appends never extend a tail's life.
+//! A tail is a list of its messages, oldest first, each `"{seq} {message JSON}"`, and a header
+//! string `"{last seq} {complete 0|1}"`, both set with the same expiry when a store read fills
+//! them. An append costs the same whatever the tail's length: the script reads the header to
+//! decide, `RPUSH`es the message, `LTRIM`s the oldest when the tail is full and rewrites the
+//! header with `KEEPTTL`, so appends never extend a tail's life. A lookup reads the header and
+//! only the newest `limit + 1` entries of the list.
 //!
 //! Pages read from Redis are checked to be JSON before they are served (a miss otherwise).
 //!
@@ -30,53 +33,58 @@ use crate::redis_conn::RedisConn;
 /// Generations are kept far longer than any tail, so a tail never outlives its generation key.
 const GENERATION_TTL_MS: u64 = 24 * 3600 * 1000;
 
-/// KEYS: generation, tail, refresh claim. ARGV: half the TTL (ms).
-/// Returns the generation, the tail (`""` when none) and 1 when this reader is to refresh it.
+/// KEYS: generation, tail header, tail list, refresh claim. ARGV: half the TTL (ms), how many of
+/// the newest entries to read. Returns the generation, the header (`""` when there is no tail),
+/// those entries (oldest first) and 1 when this reader is to refresh the tail.
 const LOOKUP: &str = r"
 local generation = redis.call('GET', KEYS[1]) or '0'
-local tail = redis.call('GET', KEYS[2])
-if not tail then return {generation, '', 0} end
+local header = redis.call('GET', KEYS[2])
+if not header then return {generation, '', {}, 0} end
+local entries = redis.call('LRANGE', KEYS[3], -tonumber(ARGV[2]), -1)
 local refresh = 0
 if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[1])
-   and redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[1]) then
+   and redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[1]) then
   refresh = 1
 end
-return {generation, tail, refresh}";
+return {generation, header, entries, refresh}";
 
-/// KEYS: generation, tail. ARGV: the generation the miss saw, the tail, the TTL (ms).
+/// KEYS: generation, tail header, tail list. ARGV: the generation the miss saw, the header, the
+/// TTL (ms), then the entries, oldest first.
 const FILL: &str = r"
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[3])
+if #ARGV > 3 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 4))
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1";
 
-/// KEYS: generation, tail. ARGV: seq, message JSON, tail length, generation TTL (ms).
-/// Returns 0: no tail, 1: already held, 2: dropped (a gap), 3: appended.
+/// KEYS: generation, tail header, tail list. ARGV: seq, message JSON, tail length, generation
+/// TTL (ms). Returns 0: no tail, 1: already held, 2: dropped (a gap), 3: appended.
 const APPEND: &str = r"
 redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local tail = redis.call('GET', KEYS[2])
-if not tail then return 0 end
-local eol = string.find(tail, '\n', 1, true)
-local last, complete, count
-if eol then
-  last, complete, count = string.match(string.sub(tail, 1, eol - 1), '^(%d+) ([01]) (%d+)$')
-end
+local header = redis.call('GET', KEYS[2])
+if not header then return 0 end
+local last, complete = string.match(header, '^(%d+) ([01])$')
 local seq = tonumber(ARGV[1])
 if last and seq <= tonumber(last) then return 1 end
 if not last or seq ~= tonumber(last) + 1 then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
   return 2
 end
-local lines = string.sub(tail, eol + 1)
-count = tonumber(count) + 1
-if count > tonumber(ARGV[3]) then
-  lines = string.sub(lines, string.find(lines, '\n', 1, true) + 1)
-  count = count - 1
+local n = redis.call('RPUSH', KEYS[3], ARGV[1] .. ' ' .. ARGV[2])
+if n == 1 then
+  -- The tail was empty (an empty room): the list lives as long as its header.
+  redis.call('PEXPIRE', KEYS[3], math.max(redis.call('PTTL', KEYS[2]), 1))
+end
+local max = tonumber(ARGV[3])
+if n > max then
+  redis.call('LTRIM', KEYS[3], n - max, -1)
   complete = '0'
 end
-redis.call('SET', KEYS[2],
-  ARGV[1] .. ' ' .. complete .. ' ' .. count .. '\n' .. lines .. ARGV[1] .. ' ' .. ARGV[2] .. '\n',
-  'KEEPTTL')
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. complete, 'KEEPTTL')
 return 3";
 
 pub struct RedisHistoryCache {
@@ -121,54 +129,62 @@ fn is_json(text: &str) -> bool {
     serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
 }
 
-/// A tail as stored in Redis (see the module doc).
-fn encode_tail(tail: &Tail) -> String {
-    let bytes: usize = tail.messages.iter().map(|m| m.json.len() + 24).sum();
-    let mut text = String::with_capacity(bytes + 32);
-    let count = tail.messages.len();
-    let complete = u8::from(tail.complete);
-    text.push_str(&format!("{} {complete} {count}\n", tail.last_seq()));
-    for m in &tail.messages {
-        debug_assert!(!m.json.contains('\n'), "compact JSON has no newline");
-        text.push_str(&m.seq.to_string());
-        text.push(' ');
-        text.push_str(&m.json);
-        text.push('\n');
-    }
-    text
+/// A tail's header as stored in Redis: `"{last seq} {complete 0|1}"`.
+fn encode_header(tail: &Tail) -> String {
+    format!("{} {}", tail.last_seq(), u8::from(tail.complete))
 }
 
-/// A stored tail's messages (borrowed from the text) and whether it reaches the room's start;
-/// `None` when the text is not a tail.
-fn decode_tail(text: &str) -> Option<(Vec<MessageJson<&str>>, bool)> {
-    let (header, lines) = text.split_once('\n')?;
-    let mut fields = header.split(' ');
-    let (_last, complete) = (fields.next()?, fields.next()?);
-    let messages = lines
-        .split_terminator('\n')
-        .map(|line| {
-            let (seq, json) = line.split_once(' ')?;
+/// A tail's entry as stored in Redis: `"{seq} {message JSON}"`.
+fn encode_entry(seq: i64, json: &str) -> String {
+    format!("{seq} {json}")
+}
+
+/// The messages of the newest entries read and whether they reach the room's start, from a tail's
+/// header and those entries (all of the tail's when fewer than were asked for); `None` when they
+/// are not a tail (or the list expired before its header: a tail of a room with messages is never
+/// empty).
+fn decode_tail<'a>(
+    header: &str,
+    entries: &'a [String],
+    asked: usize,
+) -> Option<(Vec<MessageJson<&'a str>>, bool)> {
+    let (last, complete) = header.split_once(' ')?;
+    let last: i64 = last.parse().ok()?;
+    if last > 0 && entries.is_empty() {
+        return None;
+    }
+    let messages = entries
+        .iter()
+        .map(|entry| {
+            let (seq, json) = entry.split_once(' ')?;
             Some(MessageJson {
                 seq: seq.parse().ok()?,
                 json,
             })
         })
         .collect::<Option<Vec<_>>>()?;
-    Some((messages, complete == "1"))
+    // Fewer entries than asked for: the whole tail; as many: more may be older, and only the
+    // header's flag for the whole tail says whether they reach the start.
+    let complete = complete == "1" && entries.len() < asked;
+    Some((messages, complete))
 }
 
 #[async_trait]
 impl HistoryCache for RedisHistoryCache {
     async fn latest(&self, room: &str, limit: u32) -> Latest {
         let mut conn = self.redis.conn.clone();
+        // One more than the page: whether an older message exists.
+        let asked = limit as usize + 1;
         let mut invocation = self.lookup.key(self.room_key(room, "gen"));
         invocation
-            .key(self.room_key(room, "tail"))
+            .key(self.room_key(room, "last"))
+            .key(self.room_key(room, "list"))
             .key(self.room_key(room, "refresh"))
-            .arg(self.ttl_ms() / 2);
-        let found: Result<(u64, String, u8), _> =
+            .arg(self.ttl_ms() / 2)
+            .arg(asked);
+        let found: Result<(u64, String, Vec<String>, u8), _> =
             self.redis.bounded(invocation.invoke_async(&mut conn)).await;
-        let (generation, tail, refresh) = match found {
+        let (generation, header, entries, refresh) = match found {
             Ok(found) => found,
             Err(e) => {
                 self.redis
@@ -183,10 +199,10 @@ impl HistoryCache for RedisHistoryCache {
             room: room.to_string(),
             generation: Some(generation),
         };
-        if tail.is_empty() {
+        if header.is_empty() {
             return Latest::Miss(token());
         }
-        let Some((messages, complete)) = decode_tail(&tail) else {
+        let Some((messages, complete)) = decode_tail(&header, &entries, asked) else {
             tracing::warn!(
                 room,
                 "a cached history tail is malformed; reading the store"
@@ -213,10 +229,14 @@ impl HistoryCache for RedisHistoryCache {
         let mut conn = self.redis.conn.clone();
         let mut invocation = self.fill.key(self.room_key(&token.room, "gen"));
         invocation
-            .key(self.room_key(&token.room, "tail"))
+            .key(self.room_key(&token.room, "last"))
+            .key(self.room_key(&token.room, "list"))
             .arg(generation)
-            .arg(encode_tail(&tail))
+            .arg(encode_header(&tail))
             .arg(self.ttl_ms());
+        for m in &tail.messages {
+            invocation.arg(encode_entry(m.seq, &m.json));
+        }
         let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
         if let Err(e) = result {
             self.redis.log_failure("history cache write failed", &e);
@@ -227,7 +247,8 @@ impl HistoryCache for RedisHistoryCache {
         let mut conn = self.redis.conn.clone();
         let mut invocation = self.append.key(self.room_key(room, "gen"));
         invocation
-            .key(self.room_key(room, "tail"))
+            .key(self.room_key(room, "last"))
+            .key(self.room_key(room, "list"))
             .arg(message.seq)
             .arg(&*message.json)
             .arg(self.tail_len)
@@ -293,17 +314,20 @@ mod tests {
             messages: (4..=6)
                 .map(|seq| MessageJson {
                     seq,
-                    json: format!(r#"{{"seq":{seq},"content":"a b\nc"}}"#)
-                        .replace('\n', "\\n")
-                        .into(),
+                    json: format!(r#"{{"seq":{seq},"content":"a b\nc"}}"#).into(),
                 })
                 .collect(),
-            complete: false,
+            complete: true,
         };
-        let text = encode_tail(&tail);
-        assert!(text.starts_with("6 0 3\n4 {"), "{text}");
-        let (messages, complete) = decode_tail(&text).unwrap();
-        assert!(!complete);
+        assert_eq!(encode_header(&tail), "6 1");
+        let entries: Vec<String> = tail
+            .messages
+            .iter()
+            .map(|m| encode_entry(m.seq, &m.json))
+            .collect();
+        // The whole tail read (fewer entries than asked for): it reaches the start.
+        let (messages, complete) = decode_tail("6 1", &entries, 4).unwrap();
+        assert!(complete);
         assert_eq!(
             messages.iter().map(|m| (m.seq, m.json)).collect::<Vec<_>>(),
             tail.messages
@@ -311,6 +335,16 @@ mod tests {
                 .map(|m| (m.seq, &*m.json))
                 .collect::<Vec<_>>()
         );
-        assert!(decode_tail("not a tail").is_none());
+        // As many as asked for: older entries may exist.
+        assert!(!decode_tail("6 1", &entries[1..], 2).unwrap().1);
+        assert!(decode_tail("not a tail", &entries, 4).is_none());
+        assert!(
+            decode_tail("6 1", &[], 4).is_none(),
+            "the list expired first"
+        );
+        assert!(
+            decode_tail("0 1", &[], 4).unwrap().0.is_empty(),
+            "an empty room"
+        );
     }
 }
