@@ -431,6 +431,12 @@ impl Settings {
             && self.auth.public_key_file.as_os_str().is_empty()
     }
 
+    /// Whether stored messages have side effects to perform (a webhook): only then do sends
+    /// write outbox rows for the worker. Every node of a cluster must agree.
+    pub fn side_effects(&self) -> bool {
+        !self.queue.webhook_url.is_empty()
+    }
+
     pub fn sqlite_path(&self) -> PathBuf {
         self.server.data_dir.join("chat.db")
     }

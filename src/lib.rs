@@ -145,6 +145,10 @@ use crate::transport::UserConnections;
 /// How long a sequence gap may stay open before the registry reads it from the store.
 const GAP_FILL_AFTER: Duration = Duration::from_millis(250);
 
+/// How often, with Redis, a node compares its rooms with their heads in the store (see
+/// `RoomRegistry::check_heads`).
+const HEAD_CHECK: Duration = Duration::from_secs(2);
+
 /// Shortest time between two outbox drains (see `OutboxRelay::pace`): at most 100 claims a second
 /// under load, each covering what was stored since the last.
 const RELAY_PACE: Duration = Duration::from_millis(10);
@@ -204,7 +208,8 @@ pub async fn open_store(
             Duration::from_millis(db.acquire_timeout_ms),
         )
         .await
-        .context("connecting to PostgreSQL (database.url)")?;
+        .context("connecting to PostgreSQL (database.url)")?
+        .with_outbox(settings.side_effects());
         if migrate {
             store.migrate().await?;
         }
@@ -219,6 +224,7 @@ pub async fn open_store(
         write_queue: db.write_queue,
         write_interval: Duration::from_millis(db.write_interval_ms),
         checkpoint_interval: Duration::from_millis(db.checkpoint_interval_ms),
+        outbox: settings.side_effects(),
     };
     let store = SqliteStore::open_with(&path, &options)
         .await
@@ -427,7 +433,6 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         OutboxRelay {
             store: dyn_store.clone(),
             queue: queue.clone(),
-            broker: Some(broker.clone()),
             metrics: metrics.clone(),
             wake: outbox_wake.clone(),
             batch: settings.queue.batch as u32,
@@ -526,6 +531,20 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
             redis_presence.run_janitor(on_gone, stop).await;
         });
     }
+    if app.redis.is_some() {
+        let registry = app.service.registry.clone();
+        let stop = app.shutdown.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEAD_CHECK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => registry.check_heads().await,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
     {
         // Queues the coalesced read marks; the final flush happens in `run` at shutdown.
         let service = app.service.clone();
@@ -593,7 +612,6 @@ pub async fn run_worker(
         OutboxRelay {
             store: dyn_store.clone(),
             queue: Arc::new(RedisJobQueue::new(conn.clone())),
-            broker: None,
             metrics: metrics.clone(),
             wake: Arc::new(tokio::sync::Notify::new()),
             batch: settings.queue.batch as u32,

@@ -813,7 +813,34 @@ async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
     }
 }
 
+/// Rooms whose heads one query asks for.
+const HEADS_PER_QUERY: usize = 1000;
+
 impl RoomRegistry {
+    /// Asks the store for the heads of every room with local members, in a few queries, and has
+    /// each hub that is behind fill its gap. The safety net for a message whose own publish was
+    /// lost and that no later message reveals (its node died between commit and publish): run
+    /// every few seconds where events cross nodes.
+    pub async fn check_heads(self: &Arc<Self>) {
+        let hubs: Vec<Arc<RoomHub>> = self.hubs.iter().map(|e| e.value().clone()).collect();
+        for chunk in hubs.chunks(HEADS_PER_QUERY) {
+            let rooms: Vec<&str> = chunk.iter().map(|h| &*h.room).collect();
+            let heads = match self.store.room_heads(&rooms).await {
+                Ok(heads) => heads,
+                Err(e) => {
+                    tracing::debug!(error = %e, "room heads not checked");
+                    return;
+                }
+            };
+            let heads: HashMap<String, i64> = heads.into_iter().collect();
+            for hub in chunk {
+                if let Some(&head) = heads.get(&*hub.room) {
+                    self.on_head(hub, head);
+                }
+            }
+        }
+    }
+
     /// Catches every room up with the store (after the broker lost messages, e.g. a Redis
     /// restart): whatever was committed after a hub's `delivered` is delivered now, in order.
     pub fn resync_all(self: &Arc<Self>) {

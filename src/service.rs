@@ -272,9 +272,13 @@ impl ChatService {
     /// Validates, authorizes, rate-limits, stores (one atomic insert), appends the message to the
     /// room's cached history, publishes, and queues side effects. Returns once the message is
     /// durable.
+    ///
+    /// From the store on, the send runs in a task of its own: a caller that goes away (a REST
+    /// client hanging up, a socket closing) cannot stop it between the commit and the publish,
+    /// which would leave a stored message unannounced to the room's sockets.
     #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
     pub async fn send(
-        &self,
+        self: &Arc<Self>,
         who: &Identity,
         room: &str,
         content: &str,
@@ -307,18 +311,23 @@ impl ChatService {
         self.authorize(who, room, false).await?;
         let inserted = match self.limiter.check_send(&who.user_id, room).await {
             Ok(()) => {
-                self.store
-                    .insert_message(NewMessage {
-                        id: uuid::Uuid::now_v7().to_string(),
-                        room_id: room.to_string(),
-                        sender_id: who.user_id.clone(),
-                        sender_name: who.name.clone(),
-                        sender_avatar_url: who.avatar.clone(),
-                        content: content.to_string(),
-                        created_at: Utc::now().trunc_subsecs(3),
-                        client_msg_id: client_msg_id.map(str::to_string),
-                    })
-                    .await?
+                let msg = NewMessage {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    room_id: room.to_string(),
+                    sender_id: who.user_id.clone(),
+                    sender_name: who.name.clone(),
+                    sender_avatar_url: who.avatar.clone(),
+                    content: content.to_string(),
+                    created_at: Utc::now().trunc_subsecs(3),
+                    client_msg_id: client_msg_id.map(str::to_string),
+                };
+                let service = self.clone();
+                tokio::spawn(async move { service.store_and_announce(msg).await })
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "a send's task failed");
+                        ChatError::Internal
+                    })??
             }
             // A retry of a message that was stored (its ack got lost) is answered, not refused:
             // only refused sends pay for this lookup.
@@ -328,34 +337,20 @@ impl ChatService {
                     .find_by_client_msg_id(room, &who.user_id, id)
                     .await?
                 {
-                    Some(message) => Inserted {
-                        message,
-                        duplicate: true,
-                    },
+                    Some(message) => {
+                        // Its first attempt may have been cut off before its append.
+                        self.append_to_history(&message).await;
+                        Inserted {
+                            message,
+                            duplicate: true,
+                        }
+                    }
                     None => return Err(self.refuse(refused)),
                 },
                 None => return Err(self.refuse(refused)),
             },
         };
-        let m = &inserted.message;
-        // Serialized once: for the cached history and for the push.
-        let json = wire::message_json(m);
-        // Before the ack, so a read after it shows the message. A retry answered with the
-        // original appends it too: its first attempt may have been cut off before this line.
-        if m.is_visible() {
-            self.cache.append(room, &json).await;
-        }
         if !inserted.duplicate {
-            if let Err(e) = self
-                .broker
-                .publish(room, RoomEvent::Message(published(room, &json)))
-                .await
-            {
-                // Stored and acknowledged anyway: receivers fill the gap from the store.
-                tracing::debug!(error = %e, seq = m.seq, "publish failed");
-            }
-            // The outbox row was written with the message; the relay queues its side effects.
-            self.outbox_wake.notify_one();
             self.metrics
                 .messages_received
                 .get_or_create(&vec![("door", door.label())])
@@ -365,6 +360,43 @@ impl ChatService {
             .send_duration
             .observe(started.elapsed().as_secs_f64());
         Ok(inserted)
+    }
+
+    /// Stores a message (one atomic insert), appends it to the room's cached history and
+    /// publishes it; side effects start from the outbox row the insert wrote, if any.
+    async fn store_and_announce(&self, msg: NewMessage) -> Result<Inserted, ChatError> {
+        let room = msg.room_id.clone();
+        let inserted = self.store.insert_message(msg).await?;
+        let m = &inserted.message;
+        // Serialized once: for the cached history and for the push.
+        let json = wire::message_json(m);
+        // Before the ack, so a read after it shows the message. A retry answered with the
+        // original appends it too: its first attempt may have been cut off before this line.
+        if m.is_visible() {
+            self.cache.append(&room, &json).await;
+        }
+        if !inserted.duplicate {
+            if let Err(e) = self
+                .broker
+                .publish(&room, RoomEvent::Message(published(&room, &json)))
+                .await
+            {
+                // Stored and acknowledged anyway: receivers fill the gap from the store.
+                tracing::debug!(error = %e, seq = m.seq, "publish failed");
+            }
+            if self.settings.side_effects() {
+                // The outbox row was written with the message; the relay queues its side effects.
+                self.outbox_wake.notify_one();
+            }
+        }
+        Ok(inserted)
+    }
+
+    /// Appends a stored message to its room's cached history (when it is served at all).
+    async fn append_to_history(&self, m: &crate::store::Message) {
+        if m.is_visible() {
+            self.cache.append(&m.room_id, &wire::message_json(m)).await;
+        }
     }
 
     /// Counts a send refused by a rate limit, and the error it gets.

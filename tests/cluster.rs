@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::nodes::{Node, client, gateway_binary, setup_room, token};
+use common::nodes::{Node, WebhookReceiver, client, gateway_binary, setup_room, token};
 use common::{SECRET, ScratchDb, redis_url, scratch_database, unique_prefix};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -201,8 +201,12 @@ async fn send_all(
 async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
     // Side effects the dead node took and never did are queued again when their outbox lease
     // ends: 5 s here instead of the default minute, so the test sees it happen.
-    let lease = [("CHAT_GATEWAY__QUEUE__REDELIVER_AFTER_MS", "5000")];
-    let Some(mut c) = cluster_with(3, false, &lease).await else {
+    let hook = WebhookReceiver::start(Duration::ZERO).await;
+    let env = [
+        ("CHAT_GATEWAY__QUEUE__REDELIVER_AFTER_MS", "5000"),
+        ("CHAT_GATEWAY__QUEUE__WEBHOOK_URL", hook.url.as_str()),
+    ];
+    let Some(mut c) = cluster_with(3, false, &env).await else {
         return;
     };
     let addrs: Vec<SocketAddr> = c.nodes.iter().map(|n| n.addr).collect();
@@ -220,7 +224,7 @@ async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
     let mut acked = s1.await.unwrap();
     acked.extend(s2.await.unwrap());
     assert_eq!(acked.len(), 300);
-    let ids: HashSet<&String> = acked.iter().map(|(_, id, _)| id).collect();
+    let ids: HashSet<String> = acked.iter().map(|(_, id, _)| id.clone()).collect();
     assert_eq!(ids.len(), 300, "a retried send created no second message");
     let max = acked.iter().map(|(s, _, _)| *s).max().unwrap();
     assert_eq!(
@@ -244,9 +248,9 @@ async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
             assert_eq!(&expected[seq], content);
         }
     }
-    // No side effect was lost with the node: every outbox row is done and deleted (rows the dead
-    // node had taken are queued again when their lease ends) and the room's lastMessageAt is the
-    // last message's time.
+    // No side effect was lost with the node: every stored message reached the webhook (those the
+    // dead node had taken are queued again when their lease ends), every outbox row is done and
+    // deleted, and the room's lastMessageAt is the last message's time.
     let pool = c.db.pool().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -258,12 +262,16 @@ async fn a_node_killed_mid_traffic_loses_no_acknowledged_message() {
         .fetch_one(&pool)
         .await
         .unwrap();
-        if outbox == 0 && !behind {
+        let missing = ids
+            .iter()
+            .filter(|id| !hook.distinct().contains(id.as_str()))
+            .count();
+        if outbox == 0 && !behind && missing == 0 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "side effects lost: {outbox} outbox rows left, lastMessageAt behind: {behind}"
+            "side effects lost: {missing} webhooks, {outbox} outbox rows left, lastMessageAt behind: {behind}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -278,6 +286,7 @@ async fn a_separate_worker_process_performs_the_side_effects() {
     let Some(db) = scratch_database().await else {
         return;
     };
+    let hook = WebhookReceiver::start(Duration::ZERO).await;
     let data = tempfile::tempdir().unwrap();
     let prefix = unique_prefix();
     let mut gateway = Node::start_with(
@@ -286,25 +295,19 @@ async fn a_separate_worker_process_performs_the_side_effects() {
         &prefix,
         data.path(),
         false,
-        &[("CHAT_GATEWAY__QUEUE__RUN_WORKER", "false")],
+        &[
+            ("CHAT_GATEWAY__QUEUE__RUN_WORKER", "false"),
+            ("CHAT_GATEWAY__QUEUE__WEBHOOK_URL", &hook.url),
+        ],
     )
     .await;
     setup_room(gateway.addr, "r", &["alice"]).await;
     let mut alice = client(gateway.addr, "alice").await;
-    alice.send_ok("r", "side effects elsewhere").await;
-    let pool = db.pool().await;
-    let last_message_at = || async {
-        let v: Option<chrono::NaiveDateTime> =
-            sqlx::query_scalar(r#"SELECT "lastMessageAt" FROM "ChatRoom" WHERE id = 'r'"#)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        v
-    };
+    let sent = alice.send_ok("r", "side effects elsewhere").await;
     // Nobody performs jobs yet: they wait in the stream.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        last_message_at().await.is_none(),
+        hook.distinct().is_empty(),
         "the gateway must not run the worker"
     );
     let mut worker = Command::new(gateway_binary())
@@ -314,6 +317,7 @@ async fn a_separate_worker_process_performs_the_side_effects() {
         .env("DATABASE_URL", &db.url)
         .env("REDIS_URL", &redis)
         .env("CHAT_GATEWAY__REDIS__KEY_PREFIX", &prefix)
+        .env("CHAT_GATEWAY__QUEUE__WEBHOOK_URL", &hook.url)
         .env("JWT_SECRET", SECRET)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -321,7 +325,7 @@ async fn a_separate_worker_process_performs_the_side_effects() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while last_message_at().await.is_none() {
+    while !hook.distinct().contains(sent["id"].as_str().unwrap()) {
         assert!(
             Instant::now() < deadline,
             "the worker process did not perform the job"

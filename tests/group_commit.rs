@@ -407,7 +407,7 @@ async fn a_batch_that_cannot_get_the_lock_fails_whole_with_a_retriable_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sender_that_leaves_before_its_batch_does_not_disturb_it() {
+async fn a_send_whose_client_leaves_is_completed_and_its_retry_gets_the_original() {
     let app = TestApp::spawn().await;
     app.room("r", &["alice", "bob"]).await;
     let mut alice = app.client("alice").await;
@@ -441,11 +441,11 @@ async fn a_sender_that_leaves_before_its_batch_does_not_disturb_it() {
     assert_eq!(message(&alice.reply_to("send-blocker").await)["seq"], 1);
     let kept = bob2.reply_to(&kept).await;
     assert_eq!(message(&kept)["content"], "still here");
-    let seq = message(&kept)["seq"].as_i64().unwrap();
-    // The abandoned send was not written (nobody could be told): the batch held bob's alone.
-    assert_eq!(seq, 2);
+    // The abandoned send was stored all the same, and pushed to the room like any other: between
+    // a commit and its announcement nothing waits on the caller.
+    assert_eq!(message(&kept)["seq"], 3);
     let mut received = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let m = bob.expect_message("r").await;
         received.push((
             m["seq"].as_i64().unwrap(),
@@ -456,15 +456,23 @@ async fn a_sender_that_leaves_before_its_batch_does_not_disturb_it() {
         received,
         [
             (1, "taken first".to_string()),
-            (2, "still here".to_string())
+            (2, "nobody waits for me".to_string()),
+            (3, "still here".to_string())
         ]
     );
     bob.expect_silence(Duration::from_millis(200)).await;
-    // Its retry is stored once, next in line.
+    // Its retry is told it was stored: the original, not a second message.
     let (status, body) = app
         .rest_send("alice", "r", "nobody waits for me", Some("left"))
         .await;
-    assert_eq!((status, body["message"]["seq"].as_i64()), (201, Some(3)));
+    assert_eq!(
+        (
+            status,
+            body["message"]["seq"].as_i64(),
+            body["duplicate"].as_bool()
+        ),
+        (200, Some(2), Some(true))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

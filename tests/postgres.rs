@@ -1082,7 +1082,7 @@ async fn concurrent_first_sends_of_one_client_msg_id_store_it_once_and_allocate_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn room_touches_and_read_marks_in_any_order_from_many_workers_never_deadlock() {
+async fn read_marks_and_sends_from_many_nodes_in_any_order_never_deadlock() {
     use chat_gateway::store::{ReadMark, StoreMetrics};
     use rand::seq::SliceRandom;
     let db = database!();
@@ -1096,20 +1096,14 @@ async fn room_touches_and_read_marks_in_any_order_from_many_workers_never_deadlo
             store.add_member(room, user).await.unwrap();
         }
     }
-    // Four workers (as on four nodes) write the same rows, each batch in an order of its own, as
-    // batches coalesced in hash maps come out.
+    // Four workers (as on four nodes) write the same memberships, each batch in an order of its
+    // own, as batches coalesced in hash maps come out; meanwhile sends lock the rooms' rows.
     let seq = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let mut workers = Vec::new();
-    for _ in 0..4 {
+    for w in 0..4 {
         let (store, rooms, users, seq) = (store.clone(), rooms.clone(), users.clone(), seq.clone());
         workers.push(tokio::spawn(async move {
-            for _ in 0..100 {
-                let mut touched: Vec<(String, chrono::DateTime<chrono::Utc>)> = rooms
-                    .iter()
-                    .map(|r| (r.clone(), chrono::Utc::now()))
-                    .collect();
-                touched.shuffle(&mut rand::rng());
-                store.touch_rooms(&touched).await.unwrap();
+            for i in 0..100 {
                 let mut marks: Vec<ReadMark> = rooms
                     .iter()
                     .flat_map(|r| users.iter().map(move |u| (r.clone(), u.clone())))
@@ -1122,6 +1116,11 @@ async fn room_touches_and_read_marks_in_any_order_from_many_workers_never_deadlo
                     .collect();
                 marks.shuffle(&mut rand::rng());
                 store.mark_read(&marks).await.unwrap();
+                let room = &rooms[(w * 7 + i) % rooms.len()];
+                store
+                    .insert_message(new_message(room, "user-0", "hi", None))
+                    .await
+                    .unwrap();
             }
         }));
     }

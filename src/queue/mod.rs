@@ -1,5 +1,6 @@
-//! Side effects of a send leave the send path: the store writes an outbox row in the message's own
-//! transaction, the [`OutboxRelay`] hands outbox rows to the [`JobQueue`], leasing them for
+//! Side effects of a send leave the send path. A message's (the webhook, when `queue.webhook_url`
+//! is set; nothing else is left: the room's `lastMessageAt` moves with the send) start as an
+//! outbox row the store writes in the message's own statement; the [`OutboxRelay`] hands outbox rows to the [`JobQueue`], leasing them for
 //! `queue.redeliver_after_ms`, and the [`Worker`] performs the jobs and only then deletes their
 //! rows. Whatever forgets a job on the way (a process that dies, a Redis that restarts empty), its
 //! row is still in the outbox and is queued again when its lease ends, or at once when the queue
@@ -22,16 +23,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, RoomEvent};
 use crate::metrics::Metrics;
 use crate::store::{OutboxEntry, ReadMark, Store};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Job {
-    /// A message was stored: update the room's `lastMessageAt` (coalesced per batch) and call the
-    /// webhook. Idempotent: `lastMessageAt` never moves backwards; webhook receivers dedupe by
-    /// `messageId` (delivery is at-least-once).
+    /// A message was stored: call the webhook. Written to the outbox only when one is configured
+    /// (`queue.webhook_url`); the room's `lastMessageAt` moves with the send itself. Receivers
+    /// dedupe by `messageId` (delivery is at-least-once).
     MessageStored {
         room_id: String,
         seq: i64,
@@ -65,6 +65,18 @@ pub enum QueueError {
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: Job) -> Result<(), QueueError>;
+
+    /// Queues `jobs` in order; returns how many were queued before the queue refused (the rest
+    /// were not). The Redis queue sends them in one round trip.
+    async fn enqueue_all(&self, jobs: Vec<Job>) -> (usize, Option<QueueError>) {
+        let total = jobs.len();
+        for (queued, job) in jobs.into_iter().enumerate() {
+            if let Err(e) = self.enqueue(job).await {
+                return (queued, Some(e));
+            }
+        }
+        (total, None)
+    }
 }
 
 pub struct MemoryJobQueue {
@@ -88,11 +100,11 @@ impl JobQueue for MemoryJobQueue {
     }
 }
 
-/// Performs jobs: coalesces room updates of a batch into one write per room, and calls the
-/// webhook once per message. Shared by the in-process and the Redis queue.
 /// Webhook calls in flight at once per batch.
 const WEBHOOK_CONCURRENCY: usize = 32;
 
+/// Performs jobs: coalesces the read marks of a batch into one write per member and room, and
+/// calls the webhook once per message. Shared by the in-process and the Redis queue.
 pub struct Worker {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
@@ -126,18 +138,11 @@ impl Worker {
 
     /// Performs a batch. Returns the indices of the jobs that failed (to retry later).
     pub async fn perform(&self, jobs: &[Job]) -> Vec<usize> {
-        let mut latest: HashMap<&str, DateTime<Utc>> = HashMap::new();
         let mut reads: HashMap<(&str, &str), (i64, DateTime<Utc>)> = HashMap::new();
         for job in jobs {
             match job {
-                Job::MessageStored {
-                    room_id,
-                    created_at,
-                    ..
-                } => {
-                    let at = latest.entry(room_id.as_str()).or_insert(*created_at);
-                    *at = (*at).max(*created_at);
-                }
+                // Its room's lastMessageAt moved with the send itself; the webhook is below.
+                Job::MessageStored { .. } => {}
                 Job::MarkRead {
                     room_id,
                     user_id,
@@ -151,10 +156,6 @@ impl Worker {
                 }
             }
         }
-        let updates: Vec<(String, DateTime<Utc>)> = latest
-            .into_iter()
-            .map(|(room, at)| (room.to_string(), at))
-            .collect();
         let marks: Vec<ReadMark> = reads
             .into_iter()
             .map(|((room, user), (seq, at))| ReadMark {
@@ -165,9 +166,6 @@ impl Worker {
             })
             .collect();
         let written = async {
-            if !updates.is_empty() {
-                self.store.touch_rooms(&updates).await?;
-            }
             if !marks.is_empty() {
                 self.store.mark_read(&marks).await?;
                 // One write per (room, user) per batch, however many marks were queued.
@@ -176,7 +174,7 @@ impl Worker {
             Ok::<(), crate::store::StoreError>(())
         };
         if let Err(e) = written.await {
-            tracing::warn!(error = %e, jobs = jobs.len(), "room updates failed");
+            tracing::warn!(error = %e, jobs = jobs.len(), "read marks not written");
             return (0..jobs.len()).collect();
         }
         let Some(webhook) = &self.webhook else {
@@ -319,9 +317,6 @@ impl From<OutboxEntry> for Job {
 pub struct OutboxRelay {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn JobQueue>,
-    /// Where to announce each relayed room's head (`RoomEvent::Head`), so nodes that missed a
-    /// message's own event catch up. None where no sockets are served (`chat-gateway worker`).
-    pub broker: Option<Arc<dyn Broker>>,
     pub metrics: Arc<Metrics>,
     /// Notified after every stored message, so side effects start at once.
     pub wake: Arc<Notify>,
@@ -375,39 +370,19 @@ impl OutboxRelay {
             if claimed == 0 {
                 return;
             }
-            let mut relayed = 0;
-            let mut refused = Vec::new();
-            let mut heads: HashMap<String, i64> = HashMap::new();
-            for row in rows {
-                if !refused.is_empty() {
-                    refused.push(row.id);
-                    continue;
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let (relayed, refused) = self
+                .queue
+                .enqueue_all(rows.into_iter().map(Job::from).collect())
+                .await;
+            if let Some(e) = refused {
+                tracing::warn!(error = %e, "job queue refused; the rest waits in the outbox");
+                // Claimed again at the next drain, not after the lease.
+                if let Err(e) = self.store.outbox_lease(&ids[relayed..], None).await {
+                    tracing::warn!(error = %e, "outbox rows not released; queued again after their lease");
                 }
-                let (id, room, seq) = (row.id, row.room_id.clone(), row.seq);
-                match self.queue.enqueue(Job::from(row)).await {
-                    Ok(()) => {
-                        relayed += 1;
-                        let head = heads.entry(room).or_insert(seq);
-                        *head = (*head).max(seq);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "job queue refused; the rest waits in the outbox");
-                        refused.push(id);
-                    }
-                }
-            }
-            // What the queue refused is claimed again at the next drain, not after the lease.
-            if let Err(e) = self.store.outbox_lease(&refused, None).await {
-                tracing::warn!(error = %e, "outbox rows not released; queued again after their lease");
             }
             self.metrics.job("enqueued", relayed as u64);
-            if let Some(broker) = &self.broker {
-                for (room, seq) in heads {
-                    if let Err(e) = broker.publish(&room, RoomEvent::Head { seq }).await {
-                        tracing::debug!(error = %e, "head not announced");
-                    }
-                }
-            }
             // A short claim emptied the outbox: asking again would cost a statement to learn
             // that. Rows stored since then woke us again (`wake` keeps the notification).
             if relayed < claimed || claimed < self.batch as usize {

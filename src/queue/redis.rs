@@ -31,6 +31,8 @@ const GROUP: &str = "workers";
 const STALE_MS: u64 = 30_000;
 /// The stream keeps about this many entries (acknowledged ones are trimmed first by age).
 const MAX_LEN: u64 = 1_000_000;
+/// How often a worker promotes due retries, claims dead workers' entries and reads the gauges.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 struct Keys {
     stream: String,
@@ -60,23 +62,46 @@ impl RedisJobQueue {
     }
 }
 
-#[async_trait]
-impl JobQueue for RedisJobQueue {
-    async fn enqueue(&self, job: Job) -> Result<(), QueueError> {
-        let json = serde_json::to_string(&job).expect("jobs serialize");
-        let mut conn = self.redis.conn.clone();
+impl RedisJobQueue {
+    fn xadd(&self, job: &Job) -> redis::Cmd {
+        let json = serde_json::to_string(job).expect("jobs serialize");
         let mut xadd = redis::cmd("XADD");
         xadd.arg(&self.stream)
             .arg("MAXLEN")
             .arg("~")
             .arg(MAX_LEN)
-            .arg("*");
-        xadd.arg("job").arg(json).arg("attempt").arg(1);
+            .arg("*")
+            .arg("job")
+            .arg(json)
+            .arg("attempt")
+            .arg(1);
+        xadd
+    }
+}
+
+#[async_trait]
+impl JobQueue for RedisJobQueue {
+    async fn enqueue(&self, job: Job) -> Result<(), QueueError> {
+        let mut conn = self.redis.conn.clone();
         self.redis
-            .bounded(xadd.query_async::<String>(&mut conn))
+            .bounded(self.xadd(&job).query_async::<String>(&mut conn))
             .await
             .map(|_| ())
             .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+
+    /// One pipeline, one round trip. If it fails, none counts as queued: those that made it in
+    /// are queued again with the rest (jobs are at-least-once and idempotent).
+    async fn enqueue_all(&self, jobs: Vec<Job>) -> (usize, Option<QueueError>) {
+        let mut pipe = redis::pipe();
+        for job in &jobs {
+            pipe.add_command(self.xadd(job)).ignore();
+        }
+        let mut conn = self.redis.conn.clone();
+        match self.redis.bounded(pipe.query_async::<()>(&mut conn)).await {
+            Ok(()) => (jobs.len(), None),
+            Err(e) => (0, Some(QueueError::Unavailable(e.to_string()))),
+        }
     }
 }
 
@@ -111,54 +136,50 @@ pub async fn run_worker(
         }
     };
     let mut backoff = Duration::from_millis(100);
+    // The consumer group is made at start and again whenever a read finds it missing; the
+    // retries, the stale entries of dead workers and the gauges are looked after once a second,
+    // not on every read.
+    let mut needs_group = true;
+    let mut housekeeping = tokio::time::Instant::now();
     loop {
         let round = async {
-            let created: redis::RedisResult<String> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&keys.stream)
-                .arg(GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            match created {
-                Ok(_) => {
-                    // A new group: the stream (and with it every queued and retrying job) may
-                    // have been lost. Their outbox rows are still there; queue them again now
-                    // rather than after their lease.
-                    match worker.store.outbox_release_all().await {
-                        Ok(0) => {}
-                        Ok(released) => tracing::warn!(
-                            released,
-                            "the job queue was found empty (Redis restarted or was flushed); \
-                             queueing again every side effect not yet done"
-                        ),
-                        Err(e) => tracing::warn!(error = %e, "outbox leases not released"),
-                    }
-                }
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(e),
+            if needs_group {
+                ensure_group(&worker, &keys, &mut conn).await?;
+                needs_group = false;
             }
-            let now = chrono::Utc::now().timestamp_millis();
-            let _: i64 = promote
-                .key(&keys.stream)
-                .key(&keys.retry)
-                .arg(now)
-                .invoke_async(&mut conn)
-                .await?;
-            let stale: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&keys.stream)
-                .arg(GROUP)
-                .arg(&consumer)
-                .arg(STALE_MS)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(worker.batch)
-                .query_async(&mut conn)
-                .await?;
-            let mut entries = stale.claimed;
+            let mut entries = Vec::new();
+            if tokio::time::Instant::now() >= housekeeping {
+                let now = chrono::Utc::now().timestamp_millis();
+                let _: i64 = promote
+                    .key(&keys.stream)
+                    .key(&keys.retry)
+                    .arg(now)
+                    .invoke_async(&mut conn)
+                    .await?;
+                let stale: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                    .arg(&keys.stream)
+                    .arg(GROUP)
+                    .arg(&consumer)
+                    .arg(STALE_MS)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(worker.batch)
+                    .query_async(&mut conn)
+                    .await?;
+                entries = stale.claimed;
+                let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&keys.stream)
+                    .query_async(&mut conn)
+                    .await?;
+                if let Some(group) = groups.groups.iter().find(|g| g.name == GROUP) {
+                    metrics.queue_waiting.set(group.lag.unwrap_or(0) as i64);
+                    metrics.queue_pending.set(group.pending as i64);
+                }
+                housekeeping = tokio::time::Instant::now() + HOUSEKEEPING;
+            }
             if entries.is_empty() {
-                let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
                     .arg("GROUP")
                     .arg(GROUP)
                     .arg(&consumer)
@@ -170,7 +191,15 @@ pub async fn run_worker(
                     .arg(&keys.stream)
                     .arg(">")
                     .query_async(&mut conn)
-                    .await?;
+                    .await;
+                let read = match read {
+                    Err(e) if e.code() == Some("NOGROUP") => {
+                        // The stream or its group is gone: Redis lost them.
+                        needs_group = true;
+                        return Ok(());
+                    }
+                    read => read?,
+                };
                 entries = read
                     .into_iter()
                     .flat_map(|r| r.keys)
@@ -180,15 +209,6 @@ pub async fn run_worker(
             if !entries.is_empty() {
                 process(&worker, &keys, &mut conn, &metrics, entries).await?;
             }
-            let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(&keys.stream)
-                .query_async(&mut conn)
-                .await?;
-            if let Some(group) = groups.groups.iter().find(|g| g.name == GROUP) {
-                metrics.queue_waiting.set(group.lag.unwrap_or(0) as i64);
-                metrics.queue_pending.set(group.pending as i64);
-            }
             Ok::<(), redis::RedisError>(())
         };
         tokio::select! {
@@ -196,6 +216,8 @@ pub async fn run_worker(
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!(error = %e, "job queue unavailable; retrying");
+                    // After a failure the group may be gone too (Redis restarted).
+                    needs_group = true;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => return,
@@ -206,6 +228,39 @@ pub async fn run_worker(
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Makes the consumer group (and the stream) unless they exist. A new group means the stream,
+/// and with it every queued and retrying job, may have been lost (a Redis that restarted empty
+/// or was flushed): their outbox rows are still there, and are queued again now rather than after
+/// their lease.
+async fn ensure_group(
+    worker: &Worker,
+    keys: &Keys,
+    conn: &mut redis::aio::ConnectionManager,
+) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<String> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&keys.stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(_) => match worker.store.outbox_release_all().await {
+            Ok(0) => {}
+            Ok(released) => tracing::warn!(
+                released,
+                "the job queue was found empty (Redis restarted or was flushed); \
+                 queueing again every side effect not yet done"
+            ),
+            Err(e) => tracing::warn!(error = %e, "outbox leases not released"),
+        },
+        Err(e) if e.code() == Some("BUSYGROUP") => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// Performs a batch of entries and settles each: acknowledged when done, re-scheduled or

@@ -5,8 +5,9 @@
 //! Every implementation guarantees: a message's `seq` is allocated in the same transaction as its
 //! insert (strictly increasing, gap-free per room), a message is visible to readers before the
 //! insert returns, a repeated `(roomId, senderId, clientMsgId)` returns the stored original, and
-//! the same transaction writes the message's `"ChatOutbox"` row (see `queue::OutboxRelay`), which
-//! stays until a worker has performed the message's side effects.
+//! the same statement moves the room's `"lastSeq"` and `"lastMessageAt"`, and, when side effects
+//! are configured (a webhook), writes the message's `"ChatOutbox"` row (see `queue::OutboxRelay`),
+//! which stays until a worker has performed them.
 
 pub mod backfill;
 pub mod postgres;
@@ -191,6 +192,10 @@ pub trait Store: Send + Sync + 'static {
     /// The room's last allocated sequence, or `None` when the room does not exist.
     async fn room_head(&self, room: &str) -> Result<Option<i64>, StoreError>;
 
+    /// The last allocated sequences of several rooms, in one query (rooms that do not exist are
+    /// left out).
+    async fn room_heads(&self, rooms: &[&str]) -> Result<Vec<(String, i64)>, StoreError>;
+
     async fn access(&self, room: &str, user: &str) -> Result<Access, StoreError>;
 
     /// Creates a room; `Conflict` when the id is taken.
@@ -204,9 +209,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes a membership; returns false when there was none.
     async fn remove_member(&self, room: &str, user: &str) -> Result<bool, StoreError>;
-
-    /// Sets `"lastMessageAt"` for several rooms (never moving it backwards).
-    async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError>;
 
     /// The user's rooms (most recently active first, at most `limit`) with their read state and
     /// last visible message, in two queries whatever the number of rooms.

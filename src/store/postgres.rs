@@ -78,15 +78,22 @@ const FIND_BY_CLIENT_MSG_ID_SQL: &str = concat!(
 
 /// The whole send in one statement. `$1` id, `$2` room, `$3` sender, `$4` sender name, `$5` avatar,
 /// `$6` content, `$7` createdAt (UTC), `$8` clientMsgId. `room` allocates only when `existing`
-/// found nothing, so a repeat allocates no sequence. Two concurrent first sends of one clientMsgId
-/// both get past `existing` (same snapshot); the second then fails on the unique key, rolling back
-/// its allocation, and [`PgStore::insert_message`] answers it with the original.
-const INSERT_MESSAGE_SQL: &str = concat!(
-    "WITH existing AS (SELECT ",
-    columns!(),
-    r#" FROM "ChatMessage" WHERE "roomId" = $2 AND "senderId" = $3 AND "clientMsgId" = $8),
+/// found nothing, so a repeat allocates no sequence; the same row write moves the room's
+/// `"lastMessageAt"` (never backwards), which needs no other write, no other lock and no job.
+/// Two concurrent first sends of one clientMsgId both get past `existing` (same snapshot); the
+/// second then fails on the unique key, rolling back its allocation, and
+/// [`PgStore::insert_message`] answers it with the original. With side effects configured, the
+/// outbox row is written by the same statement ([`INSERT_MESSAGE_WITH_OUTBOX_SQL`]).
+macro_rules! insert_message_sql {
+    ($outbox:literal) => {
+        concat!(
+            "WITH existing AS (SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE "roomId" = $2 AND "senderId" = $3 AND "clientMsgId" = $8),
 room AS (
-    UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1
+    UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1,
+        "lastMessageAt" = GREATEST(COALESCE("lastMessageAt", $7), $7),
+        "updatedAt" = GREATEST(COALESCE("lastMessageAt", $7), $7)
     WHERE id = $2 AND NOT EXISTS (SELECT 1 FROM existing)
     RETURNING "lastSeq"
 ),
@@ -95,41 +102,37 @@ message AS (
         content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId")
     SELECT $1, $2, "lastSeq", $3, $4, $5, $6, 'TEXT', 'SENT', 'APPROVED', $7, $8 FROM room
     RETURNING "#,
-    columns!(),
-    r#"
-),
-outbox AS (
-    INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
-    SELECT "roomId", seq, id, $7 FROM message
-)
+            columns!(),
+            r#"
+)"#,
+            $outbox,
+            r#"
 SELECT false AS duplicate, * FROM message
 UNION ALL
 SELECT true AS duplicate, * FROM existing"#
+        )
+    };
+}
+
+const INSERT_MESSAGE_SQL: &str = insert_message_sql!("");
+
+const INSERT_MESSAGE_WITH_OUTBOX_SQL: &str = insert_message_sql!(
+    r#",
+outbox AS (
+    INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
+    SELECT "roomId", seq, id, $7 FROM message
+)"#
 );
 
 /// The unique index that makes a clientMsgId idempotent (see migrations/postgres).
 const CLIENT_MSG_ID_KEY: &str = "ChatMessage_roomId_senderId_clientMsgId_key";
 
-/// Moves several rooms' `"lastMessageAt"` forward. `$1` ids, `$2` times (a room listed twice
-/// takes its latest). Workers on several nodes run this at once for overlapping rooms: the rows
-/// are locked in id order (`ORDER BY ... FOR UPDATE` locks as it reads the sorted rows), so two
-/// of them can never wait for each other in a cycle; an UPDATE ... FROM locks in whatever order
-/// its join produces, which deadlocked.
-const TOUCH_ROOMS_SQL: &str = r#"WITH u AS (
-    SELECT id, max(at) AS at FROM unnest($1::text[], $2::timestamp[]) AS u(id, at) GROUP BY id
-),
-locked AS MATERIALIZED (
-    SELECT r.id, u.at FROM "ChatRoom" r JOIN u ON r.id = u.id
-    WHERE r."lastMessageAt" IS NULL OR r."lastMessageAt" < u.at
-    ORDER BY r.id
-    FOR NO KEY UPDATE OF r
-)
-UPDATE "ChatRoom" r SET "lastMessageAt" = locked.at, "updatedAt" = locked.at
-FROM locked
-WHERE r.id = locked.id AND (r."lastMessageAt" IS NULL OR r."lastMessageAt" < locked.at)"#;
-
-/// Moves read positions forward, locking the memberships in (room, user) order for the same
-/// reason as [`TOUCH_ROOMS_SQL`]. `$1` rooms, `$2` users, `$3` seqs, `$4` times.
+/// Moves read positions forward. `$1` rooms, `$2` users, `$3` seqs, `$4` times (a (room, user)
+/// listed twice takes its furthest). Workers on several nodes run this at once for overlapping
+/// memberships (a user's tabs on two nodes): the rows are locked in (room, user) order (`ORDER BY
+/// ... FOR UPDATE` locks as it reads the sorted rows), so two of them can never wait for each
+/// other in a cycle; an `UPDATE ... FROM unnest(...)` locks in whatever order its join produces,
+/// which deadlocked.
 const MARK_READ_SQL: &str = r#"WITH u AS (
     SELECT room, usr, max(seq) AS seq, max(at) AS at
     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamp[]) AS u(room, usr, seq, at)
@@ -158,6 +161,8 @@ struct Stored {
 
 pub struct PgStore {
     pool: PgPool,
+    /// Sends write outbox rows (side effects are configured: `queue.webhook_url`).
+    outbox: bool,
     /// Whether Postgres answers: while it does not, every operation fails at once with
     /// `Unavailable` instead of waiting `database.acquire_timeout_ms` for a connection that
     /// cannot open (sends answered promptly, `/readyz` at once).
@@ -271,6 +276,7 @@ impl PgStore {
         );
         Ok(Self {
             pool,
+            outbox: false,
             health,
             counters,
         })
@@ -278,6 +284,13 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Whether sends write outbox rows for the side-effect worker (off by default: with no
+    /// webhook a message has no side effect left to perform).
+    pub fn with_outbox(mut self, outbox: bool) -> Self {
+        self.outbox = outbox;
+        self
     }
 
     /// The pool, or `Unavailable` at once while the database is known to be unreachable.
@@ -468,7 +481,12 @@ impl Store for PgStore {
         ])?;
         // fetch_optional reads the reply to its end (through the commit), so an Ok here means
         // the message is durable.
-        let stored: Result<Option<Stored>, sqlx::Error> = sqlx::query_as(INSERT_MESSAGE_SQL)
+        let sql = if self.outbox {
+            INSERT_MESSAGE_WITH_OUTBOX_SQL
+        } else {
+            INSERT_MESSAGE_SQL
+        };
+        let stored: Result<Option<Stored>, sqlx::Error> = sqlx::query_as(sql)
             .bind(&msg.id)
             .bind(&msg.room_id)
             .bind(&msg.sender_id)
@@ -552,6 +570,16 @@ impl Store for PgStore {
             sqlx::query_scalar(r#"SELECT "lastSeq" FROM "ChatRoom" WHERE id = $1"#)
                 .bind(room)
                 .fetch_optional(self.live_pool()?)
+                .await
+                .map_err(|e| self.failed(e))?,
+        )
+    }
+
+    async fn room_heads(&self, rooms: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as(r#"SELECT id, "lastSeq" FROM "ChatRoom" WHERE id = ANY($1)"#)
+                .bind(rooms)
+                .fetch_all(self.live_pool()?)
                 .await
                 .map_err(|e| self.failed(e))?,
         )
@@ -642,22 +670,6 @@ impl Store for PgStore {
                 .await
                 .map_err(|e| self.failed(e))?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
-        if rooms.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<&str> = rooms.iter().map(|(id, _)| id.as_str()).collect();
-        let ats: Vec<NaiveDateTime> = rooms.iter().map(|(_, at)| utc(at)).collect();
-        self.retrying(|pool| {
-            sqlx::query(TOUCH_ROOMS_SQL)
-                .bind(&ids)
-                .bind(&ats)
-                .execute(pool)
-        })
-        .await?;
-        Ok(())
     }
 
     async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {

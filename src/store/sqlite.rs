@@ -23,11 +23,12 @@
 //!
 //! Sends do not take the writer connection themselves. They queue to one `GroupWriter` task
 //! (`database.write_queue` deep; a full queue makes senders wait, it is not an error), which takes
-//! everything waiting, up to `database.write_batch`, and writes it in one transaction of six
+//! everything waiting, up to `database.write_batch`, and writes it in one transaction of at most six
 //! statements whatever the batch size: `BEGIN IMMEDIATE`; one `SELECT` of the originals of the
 //! batch's `(roomId, senderId, clientMsgId)` keys that are stored already; one
-//! `UPDATE "ChatRoom" ... RETURNING` moving each room's `lastSeq` by its number of new messages;
-//! one multi-row `INSERT` of the messages; one of their outbox rows; `COMMIT`.
+//! `UPDATE "ChatRoom" ... RETURNING` moving each room's `lastSeq` by its number of new messages
+//! (and its `lastMessageAt`); one multi-row `INSERT` of the messages; one of their outbox rows
+//! (only with side effects configured, `SqliteOptions::outbox`); `COMMIT`.
 //!
 //! A send after a quiet spell is written at once. Under load, a batch starts no sooner than
 //! `database.write_interval_ms` after the previous one started and takes everything that arrived
@@ -47,14 +48,14 @@
 //!   the message the database refuses fails.
 //! - A caller that goes away (its future dropped) before its batch is taken is skipped: nobody can
 //!   be told, and a retry with the same `clientMsgId` stores the message once. One that goes away
-//!   later does not disturb the batch: its message is stored and its answer dropped; the outbox
-//!   relay announces the room's head, so sockets still receive the message.
+//!   later does not disturb the batch. (The chat service's sends never go away: a send runs in a
+//!   task of its own from the store to the publish, whoever waits for it.)
 //!
 //! The rows of a batch travel as one JSON array bound to one parameter and unpacked by
 //! `json_each`: each statement has one fixed text (prepared once, cached by the connection), and
 //! no batch comes near SQLite's bound-parameter limit.
 //!
-//! The other writes (rooms, memberships, read marks, room touches, outbox claim and ack) share the
+//! The other writes (rooms, memberships, read marks, outbox claims, leases and deletes) share the
 //! writer connection with the group writer, one statement each whatever the number of rows.
 //!
 //! # The writer's thread
@@ -122,6 +123,8 @@ pub struct SqliteOptions {
     pub write_interval: Duration,
     /// How often the background checkpointer copies the WAL into the database file.
     pub checkpoint_interval: Duration,
+    /// Sends write outbox rows for the side-effect worker (a webhook is configured).
+    pub outbox: bool,
 }
 
 impl Default for SqliteOptions {
@@ -133,6 +136,7 @@ impl Default for SqliteOptions {
             write_queue: 4096,
             write_interval: Duration::from_millis(2),
             checkpoint_interval: Duration::from_millis(250),
+            outbox: false,
         }
     }
 }
@@ -235,6 +239,7 @@ impl SqliteStore {
                 pool: writer.clone(),
                 batch: options.write_batch.max(1),
                 interval: options.write_interval,
+                outbox: options.outbox,
                 stats: stats.clone(),
             }
             .run(queued, stop.clone()),
@@ -360,6 +365,8 @@ struct GroupWriter {
     batch: usize,
     /// Shortest time between the starts of two batches (`database.write_interval_ms`).
     interval: Duration,
+    /// Write each new message's outbox row too.
+    outbox: bool,
     stats: SqliteMetrics,
 }
 
@@ -499,9 +506,10 @@ impl GroupWriter {
             }
         }
 
-        // What each send is, and how many new messages each room gets, in arrival order.
+        // What each send is, and how many new messages each room gets (and the newest time), in
+        // arrival order.
         let mut first_of_key: HashMap<(&str, &str, &str), usize> = HashMap::new();
-        let mut per_room: Vec<(&str, i64)> = Vec::new();
+        let mut per_room: Vec<(&str, i64, String)> = Vec::new();
         let mut room_index: HashMap<&str, usize> = HashMap::new();
         let mut plans = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
@@ -527,30 +535,35 @@ impl GroupWriter {
                 }
             }
             let r = *room_index.entry(m.room_id.as_str()).or_insert_with(|| {
-                per_room.push((m.room_id.as_str(), 0));
+                per_room.push((m.room_id.as_str(), 0, String::new()));
                 per_room.len() - 1
             });
             per_room[r].1 += 1;
+            per_room[r].2 = per_room[r].2.clone().max(ts(&m.created_at));
             plans.push(Plan::New {
                 index: per_room[r].1,
             });
         }
 
         // Every room's numbers for the whole batch, in one statement: a room that gets n new
-        // messages moves its head by n; they take head - n + 1 ..= head. Missing rooms return
-        // no row.
+        // messages moves its head by n; they take head - n + 1 ..= head. The same write moves
+        // its lastMessageAt (never backwards; the times are RFC 3339 text of one width, so they
+        // compare as text). Missing rooms return no row.
         let mut first_seq: HashMap<String, i64> = HashMap::new();
         if !per_room.is_empty() {
             statements.inc();
             let heads: Vec<(String, i64)> = sqlx::query_as(
-                r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + (n.value->>1)
+                r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + (n.value->>1),
+                     "lastMessageAt" = max(coalesce("lastMessageAt", n.value->>2), n.value->>2),
+                     "updatedAt" = max(coalesce("lastMessageAt", n.value->>2), n.value->>2)
                    FROM json_each(?) AS n WHERE "ChatRoom".id = n.value->>0
                    RETURNING id, "lastSeq""#,
             )
             .bind(json(&per_room))
             .fetch_all(&mut *tx)
             .await?;
-            let counts: HashMap<&str, i64> = per_room.iter().copied().collect();
+            let counts: HashMap<&str, i64> =
+                per_room.iter().map(|(room, n, _)| (*room, *n)).collect();
             for (room, head) in heads {
                 let n = counts.get(room.as_str()).copied().unwrap_or(0);
                 first_seq.insert(room, head - n + 1);
@@ -579,7 +592,7 @@ impl GroupWriter {
             })
             .collect();
         if !rows.is_empty() {
-            statements.inc_by(2);
+            statements.inc_by(if self.outbox { 2 } else { 1 });
             let rows = json(&rows);
             sqlx::query(
                 r#"INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName",
@@ -593,13 +606,15 @@ impl GroupWriter {
             .execute(&mut *tx)
             .await?;
             // In sequence order, so the relay (which reads the outbox by id) queues them so.
-            sqlx::query(
-                r#"INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
-                   SELECT value->>1, value->>2, value->>0, value->>7 FROM json_each(?) ORDER BY key"#,
-            )
-            .bind(&rows)
-            .execute(&mut *tx)
-            .await?;
+            if self.outbox {
+                sqlx::query(
+                    r#"INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
+                       SELECT value->>1, value->>2, value->>0, value->>7 FROM json_each(?) ORDER BY key"#,
+                )
+                .bind(&rows)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         statements.inc();
         tx.commit().await?;
@@ -739,6 +754,15 @@ impl Store for SqliteStore {
         )
     }
 
+    async fn room_heads(&self, rooms: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            r#"SELECT id, "lastSeq" FROM "ChatRoom" WHERE id IN (SELECT value FROM json_each(?))"#,
+        )
+        .bind(json(&rooms))
+        .fetch_all(&self.readers)
+        .await?)
+    }
+
     async fn access(&self, room: &str, user: &str) -> Result<Access, StoreError> {
         let (room_exists, member): (Option<i64>, Option<i64>) = sqlx::query_as(
             r#"SELECT (SELECT 1 FROM "ChatRoom" WHERE id = ?1),
@@ -829,31 +853,6 @@ impl Store for SqliteStore {
             })
             .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    async fn touch_rooms(&self, rooms: &[(String, DateTime<Utc>)]) -> Result<(), StoreError> {
-        if rooms.is_empty() {
-            return Ok(());
-        }
-        let rows: Vec<(&str, String)> = rooms
-            .iter()
-            .map(|(room, at)| (room.as_str(), ts(at)))
-            .collect();
-        // One statement for every room; a room listed twice takes its latest time.
-        self.wrote(1);
-        let rows = json(&rows);
-        self.on_writer(move |pool| async move {
-            sqlx::query(
-                r#"UPDATE "ChatRoom" SET "lastMessageAt" = t.at, "updatedAt" = t.at
-                   FROM (SELECT value->>0 AS room, max(value->>1) AS at FROM json_each(?) GROUP BY 1) AS t
-                   WHERE "ChatRoom".id = t.room AND ("lastMessageAt" IS NULL OR "lastMessageAt" < t.at)"#,
-            )
-            .bind(rows)
-            .execute(&pool)
-            .await
-        })
-        .await?;
-        Ok(())
     }
 
     async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
