@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::faults::{OwnRedis, own_redis};
 use common::{
     DataDir, TestApp, WAIT, assert_latest_page_holds, redis_settings, redis_url, seqs,
-    unique_prefix,
+    unique_prefix, until_ready,
 };
 use serde_json::json;
 
@@ -427,21 +427,6 @@ async fn readiness_includes_redis() {
     }
 }
 
-async fn wait_ready(node: &TestApp, ready: bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = node.http.get(node.url("/readyz")).send().await.unwrap();
-        if r.status().is_success() == ready {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never became ready={ready}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_loses_nothing_acknowledged() {
     let Some(mut redis) = own_redis(None).await else {
@@ -457,7 +442,7 @@ async fn a_redis_restart_loses_nothing_acknowledged() {
         nodes.push(TestApp::start(settings, DataDir::Borrowed(dir.path().to_path_buf())).await);
     }
     let (a, b) = (&nodes[0], &nodes[1]);
-    wait_ready(b, true).await;
+    until_ready(b.addr, true).await;
     a.room("r", &["alice", "bob"]).await;
     let mut alice = a.client("alice").await;
     let mut bob = b.client("bob").await;
@@ -470,13 +455,13 @@ async fn a_redis_restart_loses_nothing_acknowledged() {
     }
 
     redis.stop();
-    wait_ready(b, false).await;
+    until_ready(b.addr, false).await;
     // Sends still succeed: the store is the source of truth, Redis only carries them.
     for i in 6..=10 {
         alice.send_ok("r", &format!("during {i}")).await;
     }
     let _restarted = OwnRedis::start(Some(redis.port)).expect("restart redis-server");
-    wait_ready(b, true).await;
+    until_ready(b.addr, true).await;
     // The node resubscribed and caught bob up from the store; live traffic follows.
     alice.send_ok("r", "after").await;
     let mut got = Vec::new();
@@ -517,7 +502,7 @@ async fn presence_changed_while_redis_is_down_waits_once_per_user_and_is_recorde
     let mut settings = redis_settings(&redis.url(), &unique_prefix());
     settings.redis.command_timeout_ms = 200;
     let node = TestApp::start(settings, DataDir::Borrowed(dir.path().to_path_buf())).await;
-    wait_ready(&node, true).await;
+    until_ready(node.addr, true).await;
     node.room("r", &["alice", "bob"]).await;
     let mut bob = node.client("bob").await;
     bob.join("r", None).await;
@@ -534,7 +519,7 @@ async fn presence_changed_while_redis_is_down_waits_once_per_user_and_is_recorde
     wait_presence_backlog(&node, 0.0).await;
 
     redis.stop();
-    wait_ready(&node, false).await;
+    until_ready(node.addr, false).await;
     // Alice's connection flaps while presence cannot be recorded: a hundred transitions of one
     // user in one room.
     for _ in 0..50 {
@@ -559,7 +544,7 @@ async fn presence_changed_while_redis_is_down_waits_once_per_user_and_is_recorde
     );
 
     let _restarted = OwnRedis::start(Some(redis.port)).expect("restart redis-server");
-    wait_ready(&node, true).await;
+    until_ready(node.addr, true).await;
     // Her latest change, the arrival, is recorded now. (The restarted Redis forgot what was
     // recorded before, bob's arrival among it; only changes made since are known again.)
     let deadline = Instant::now() + WAIT;

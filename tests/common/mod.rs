@@ -711,6 +711,25 @@ impl TestApp {
     }
 }
 
+/// Waits until the gateway at `addr` answers /readyz with `ready` (200) or not (503); returns how
+/// long it took (at most 30 s).
+pub async fn until_ready(addr: SocketAddr, ready: bool) -> Duration {
+    let started = std::time::Instant::now();
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
+            && r.status().is_success() == ready
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "/readyz never became ready={ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Prints straight to the terminal, past the test harness's capture: for numbers a reader of the
 /// test output should see (timings of the Postgres suite).
 pub fn say(line: &str) {
