@@ -257,6 +257,11 @@ impl Metrics {
                     "Writes run again after Postgres made them a deadlock victim or they lost a serialization race",
                     pg.retries.clone(),
                 );
+                self.registry.register(
+                    "store_send_batch_size",
+                    "Sends written per Postgres group commit",
+                    pg.send_batch_size.clone(),
+                );
                 return;
             }
             StoreMetrics::Sqlite(sqlite) => sqlite,

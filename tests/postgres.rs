@@ -1149,3 +1149,107 @@ async fn read_marks_and_sends_from_many_nodes_in_any_order_never_deadlock() {
         "deadlocks detected by Postgres, writes retried after one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_are_written_in_group_commits_with_every_rule_of_a_single_send() {
+    use chat_gateway::store::StoreMetrics;
+    let db = database!();
+    let store = Arc::new(PgStore::connect(&db.url, 8, WAIT).await.unwrap());
+    store.migrate().await.unwrap();
+    let rooms: Vec<String> = (0..5).map(|r| format!("room-{r}")).collect();
+    for room in &rooms {
+        store.create_room(room, room).await.unwrap();
+    }
+    // A key stored before, sent again in the storm.
+    let before = store
+        .insert_message(new_message("room-0", "alice", "before", Some("k-before")))
+        .await
+        .unwrap();
+    // 400 sends at once: most to the five rooms, some keys twice, some to a room that is gone.
+    let mut sends = Vec::new();
+    for i in 0..400 {
+        let store = store.clone();
+        let (room, key) = match i % 10 {
+            9 => ("no-such-room".to_string(), Some(format!("k{i}"))),
+            8 => ("room-0".to_string(), Some("k-before".to_string())),
+            7 => ("room-1".to_string(), Some(format!("k{}", i - 1))),
+            _ => (format!("room-{}", i % 5), Some(format!("k{i}"))),
+        };
+        sends.push(tokio::spawn(async move {
+            let sender = if i % 10 == 8 { "alice" } else { "bob" };
+            let outcome = store
+                .insert_message(new_message(&room, sender, &format!("m{i}"), key.as_deref()))
+                .await;
+            (i, room, key, outcome)
+        }));
+    }
+    let mut per_room: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut by_key: HashMap<String, String> = HashMap::new();
+    for send in sends {
+        let (i, room, key, outcome) = send.await.unwrap();
+        match (i % 10, outcome) {
+            (9, Err(StoreError::RoomNotFound)) => {}
+            (8, Ok(inserted)) => {
+                assert!(inserted.duplicate);
+                assert_eq!(
+                    inserted.message.id, before.message.id,
+                    "the stored original"
+                );
+            }
+            (_, Ok(inserted)) => {
+                let key = key.unwrap();
+                // A key sent twice is stored once: both answers are the same message.
+                match by_key.get(&key) {
+                    Some(id) => assert_eq!(id, &inserted.message.id, "{key}"),
+                    None => {
+                        by_key.insert(key, inserted.message.id.clone());
+                    }
+                }
+                if !inserted.duplicate {
+                    per_room.entry(room).or_default().push(inserted.message.seq);
+                }
+            }
+            (_, other) => panic!("send {i}: {other:?}"),
+        }
+    }
+    // Every room's sequence is gap-free, one number per stored message.
+    for (room, mut seqs) in per_room {
+        seqs.sort_unstable();
+        let first = if room == "room-0" { 2 } else { 1 };
+        assert_eq!(
+            seqs,
+            (first..first + seqs.len() as i64).collect::<Vec<_>>(),
+            "{room}"
+        );
+    }
+    let pool = db.pool().await;
+    let (stored, distinct): (i64, i64) = sqlx::query_as(
+        r#"SELECT count(*), count(DISTINCT ("roomId", "clientMsgId")) FROM "ChatMessage""#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, distinct, "no key stored twice");
+    assert_eq!(stored as usize, by_key.len() + 1);
+    // And they were written together: fewer commits than sends.
+    let Some(StoreMetrics::Postgres(counted)) = store.metrics() else {
+        panic!("the Postgres store counts its batches");
+    };
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("batch", "", counted.send_batch_size.clone());
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let batches: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("batch_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    common::say(&format!(
+        "postgres group commit: 401 sends in {batches} commits"
+    ));
+    assert!(
+        batches < 400.0,
+        "{batches} commits for 400 concurrent sends"
+    );
+}

@@ -10,6 +10,7 @@
 //! which stays until a worker has performed them.
 
 pub mod backfill;
+mod pg_sends;
 pub mod postgres;
 pub mod sqlite;
 

@@ -15,6 +15,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -23,6 +24,7 @@ use prometheus_client::metrics::family::Family;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 
+use super::pg_sends::Sends;
 use crate::health::Health;
 
 use super::{
@@ -55,6 +57,7 @@ macro_rules! columns {
         r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType"::text AS "contentType", status::text AS status, "moderationStatus"::text AS "moderationStatus", "createdAt" AT TIME ZONE 'UTC' AS "createdAt", "clientMsgId""#
     };
 }
+pub(super) use columns;
 
 /// A page of history: a keyset read walking [`SEQ_INDEX`] backwards from `$2` (exclusive), no JOIN,
 /// no OFFSET, no sort. `$1` room, `$2` before, `$3` limit. The EXPLAIN test runs this very text.
@@ -161,22 +164,126 @@ struct Stored {
 
 pub struct PgStore {
     pool: PgPool,
-    /// Sends write outbox rows (side effects are configured: `queue.webhook_url`).
-    outbox: bool,
+    /// What every statement goes through (shared with the send writer).
+    writes: Arc<Writes>,
+    /// Sends, written in group commits (see `pg_sends`).
+    sends: Sends,
+    counters: PgMetrics,
+}
+
+/// The pool as writes use it: through the database's known health.
+pub(super) struct Writes {
+    pool: PgPool,
     /// Whether Postgres answers: while it does not, every operation fails at once with
     /// `Unavailable` instead of waiting `database.acquire_timeout_ms` for a connection that
     /// cannot open (sends answered promptly, `/readyz` at once).
     health: Arc<Health>,
-    counters: PgMetrics,
+    /// Sends write outbox rows (side effects are configured: `queue.webhook_url`).
+    outbox: AtomicBool,
+    /// Sends per group commit.
+    pub(super) batch_size: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Writes {
+    /// The pool, or `Unavailable` at once while the database is known to be unreachable.
+    pub(super) fn live_pool(&self) -> Result<&PgPool, StoreError> {
+        if self.health.is_up() {
+            Ok(&self.pool)
+        } else {
+            Err(StoreError::Down)
+        }
+    }
+
+    /// Maps a failed statement, marking the database down when it could not be reached.
+    pub(super) fn failed(&self, e: sqlx::Error) -> StoreError {
+        if unreachable(&e) {
+            self.health.trip(&e);
+        }
+        e.into()
+    }
+
+    pub(super) fn outbox(&self) -> bool {
+        self.outbox.load(Ordering::Relaxed)
+    }
+
+    /// One send in one statement (see [`INSERT_MESSAGE_SQL`]).
+    pub(super) async fn insert_one(&self, msg: &NewMessage) -> Result<Inserted, StoreError> {
+        // fetch_optional reads the reply to its end (through the commit), so an Ok here means
+        // the message is durable.
+        let sql = if self.outbox() {
+            INSERT_MESSAGE_WITH_OUTBOX_SQL
+        } else {
+            INSERT_MESSAGE_SQL
+        };
+        let stored: Result<Option<Stored>, sqlx::Error> = sqlx::query_as(sql)
+            .bind(&msg.id)
+            .bind(&msg.room_id)
+            .bind(&msg.sender_id)
+            .bind(&msg.sender_name)
+            .bind(&msg.sender_avatar_url)
+            .bind(&msg.content)
+            .bind(utc(&msg.created_at))
+            .bind(&msg.client_msg_id)
+            .fetch_optional(self.live_pool()?)
+            .await;
+        match stored {
+            Ok(Some(Stored { duplicate, message })) => Ok(Inserted { message, duplicate }),
+            Ok(None) => Err(StoreError::RoomNotFound),
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some(CLIENT_MSG_ID_KEY) => {
+                let client_msg_id = msg.client_msg_id.as_deref().unwrap_or_default();
+                let original = self
+                    .find_by_client_msg_id(&msg.room_id, &msg.sender_id, client_msg_id)
+                    .await?
+                    .ok_or_else(|| {
+                        StoreError::Other("clientMsgId conflict without a stored original".into())
+                    })?;
+                Ok(Inserted {
+                    message: original,
+                    duplicate: true,
+                })
+            }
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    async fn find_by_client_msg_id(
+        &self,
+        room: &str,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        sqlx::query_as(FIND_BY_CLIENT_MSG_ID_SQL)
+            .bind(room)
+            .bind(sender)
+            .bind(client_msg_id)
+            .fetch_optional(self.live_pool()?)
+            .await
+            .map_err(|e| self.failed(e))
+    }
 }
 
 /// The Postgres store's own counters, for `/metrics`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PgMetrics {
     /// Times the database was found unreachable.
     pub outages: Counter,
     /// Writes run again after losing a race: `reason="deadlock"` or `"serialization"`.
     pub retries: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Sends written per group commit (one observation per batch).
+    pub send_batch_size: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for PgMetrics {
+    fn default() -> Self {
+        Self {
+            outages: Counter::default(),
+            retries: Family::default(),
+            // 1, 2, 4, ... 256 sends per batch.
+            send_batch_size: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 9),
+            ),
+        }
+    }
 }
 
 /// A failure that says the database cannot be reached (as opposed to an answer it gave): no
@@ -208,7 +315,7 @@ fn race(e: &sqlx::Error) -> Option<&'static str> {
 }
 
 /// `TIMESTAMP(3)` columns hold UTC without a zone.
-fn utc(t: &DateTime<Utc>) -> NaiveDateTime {
+pub(super) fn utc(t: &DateTime<Utc>) -> NaiveDateTime {
     t.naive_utc()
 }
 
@@ -274,10 +381,16 @@ impl PgStore {
                 })
             }),
         );
+        let writes = Arc::new(Writes {
+            pool: pool.clone(),
+            health,
+            outbox: AtomicBool::new(false),
+            batch_size: counters.send_batch_size.clone(),
+        });
         Ok(Self {
             pool,
-            outbox: false,
-            health,
+            sends: Sends::start(writes.clone()),
+            writes,
             counters,
         })
     }
@@ -288,26 +401,17 @@ impl PgStore {
 
     /// Whether sends write outbox rows for the side-effect worker (off by default: with no
     /// webhook a message has no side effect left to perform).
-    pub fn with_outbox(mut self, outbox: bool) -> Self {
-        self.outbox = outbox;
+    pub fn with_outbox(self, outbox: bool) -> Self {
+        self.writes.outbox.store(outbox, Ordering::Relaxed);
         self
     }
 
-    /// The pool, or `Unavailable` at once while the database is known to be unreachable.
     fn live_pool(&self) -> Result<&PgPool, StoreError> {
-        if self.health.is_up() {
-            Ok(&self.pool)
-        } else {
-            Err(StoreError::Down)
-        }
+        self.writes.live_pool()
     }
 
-    /// Maps a failed statement, marking the database down when it could not be reached.
     fn failed(&self, e: sqlx::Error) -> StoreError {
-        if unreachable(&e) {
-            self.health.trip(&e);
-        }
-        e.into()
+        self.writes.failed(e)
     }
 
     /// Runs a write that locks several rows, again (up to [`RACE_RETRIES`] times) when Postgres
@@ -479,42 +583,9 @@ impl Store for PgStore {
             ("sender id", Some(&msg.sender_id)),
             ("room id", Some(&msg.room_id)),
         ])?;
-        // fetch_optional reads the reply to its end (through the commit), so an Ok here means
-        // the message is durable.
-        let sql = if self.outbox {
-            INSERT_MESSAGE_WITH_OUTBOX_SQL
-        } else {
-            INSERT_MESSAGE_SQL
-        };
-        let stored: Result<Option<Stored>, sqlx::Error> = sqlx::query_as(sql)
-            .bind(&msg.id)
-            .bind(&msg.room_id)
-            .bind(&msg.sender_id)
-            .bind(&msg.sender_name)
-            .bind(&msg.sender_avatar_url)
-            .bind(&msg.content)
-            .bind(utc(&msg.created_at))
-            .bind(&msg.client_msg_id)
-            .fetch_optional(self.live_pool()?)
-            .await;
-        match stored {
-            Ok(Some(Stored { duplicate, message })) => Ok(Inserted { message, duplicate }),
-            Ok(None) => Err(StoreError::RoomNotFound),
-            Err(sqlx::Error::Database(e)) if e.constraint() == Some(CLIENT_MSG_ID_KEY) => {
-                let client_msg_id = msg.client_msg_id.as_deref().unwrap_or_default();
-                let original = self
-                    .find_by_client_msg_id(&msg.room_id, &msg.sender_id, client_msg_id)
-                    .await?
-                    .ok_or_else(|| {
-                        StoreError::Other("clientMsgId conflict without a stored original".into())
-                    })?;
-                Ok(Inserted {
-                    message: original,
-                    duplicate: true,
-                })
-            }
-            Err(e) => Err(self.failed(e)),
-        }
+        // Fails at once while the database is known to be unreachable, without queueing.
+        self.live_pool()?;
+        self.sends.insert(msg).await
     }
 
     async fn find_by_client_msg_id(
@@ -524,13 +595,9 @@ impl Store for PgStore {
         client_msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
         refuse_nul(&[("clientMsgId", Some(client_msg_id))])?;
-        Ok(sqlx::query_as(FIND_BY_CLIENT_MSG_ID_SQL)
-            .bind(room)
-            .bind(sender)
-            .bind(client_msg_id)
-            .fetch_optional(self.live_pool()?)
+        self.writes
+            .find_by_client_msg_id(room, sender, client_msg_id)
             .await
-            .map_err(|e| self.failed(e))?)
     }
 
     async fn history(
