@@ -26,11 +26,10 @@ use chat_gateway::broker::{EventSink, Published, RoomEvent};
 use chat_gateway::config::Settings;
 use chat_gateway::membership::MembershipCache;
 use chat_gateway::metrics::Metrics;
-use chat_gateway::rooms::{Closer, ConnShared, Outbox, RoomRegistry};
+use chat_gateway::rooms::{Closer, ConnShared, RoomRegistry, outbox};
 use chat_gateway::store::sqlite::SqliteStore;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
 
 const SUBSCRIBERS: u64 = 1_000;
 const ROOM: &str = "general";
@@ -74,19 +73,17 @@ impl Room {
         registry.initialize(&hub, 0);
         let taken = Arc::new(AtomicU64::new(0));
         for id in 0..SUBSCRIBERS {
-            let (tx, mut rx) = mpsc::channel(settings.limits.outbound_queue);
-            let conn = Arc::new(ConnShared::new(
-                id,
-                format!("user-{id}"),
-                None,
-                Outbox::new(tx, Arc::new(Closer::new())),
-            ));
+            let (out, queued) = outbox(settings.limits.outbound_queue, Arc::new(Closer::new()));
+            let conn = Arc::new(ConnShared::new(id, format!("user-{id}"), None, out));
             let taken = taken.clone();
             tokio::spawn(async move {
-                let mut batch = Vec::with_capacity(WRITE_BATCH);
-                while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-                    taken.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    batch.clear();
+                while queued.next().await.is_some() {
+                    let mut n = 1;
+                    while n < WRITE_BATCH && queued.try_next().is_some() {
+                        n += 1;
+                    }
+                    queued.taken();
+                    taken.fetch_add(n as u64, Ordering::Relaxed);
                 }
             });
             let attached = registry.attach(&hub, &conn, None).expect("the hub is open");

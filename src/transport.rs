@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
@@ -33,7 +33,7 @@ use crate::protocol::{
     self, AuthResult, ClientFrame, ErrorBody, JoinResult, MarkReadResult, PongResult, Push,
     RequestId, RoomResult, SendResult, ServerFrame, close, code,
 };
-use crate::rooms::{Closer, Conn, ConnShared, Outbox};
+use crate::rooms::{Closer, Conn, ConnShared, Outbox, OutboxReader, outbox};
 use crate::service::Door;
 
 /// How long the socket's own replies may wait for room in its outbox before it counts as slow.
@@ -97,14 +97,14 @@ impl Connection {
     ) -> impl Future<Output = ()> + Send + 'static {
         let id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (sink, mut stream) = socket.split();
-        let (tx, rx) = mpsc::channel(app.service.settings.limits.outbound_queue);
         let closer = Arc::new(Closer::new());
+        let (out, queued) = outbox(app.service.settings.limits.outbound_queue, closer.clone());
         let epoch = Instant::now();
         let last_seen = Arc::new(AtomicU64::new(0));
         let writer = tokio::spawn(write_loop(
             sink,
-            rx,
-            closer.clone(),
+            queued,
+            closer,
             app.service.settings.heartbeat.interval(),
             last_seen.clone(),
             epoch,
@@ -114,7 +114,7 @@ impl Connection {
         let mut connection = Connection {
             app,
             id,
-            out: Outbox::new(tx, closer),
+            out,
             last_seen,
             epoch,
             session: None,
@@ -149,14 +149,14 @@ impl Connection {
                     .closer
                     .close(close::INTERNAL_ERROR, "internal error");
             }
-            // On the churn lane, like the connection's upgrade (see `crate::admission`).
+            // On the churn lane, like the connection's upgrade (see `crate::admission`). Boxed:
+            // it runs once, and need not size the future an idle socket's task holds.
             let app = connection.app.clone();
-            app.churn
-                .run(async move {
-                    connection.cleanup(stream, writer).await;
-                    connection.app.service.metrics.connections.dec();
-                })
-                .await;
+            let cleanup = Box::pin(async move {
+                connection.cleanup(stream, writer).await;
+                connection.app.service.metrics.connections.dec();
+            });
+            app.churn.run(cleanup).await;
         }
     }
 
@@ -690,7 +690,7 @@ impl Connection {
 /// since the previous ping is closed: a peer that dies is reaped within two intervals.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
+    queued: OutboxReader,
     closer: Arc<Closer>,
     heartbeat: Duration,
     last_seen: Arc<AtomicU64>,
@@ -704,16 +704,17 @@ async fn write_loop(
         tokio::select! {
             biased;
             _ = closer.token().cancelled() => break,
-            frame = rx.recv() => {
+            frame = queued.next() => {
                 let Some(frame) = frame else { break };
                 // What else is already queued goes out with it (no batch buffer is kept: an
                 // idle socket holds none).
                 let write = async {
                     sink.feed(Message::Text(frame)).await?;
                     for _ in 1..WRITE_BATCH {
-                        let Ok(frame) = rx.try_recv() else { break };
+                        let Some(frame) = queued.try_next() else { break };
                         sink.feed(Message::Text(frame)).await?;
                     }
+                    queued.taken();
                     sink.flush().await
                 };
                 // The write first: a frame taken from the queue just as the socket is closed (the
@@ -743,7 +744,7 @@ async fn write_loop(
         }
     }
     // Boxed: the goodbye runs once, and need not size the future an idle writer holds.
-    Box::pin(say_goodbye(sink, rx, closer, heartbeat)).await;
+    Box::pin(say_goodbye(sink, queued, closer, heartbeat)).await;
 }
 
 /// Ends a closed socket's writing: sends what was queued before the close (an error reply, the
@@ -757,7 +758,7 @@ async fn write_loop(
 /// The socket's rooms and slots were released before this; only the socket waits.
 async fn say_goodbye(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
+    queued: OutboxReader,
     closer: Arc<Closer>,
     slow_patience: Duration,
 ) {
@@ -769,7 +770,7 @@ async fn say_goodbye(
         // A slow consumer's queue is not waited for: its socket is not being read.
         let flush_queued = async {
             if code != close::SLOW_CONSUMER {
-                while let Ok(frame) = rx.try_recv() {
+                while let Some(frame) = queued.try_next() {
                     sink.feed(Message::Text(frame)).await?;
                 }
             }
