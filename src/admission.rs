@@ -24,7 +24,7 @@
 //! that registered it. Upgraded sockets therefore move to the main runtime at their first read
 //! or write there ([`PacedStream`]), and the stores open every connection at start, on the main
 //! runtime, and keep it. The SQLite store's writer connection has a thread of its own
-//! ([`spawn_dedicated`]).
+//! ([`crate::dedicated::spawn`]).
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -299,39 +299,6 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
-}
-
-/// Runs `task` on a thread of its own, with a single-threaded runtime of its own, and returns a
-/// handle that completes when the task does, and the runtime's handle: tasks spawned on it run
-/// on that thread too, until `task` ends.
-///
-/// For the few tasks whose every step must not wait behind the node's connection churn: a task
-/// of the main runtime that is woken waits for every task woken before it, and in a reconnect
-/// storm that is thousands of sockets' handshakes, joins and cleanups. The SQLite group writer
-/// is one: each of its transaction's statements is a round trip to the connection's thread, and
-/// queued behind a storm six round trips held every send's acknowledgement for over 100 ms.
-pub fn spawn_dedicated<F>(
-    name: &str,
-    task: F,
-) -> std::io::Result<(tokio::task::JoinHandle<()>, tokio::runtime::Handle)>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let handle = runtime.handle().clone();
-    let (done, finished) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            runtime.block_on(task);
-            let _ = done.send(());
-        })?;
-    let finished = tokio::spawn(async move {
-        let _ = finished.await;
-    });
-    Ok((finished, handle))
 }
 
 thread_local! {

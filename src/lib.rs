@@ -92,6 +92,7 @@ pub mod auth;
 pub mod broker;
 pub mod cache;
 pub mod config;
+pub mod dedicated;
 pub mod error;
 pub mod health;
 pub mod http;

@@ -27,13 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::redis_conn::RedisConn;
 
-/// One user in a presence list.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct OnlineUser {
-    #[serde(rename = "userId")]
-    pub user_id: String,
-    pub name: Option<String>,
-}
+pub use crate::protocol::OnlineUser;
 
 /// A presence transition of this node: a user's first socket joined a room, or their last left.
 #[derive(Debug, Clone)]

@@ -133,7 +133,7 @@ pub enum ServerFrame<'a, T: Serialize> {
     Presence {
         room: &'a str,
         online: u64,
-        joined: &'a [crate::presence::OnlineUser],
+        joined: &'a [OnlineUser],
         left: &'a [String],
     },
     /// Push: a member read the room up to `seq` (a read receipt).
@@ -198,12 +198,20 @@ pub struct SendResult<'a> {
     pub duplicate: bool,
 }
 
+/// One user in a presence list (and in presence pushes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnlineUser {
+    #[serde(rename = "userId")]
+    pub user_id: String,
+    pub name: Option<String>,
+}
+
 /// Result of `presence`.
 #[derive(Debug, Serialize)]
 pub struct PresenceResult<'a> {
     pub room: &'a str,
     pub online: u64,
-    pub users: Vec<crate::presence::OnlineUser>,
+    pub users: Vec<OnlineUser>,
     #[serde(rename = "nextCursor")]
     pub next_cursor: Option<String>,
 }

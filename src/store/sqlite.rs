@@ -233,7 +233,7 @@ impl SqliteStore {
         ));
         // On a thread of its own, with every other use of the writer connection (see the module
         // docs).
-        let (task, writer_thread) = crate::admission::spawn_dedicated(
+        let (task, writer_thread) = crate::dedicated::spawn(
             "sqlite-group-writer",
             GroupWriter {
                 pool: writer.clone(),
