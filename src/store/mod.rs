@@ -10,6 +10,7 @@
 //! which stays until a worker has performed them.
 
 pub mod backfill;
+pub mod migrations;
 mod pg_sends;
 pub mod postgres;
 pub mod sqlite;
@@ -18,30 +19,54 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgDatabaseError;
 
-/// A stored message (a row of `"ChatMessage"`).
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+/// A stored message (a row of `"ChatMessage"`, read by its column names: see [`MESSAGE_COLUMNS`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub id: String,
-    #[sqlx(rename = "roomId")]
     pub room_id: String,
     pub seq: i64,
-    #[sqlx(rename = "senderId")]
     pub sender_id: String,
-    #[sqlx(rename = "senderName")]
     pub sender_name: Option<String>,
-    #[sqlx(rename = "senderAvatarUrl")]
     pub sender_avatar_url: Option<String>,
     pub content: String,
-    #[sqlx(rename = "contentType")]
     pub content_type: String,
     pub status: String,
-    #[sqlx(rename = "moderationStatus")]
     pub moderation_status: String,
-    #[sqlx(rename = "createdAt")]
     pub created_at: DateTime<Utc>,
-    #[sqlx(rename = "clientMsgId")]
     pub client_msg_id: Option<String>,
 }
+
+/// `sqlx::FromRow` for a struct, field by column name, for both databases' rows: written out
+/// rather than derived, since the derive needs sqlx's proc macros (see `migrations`).
+macro_rules! from_row {
+    ($ty:ident { $($field:ident: $column:literal),+ $(,)? }) => {
+        from_row!(@impl sqlx::sqlite::SqliteRow, $ty { $($field: $column),+ });
+        from_row!(@impl sqlx::postgres::PgRow, $ty { $($field: $column),+ });
+    };
+    (@impl $row:ty, $ty:ident { $($field:ident: $column:literal),+ }) => {
+        impl<'r> sqlx::FromRow<'r, $row> for $ty {
+            fn from_row(row: &'r $row) -> Result<Self, sqlx::Error> {
+                use sqlx::Row;
+                Ok(Self { $($field: row.try_get($column)?),+ })
+            }
+        }
+    };
+}
+
+from_row!(Message {
+    id: "id",
+    room_id: "roomId",
+    seq: "seq",
+    sender_id: "senderId",
+    sender_name: "senderName",
+    sender_avatar_url: "senderAvatarUrl",
+    content: "content",
+    content_type: "contentType",
+    status: "status",
+    moderation_status: "moderationStatus",
+    created_at: "createdAt",
+    client_msg_id: "clientMsgId",
+});
 
 impl Message {
     /// Not rejected by moderation (see [`VISIBLE`]).
@@ -310,17 +335,22 @@ pub struct ReadMark {
 }
 
 /// A row of `"ChatOutbox"`: a stored message whose side effects are not yet queued.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEntry {
     pub id: i64,
-    #[sqlx(rename = "roomId")]
     pub room_id: String,
     pub seq: i64,
-    #[sqlx(rename = "messageId")]
     pub message_id: String,
-    #[sqlx(rename = "createdAt")]
     pub created_at: DateTime<Utc>,
 }
+
+from_row!(OutboxEntry {
+    id: "id",
+    room_id: "roomId",
+    seq: "seq",
+    message_id: "messageId",
+    created_at: "createdAt",
+});
 
 /// Visible = not rejected by moderation. Every read the gateway serves applies it.
 pub const VISIBLE: &str = r#""moderationStatus" <> 'REJECTED'"#;

@@ -113,12 +113,22 @@ outbox AS (
 )"#
 );
 
-#[derive(sqlx::FromRow)]
+/// One send of a batch: its place in the batch, and what the store answered.
 struct Row {
     ord: i64,
     duplicate: bool,
-    #[sqlx(flatten)]
     message: Message,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Row {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(Self {
+            ord: row.try_get("ord")?,
+            duplicate: row.try_get("duplicate")?,
+            message: sqlx::FromRow::from_row(row)?,
+        })
+    }
 }
 
 struct Pending {

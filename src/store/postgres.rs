@@ -33,7 +33,19 @@ use super::{
 };
 
 /// The automatic migrations (migrations/postgres), applied by `migrate` and at start-up.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+pub static MIGRATOR: super::migrations::Lazy = super::migrations::Lazy::new(|| {
+    super::migrations::embed!("postgres":
+        "20261127000001_app_schema.up.sql",
+        "20261127000001_app_schema.down.sql",
+        "20261127000002_message_sequence.up.sql",
+        "20261127000002_message_sequence.down.sql",
+        "20261127000003_outbox.up.sql",
+        "20261127000003_outbox.down.sql",
+        "20261127000004_read_state.up.sql",
+        "20261127000004_read_state.down.sql",
+    )
+    .migrator()
+});
 
 /// The maintenance-window change for a live database: run by hand, statement by statement.
 pub const MAINTENANCE_FILE: &str =
@@ -155,11 +167,20 @@ WHERE m.id = locked.id AND m."lastReadSeq" < locked.seq"#;
 /// Most times a write that lost a deadlock or serialization race is run again.
 const RACE_RETRIES: u32 = 3;
 
-#[derive(sqlx::FromRow)]
+/// A send's answer: the message, and whether it was stored before (a repeated `clientMsgId`).
 struct Stored {
     duplicate: bool,
-    #[sqlx(flatten)]
     message: Message,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Stored {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            duplicate: row.try_get("duplicate")?,
+            message: sqlx::FromRow::from_row(row)?,
+        })
+    }
 }
 
 pub struct PgStore {

@@ -92,7 +92,14 @@ use super::{
 };
 
 /// The embedded migrations (migrations/sqlite), applied by `migrate` and at start-up.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub static MIGRATOR: super::migrations::Lazy = super::migrations::Lazy::new(|| {
+    super::migrations::embed!("sqlite":
+        "20261127000001_chat_schema.sql",
+        "20261127000002_outbox.sql",
+        "20261127000003_read_state.sql",
+    )
+    .migrator()
+});
 
 macro_rules! columns {
     () => {
