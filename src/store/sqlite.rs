@@ -97,6 +97,7 @@ pub static MIGRATOR: super::migrations::Lazy = super::migrations::Lazy::new(|| {
         "20261127000001_chat_schema.sql",
         "20261127000002_outbox.sql",
         "20261127000003_read_state.sql",
+        "20261206000004_no_time_index.sql",
     )
     .migrator()
 });
