@@ -95,6 +95,17 @@ pub struct Inserted {
     pub duplicate: bool,
 }
 
+/// A Postgres send's answer row: the message's columns and `duplicate`.
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Inserted {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            duplicate: row.try_get("duplicate")?,
+            message: sqlx::FromRow::from_row(row)?,
+        })
+    }
+}
+
 /// What the store knows about a user and a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

@@ -30,7 +30,7 @@ use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::postgres::{Writes, columns, utc};
-use super::{Inserted, Message, NewMessage, StoreError};
+use super::{Inserted, NewMessage, StoreError};
 
 /// Most sends in one statement.
 pub const BATCH: usize = 256;
@@ -116,8 +116,7 @@ outbox AS (
 /// One send of a batch: its place in the batch, and what the store answered.
 struct Row {
     ord: i64,
-    duplicate: bool,
-    message: Message,
+    inserted: Inserted,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Row {
@@ -125,8 +124,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Row {
         use sqlx::Row as _;
         Ok(Self {
             ord: row.try_get("ord")?,
-            duplicate: row.try_get("duplicate")?,
-            message: sqlx::FromRow::from_row(row)?,
+            inserted: sqlx::FromRow::from_row(row)?,
         })
     }
 }
@@ -280,18 +278,8 @@ async fn insert_many(
         .fetch_all(pool)
         .await
         .map_err(|e| writes.failed(e))?;
-    let mut by_ord: HashMap<i64, Inserted> = rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.ord,
-                Inserted {
-                    message: r.message,
-                    duplicate: r.duplicate,
-                },
-            )
-        })
-        .collect();
+    let mut by_ord: HashMap<i64, Inserted> =
+        rows.into_iter().map(|r| (r.ord, r.inserted)).collect();
     let mut outcomes: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(msgs.len());
     for plan in plans {
         let outcome = match plan {

@@ -167,22 +167,6 @@ WHERE m.id = locked.id AND m."lastReadSeq" < locked.seq"#;
 /// Most times a write that lost a deadlock or serialization race is run again.
 const RACE_RETRIES: u32 = 3;
 
-/// A send's answer: the message, and whether it was stored before (a repeated `clientMsgId`).
-struct Stored {
-    duplicate: bool,
-    message: Message,
-}
-
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Stored {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        use sqlx::Row;
-        Ok(Self {
-            duplicate: row.try_get("duplicate")?,
-            message: sqlx::FromRow::from_row(row)?,
-        })
-    }
-}
-
 pub struct PgStore {
     pool: PgPool,
     /// What every statement goes through (shared with the send writer).
@@ -236,7 +220,7 @@ impl Writes {
         } else {
             INSERT_MESSAGE_SQL
         };
-        let stored: Result<Option<Stored>, sqlx::Error> = sqlx::query_as(sql)
+        let stored: Result<Option<Inserted>, sqlx::Error> = sqlx::query_as(sql)
             .bind(&msg.id)
             .bind(&msg.room_id)
             .bind(&msg.sender_id)
@@ -248,7 +232,7 @@ impl Writes {
             .fetch_optional(self.live_pool()?)
             .await;
         match stored {
-            Ok(Some(Stored { duplicate, message })) => Ok(Inserted { message, duplicate }),
+            Ok(Some(inserted)) => Ok(inserted),
             Ok(None) => Err(StoreError::RoomNotFound),
             Err(sqlx::Error::Database(e)) if e.constraint() == Some(CLIENT_MSG_ID_KEY) => {
                 let client_msg_id = msg.client_msg_id.as_deref().unwrap_or_default();
