@@ -666,6 +666,32 @@ async fn typing_crosses_nodes_is_not_echoed_and_ends_on_send() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_reach_the_room_on_every_node() {
+    let Some(c) = cluster(2, |_| {}).await else {
+        return;
+    };
+    c.nodes[0].room("r", &["alice", "bob", "carol"]).await;
+    let mut alice = c.nodes[0].client("alice").await;
+    let mut bob = c.nodes[1].client("bob").await;
+    let mut carol = c.nodes[0].client("carol").await;
+    for client in [&mut alice, &mut bob, &mut carol] {
+        client.join("r", None).await;
+    }
+    alice.send_ok("r", "hello").await;
+    for client in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(client.expect_message("r").await["seq"], 1);
+    }
+    let reply = bob
+        .request(json!({"type": "mark_read", "room": "r", "seq": 1}))
+        .await;
+    assert_eq!(reply["result"], json!({"room": "r", "seq": 1}));
+    // Through Redis to the other node's sockets, and to the reader's own node.
+    let receipt = json!({"type": "read", "room": "r", "userId": "bob", "seq": 1});
+    assert_eq!(alice.next_push().await, receipt);
+    assert_eq!(carol.next_push().await, receipt);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pub_sub_keepalive_keeps_a_subscribed_connection() {
     // Keepalive pings every 200 ms: ten of them while a room is subscribed (a subscribed
     // connection answers PING differently from a plain one).

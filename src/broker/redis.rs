@@ -9,6 +9,8 @@
 //! - `{"type":"member_removed","room":…,"userId":…}`: that user's sockets leave the room.
 //! - `{"type":"event","room":…,"event":{…}}`: ephemeral, published by backend services; pushed to
 //!   the room's sockets as is, never stored, no sequence.
+//! - `{"type":"read","room":…,"userId":…,"seq":N}`: a read receipt, published by gateways; pushed
+//!   as is to the room's sockets.
 //! - `{"type":"typing","room":…,"userId":…,…}`: ephemeral, published by gateways; pushed as is to
 //!   the room's sockets except the typer's own.
 //!
@@ -216,7 +218,8 @@ impl RedisBroker {
                 Err(_) => return,
             },
             ("member_removed", _, Some(user_id)) => RoomEvent::MemberRemoved { user_id },
-            ("event", _, _) => match frame() {
+            // Backend events and read receipts: pushed to the room's sockets as they are.
+            ("event" | "read", _, _) => match frame() {
                 Some(frame) => RoomEvent::Ephemeral {
                     frame,
                     skip_user: None,
