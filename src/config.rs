@@ -348,8 +348,22 @@ impl Settings {
             return fail("queue.capacity", "capacity and batch must be at least 1");
         }
         let redis = self.redis.url.expose_secret();
-        if !(redis.is_empty() || redis.starts_with("redis://") || redis.starts_with("rediss://")) {
-            return fail("redis.url", "must be empty (in-process) or a redis:// URL");
+        let cluster = redis.starts_with("redis+cluster://");
+        if !(redis.is_empty()
+            || redis.starts_with("redis://")
+            || redis.starts_with("rediss://")
+            || cluster)
+        {
+            return fail(
+                "redis.url",
+                "must be empty (in-process), a redis:// URL, or redis+cluster://host:port,host:port",
+            );
+        }
+        if cluster && self.redis.key_prefix.contains(['{', '}']) {
+            return fail(
+                "redis.key_prefix",
+                "must not contain { or } on a Redis Cluster (braces are the keys' hash tags)",
+            );
         }
         let hook = &self.queue.webhook_url;
         if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {

@@ -294,15 +294,18 @@ fn backing(
             }
         }
         Some((conn, presence_conn)) => {
-            let resync = {
+            let resync: broker::redis::Resync = {
                 let registry = registry.clone();
-                Arc::new(move || registry.resync_all()) as Arc<dyn Fn() + Send + Sync>
+                Arc::new(move |room: Option<&str>| match room {
+                    Some(room) => registry.resync_room(room),
+                    None => registry.resync_all(),
+                })
             };
             // Publishes were skipped while the command connection was down: rooms whose last
             // messages went unannounced catch up from the store when it is back.
             {
                 let resync = resync.clone();
-                conn.health.on_recovered(move || resync());
+                conn.health.on_recovered(move || resync(None));
             }
             let broker = RedisBroker::start(
                 conn.clone(),

@@ -210,7 +210,13 @@ impl Presence for MemoryPresence {
     }
 }
 
-/// The cluster's presence in Redis.
+/// The cluster's presence in Redis. Per room (keys tagged with the room, so that on a Redis
+/// Cluster one script touches one shard): the hash `presence:{room}` (user -> nodes where the user
+/// is present), `presence:{room}:names` (user -> display name) and, per node present in the room,
+/// the set `presence:{room}:node:{node}` of the users it counted there (what makes a repeated
+/// arrival or departure count once, and what a reaper takes back). Per node: the set
+/// `presence:rooms:{node}` of the rooms it counted someone in, its lease
+/// `presence:lease:{node}`, and its id in `presence:nodes`.
 pub struct RedisPresence {
     redis: RedisConn,
     node: String,
@@ -220,6 +226,10 @@ pub struct RedisPresence {
     reap: Script,
 }
 
+/// The outcome of one script call: the room's online count after a user went online or offline
+/// there (negative when nothing changed), and how many users the node still counts in the room.
+type Outcome = (i64, i64);
+
 impl RedisPresence {
     pub fn new(redis: RedisConn, lease: Duration) -> Self {
         let node = uuid::Uuid::new_v4().simple().to_string();
@@ -227,63 +237,67 @@ impl RedisPresence {
             redis,
             node,
             lease,
-            // KEYS: room hash, names hash, node set. ARGV: user, name, member.
+            // KEYS: room hash, names hash, the node's users in the room. ARGV: user, name.
             arrive: Script::new(
-                r"if redis.call('SADD', KEYS[3], ARGV[3]) == 0 then return -1 end
+                r"if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return {-1, 1} end
                   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
                   local n = redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-                  if n == 1 then return redis.call('HLEN', KEYS[1]) end
-                  return -1",
+                  if n == 1 then return {redis.call('HLEN', KEYS[1]), 1} end
+                  return {-1, 1}",
             ),
-            // KEYS: room hash, names hash, node set. ARGV: user, member.
+            // KEYS: room hash, names hash, the node's users in the room. ARGV: user.
             depart: Script::new(
-                r"if redis.call('SREM', KEYS[3], ARGV[2]) == 0 then return -1 end
+                r"if redis.call('SREM', KEYS[3], ARGV[1]) == 0 then
+                    return {-1, redis.call('SCARD', KEYS[3])}
+                  end
+                  local left = redis.call('SCARD', KEYS[3])
                   local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
                   if n <= 0 then
                     redis.call('HDEL', KEYS[1], ARGV[1])
                     redis.call('HDEL', KEYS[2], ARGV[1])
-                    return redis.call('HLEN', KEYS[1])
+                    return {redis.call('HLEN', KEYS[1]), left}
                   end
-                  return -1",
+                  return {-1, left}",
             ),
-            // KEYS: dead node's set, nodes set. ARGV: key prefix, dead node id.
-            // Returns {room, user, online, ...} for each user who went offline.
+            // KEYS: room hash, names hash, the dead node's users in the room.
+            // Returns {user, online, ...} for each user who went offline.
             reap: Script::new(
                 r"local gone = {}
-                  for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-                    local sep = string.find(member, '\n', 1, true)
-                    local room = string.sub(member, 1, sep - 1)
-                    local user = string.sub(member, sep + 1)
-                    local hash = ARGV[1] .. 'presence:' .. room
-                    local n = redis.call('HINCRBY', hash, user, -1)
+                  for _, user in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+                    local n = redis.call('HINCRBY', KEYS[1], user, -1)
                     if n <= 0 then
-                      redis.call('HDEL', hash, user)
-                      redis.call('HDEL', hash .. ':names', user)
-                      table.insert(gone, room)
+                      redis.call('HDEL', KEYS[1], user)
+                      redis.call('HDEL', KEYS[2], user)
                       table.insert(gone, user)
-                      table.insert(gone, redis.call('HLEN', hash))
+                      table.insert(gone, redis.call('HLEN', KEYS[1]))
                     end
                   end
-                  redis.call('DEL', KEYS[1])
-                  redis.call('SREM', KEYS[2], ARGV[2])
+                  redis.call('DEL', KEYS[3])
                   return gone",
             ),
         }
     }
 
     fn room_key(&self, room: &str) -> String {
-        self.redis.key(&format!("presence:{room}"))
+        self.redis
+            .key(&format!("presence:{}", self.redis.tag(room)))
     }
 
-    fn node_set(&self, node: &str) -> String {
-        self.redis.key(&format!("presence:node:{node}"))
+    /// A node's users in a room: on the room's shard.
+    fn counted(&self, room: &str, node: &str) -> String {
+        format!("{}:node:{node}", self.room_key(room))
+    }
+
+    /// The rooms a node counted someone in: on the node's shard.
+    fn rooms_of(&self, node: &str) -> String {
+        self.redis
+            .key(&format!("presence:rooms:{}", self.redis.tag(node)))
     }
 
     /// The `arrive` or `depart` script call for one transition.
     fn invocation(&self, change: &PresenceChange) -> ScriptInvocation<'_> {
         let room_key = self.room_key(&change.room);
         let user = &change.user.user_id;
-        let member = format!("{}\n{user}", change.room);
         let mut invocation = if change.arrived {
             self.arrive.key(&room_key)
         } else {
@@ -291,13 +305,69 @@ impl RedisPresence {
         };
         invocation
             .key(format!("{room_key}:names"))
-            .key(self.node_set(&self.node))
+            .key(self.counted(&change.room, &self.node))
             .arg(user);
         if change.arrived {
             invocation.arg(change.user.name.as_deref().unwrap_or(""));
         }
-        invocation.arg(member);
         invocation
+    }
+
+    /// Loads the three scripts (on every primary of a cluster).
+    async fn load_scripts(&self) -> redis::RedisResult<()> {
+        let mut conn = self.redis.conn.clone();
+        for script in [&self.arrive, &self.depart, &self.reap] {
+            self.redis
+                .bounded(script.prepare_invoke().load_async(&mut conn))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes back everything a dead node counted, room by room; `on_gone(room, user, online)` for
+    /// each user left offline.
+    async fn reap_node(
+        &self,
+        node: &str,
+        on_gone: &(impl Fn(String, String, u64) + Send + Sync),
+    ) -> redis::RedisResult<usize> {
+        let mut conn = self.redis.conn.clone();
+        let index = self.rooms_of(node);
+        let rooms: Vec<String> = self
+            .redis
+            .bounded(redis::cmd("SMEMBERS").arg(&index).query_async(&mut conn))
+            .await?;
+        let mut users = 0;
+        for room in rooms {
+            let room_key = self.room_key(&room);
+            let mut invocation = self.reap.key(&room_key);
+            invocation
+                .key(format!("{room_key}:names"))
+                .key(self.counted(&room, node));
+            let gone: Vec<(String, u64)> = self
+                .redis
+                .bounded(invocation.invoke_async(&mut conn))
+                .await?;
+            users += gone.len();
+            for (user, online) in gone {
+                on_gone(room.clone(), user, online);
+            }
+            let mut srem = redis::cmd("SREM");
+            srem.arg(&index).arg(&room);
+            self.redis
+                .bounded(srem.query_async::<i64>(&mut conn))
+                .await?;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(&index).ignore();
+        pipe.cmd("SREM")
+            .arg(self.redis.key("presence:nodes"))
+            .arg(node)
+            .ignore();
+        self.redis
+            .bounded(pipe.query_async::<()>(&mut conn))
+            .await?;
+        Ok(users)
     }
 
     /// Keeps this node's lease alive and reaps nodes whose lease expired, until `stop`.
@@ -349,59 +419,70 @@ impl RedisPresence {
                 if alive {
                     continue;
                 }
-                let mut invocation = self.reap.key(self.node_set(node));
-                invocation.key(&nodes).arg(self.redis.key("")).arg(node);
-                let gone: Vec<redis::Value> = match self
-                    .redis
-                    .bounded(invocation.invoke_async(&mut conn))
-                    .await
-                {
-                    Ok(gone) => gone,
+                match self.reap_node(node, &on_gone).await {
+                    Ok(users) => tracing::info!(node, users, "reaped the presence of a dead node"),
                     Err(e) => {
-                        tracing::warn!(error = %e, node, "reaping a dead node's presence failed");
-                        continue;
-                    }
-                };
-                tracing::info!(
-                    node,
-                    users = gone.len() / 3,
-                    "reaped the presence of a dead node"
-                );
-                for triple in gone.chunks(3) {
-                    if let [room, user, online] = triple {
-                        let text = |v: &redis::Value| {
-                            redis::from_redis_value::<String>(v.clone()).unwrap_or_default()
-                        };
-                        let online = redis::from_redis_value::<u64>(online.clone()).unwrap_or(0);
-                        on_gone(text(room), text(user), online);
+                        tracing::warn!(error = %e, node, "reaping a dead node's presence failed")
                     }
                 }
             }
         }
     }
+
+    /// One pipeline for the transitions: each room's script call, and for an arrival the room
+    /// added to this node's rooms (its own shard on a cluster, so not in the script).
+    async fn record_once(&self, changes: &[PresenceChange]) -> redis::RedisResult<Vec<Outcome>> {
+        let rooms = self.rooms_of(&self.node);
+        let mut pipe = redis::pipe();
+        for change in changes {
+            if change.arrived {
+                pipe.cmd("SADD").arg(&rooms).arg(&change.room).ignore();
+            }
+            pipe.invoke_script(&self.invocation(change));
+        }
+        let mut conn = self.redis.conn.clone();
+        self.redis.bounded(pipe.query_async(&mut conn)).await
+    }
 }
 
 #[async_trait]
 impl Presence for RedisPresence {
-    /// One pipeline, one round trip: the two scripts are loaded (a no-op when Redis has them), then
-    /// called once per transition.
+    /// One pipeline, one round trip (scripts are loaded first when Redis does not have them:
+    /// a first start, a restart, a promoted replica). A room this node no longer counts anyone
+    /// in leaves its rooms with a second, rarer round trip.
     async fn record(&self, changes: &[PresenceChange]) -> Result<Vec<Option<u64>>, PresenceError> {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.arrive)
-            .ignore()
-            .load_script(&self.depart)
-            .ignore();
-        for change in changes {
-            pipe.invoke_script(&self.invocation(change));
+        let outcomes = match self.record_once(changes).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Arrivals and departures count once however often they are run: run them again.
+                self.load_scripts().await?;
+                self.record_once(changes).await?
+            }
+            other => other?,
+        };
+        // What the node counts in each room after the batch: its last transition there says.
+        let mut left: HashMap<&str, i64> = HashMap::new();
+        for (change, (_, count)) in changes.iter().zip(&outcomes) {
+            left.insert(&change.room, *count);
         }
-        let mut conn = self.redis.conn.clone();
-        let online: Vec<i64> = self.redis.bounded(pipe.query_async(&mut conn)).await?;
-        Ok(online
+        let emptied: Vec<&str> = left
             .into_iter()
-            .map(|n| (n >= 0).then_some(n as u64))
+            .filter(|(_, count)| *count == 0)
+            .map(|(room, _)| room)
+            .collect();
+        if !emptied.is_empty() {
+            let mut srem = redis::cmd("SREM");
+            srem.arg(self.rooms_of(&self.node)).arg(&emptied);
+            let mut conn = self.redis.conn.clone();
+            if let Err(e) = self.redis.bounded(srem.query_async::<i64>(&mut conn)).await {
+                tracing::debug!(error = %e, "rooms left empty not dropped from the node's set");
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|(n, _)| (n >= 0).then_some(n as u64))
             .collect())
     }
 

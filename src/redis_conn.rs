@@ -3,28 +3,178 @@
 //! prefix every key and channel carries. Commands on the shared connection are bounded by
 //! `redis.command_timeout_ms`, and fail at once while Redis is known down (see [`Health`]): a
 //! send during a Redis outage skips the cache append and the publish instead of waiting for them.
+//!
+//! Two topologies, chosen by `redis.url`: one Redis (`redis://`), or a Redis Cluster
+//! (`redis+cluster://host:port,host:port`, the seed nodes). On a cluster the command connection is
+//! the `redis` crate's cluster connection (one multiplexed connection per node, slots followed
+//! through `MOVED`/`ASK` and topology refreshes), and every key that one script or transaction
+//! touches together carries the same hash tag ([`RedisConn::tag`]): `{roomId}` for a room's keys,
+//! `{userId}` for a user's.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use secrecy::ExposeSecret;
 
 use crate::config::RedisSettings;
 use crate::health::Health;
 
+/// Where the node's Redis lives: one server, or a cluster known by its seed nodes.
+#[derive(Clone, Debug)]
+pub enum Topology {
+    Single(redis::Client),
+    /// Seed node URLs (`redis://[user:password@]host:port`); the rest is discovered.
+    Cluster(Vec<String>),
+}
+
+impl Topology {
+    /// Parses `redis.url`: `redis://…` (one server) or `redis+cluster://[user:password@]h:p,h:p`.
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        let Some(rest) = url.strip_prefix("redis+cluster://") else {
+            let client = redis::Client::open(url)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+            return Ok(Self::Single(client));
+        };
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (format!("{auth}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        let seeds: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|host| format!("redis://{auth}{host}"))
+            .collect();
+        if seeds.is_empty() {
+            anyhow::bail!(
+                "invalid configuration: redis.url: redis+cluster:// needs at least one host:port"
+            );
+        }
+        for seed in &seeds {
+            redis::Client::open(seed.as_str())
+                .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+        }
+        Ok(Self::Cluster(seeds))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A cluster client for these seeds (`None` timeout: no response timeout).
+    pub fn cluster_client(
+        seeds: &[String],
+        response_timeout: Option<Duration>,
+    ) -> redis::RedisResult<redis::cluster::ClusterClientBuilder> {
+        let mut builder = ClusterClient::builder(seeds.to_vec())
+            .connection_timeout(Duration::from_secs(2))
+            .retries(3)
+            .min_retry_wait(50)
+            .max_retry_wait(500);
+        if let Some(timeout) = response_timeout {
+            builder = builder.response_timeout(timeout);
+        }
+        Ok(builder)
+    }
+}
+
+/// A multiplexed command connection to one Redis or to a cluster; both reconnect by themselves
+/// and are cheap to clone.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// PING every server this connection needs (every primary of a cluster).
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(c) => redis::cmd("PING")
+                .query_async::<String>(c)
+                .await
+                .map(|_| ()),
+            Self::Cluster(c) => c
+                .route_command(
+                    redis::cmd("PING"),
+                    RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::AllSucceeded),
+                    )),
+                )
+                .await
+                .map(|_| ()),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RedisConn {
-    pub client: redis::Client,
-    /// Multiplexed, reconnects by itself; cheap to clone (one TCP connection per node). Never
+    pub topology: Topology,
+    /// Multiplexed, reconnects by itself; cheap to clone (one TCP connection per server). Never
     /// send a blocking command on it: it would hold up every other command of the node.
-    pub conn: ConnectionManager,
+    pub conn: Conn,
     pub prefix: String,
     /// Bound on every command through [`RedisConn::bounded`], reconnection time included.
     timeout: Duration,
     /// Whether Redis answers on this connection; [`RedisConn::bounded`] fails at once while not.
     pub health: Arc<Health>,
+}
+
+/// A command connection to `topology` (`None`: no response timeout).
+pub async fn connection(
+    topology: &Topology,
+    response_timeout: Option<Duration>,
+) -> anyhow::Result<Conn> {
+    let seeds = match topology {
+        Topology::Single(client) => {
+            return Ok(Conn::Single(manager(client, response_timeout).await?));
+        }
+        Topology::Cluster(seeds) => seeds,
+    };
+    let client = Topology::cluster_client(seeds, response_timeout)
+        .and_then(|b| b.build())
+        .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
+        .await
+        .map_err(|_| anyhow::anyhow!("redis.url: no answer from the Redis Cluster within 10 s"))?
+        .map_err(|e| anyhow::anyhow!("redis.url: cannot connect to the Redis Cluster: {e}"))?;
+    Ok(Conn::Cluster(conn))
 }
 
 async fn manager(
@@ -51,7 +201,16 @@ fn unreachable(e: &redis::RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_timeout()
-        || matches!(e.kind(), ErrorKind::Server(ServerErrorKind::BusyLoading))
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::TryAgain
+                )
+        )
 }
 
 fn timed_out() -> redis::RedisError {
@@ -66,10 +225,9 @@ impl RedisConn {
         name: &'static str,
         lost: Counter,
     ) -> anyhow::Result<Self> {
-        let client = redis::Client::open(settings.url.expose_secret())
-            .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
+        let topology = Topology::parse(settings.url.expose_secret())?;
         let timeout = Duration::from_millis(settings.command_timeout_ms.max(1));
-        let conn = manager(&client, Some(timeout)).await?;
+        let conn = connection(&topology, Some(timeout)).await?;
         let probe_conn = conn.clone();
         let health = Health::new(
             name,
@@ -77,15 +235,15 @@ impl RedisConn {
             Box::new(move || {
                 let mut conn = probe_conn.clone();
                 Box::pin(async move {
-                    // The PING also makes the manager reconnect when its connection is gone.
-                    let ping = redis::cmd("PING");
-                    let answer = ping.query_async::<String>(&mut conn);
-                    matches!(tokio::time::timeout(timeout, answer).await, Ok(Ok(_)))
+                    // The PING also makes the connection reconnect when it is gone; on a
+                    // cluster every primary must answer (a failover in progress is an outage).
+                    let answer = conn.ping();
+                    matches!(tokio::time::timeout(timeout, answer).await, Ok(Ok(())))
                 })
             }),
         );
         Ok(Self {
-            client,
+            topology,
             conn,
             prefix: settings.key_prefix.clone(),
             timeout,
@@ -95,13 +253,33 @@ impl RedisConn {
 
     /// A connection of its own, for blocking commands (XREADGROUP BLOCK). No response timeout:
     /// a blocking read legitimately waits for its BLOCK time.
-    pub async fn dedicated(&self) -> anyhow::Result<ConnectionManager> {
-        manager(&self.client, None).await
+    /// On a cluster, answers are bounded at 10 s (blocking reads block for less).
+    pub async fn dedicated(&self) -> anyhow::Result<Conn> {
+        let timeout = self
+            .topology
+            .is_cluster()
+            .then_some(Duration::from_secs(10));
+        connection(&self.topology, timeout).await
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.topology.is_cluster()
     }
 
     /// A key or channel name with this node's prefix.
     pub fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
+    }
+
+    /// The part of a key that decides its slot: `{id}` on a cluster, so that every key holding
+    /// `tag(id)` lives on one shard and one script may touch them together; `id` as is on one
+    /// Redis, whose key names stay what they always were.
+    pub fn tag<'a>(&self, id: &'a str) -> Cow<'a, str> {
+        if self.is_cluster() {
+            Cow::Owned(format!("{{{id}}}"))
+        } else {
+            Cow::Borrowed(id)
+        }
     }
 
     /// Runs a command, failing after `redis.command_timeout_ms`, and at once while Redis is known
@@ -143,8 +321,6 @@ impl RedisConn {
     /// PING, for readiness: false at once while Redis is known down.
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();
-        self.bounded(redis::cmd("PING").query_async::<String>(&mut conn))
-            .await
-            .is_ok()
+        self.bounded(async move { conn.ping().await }).await.is_ok()
     }
 }

@@ -986,6 +986,19 @@ impl RoomRegistry {
     pub fn resync_all(self: &Arc<Self>) {
         let hubs: Vec<Arc<RoomHub>> = self.hubs.iter().map(|e| e.value().clone()).collect();
         for hub in hubs {
+            self.resync(hub);
+        }
+    }
+
+    /// Catches one room up with the store (its subscription was lost and is back).
+    pub fn resync_room(self: &Arc<Self>, room: &str) {
+        if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {
+            self.resync(hub);
+        }
+    }
+
+    fn resync(self: &Arc<Self>, hub: Arc<RoomHub>) {
+        {
             let registry = self.clone();
             tokio::spawn(async move {
                 let after = {

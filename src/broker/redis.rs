@@ -18,6 +18,16 @@
 //! sees the seq again). Pub/sub is at-most-once: a message lost while the subscription is down is
 //! read from the store when the next message of the room reveals the gap, and every room is
 //! re-synchronized from the store as soon as the subscription is back.
+//!
+//! On a Redis Cluster the room's channel is sharded: `{prefix}chat:room:{{roomId}}` (the room id
+//! in braces is the hash tag), published with `SPUBLISH` and received with `SSUBSCRIBE` on the
+//! shard that owns its slot, so each shard carries only its own rooms' traffic. The `redis`
+//! crate's cluster connection (RESP3, pushes) routes each `SSUBSCRIBE` to the owner and
+//! re-subscribes after a reconnect or a topology change. What it does not do, done here: a shard
+//! that loses a slot (a migration, a failover) sends `sunsubscribe` for its channels, and the
+//! crate forgets them; a room still wanted is subscribed again (the crate follows `MOVED` to the
+//! new owner). Every re-confirmed subscription, whoever made it, catches that room up from the
+//! store, since what was published while it was away is lost.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,14 +40,19 @@ use bytes::Bytes;
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use redis::aio::PubSubSink;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::{Broker, BrokerError, EventSink, PresenceDiff, Published, RoomEvent};
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{RedisConn, Topology};
 
 const CHANNEL: &str = "chat:room:";
+
+/// Called when rooms must catch up from the store: one room (`Some`), or every room (`None`).
+pub type Resync = Arc<dyn Fn(Option<&str>) + Send + Sync>;
 
 pub struct RedisBroker {
     redis: RedisConn,
@@ -46,6 +61,7 @@ pub struct RedisBroker {
     /// while disconnected). One lock, held across the SUBSCRIBE round trip, keeps the order of
     /// subscribe/unsubscribe commands the order of the count changes.
     subscriptions: Mutex<Subscriptions>,
+    resync: Resync,
     connected: AtomicBool,
     /// How often the pub/sub connection is pinged (`redis.pubsub_keepalive_ms`); no answer
     /// within half of it means the connection is dead.
@@ -56,8 +72,43 @@ pub struct RedisBroker {
 
 #[derive(Default)]
 struct Subscriptions {
-    wanted: HashMap<String, usize>,
-    sink: Option<PubSubSink>,
+    wanted: HashMap<String, Wanted>,
+    sink: Option<Sink>,
+}
+
+/// A room this node wants to receive.
+#[derive(Default)]
+struct Wanted {
+    /// Hubs that want it.
+    count: usize,
+    /// Sharded only: a shard confirmed the subscription, and has not ended it since.
+    live: bool,
+    /// Sharded only: it was confirmed before, so the next confirmation is a re-subscription
+    /// (after a reconnect, a failover or a migration) and the room catches up from the store.
+    confirmed: bool,
+}
+
+/// The subscribing end: a RESP2 pub/sub connection to one Redis, or the cluster connection that
+/// carries the sharded subscriptions.
+enum Sink {
+    Plain(PubSubSink),
+    Sharded(ClusterConnection),
+}
+
+impl Sink {
+    async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Plain(sink) => sink.subscribe(channels).await,
+            Self::Sharded(conn) => conn.ssubscribe(channels).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Self::Plain(sink) => sink.unsubscribe(channel).await,
+            Self::Sharded(conn) => conn.sunsubscribe(channel).await,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -80,12 +131,12 @@ struct SeqOnly {
 }
 
 impl RedisBroker {
-    /// Creates the broker and starts its subscriber task (until `stop`). `on_resubscribed` runs
-    /// each time the subscription comes back after a loss, so rooms can catch up from the store.
+    /// Creates the broker and starts its subscriber task (until `stop`). `resync` runs each time
+    /// a subscription comes back after a loss, so rooms can catch up from the store.
     pub fn start(
         redis: RedisConn,
         sink: Arc<dyn EventSink>,
-        on_resubscribed: Arc<dyn Fn() + Send + Sync>,
+        resync: Resync,
         keepalive: Duration,
         reconnects: Counter,
         stop: CancellationToken,
@@ -94,11 +145,19 @@ impl RedisBroker {
             redis,
             sink,
             subscriptions: Mutex::new(Subscriptions::default()),
+            resync,
             connected: AtomicBool::new(false),
             keepalive,
             reconnects,
         });
-        tokio::spawn(broker.clone().subscriber(on_resubscribed, stop));
+        match &broker.redis.topology {
+            Topology::Single(client) => {
+                tokio::spawn(broker.clone().subscriber(client.clone(), stop));
+            }
+            Topology::Cluster(seeds) => {
+                tokio::spawn(broker.clone().sharded_subscriber(seeds.clone(), stop));
+            }
+        }
         broker
     }
 
@@ -107,27 +166,34 @@ impl RedisBroker {
     }
 
     fn channel(&self, room: &str) -> String {
-        self.redis.key(&format!("{CHANNEL}{room}"))
+        self.redis
+            .key(&format!("{CHANNEL}{}", self.redis.tag(room)))
+    }
+
+    /// The room a channel name carries, if it is a room channel of this gateway.
+    fn room_of<'a>(&self, prefix: &str, channel: &'a str) -> Option<&'a str> {
+        let room = channel.strip_prefix(prefix)?;
+        if self.redis.is_cluster() {
+            room.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(room)
+        }
     }
 
     /// Keeps one pub/sub connection up: (re)connects, subscribes to every wanted room, forwards.
-    async fn subscriber(
-        self: Arc<Self>,
-        on_resubscribed: Arc<dyn Fn() + Send + Sync>,
-        stop: CancellationToken,
-    ) {
+    async fn subscriber(self: Arc<Self>, client: redis::Client, stop: CancellationToken) {
         let prefix = self.redis.key(CHANNEL);
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {
             let connected = async {
-                let (mut sink, stream) = self.redis.client.get_async_pubsub().await?.split();
+                let (mut sink, stream) = client.get_async_pubsub().await?.split();
                 let mut subs = self.subscriptions.lock().await;
                 let channels: Vec<String> = subs.wanted.keys().map(|r| self.channel(r)).collect();
                 if !channels.is_empty() {
                     sink.subscribe(&channels).await?;
                 }
-                subs.sink = Some(sink);
+                subs.sink = Some(Sink::Plain(sink));
                 Ok::<_, redis::RedisError>(stream)
             };
             let mut stream = tokio::select! {
@@ -149,7 +215,7 @@ impl RedisBroker {
             self.connected.store(true, Ordering::Relaxed);
             if !first {
                 tracing::info!("redis pub/sub back; re-synchronizing rooms from the store");
-                on_resubscribed();
+                (self.resync)(None);
             }
             first = false;
             // A connection that silently stopped carrying packets never ends the stream: ping it.
@@ -159,7 +225,10 @@ impl RedisBroker {
                 let msg = tokio::select! {
                     m = stream.next() => m,
                     _ = keepalive.tick() => {
-                        let sink = self.subscriptions.lock().await.sink.clone();
+                        let sink = match &self.subscriptions.lock().await.sink {
+                            Some(Sink::Plain(sink)) => Some(sink.clone()),
+                            _ => None,
+                        };
                         let answer = match sink {
                             Some(mut sink) => {
                                 tokio::time::timeout(self.keepalive / 2, sink.ping::<redis::Value>())
@@ -179,7 +248,7 @@ impl RedisBroker {
                     _ = stop.cancelled() => return,
                 };
                 let Some(msg) = msg else { break };
-                let Some(room) = msg.get_channel_name().strip_prefix(&prefix) else {
+                let Some(room) = self.room_of(&prefix, msg.get_channel_name()) else {
                     continue;
                 };
                 self.forward(room, msg.get_payload_bytes());
@@ -188,6 +257,192 @@ impl RedisBroker {
             self.subscriptions.lock().await.sink = None;
             self.reconnects.inc();
             tracing::warn!("redis pub/sub connection lost; reconnecting");
+        }
+    }
+
+    /// The sharded subscriptions of a cluster: one cluster connection (RESP3) whose pushes come
+    /// here. It reconnects and re-subscribes by itself; this task re-subscribes what a shard
+    /// ended (`sunsubscribe` when a slot moved away), catches rooms up on every re-confirmation,
+    /// and pings every primary: two unanswered rounds rebuild the connection from the seeds.
+    async fn sharded_subscriber(self: Arc<Self>, seeds: Vec<String>, stop: CancellationToken) {
+        let prefix = self.redis.key(CHANNEL);
+        let mut backoff = Duration::from_millis(100);
+        let mut first = true;
+        loop {
+            let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
+            let connected = async {
+                let timeout = self.keepalive.max(Duration::from_secs(2));
+                let client = Topology::cluster_client(&seeds, Some(timeout))?
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(tx)
+                    .build()?;
+                let mut conn = client.get_async_connection().await?;
+                let mut subs = self.subscriptions.lock().await;
+                let channels: Vec<String> = subs.wanted.keys().map(|r| self.channel(r)).collect();
+                for want in subs.wanted.values_mut() {
+                    want.live = false;
+                    want.confirmed = false;
+                }
+                if !channels.is_empty() {
+                    conn.ssubscribe(&channels).await?;
+                }
+                subs.sink = Some(Sink::Sharded(conn.clone()));
+                Ok::<_, redis::RedisError>(conn)
+            };
+            let mut conn = tokio::select! {
+                r = connected => match r {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "redis cluster pub/sub unavailable; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            backoff = Duration::from_millis(100);
+            self.connected.store(true, Ordering::Relaxed);
+            if !first {
+                tracing::info!("redis cluster pub/sub back; re-synchronizing rooms from the store");
+                (self.resync)(None);
+            }
+            first = false;
+            let mut keepalive = tokio::time::interval(self.keepalive);
+            keepalive.tick().await;
+            let mut unanswered = 0;
+            loop {
+                tokio::select! {
+                    push = pushes.recv() => {
+                        let Some(push) = push else { break };
+                        self.on_push(&prefix, push).await;
+                    }
+                    _ = keepalive.tick() => {
+                        let ping = conn.route_command(
+                            redis::cmd("PING"),
+                            redis::cluster_routing::RoutingInfo::MultiNode((
+                                redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                                Some(redis::cluster_routing::ResponsePolicy::AllSucceeded),
+                            )),
+                        );
+                        match tokio::time::timeout(self.keepalive / 2, ping).await {
+                            Ok(Ok(_)) => unanswered = 0,
+                            Ok(Err(e)) => {
+                                unanswered += 1;
+                                tracing::warn!(error = %e, "redis cluster ping failed");
+                            }
+                            Err(_) => {
+                                unanswered += 1;
+                                tracing::warn!("redis cluster ping unanswered");
+                            }
+                        }
+                        if unanswered >= 2 {
+                            break;
+                        }
+                        self.resubscribe_lost(&mut conn).await;
+                    }
+                    _ = stop.cancelled() => return,
+                }
+            }
+            self.connected.store(false, Ordering::Relaxed);
+            self.subscriptions.lock().await.sink = None;
+            self.reconnects.inc();
+            tracing::warn!("redis cluster pub/sub connection lost; reconnecting");
+        }
+    }
+
+    /// One push of the sharded subscriptions' connection.
+    async fn on_push(&self, prefix: &str, push: PushInfo) {
+        let channel = |push: &PushInfo| match push.data.first() {
+            Some(redis::Value::BulkString(name)) => {
+                std::str::from_utf8(name).ok().map(str::to_owned)
+            }
+            _ => None,
+        };
+        match push.kind {
+            PushKind::SMessage => {
+                let (Some(channel), Some(redis::Value::BulkString(payload))) =
+                    (channel(&push), push.data.get(1))
+                else {
+                    return;
+                };
+                if let Some(room) = self.room_of(prefix, &channel) {
+                    self.forward(room, payload);
+                }
+            }
+            PushKind::SSubscribe => {
+                let Some(channel) = channel(&push) else {
+                    return;
+                };
+                let Some(room) = self.room_of(prefix, &channel) else {
+                    return;
+                };
+                let mut subs = self.subscriptions.lock().await;
+                let Some(want) = subs.wanted.get_mut(room) else {
+                    return;
+                };
+                want.live = true;
+                if std::mem::replace(&mut want.confirmed, true) {
+                    drop(subs);
+                    tracing::info!(room, "room re-subscribed; catching up from the store");
+                    (self.resync)(Some(room));
+                }
+            }
+            PushKind::SUnsubscribe => {
+                let Some(channel) = channel(&push) else {
+                    return;
+                };
+                let Some(room) = self.room_of(prefix, &channel) else {
+                    return;
+                };
+                let mut subs = self.subscriptions.lock().await;
+                let Some(want) = subs.wanted.get_mut(room) else {
+                    return;
+                };
+                // Still wanted: the shard ended it (its slot moved). Subscribe again at once; the
+                // cluster connection follows MOVED to the slot's new owner.
+                want.live = false;
+                tracing::info!(
+                    room,
+                    "a shard ended the room's subscription; subscribing again"
+                );
+                let channel = self.channel(room);
+                if let Some(sink) = subs.sink.as_mut()
+                    && let Err(e) = sink.subscribe(&[channel]).await
+                {
+                    tracing::warn!(room, error = %e, "re-subscribing failed; retrying on the next ping");
+                }
+            }
+            PushKind::Disconnection => {
+                self.reconnects.inc();
+                tracing::warn!(
+                    "a redis cluster pub/sub connection dropped; the cluster connection reconnects"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Subscribes again to every wanted room no shard has confirmed (a re-subscription that
+    /// failed while its slot had no owner).
+    async fn resubscribe_lost(&self, conn: &mut ClusterConnection) {
+        let subs = self.subscriptions.lock().await;
+        let lost: Vec<String> = subs
+            .wanted
+            .iter()
+            .filter(|(_, want)| !want.live)
+            .map(|(room, _)| self.channel(room))
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        for channel in &lost {
+            if let Err(e) = conn.ssubscribe(channel).await {
+                tracing::warn!(channel, error = %e, "re-subscribing failed; retrying on the next ping");
+            }
         }
     }
 
@@ -275,7 +530,11 @@ impl Broker for RedisBroker {
             RoomEvent::Ephemeral { .. } | RoomEvent::Head { .. } | RoomEvent::Presence(_) => {}
         }
         let mut conn = self.redis.conn.clone();
-        let mut publish = redis::cmd("PUBLISH");
+        let mut publish = redis::cmd(if self.redis.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        });
         publish.arg(self.channel(room)).arg(payload.as_ref());
         self.redis
             .bounded(publish.query_async::<i64>(&mut conn))
@@ -289,9 +548,9 @@ impl Broker for RedisBroker {
 
     async fn subscribe(&self, room: &str) -> Result<(), BrokerError> {
         let mut subs = self.subscriptions.lock().await;
-        let count = subs.wanted.entry(room.to_string()).or_insert(0);
-        *count += 1;
-        if *count > 1 {
+        let want = subs.wanted.entry(room.to_string()).or_default();
+        want.count += 1;
+        if want.count > 1 {
             return Ok(());
         }
         let channel = self.channel(room);
@@ -299,7 +558,7 @@ impl Broker for RedisBroker {
             // Disconnected: the subscriber subscribes to every wanted room when it is back.
             return Ok(());
         };
-        if let Err(e) = sink.subscribe(&channel).await {
+        if let Err(e) = sink.subscribe(&[channel]).await {
             subs.wanted.remove(room);
             return Err(BrokerError(e.to_string()));
         }
@@ -308,11 +567,11 @@ impl Broker for RedisBroker {
 
     async fn unsubscribe(&self, room: &str) {
         let mut subs = self.subscriptions.lock().await;
-        let Some(count) = subs.wanted.get_mut(room) else {
+        let Some(want) = subs.wanted.get_mut(room) else {
             return;
         };
-        *count -= 1;
-        if *count > 0 {
+        want.count -= 1;
+        if want.count > 0 {
             return;
         }
         subs.wanted.remove(room);

@@ -110,6 +110,7 @@ impl RedisHistoryCache {
     }
 
     fn room_key(&self, room: &str, what: &str) -> String {
+        let room = self.redis.tag(room);
         self.redis.key(&format!("messages:{room}:{what}"))
     }
 
@@ -118,7 +119,7 @@ impl RedisHistoryCache {
     }
 }
 
-/// The seed's key of an older page.
+/// The seed's key of an older page (`room` tagged on a cluster, as the room's other keys).
 fn older_key(room: &str, limit: u32, before: i64) -> String {
     format!("messages:{room}:{limit}:{before}")
 }
@@ -262,7 +263,9 @@ impl HistoryCache for RedisHistoryCache {
 
     async fn older(&self, room: &str, limit: u32, before: i64) -> Option<Utf8Bytes> {
         let mut conn = self.redis.conn.clone();
-        let key = self.redis.key(&older_key(room, limit, before));
+        let key = self
+            .redis
+            .key(&older_key(&self.redis.tag(room), limit, before));
         let found: Result<Option<String>, _> = self
             .redis
             .bounded(redis::cmd("GET").arg(key).query_async(&mut conn))
@@ -281,7 +284,9 @@ impl HistoryCache for RedisHistoryCache {
 
     async fn put_older(&self, room: &str, limit: u32, before: i64, page: Utf8Bytes) {
         let mut conn = self.redis.conn.clone();
-        let key = self.redis.key(&older_key(room, limit, before));
+        let key = self
+            .redis
+            .key(&older_key(&self.redis.tag(room), limit, before));
         let result: Result<(), _> = self
             .redis
             .bounded(

@@ -42,10 +42,12 @@ struct Keys {
 
 impl Keys {
     fn new(redis: &RedisConn) -> Self {
+        // One hash tag on a cluster: the promote script and the retry MULTI touch them together.
+        let jobs = redis.tag("chat:jobs");
         Self {
-            stream: redis.key("chat:jobs"),
-            retry: redis.key("chat:jobs:retry"),
-            dead: redis.key("chat:jobs:dead"),
+            stream: redis.key(&jobs),
+            retry: redis.key(&format!("{jobs}:retry")),
+            dead: redis.key(&format!("{jobs}:dead")),
         }
     }
 }
@@ -237,7 +239,7 @@ pub async fn run_worker(
 async fn ensure_group(
     worker: &Worker,
     keys: &Keys,
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::Conn,
 ) -> redis::RedisResult<()> {
     let created: redis::RedisResult<String> = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -268,7 +270,7 @@ async fn ensure_group(
 async fn process(
     worker: &Worker,
     keys: &Keys,
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::Conn,
     metrics: &Metrics,
     entries: Vec<StreamId>,
 ) -> redis::RedisResult<()> {

@@ -1,7 +1,10 @@
 //! Send rate limits held in Redis, so they apply to the cluster as a whole: a user with sockets on
-//! two nodes, or sending over REST to a third, gets one budget. Both buckets (user, room) are
-//! checked and spent in one script call: one round trip per send, atomic, timed by Redis' own
-//! clock (so nodes' clocks do not matter). The algorithm is GCRA, the same as the in-process limiter.
+//! two nodes, or sending over REST to a third, gets one budget. On one Redis both buckets (user,
+//! room) are checked and spent in one script call: one round trip per send, atomic, timed by
+//! Redis' own clock (so nodes' clocks do not matter). On a Redis Cluster the two buckets live on
+//! the shards of `{userId}` and `{roomId}`: the user's is spent first, and the room's only when
+//! the user's allowed the send (two round trips), so a refused sender never drains a room's
+//! budget. The algorithm is GCRA, the same as the in-process limiter.
 //!
 //! When Redis is unreachable sends are allowed (and a warning is logged): refusing every send
 //! because the limiter is down would turn a Redis outage into a chat outage.
@@ -39,10 +42,10 @@ impl RedisRateLimiter {
                 redis.call('SET', key, string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1000)
                 return 0
               end
-              local wait = spend(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
-              if wait > 0 then return {1, wait} end
-              wait = spend(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
-              if wait > 0 then return {2, wait} end
+              for i = 1, #KEYS do
+                local wait = spend(KEYS[i], tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]))
+                if wait > 0 then return {i, wait} end
+              end
               return {0, 0}",
         );
         let interval = |per_second: u32| 1_000_000 / u64::from(per_second.max(1));
@@ -55,21 +58,40 @@ impl RedisRateLimiter {
     }
 }
 
+impl RedisRateLimiter {
+    /// Spends one send from each bucket in turn (key, (interval, burst)); `(i, wait)` names the
+    /// first (1-based) that refused, `(0, 0)` when all allowed.
+    async fn spend(&self, buckets: &[(&str, (u64, u32))]) -> redis::RedisResult<(i64, i64)> {
+        let mut conn = self.redis.conn.clone();
+        let mut invocation = self.script.prepare_invoke();
+        for (key, (interval, burst)) in buckets {
+            invocation.key(*key).arg(*interval).arg(*burst);
+        }
+        self.redis.bounded(invocation.invoke_async(&mut conn)).await
+    }
+}
+
 #[async_trait]
 impl RateLimiter for RedisRateLimiter {
     async fn check_send(&self, user: &str, room: &str) -> Result<(), Refused> {
-        let mut conn = self.redis.conn.clone();
-        let mut invocation = self
-            .script
-            .key(self.redis.key(&format!("chat:rl:user:{user}")));
-        invocation
-            .key(self.redis.key(&format!("chat:rl:room:{room}")))
-            .arg(self.user.0)
-            .arg(self.user.1)
-            .arg(self.room.0)
-            .arg(self.room.1);
-        let result: Result<(i64, i64), _> =
-            self.redis.bounded(invocation.invoke_async(&mut conn)).await;
+        let user_key = self
+            .redis
+            .key(&format!("chat:rl:user:{}", self.redis.tag(user)));
+        let room_key = self
+            .redis
+            .key(&format!("chat:rl:room:{}", self.redis.tag(room)));
+        let result = if self.redis.is_cluster() {
+            match self.spend(&[(&user_key, self.user)]).await {
+                Ok((0, _)) => self
+                    .spend(&[(&room_key, self.room)])
+                    .await
+                    .map(|(which, wait)| (if which == 0 { 0 } else { 2 }, wait)),
+                other => other,
+            }
+        } else {
+            self.spend(&[(&user_key, self.user), (&room_key, self.room)])
+                .await
+        };
         match result {
             Ok((0, _)) => Ok(()),
             Ok((which, wait_us)) => Err(Refused {

@@ -516,28 +516,55 @@ pub fn assert_latest_page_holds(reply: &Value, seq: i64, who: &str) {
 
 /// The Redis the Redis suites use: `TEST_REDIS_URL`, else the local default. When it is not
 /// reachable the suite is skipped with a plain message, except under `CI=true`, where that fails.
+/// A `redis+cluster://` URL runs the suites against a Redis Cluster (`.ci/redis-cluster`).
 pub async fn redis_url() -> Option<String> {
     let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    reachable_redis(
+        url,
+        "Start redis-server on 127.0.0.1:6379 or set TEST_REDIS_URL to run it.",
+    )
+    .await
+}
+
+/// `url` when a PING through it answers (every primary, on a cluster); else skips (`None`, with
+/// `how` to enable it), or fails under `CI=true`.
+pub async fn reachable_redis(url: String, how: &str) -> Option<String> {
     let reachable = async {
-        let client = redis::Client::open(url.as_str()).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let mut conn = redis_target_conn(&url).await.ok()?;
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
             .ok()
     };
-    match tokio::time::timeout(Duration::from_secs(2), reachable).await {
+    match tokio::time::timeout(Duration::from_secs(5), reachable).await {
         Ok(Some(_)) => Some(url),
         _ if std::env::var("CI").as_deref() == Ok("true") => {
             panic!("Redis is unreachable at {url} and CI=true: the Redis suites must run in CI")
         }
         _ => {
-            eprintln!(
-                "SKIPPED: Redis suite (no Redis at {url}). Start redis-server on 127.0.0.1:6379 \
-                 or set TEST_REDIS_URL to run it."
-            );
+            eprintln!("SKIPPED: Redis suite (no Redis at {url}). {how}");
             None
         }
+    }
+}
+
+/// A command connection to a test's Redis, one server or a cluster.
+pub async fn redis_target_conn(url: &str) -> anyhow::Result<chat_gateway::redis_conn::Conn> {
+    let topology = chat_gateway::redis_conn::Topology::parse(url)?;
+    chat_gateway::redis_conn::connection(&topology, Some(Duration::from_secs(5))).await
+}
+
+/// Whether `url` names a Redis Cluster.
+pub fn is_cluster(url: &str) -> bool {
+    url.starts_with("redis+cluster://")
+}
+
+/// What a room's keys and channel carry for its id: `{id}` on a cluster (the hash tag).
+pub fn tag(url: &str, id: &str) -> String {
+    if is_cluster(url) {
+        format!("{{{id}}}")
+    } else {
+        id.to_string()
     }
 }
 
