@@ -16,6 +16,8 @@ use prometheus_client::metrics::counter::Counter;
 /// First wait between two probes; it doubles up to [`PROBE_MAX`].
 const PROBE_FIRST: Duration = Duration::from_millis(50);
 const PROBE_MAX: Duration = Duration::from_millis(1000);
+/// A loss this soon after a recovery is the same outage: probed at [`PROBE_MAX`] from the start.
+const FLAPPING: Duration = Duration::from_secs(5);
 
 /// Asks the dependency whether it answers; must bound its own wait.
 pub type Probe = Box<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
@@ -33,6 +35,10 @@ pub struct Health {
     /// Runs after each recovery (set once, after construction: Redis asks the rooms to catch up
     /// with the store, since publishes were skipped while it was down).
     on_recovered: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// When it last came back: a dependency that fails again soon after (one shard of a Redis
+    /// Cluster down while the others answer the probe) is probed at the slowest pace, so it
+    /// cannot flap, and run `on_recovered`, ten times a second.
+    recovered_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Health {
@@ -46,6 +52,7 @@ impl Health {
             runtime: tokio::runtime::Handle::current(),
             lost,
             on_recovered: OnceLock::new(),
+            recovered_at: std::sync::Mutex::new(None),
         })
     }
 
@@ -71,8 +78,13 @@ impl Health {
         self.lost.inc();
         tracing::warn!(dependency = self.name, error = %why, "unreachable; failing fast until it answers again");
         let health = self.clone();
+        let flapping = self
+            .recovered_at
+            .lock()
+            .unwrap()
+            .is_some_and(|at| at.elapsed() < FLAPPING);
         self.runtime.spawn(async move {
-            let mut wait = PROBE_FIRST;
+            let mut wait = if flapping { PROBE_MAX } else { PROBE_FIRST };
             loop {
                 tokio::time::sleep(wait).await;
                 if (health.probe)().await {
@@ -80,6 +92,7 @@ impl Health {
                 }
                 wait = (wait * 2).min(PROBE_MAX);
             }
+            *health.recovered_at.lock().unwrap() = Some(std::time::Instant::now());
             health.up.store(true, Ordering::Release);
             tracing::info!(dependency = health.name, "reachable again");
             if let Some(f) = health.on_recovered.get() {

@@ -294,7 +294,27 @@ fn backing(
             }
         }
         Some((conn, presence_conn)) => {
-            let resync: broker::redis::Resync = {
+            let cache: Arc<dyn cache::HistoryCache> =
+                Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl, tail_len));
+            let resync: broker::redis::Resync = if conn.is_cluster() {
+                // A re-subscription on a cluster may follow a failover, whose new primary can
+                // miss the last cache appends of the old one (replication is asynchronous): the
+                // room's tail goes too, and its next read comes from the store.
+                let (registry, cache) = (registry.clone(), cache.clone());
+                Arc::new(move |room: Option<&str>| {
+                    let rooms = match room {
+                        Some(room) => vec![room.to_string()],
+                        None => registry.room_ids(),
+                    };
+                    let (registry, cache) = (registry.clone(), cache.clone());
+                    tokio::spawn(async move {
+                        for room in rooms {
+                            cache.forget(&room).await;
+                            registry.resync_room(&room);
+                        }
+                    });
+                })
+            } else {
                 let registry = registry.clone();
                 Arc::new(move |room: Option<&str>| match room {
                     Some(room) => registry.resync_room(room),
@@ -322,7 +342,7 @@ fn backing(
                 presence: redis_presence.clone(),
                 redis_presence: Some(redis_presence),
                 broker: broker.clone(),
-                cache: Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl, tail_len)),
+                cache,
                 queue: Arc::new(RedisJobQueue::new(conn.clone())),
                 limiter: if enabled {
                     Arc::new(RedisRateLimiter::new(conn.clone(), &settings.rate_limit))

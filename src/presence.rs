@@ -358,14 +358,14 @@ impl RedisPresence {
                 .bounded(srem.query_async::<i64>(&mut conn))
                 .await?;
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(&index).ignore();
-        pipe.cmd("SREM")
-            .arg(self.redis.key("presence:nodes"))
-            .arg(node)
-            .ignore();
+        // Two keys of two slots: two commands (a cluster pipeline must keep to one slot).
+        let mut del = redis::cmd("DEL");
+        del.arg(&index);
+        self.redis.bounded(del.query_async::<()>(&mut conn)).await?;
+        let mut srem = redis::cmd("SREM");
+        srem.arg(self.redis.key("presence:nodes")).arg(node);
         self.redis
-            .bounded(pipe.query_async::<()>(&mut conn))
+            .bounded(srem.query_async::<()>(&mut conn))
             .await?;
         Ok(users)
     }
@@ -386,15 +386,19 @@ impl RedisPresence {
             }
             let mut conn = self.redis.conn.clone();
             let lease_key = self.redis.key(&format!("presence:lease:{}", self.node));
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET")
-                .arg(&lease_key)
+            let mut set = redis::cmd("SET");
+            set.arg(&lease_key)
                 .arg(1)
                 .arg("PX")
-                .arg(self.lease.as_millis() as u64)
-                .ignore();
-            pipe.cmd("SADD").arg(&nodes).arg(&self.node).ignore();
-            if let Err(e) = self.redis.bounded(pipe.query_async::<()>(&mut conn)).await {
+                .arg(self.lease.as_millis() as u64);
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(&nodes).arg(&self.node);
+            let renewed = async {
+                self.redis.bounded(set.query_async::<()>(&mut conn)).await?;
+                let mut conn = self.redis.conn.clone();
+                self.redis.bounded(sadd.query_async::<()>(&mut conn)).await
+            };
+            if let Err(e) = renewed.await {
                 tracing::warn!(error = %e, "presence lease not renewed");
                 continue;
             }
@@ -433,6 +437,11 @@ impl RedisPresence {
     /// added to this node's rooms (its own shard on a cluster, so not in the script).
     async fn record_once(&self, changes: &[PresenceChange]) -> redis::RedisResult<Vec<Outcome>> {
         let rooms = self.rooms_of(&self.node);
+        if self.redis.is_cluster() {
+            // A cluster pipeline must keep to one slot: the calls go out together instead, and
+            // the cluster connection batches each shard's share on its connection.
+            return self.record_sharded(&rooms, changes).await;
+        }
         let mut pipe = redis::pipe();
         for change in changes {
             if change.arrived {
@@ -442,6 +451,34 @@ impl RedisPresence {
         }
         let mut conn = self.redis.conn.clone();
         self.redis.bounded(pipe.query_async(&mut conn)).await
+    }
+
+    async fn record_sharded(
+        &self,
+        rooms: &str,
+        changes: &[PresenceChange],
+    ) -> redis::RedisResult<Vec<Outcome>> {
+        let arrived: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.arrived)
+            .map(|c| c.room.as_str())
+            .collect();
+        if !arrived.is_empty() {
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(rooms).arg(&arrived);
+            let mut conn = self.redis.conn.clone();
+            self.redis
+                .bounded(sadd.query_async::<()>(&mut conn))
+                .await?;
+        }
+        let calls = changes.iter().map(|change| async move {
+            let mut conn = self.redis.conn.clone();
+            let invocation = self.invocation(change);
+            invocation.invoke_async::<Outcome>(&mut conn).await
+        });
+        self.redis
+            .bounded(futures::future::try_join_all(calls))
+            .await
     }
 }
 

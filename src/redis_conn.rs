@@ -129,18 +129,38 @@ impl Conn {
                 .query_async::<String>(c)
                 .await
                 .map(|_| ()),
-            Self::Cluster(c) => c
-                .route_command(
+            Self::Cluster(c) => {
+                c.route_command(
                     redis::cmd("PING"),
                     RoutingInfo::MultiNode((
                         MultipleNodeRoutingInfo::AllMasters,
                         Some(ResponsePolicy::AllSucceeded),
                     )),
                 )
-                .await
-                .map(|_| ()),
+                .await?;
+                // The PING reaches the primaries the connection holds; the cluster's own view
+                // says whether a primary that owns slots is failing or unreachable.
+                let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(c).await?;
+                match nodes.lines().find(|line| primary_down(line)) {
+                    Some(line) => Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "a primary of the cluster is down",
+                        line.to_string(),
+                    ))),
+                    None => Ok(()),
+                }
+            }
         }
     }
+}
+
+/// Whether a line of CLUSTER NODES is a primary that owns slots and is failing or disconnected
+/// (`id addr flags primary ping pong epoch link slots…`).
+fn primary_down(line: &str) -> bool {
+    let fields: Vec<&str> = line.split(' ').collect();
+    fields.len() > 8
+        && fields[2].contains("master")
+        && (fields[2].contains("fail") || fields[7] != "connected")
 }
 
 #[derive(Clone)]
@@ -208,7 +228,6 @@ fn unreachable(e: &redis::RedisError) -> bool {
                     ServerErrorKind::BusyLoading
                         | ServerErrorKind::ClusterDown
                         | ServerErrorKind::MasterDown
-                        | ServerErrorKind::TryAgain
                 )
         )
 }

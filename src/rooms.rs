@@ -990,6 +990,11 @@ impl RoomRegistry {
         }
     }
 
+    /// The rooms with local members.
+    pub fn room_ids(&self) -> Vec<String> {
+        self.hubs.iter().map(|e| e.key().to_string()).collect()
+    }
+
     /// Catches one room up with the store (its subscription was lost and is back).
     pub fn resync_room(self: &Arc<Self>, room: &str) {
         if let Some(hub) = self.hubs.get(room).map(|h| h.clone()) {

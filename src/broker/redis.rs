@@ -50,6 +50,8 @@ use super::{Broker, BrokerError, EventSink, PresenceDiff, Published, RoomEvent};
 use crate::redis_conn::{RedisConn, Topology};
 
 const CHANNEL: &str = "chat:room:";
+/// How often a cluster's rooms whose subscription was lost are subscribed again.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_millis(250);
 
 /// Called when rooms must catch up from the store: one room (`Some`), or every room (`None`).
 pub type Resync = Arc<dyn Fn(Option<&str>) + Send + Sync>;
@@ -313,6 +315,8 @@ impl RedisBroker {
             first = false;
             let mut keepalive = tokio::time::interval(self.keepalive);
             keepalive.tick().await;
+            let mut retry = tokio::time::interval(RESUBSCRIBE_EVERY);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut unanswered = 0;
             loop {
                 tokio::select! {
@@ -320,6 +324,7 @@ impl RedisBroker {
                         let Some(push) = push else { break };
                         self.on_push(&prefix, push).await;
                     }
+                    _ = retry.tick() => self.resubscribe_lost(&conn).await,
                     _ = keepalive.tick() => {
                         let ping = conn.route_command(
                             redis::cmd("PING"),
@@ -342,7 +347,6 @@ impl RedisBroker {
                         if unanswered >= 2 {
                             break;
                         }
-                        self.resubscribe_lost(&mut conn).await;
                     }
                     _ = stop.cancelled() => return,
                 }
@@ -417,33 +421,40 @@ impl RedisBroker {
                 }
             }
             PushKind::Disconnection => {
+                // Which shard is not said: every room is subscribed again until a shard
+                // confirms it (a shard that still has it confirms at once; the rooms of a dead
+                // one wait for the promoted replica), and each confirmation catches its room up.
                 self.reconnects.inc();
                 tracing::warn!(
-                    "a redis cluster pub/sub connection dropped; the cluster connection reconnects"
+                    "a redis cluster pub/sub connection dropped; subscribing every room again"
                 );
+                let mut subs = self.subscriptions.lock().await;
+                for want in subs.wanted.values_mut() {
+                    want.live = false;
+                }
             }
             _ => {}
         }
     }
 
-    /// Subscribes again to every wanted room no shard has confirmed (a re-subscription that
-    /// failed while its slot had no owner).
-    async fn resubscribe_lost(&self, conn: &mut ClusterConnection) {
-        let subs = self.subscriptions.lock().await;
-        let lost: Vec<String> = subs
-            .wanted
-            .iter()
-            .filter(|(_, want)| !want.live)
-            .map(|(room, _)| self.channel(room))
-            .collect();
-        if lost.is_empty() {
-            return;
-        }
-        for channel in &lost {
+    /// Subscribes again to every wanted room no shard has confirmed since it was lost (a
+    /// dropped connection, a slot with no owner yet), all at once and without holding the lock.
+    async fn resubscribe_lost(&self, conn: &ClusterConnection) {
+        let lost: Vec<String> = {
+            let subs = self.subscriptions.lock().await;
+            subs.wanted
+                .iter()
+                .filter(|(_, want)| !want.live)
+                .map(|(room, _)| self.channel(room))
+                .collect()
+        };
+        let calls = lost.iter().map(|channel| async move {
+            let mut conn = conn.clone();
             if let Err(e) = conn.ssubscribe(channel).await {
-                tracing::warn!(channel, error = %e, "re-subscribing failed; retrying on the next ping");
+                tracing::debug!(channel, error = %e, "re-subscribing failed; retrying");
             }
-        }
+        });
+        futures::future::join_all(calls).await;
     }
 
     fn forward(&self, room: &str, payload: &[u8]) {

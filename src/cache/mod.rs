@@ -167,6 +167,9 @@ pub trait HistoryCache: Send + Sync + 'static {
     async fn older(&self, room: &str, limit: u32, before: i64) -> Option<Utf8Bytes>;
     /// Stores an older page whose newest message is `before - 1` (so no send can change it).
     async fn put_older(&self, room: &str, limit: u32, before: i64, page: Utf8Bytes);
+    /// Drops the room's tail, and any store read in flight for it: the tail may miss acknowledged
+    /// messages (a Redis Cluster shard failed over before its replica had the last appends).
+    async fn forget(&self, room: &str);
 }
 
 /// In-process cache, bounded by `cache.max_bytes` of cached JSON (plus bookkeeping per entry).
@@ -397,6 +400,13 @@ impl HistoryCache for MemoryHistoryCache {
         };
         let expires_at = Instant::now() + self.ttl;
         self.entries.insert(key, Entry::Older { page, expires_at });
+    }
+
+    async fn forget(&self, room: &str) {
+        let mut generation = self.lock_room(room);
+        *generation += 1;
+        self.entries.invalidate(&(room, None) as &dyn KeyParts);
+        drop(generation);
     }
 }
 

@@ -87,6 +87,12 @@ end
 redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. complete, 'KEEPTTL')
 return 3";
 
+/// KEYS: generation, tail header, tail list. ARGV: generation TTL (ms).
+const FORGET: &str = r"
+redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return redis.call('DEL', KEYS[2], KEYS[3])";
+
 pub struct RedisHistoryCache {
     redis: RedisConn,
     ttl: Duration,
@@ -94,6 +100,7 @@ pub struct RedisHistoryCache {
     lookup: Script,
     fill: Script,
     append: Script,
+    forget: Script,
 }
 
 impl RedisHistoryCache {
@@ -106,6 +113,7 @@ impl RedisHistoryCache {
             lookup: Script::new(LOOKUP),
             fill: Script::new(FILL),
             append: Script::new(APPEND),
+            forget: Script::new(FORGET),
         }
     }
 
@@ -258,6 +266,22 @@ impl HistoryCache for RedisHistoryCache {
         if let Err(e) = result {
             // The message is stored; see the module doc for how long the tail may miss it.
             self.redis.log_failure("history cache append failed", &e);
+        }
+    }
+
+    async fn forget(&self, room: &str) {
+        // A script, not MULTI: one slot (the room's tag), atomic, and it follows MOVED on a
+        // cluster whose slots just moved. A fill that read the store before this sees another
+        // generation and is refused.
+        let mut conn = self.redis.conn.clone();
+        let mut invocation = self.forget.key(self.room_key(room, "gen"));
+        invocation
+            .key(self.room_key(room, "last"))
+            .key(self.room_key(room, "list"))
+            .arg(GENERATION_TTL_MS);
+        let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
+        if let Err(e) = result {
+            self.redis.log_failure("history cache tail not dropped", &e);
         }
     }
 
