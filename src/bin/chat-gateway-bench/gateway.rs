@@ -382,7 +382,7 @@ pub(crate) struct Observer {
     /// The gateway processes and their samples at the start.
     servers: Vec<(u32, ProcSample)>,
     postgres: Option<(u32, f64)>,
-    redis: Option<(u32, f64)>,
+    redis: Vec<(u32, f64)>,
     cache_before: (f64, f64),
     store_before: (f64, Option<f64>),
     reconnects_before: f64,
@@ -414,7 +414,9 @@ impl Observer {
             postgres: common.postgres_pid.and_then(|p| Some((p, tree_cpu(p)?))),
             redis: common
                 .redis_pid
-                .and_then(|p| Some((p, proc_sample(p).ok()?.cpu_secs))),
+                .iter()
+                .filter_map(|p| Some((*p, proc_sample(*p).ok()?.cpu_secs)))
+                .collect(),
             cache_before: cache_counters(&gw.http, &gw.base).await,
             store_before: all_store_counters(gw).await,
             reconnects_before: nodes_metric(gw, "chat_redis_reconnects_total").await,
@@ -487,14 +489,24 @@ impl Observer {
                 per_message(cpu)
             );
         }
-        if let Some((pid, before)) = self.redis
-            && let Ok(after) = proc_sample(pid)
-        {
+        let mut redis_total = 0.0;
+        for (pid, before) in &self.redis {
+            let Ok(after) = proc_sample(*pid) else {
+                continue;
+            };
             let cpu = after.cpu_secs - before;
+            redis_total += cpu;
             println!(
-                "redis                  cpu={cpu:.2}s ({:.0}% of a core){}",
+                "redis {pid:<16} cpu={cpu:.2}s ({:.0}% of a core){}",
                 100.0 * cpu / wall,
                 per_message(cpu)
+            );
+        }
+        if self.redis.len() > 1 {
+            println!(
+                "redis, all nodes       cpu={redis_total:.2}s ({:.0}% of a core){}",
+                100.0 * redis_total / wall,
+                per_message(redis_total)
             );
         }
         if self.servers.is_empty() {

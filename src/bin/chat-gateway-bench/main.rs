@@ -107,9 +107,10 @@ struct Common {
     /// backends) spent per message stored, from /proc.
     #[arg(long, global = true)]
     postgres_pid: Option<u32>,
-    /// The Redis server's process id: report its CPU per message stored, from /proc.
-    #[arg(long, global = true)]
-    redis_pid: Option<u32>,
+    /// The Redis server's process id: report its CPU per message stored, from /proc. For a Redis
+    /// Cluster, the ids of its nodes comma-separated (each one's share, and their sum).
+    #[arg(long, global = true, value_delimiter = ',')]
+    redis_pid: Vec<u32>,
     /// Seconds of measured load (after setup and connection); at most 600.
     #[arg(long, global = true, default_value_t = 10)]
     duration: u64,
