@@ -44,12 +44,21 @@ struct Nodes {
 }
 
 async fn nodes(url: &str, n: usize) -> Nodes {
+    nodes_with(url, n, |_| {}).await
+}
+
+async fn nodes_with(
+    url: &str,
+    n: usize,
+    configure: impl Fn(&mut chat_gateway::config::Settings),
+) -> Nodes {
     let prefix = unique_prefix();
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();
     for _ in 0..n {
         let mut settings = redis_settings(url, &prefix);
         settings.rate_limit.enabled = false;
+        configure(&mut settings);
         nodes.push(TestApp::start(settings, DataDir::Borrowed(dir.path().to_path_buf())).await);
     }
     Nodes {
@@ -488,6 +497,74 @@ async fn a_primary_killed_mid_traffic_loses_nothing_and_the_gateways_resubscribe
         .unwrap();
     assert!(status.success(), "redis-server {config}");
     wait_healthy(&ports, Duration::from_secs(60)).await;
+}
+
+/// The process id of one node, from INFO.
+async fn pid_of(port: u16) -> String {
+    let info: String = node_cmd(port, redis::cmd("INFO").arg("server"))
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_is_noticed_by_the_keepalive_and_nothing_is_lost() {
+    // A primary that stops answering without closing its connections (SIGSTOP: a hung host, a
+    // half-open connection) for less than the cluster's node timeout, so no failover happens:
+    // only the gateways' own pings can tell, and the connection they rebuild must carry every
+    // room again.
+    let Some(url) = cluster_url().await else {
+        return;
+    };
+    let _exclusive = FAULTS.write().await;
+    let ports = all_ports(&url).await;
+    wait_healthy(&ports, Duration::from_secs(30)).await;
+    let n = nodes_with(&url, 2, |s| s.redis.pubsub_keepalive_ms = 200).await;
+    let rooms: Vec<String> = (0..6).map(|i| format!("frozen-{i}")).collect();
+    let before = primaries(&ports).await;
+    let victim = owner(&before, slot(&url, &rooms[0]).await).port;
+    let pid = pid_of(victim).await;
+    let traffic = Traffic::start(&n, &rooms, Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let frozen_at = traffic.elapsed_us();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let delivered = traffic.finish().await;
+    assert_history_complete(&n, &delivered).await;
+    let recovered = recovery(&delivered, &rooms, frozen_at, Duration::from_millis(250));
+    let mut reconnects = 0.0;
+    for node in &n.nodes {
+        reconnects += node
+            .metric("chat_redis_reconnects_total{connection=\"pubsub\"}")
+            .await;
+    }
+    say(&format!(
+        "redis cluster: primary :{victim} frozen for 1.2 s; the gateways' pub/sub was \
+         rebuilt ({reconnects} reconnects counted); delivery under 250 ms again {recovered:?} after \
+         the freeze began"
+    ));
+    assert!(
+        reconnects >= 1.0,
+        "no gateway noticed the frozen primary's silence"
+    );
+    assert!(
+        recovered < Duration::from_secs(10),
+        "took {recovered:?} to recover"
+    );
+    wait_healthy(&ports, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,8 +85,9 @@ struct Wanted {
     count: usize,
     /// Sharded only: a shard confirmed the subscription, and has not ended it since.
     live: bool,
-    /// Sharded only: it was confirmed before, so the next confirmation is a re-subscription
-    /// (after a reconnect, a failover or a migration) and the room catches up from the store.
+    /// Sharded only: the next confirmation is a re-subscription (after a reconnect, a failover
+    /// or a migration, or a first one made late), so the room catches up from the store then. Not
+    /// for the confirmation of a join's own subscription: the join reads the room itself.
     confirmed: bool,
 }
 
@@ -269,7 +270,6 @@ impl RedisBroker {
     async fn sharded_subscriber(self: Arc<Self>, seeds: Vec<String>, stop: CancellationToken) {
         let prefix = self.redis.key(CHANNEL);
         let mut backoff = Duration::from_millis(100);
-        let mut first = true;
         loop {
             let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
             let connected = async {
@@ -278,15 +278,14 @@ impl RedisBroker {
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .push_sender(tx)
                     .build()?;
-                let mut conn = client.get_async_connection().await?;
+                let conn = client.get_async_connection().await?;
+                // A new connection has none of the old one's subscriptions: every room is made
+                // again by the retry below (one channel per SSUBSCRIBE: channels of several
+                // slots cannot share one), and catches up when its shard confirms it.
                 let mut subs = self.subscriptions.lock().await;
-                let channels: Vec<String> = subs.wanted.keys().map(|r| self.channel(r)).collect();
                 for want in subs.wanted.values_mut() {
                     want.live = false;
-                    want.confirmed = false;
-                }
-                if !channels.is_empty() {
-                    conn.ssubscribe(&channels).await?;
+                    want.confirmed = true;
                 }
                 subs.sink = Some(Sink::Sharded(conn.clone()));
                 Ok::<_, redis::RedisError>(conn)
@@ -308,11 +307,6 @@ impl RedisBroker {
             };
             backoff = Duration::from_millis(100);
             self.connected.store(true, Ordering::Relaxed);
-            if !first {
-                tracing::info!("redis cluster pub/sub back; re-synchronizing rooms from the store");
-                (self.resync)(None);
-            }
-            first = false;
             let mut keepalive = tokio::time::interval(self.keepalive);
             keepalive.tick().await;
             let mut retry = tokio::time::interval(RESUBSCRIBE_EVERY);
@@ -559,19 +553,25 @@ impl Broker for RedisBroker {
 
     async fn subscribe(&self, room: &str) -> Result<(), BrokerError> {
         let mut subs = self.subscriptions.lock().await;
-        let want = subs.wanted.entry(room.to_string()).or_default();
+        let Subscriptions { wanted, sink } = &mut *subs;
+        let want = wanted.entry(room.to_string()).or_default();
         want.count += 1;
         if want.count > 1 {
             return Ok(());
         }
         let channel = self.channel(room);
-        let Some(sink) = subs.sink.as_mut() else {
-            // Disconnected: the subscriber subscribes to every wanted room when it is back.
+        let Some(sink) = sink.as_mut() else {
+            // Disconnected: the subscriber subscribes to every wanted room when it is back, and
+            // (sharded) this one catches up when its shard confirms it.
+            want.confirmed = true;
             return Ok(());
         };
         if let Err(e) = sink.subscribe(&[channel]).await {
-            subs.wanted.remove(room);
+            wanted.remove(room);
             return Err(BrokerError(e.to_string()));
+        }
+        if let Some(want) = wanted.get_mut(room) {
+            want.live = true;
         }
         Ok(())
     }
