@@ -249,6 +249,7 @@ pub struct RedisParts {
 struct Backing {
     broker: Arc<dyn broker::Broker>,
     cache: Arc<dyn cache::HistoryCache>,
+    announcer: Arc<dyn broker::Announcer>,
     queue: Arc<dyn queue::JobQueue>,
     limiter: Arc<dyn RateLimiter>,
     presence: Arc<dyn presence::Presence>,
@@ -274,13 +275,19 @@ fn backing(
     match redis {
         None => {
             let (memory_queue, jobs) = MemoryJobQueue::new(settings.queue.capacity);
+            let broker: Arc<dyn broker::Broker> = Arc::new(MemoryBroker::new(sink));
+            let cache: Arc<dyn cache::HistoryCache> = Arc::new(MemoryHistoryCache::new(
+                history_ttl,
+                settings.cache.max_bytes,
+                tail_len,
+            ));
             Backing {
-                broker: Arc::new(MemoryBroker::new(sink)),
-                cache: Arc::new(MemoryHistoryCache::new(
-                    history_ttl,
-                    settings.cache.max_bytes,
-                    tail_len,
-                )),
+                announcer: Arc::new(broker::Apart {
+                    cache: cache.clone(),
+                    broker: broker.clone(),
+                }),
+                broker,
+                cache,
                 queue: Arc::new(memory_queue),
                 limiter: if enabled {
                     Arc::new(MemoryRateLimiter::new(&settings.rate_limit))
@@ -294,8 +301,8 @@ fn backing(
             }
         }
         Some((conn, presence_conn)) => {
-            let cache: Arc<dyn cache::HistoryCache> =
-                Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl, tail_len));
+            let redis_cache = Arc::new(RedisHistoryCache::new(conn.clone(), history_ttl, tail_len));
+            let cache: Arc<dyn cache::HistoryCache> = redis_cache.clone();
             let resync: broker::redis::Resync = if conn.is_cluster() {
                 // A re-subscription on a cluster may follow a failover, whose new primary can
                 // miss the last cache appends of the old one (replication is asynchronous): the
@@ -339,6 +346,10 @@ fn backing(
             let redis_presence =
                 Arc::new(presence::RedisPresence::new(presence_conn.clone(), lease));
             Backing {
+                announcer: Arc::new(broker::redis::RedisAnnouncer {
+                    cache: redis_cache,
+                    broker: broker.clone(),
+                }),
                 presence: redis_presence.clone(),
                 redis_presence: Some(redis_presence),
                 broker: broker.clone(),
@@ -421,6 +432,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
     let Backing {
         broker,
         cache,
+        announcer,
         queue,
         limiter,
         presence,
@@ -503,6 +515,7 @@ async fn build(settings: Settings) -> anyhow::Result<(Arc<App>, Background)> {
         store: dyn_store,
         broker,
         cache,
+        announcer,
         outbox_wake,
         queue,
         presence,

@@ -70,6 +70,8 @@ pub struct ChatService {
     pub store: Arc<dyn Store>,
     pub broker: Arc<dyn Broker>,
     pub cache: Arc<dyn HistoryCache>,
+    /// A stored message's cache append and publish (one round trip on Redis).
+    pub announcer: Arc<dyn crate::broker::Announcer>,
     /// Wakes the outbox relay after each stored message.
     pub outbox_wake: Arc<Notify>,
     /// Who is online where (in-process or Redis).
@@ -372,22 +374,13 @@ impl ChatService {
         let json = wire::message_json(m);
         // Before the ack, so a read after it shows the message. A retry answered with the
         // original appends it too: its first attempt may have been cut off before this line.
-        if m.is_visible() {
-            self.cache.append(&room, &json).await;
-        }
-        if !inserted.duplicate {
-            if let Err(e) = self
-                .broker
-                .publish(&room, RoomEvent::Message(published(&room, &json)))
-                .await
-            {
-                // Stored and acknowledged anyway: receivers fill the gap from the store.
-                tracing::debug!(error = %e, seq = m.seq, "publish failed");
-            }
-            if self.settings.side_effects() {
-                // The outbox row was written with the message; the relay queues its side effects.
-                self.outbox_wake.notify_one();
-            }
+        let publish = (!inserted.duplicate).then(|| published(&room, &json));
+        self.announcer
+            .announce(&room, &json, m.is_visible(), publish)
+            .await;
+        if !inserted.duplicate && self.settings.side_effects() {
+            // The outbox row was written with the message; the relay queues its side effects.
+            self.outbox_wake.notify_one();
         }
         Ok(inserted)
     }

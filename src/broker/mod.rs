@@ -97,6 +97,50 @@ pub struct PresenceDiff {
 }
 
 /// Where a broker hands the events it receives.
+/// What a send does with a stored message before its ack: append it to the room's cached history
+/// (when history serves it) and publish it to the room (unless it is a retry's original), the
+/// append first, so whoever saw the push reads the message in history.
+#[async_trait]
+pub trait Announcer: Send + Sync + 'static {
+    async fn announce(
+        &self,
+        room: &str,
+        message: &crate::protocol::MessageJson,
+        append: bool,
+        publish: Option<Arc<Published>>,
+    );
+}
+
+/// The cache and the broker each doing their part (in-process, one after the other).
+pub struct Apart {
+    pub cache: Arc<dyn crate::cache::HistoryCache>,
+    pub broker: Arc<dyn Broker>,
+}
+
+#[async_trait]
+impl Announcer for Apart {
+    async fn announce(
+        &self,
+        room: &str,
+        message: &crate::protocol::MessageJson,
+        append: bool,
+        publish: Option<Arc<Published>>,
+    ) {
+        if append {
+            self.cache.append(room, message).await;
+        }
+        if let Some(published) = publish
+            && let Err(e) = self
+                .broker
+                .publish(room, RoomEvent::Message(published))
+                .await
+        {
+            // Stored and acknowledged anyway: receivers fill the gap from the store.
+            tracing::debug!(error = %e, seq = message.seq, "publish failed");
+        }
+    }
+}
+
 pub trait EventSink: Send + Sync + 'static {
     fn deliver(&self, room: &str, event: RoomEvent);
 }

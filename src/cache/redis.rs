@@ -1,6 +1,7 @@
 //! The history cache in Redis, shared by every node: the same tails, older pages and generations
 //! as the in-process cache (see the module doc of [`super`]), each operation one round trip, the
-//! tail's checks and writes atomic in a script.
+//! tail's checks and writes atomic in a script. A send's append also carries the message's
+//! publish ([`RedisHistoryCache::append_and_publish`], used by the broker's `RedisAnnouncer`).
 //!
 //! Keys (proto-docs/redis.md): `{prefix}messages:{roomId}:list` and `…:last` (the tail), `…:gen`
 //! (the room's generation, bumped by every append), `…:refresh` (a node is re-reading the tail),
@@ -60,32 +61,40 @@ end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1";
 
-/// KEYS: generation, tail header, tail list. ARGV: seq, message JSON, tail length, generation
-/// TTL (ms). Returns 0: no tail, 1: already held, 2: dropped (a gap), 3: appended.
+/// KEYS: generation, tail header, tail list. ARGV: seq ("" to append nothing), message JSON, tail
+/// length, generation TTL (ms), and optionally a publish: the command (`PUBLISH`, or `SPUBLISH` on
+/// a cluster, where the room's channel shares the keys' slot), the channel and the payload.
+/// Returns 0: no tail, 1: already held, 2: dropped (a gap), 3: appended, -1: nothing to append.
 const APPEND: &str = r"
-redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local header = redis.call('GET', KEYS[2])
-if not header then return 0 end
-local last, complete = string.match(header, '^(%d+) ([01])$')
-local seq = tonumber(ARGV[1])
-if last and seq <= tonumber(last) then return 1 end
-if not last or seq ~= tonumber(last) + 1 then
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return 2
+local function append()
+  redis.call('INCR', KEYS[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  local header = redis.call('GET', KEYS[2])
+  if not header then return 0 end
+  local last, complete = string.match(header, '^(%d+) ([01])$')
+  local seq = tonumber(ARGV[1])
+  if last and seq <= tonumber(last) then return 1 end
+  if not last or seq ~= tonumber(last) + 1 then
+    redis.call('DEL', KEYS[2], KEYS[3])
+    return 2
+  end
+  local n = redis.call('RPUSH', KEYS[3], ARGV[1] .. ' ' .. ARGV[2])
+  if n == 1 then
+    -- The tail was empty (an empty room): the list lives as long as its header.
+    redis.call('PEXPIRE', KEYS[3], math.max(redis.call('PTTL', KEYS[2]), 1))
+  end
+  local max = tonumber(ARGV[3])
+  if n > max then
+    redis.call('LTRIM', KEYS[3], n - max, -1)
+    complete = '0'
+  end
+  redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. complete, 'KEEPTTL')
+  return 3
 end
-local n = redis.call('RPUSH', KEYS[3], ARGV[1] .. ' ' .. ARGV[2])
-if n == 1 then
-  -- The tail was empty (an empty room): the list lives as long as its header.
-  redis.call('PEXPIRE', KEYS[3], math.max(redis.call('PTTL', KEYS[2]), 1))
-end
-local max = tonumber(ARGV[3])
-if n > max then
-  redis.call('LTRIM', KEYS[3], n - max, -1)
-  complete = '0'
-end
-redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. complete, 'KEEPTTL')
-return 3";
+local appended = -1
+if ARGV[1] ~= '' then appended = append() end
+if ARGV[5] then redis.call(ARGV[5], ARGV[6], ARGV[7]) end
+return appended";
 
 /// KEYS: generation, tail header, tail list. ARGV: generation TTL (ms).
 const FORGET: &str = r"
@@ -115,6 +124,31 @@ impl RedisHistoryCache {
             append: Script::new(APPEND),
             forget: Script::new(FORGET),
         }
+    }
+
+    /// Appends `message` to the room's tail (when given) and publishes `publish` (command,
+    /// channel, payload) in the same script: one round trip, the append first. The room's
+    /// channel must live in the room's slot on a cluster (it carries the same hash tag).
+    pub async fn append_and_publish(
+        &self,
+        room: &str,
+        message: Option<&MessageJson>,
+        publish: Option<(&str, &str, &[u8])>,
+    ) -> redis::RedisResult<i64> {
+        let mut conn = self.redis.conn.clone();
+        let mut invocation = self.append.key(self.room_key(room, "gen"));
+        invocation
+            .key(self.room_key(room, "last"))
+            .key(self.room_key(room, "list"));
+        match message {
+            Some(message) => invocation.arg(message.seq).arg(&*message.json),
+            None => invocation.arg("").arg(""),
+        };
+        invocation.arg(self.tail_len).arg(GENERATION_TTL_MS);
+        if let Some((command, channel, payload)) = publish {
+            invocation.arg(command).arg(channel).arg(payload);
+        }
+        self.redis.bounded(invocation.invoke_async(&mut conn)).await
     }
 
     fn room_key(&self, room: &str, what: &str) -> String {
@@ -253,17 +287,7 @@ impl HistoryCache for RedisHistoryCache {
     }
 
     async fn append(&self, room: &str, message: &MessageJson) {
-        let mut conn = self.redis.conn.clone();
-        let mut invocation = self.append.key(self.room_key(room, "gen"));
-        invocation
-            .key(self.room_key(room, "last"))
-            .key(self.room_key(room, "list"))
-            .arg(message.seq)
-            .arg(&*message.json)
-            .arg(self.tail_len)
-            .arg(GENERATION_TTL_MS);
-        let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
-        if let Err(e) = result {
+        if let Err(e) = self.append_and_publish(room, Some(message), None).await {
             // The message is stored; see the module doc for how long the tail may miss it.
             self.redis.log_failure("history cache append failed", &e);
         }
