@@ -36,6 +36,17 @@ async fn cluster_url() -> Option<String> {
     .await
 }
 
+/// For a test that kills, freezes or reshards: the cluster, its nodes' ports, and the lock that
+/// keeps every other test of the suite away until it is whole again.
+async fn exclusive_cluster()
+-> Option<(String, Vec<u16>, tokio::sync::RwLockWriteGuard<'static, ()>)> {
+    let url = cluster_url().await?;
+    let guard = FAULTS.write().await;
+    let ports = all_ports(&url).await;
+    wait_healthy(&ports, Duration::from_secs(30)).await;
+    Some((url, ports, guard))
+}
+
 /// Gateway nodes in this process sharing one SQLite file and the cluster.
 struct Nodes {
     nodes: Vec<TestApp>,
@@ -408,12 +419,9 @@ async fn rooms_spread_over_every_shard_and_cross_nodes_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_mid_traffic_loses_nothing_and_the_gateways_resubscribe() {
-    let Some(url) = cluster_url().await else {
+    let Some((url, ports, _exclusive)) = exclusive_cluster().await else {
         return;
     };
-    let _exclusive = FAULTS.write().await;
-    let ports = all_ports(&url).await;
-    wait_healthy(&ports, Duration::from_secs(30)).await;
     let n = nodes(&url, 2).await;
     let rooms: Vec<String> = (0..12).map(|i| format!("fo-{i}")).collect();
     let before = primaries(&ports).await;
@@ -517,12 +525,9 @@ async fn a_frozen_primary_is_noticed_by_the_keepalive_and_nothing_is_lost() {
     // half-open connection) for less than the cluster's node timeout, so no failover happens:
     // only the gateways' own pings can tell, and the connection they rebuild must carry every
     // room again.
-    let Some(url) = cluster_url().await else {
+    let Some((url, ports, _exclusive)) = exclusive_cluster().await else {
         return;
     };
-    let _exclusive = FAULTS.write().await;
-    let ports = all_ports(&url).await;
-    wait_healthy(&ports, Duration::from_secs(30)).await;
     let n = nodes_with(&url, 2, |s| s.redis.pubsub_keepalive_ms = 200).await;
     let rooms: Vec<String> = (0..6).map(|i| format!("frozen-{i}")).collect();
     let before = primaries(&ports).await;
@@ -569,12 +574,9 @@ async fn a_frozen_primary_is_noticed_by_the_keepalive_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_rooms_slot_migrated_mid_traffic_loses_nothing() {
-    let Some(url) = cluster_url().await else {
+    let Some((url, ports, _exclusive)) = exclusive_cluster().await else {
         return;
     };
-    let _exclusive = FAULTS.write().await;
-    let ports = all_ports(&url).await;
-    wait_healthy(&ports, Duration::from_secs(30)).await;
     let n = nodes(&url, 2).await;
     let busy = format!("busy-{}", uuid::Uuid::new_v4().simple());
     let rooms = vec![busy.clone()];

@@ -53,6 +53,34 @@ const CHANNEL: &str = "chat:room:";
 /// How often a cluster's rooms whose subscription was lost are subscribed again.
 const RESUBSCRIBE_EVERY: Duration = Duration::from_millis(250);
 
+/// Runs `connect` until it succeeds, waiting 100 ms after the first failure and twice as long
+/// after each next one, up to 2 s; `None` once `stop` fires.
+async fn until_connected<T, F, Fut>(
+    what: &str,
+    stop: &CancellationToken,
+    mut connect: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            r = connect() => match r {
+                Ok(connected) => return Some(connected),
+                Err(e) => tracing::warn!(error = %e, "{what} unavailable; retrying"),
+            },
+            _ = stop.cancelled() => return None,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Called when rooms must catch up from the store: one room (`Some`), or every room (`None`).
 pub type Resync = Arc<dyn Fn(Option<&str>) + Send + Sync>;
 
@@ -195,35 +223,23 @@ impl RedisBroker {
     /// Keeps one pub/sub connection up: (re)connects, subscribes to every wanted room, forwards.
     async fn subscriber(self: Arc<Self>, client: redis::Client, stop: CancellationToken) {
         let prefix = self.redis.key(CHANNEL);
-        let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {
-            let connected = async {
+            let this = &*self;
+            let client = &client;
+            let connected = until_connected("redis pub/sub", &stop, move || async move {
                 let (mut sink, stream) = client.get_async_pubsub().await?.split();
-                let mut subs = self.subscriptions.lock().await;
-                let channels: Vec<String> = subs.wanted.keys().map(|r| self.channel(r)).collect();
+                let mut subs = this.subscriptions.lock().await;
+                let channels: Vec<String> = subs.wanted.keys().map(|r| this.channel(r)).collect();
                 if !channels.is_empty() {
                     sink.subscribe(&channels).await?;
                 }
                 subs.sink = Some(Sink::Plain(sink));
-                Ok::<_, redis::RedisError>(stream)
+                Ok(stream)
+            });
+            let Some(mut stream) = connected.await else {
+                return;
             };
-            let mut stream = tokio::select! {
-                r = connected => match r {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "redis pub/sub unavailable; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = stop.cancelled() => return,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
-            };
-            backoff = Duration::from_millis(100);
             self.connected.store(true, Ordering::Relaxed);
             if !first {
                 tracing::info!("redis pub/sub back; re-synchronizing rooms from the store");
@@ -278,43 +294,33 @@ impl RedisBroker {
     /// and pings every primary: two unanswered rounds rebuild the connection from the seeds.
     async fn sharded_subscriber(self: Arc<Self>, seeds: Vec<String>, stop: CancellationToken) {
         let prefix = self.redis.key(CHANNEL);
-        let mut backoff = Duration::from_millis(100);
         loop {
             let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
-            let connected = async {
-                let timeout = self.keepalive.max(Duration::from_secs(2));
-                let client = Topology::cluster_client(&seeds, Some(timeout))?
+            let this = &*self;
+            let (seeds, sender) = (&seeds, &tx);
+            let connected = until_connected("redis cluster pub/sub", &stop, move || async move {
+                let timeout = this.keepalive.max(Duration::from_secs(2));
+                let client = Topology::cluster_client(seeds, Some(timeout))?
                     .use_protocol(redis::ProtocolVersion::RESP3)
-                    .push_sender(tx)
+                    .push_sender(sender.clone())
                     .build()?;
                 let conn = client.get_async_connection().await?;
                 // A new connection has none of the old one's subscriptions: every room is made
                 // again by the retry below (one channel per SSUBSCRIBE: channels of several
                 // slots cannot share one), and catches up when its shard confirms it.
-                let mut subs = self.subscriptions.lock().await;
+                let mut subs = this.subscriptions.lock().await;
                 for want in subs.wanted.values_mut() {
                     want.live = false;
                     want.confirmed = true;
                 }
                 subs.sink = Some(Sink::Sharded(conn.clone()));
-                Ok::<_, redis::RedisError>(conn)
+                Ok(conn)
+            });
+            let Some(mut conn) = connected.await else {
+                return;
             };
-            let mut conn = tokio::select! {
-                r = connected => match r {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "redis cluster pub/sub unavailable; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = stop.cancelled() => return,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
-            };
-            backoff = Duration::from_millis(100);
+            // The client holds the pushes' only sender now: they end with it.
+            drop(tx);
             self.connected.store(true, Ordering::Relaxed);
             let mut keepalive = tokio::time::interval(self.keepalive);
             keepalive.tick().await;
