@@ -68,11 +68,11 @@ impl Topology {
         matches!(self, Self::Cluster(_))
     }
 
-    /// A cluster client for these seeds (`None` timeout: no response timeout).
+    /// A cluster client's builder for these seeds (`None` timeout: no response timeout).
     pub fn cluster_client(
         seeds: &[String],
         response_timeout: Option<Duration>,
-    ) -> redis::RedisResult<redis::cluster::ClusterClientBuilder> {
+    ) -> redis::cluster::ClusterClientBuilder {
         let mut builder = ClusterClient::builder(seeds.to_vec())
             .connection_timeout(Duration::from_secs(2))
             .retries(3)
@@ -81,7 +81,7 @@ impl Topology {
         if let Some(timeout) = response_timeout {
             builder = builder.response_timeout(timeout);
         }
-        Ok(builder)
+        builder
     }
 }
 
@@ -188,7 +188,7 @@ pub async fn connection(
         Topology::Cluster(seeds) => seeds,
     };
     let client = Topology::cluster_client(seeds, response_timeout)
-        .and_then(|b| b.build())
+        .build()
         .map_err(|e| anyhow::anyhow!("invalid configuration: redis.url: {e}"))?;
     let conn = tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
         .await

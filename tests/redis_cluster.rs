@@ -507,6 +507,46 @@ async fn a_primary_killed_mid_traffic_loses_nothing_and_the_gateways_resubscribe
     wait_healthy(&ports, Duration::from_secs(60)).await;
 }
 
+/// Moves one slot and its keys from one primary to another, as `redis-cli --cluster reshard`
+/// does: IMPORTING on the target, MIGRATING on the source, MIGRATE the keys in batches, then
+/// every primary is told the new owner.
+async fn move_slot(slot: u16, from: &Primary, to: &Primary, primaries: &[Primary]) {
+    let setslot = |port: u16, state: &'static str, id: String| async move {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        node_cmd::<()>(port, &cmd).await.unwrap();
+    };
+    setslot(to.port, "IMPORTING", from.id.clone()).await;
+    setslot(from.port, "MIGRATING", to.id.clone()).await;
+    loop {
+        let mut list = redis::cmd("CLUSTER");
+        list.arg("GETKEYSINSLOT").arg(slot).arg(100);
+        let keys: Vec<String> = node_cmd(from.port, &list).await.unwrap();
+        if keys.is_empty() {
+            break;
+        }
+        let mut migrate = redis::cmd("MIGRATE");
+        migrate
+            .arg("127.0.0.1")
+            .arg(to.port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys);
+        node_cmd::<()>(from.port, &migrate).await.unwrap();
+    }
+    // The two owners first, then the others.
+    setslot(to.port, "NODE", to.id.clone()).await;
+    setslot(from.port, "NODE", to.id.clone()).await;
+    for other in primaries
+        .iter()
+        .filter(|p| p.id != from.id && p.id != to.id)
+    {
+        setslot(other.port, "NODE", to.id.clone()).await;
+    }
+}
+
 /// The process id of one node, from INFO.
 async fn pid_of(port: u16) -> String {
     let info: String = node_cmd(port, redis::cmd("INFO").arg("server"))
@@ -588,47 +628,7 @@ async fn a_busy_rooms_slot_migrated_mid_traffic_loses_nothing() {
     let traffic = Traffic::start(&n, &rooms, Duration::from_millis(10)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let moved_at = traffic.elapsed_us();
-    // The steps of `redis-cli --cluster reshard` for one slot.
-    let setslot = |port: u16, args: Vec<String>| async move {
-        let mut cmd = redis::cmd("CLUSTER");
-        cmd.arg("SETSLOT").arg(slot).arg(&args);
-        node_cmd::<()>(port, &cmd).await.unwrap();
-    };
-    setslot(target.port, vec!["IMPORTING".into(), source.id.clone()]).await;
-    setslot(source.port, vec!["MIGRATING".into(), target.id.clone()]).await;
-    loop {
-        let keys: Vec<String> = node_cmd(
-            source.port,
-            redis::cmd("CLUSTER")
-                .arg("GETKEYSINSLOT")
-                .arg(slot)
-                .arg(100),
-        )
-        .await
-        .unwrap();
-        if keys.is_empty() {
-            break;
-        }
-        let mut migrate = redis::cmd("MIGRATE");
-        migrate
-            .arg("127.0.0.1")
-            .arg(target.port)
-            .arg("")
-            .arg(0)
-            .arg(5000)
-            .arg("KEYS")
-            .arg(&keys);
-        node_cmd::<()>(source.port, &migrate).await.unwrap();
-    }
-    for port in [target.port, source.port] {
-        setslot(port, vec!["NODE".into(), target.id.clone()]).await;
-    }
-    for other in before
-        .iter()
-        .filter(|p| p.id != source.id && p.id != target.id)
-    {
-        setslot(other.port, vec!["NODE".into(), target.id.clone()]).await;
-    }
+    move_slot(slot, &source, &target, &before).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The room's channel now lives on the target, with both nodes subscribed there.
     let channel = format!("{}chat:room:{{{busy}}}", n.prefix);
@@ -654,36 +654,6 @@ async fn a_busy_rooms_slot_migrated_mid_traffic_loses_nothing() {
         latency_p99(&delivered)
     ));
     // Move it back, so the cluster keeps its even layout for other suites.
-    for port in [source.port, target.port] {
-        let mut cmd = redis::cmd("CLUSTER");
-        cmd.arg("SETSLOT").arg(slot).arg("STABLE");
-        node_cmd::<()>(port, &cmd).await.unwrap();
-    }
-    let keys: Vec<String> = node_cmd(
-        target.port,
-        redis::cmd("CLUSTER")
-            .arg("GETKEYSINSLOT")
-            .arg(slot)
-            .arg(100),
-    )
-    .await
-    .unwrap();
-    setslot(source.port, vec!["IMPORTING".into(), target.id.clone()]).await;
-    setslot(target.port, vec!["MIGRATING".into(), source.id.clone()]).await;
-    if !keys.is_empty() {
-        let mut migrate = redis::cmd("MIGRATE");
-        migrate
-            .arg("127.0.0.1")
-            .arg(source.port)
-            .arg("")
-            .arg(0)
-            .arg(5000)
-            .arg("KEYS")
-            .arg(&keys);
-        node_cmd::<()>(target.port, &migrate).await.unwrap();
-    }
-    for p in &before {
-        setslot(p.port, vec!["NODE".into(), source.id.clone()]).await;
-    }
+    move_slot(slot, &target, &source, &before).await;
     wait_healthy(&ports, Duration::from_secs(30)).await;
 }

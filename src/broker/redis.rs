@@ -104,6 +104,9 @@ pub struct RedisBroker {
 struct Subscriptions {
     wanted: HashMap<String, Wanted>,
     sink: Option<Sink>,
+    /// Sharded only: some wanted room may have lost its subscription (set wherever `live` is
+    /// cleared), so the retry looks through the rooms; an idle retry looks at nothing.
+    lost: bool,
 }
 
 /// A room this node wants to receive.
@@ -300,7 +303,7 @@ impl RedisBroker {
             let (seeds, sender) = (&seeds, &tx);
             let connected = until_connected("redis cluster pub/sub", &stop, move || async move {
                 let timeout = this.keepalive.max(Duration::from_secs(2));
-                let client = Topology::cluster_client(seeds, Some(timeout))?
+                let client = Topology::cluster_client(seeds, Some(timeout))
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .push_sender(sender.clone())
                     .build()?;
@@ -313,6 +316,7 @@ impl RedisBroker {
                     want.live = false;
                     want.confirmed = true;
                 }
+                subs.lost = true;
                 subs.sink = Some(Sink::Sharded(conn.clone()));
                 Ok(conn)
             });
@@ -369,34 +373,44 @@ impl RedisBroker {
 
     /// One push of the sharded subscriptions' connection.
     async fn on_push(&self, prefix: &str, push: PushInfo) {
-        let channel = |push: &PushInfo| match push.data.first() {
-            Some(redis::Value::BulkString(name)) => {
-                std::str::from_utf8(name).ok().map(str::to_owned)
+        if push.kind == PushKind::Disconnection {
+            // Which shard is not said: every room is subscribed again until a shard confirms it
+            // (a shard that still has it confirms at once; the rooms of a dead one wait for the
+            // promoted replica), and each confirmation catches its room up.
+            self.reconnects.inc();
+            tracing::warn!(
+                "a redis cluster pub/sub connection dropped; subscribing every room again"
+            );
+            let mut subs = self.subscriptions.lock().await;
+            for want in subs.wanted.values_mut() {
+                want.live = false;
             }
-            _ => None,
+            subs.lost = true;
+            return;
+        }
+        // Every other push this connection carries names a room channel first.
+        let Some(redis::Value::BulkString(channel)) = push.data.first() else {
+            return;
+        };
+        let Some(room) = std::str::from_utf8(channel)
+            .ok()
+            .and_then(|channel| self.room_of(prefix, channel))
+        else {
+            return;
+        };
+        if push.kind == PushKind::SMessage {
+            if let Some(redis::Value::BulkString(payload)) = push.data.get(1) {
+                self.forward(room, payload);
+            }
+            return;
+        }
+        let mut subs = self.subscriptions.lock().await;
+        let Subscriptions { wanted, sink, lost } = &mut *subs;
+        let Some(want) = wanted.get_mut(room) else {
+            return;
         };
         match push.kind {
-            PushKind::SMessage => {
-                let (Some(channel), Some(redis::Value::BulkString(payload))) =
-                    (channel(&push), push.data.get(1))
-                else {
-                    return;
-                };
-                if let Some(room) = self.room_of(prefix, &channel) {
-                    self.forward(room, payload);
-                }
-            }
             PushKind::SSubscribe => {
-                let Some(channel) = channel(&push) else {
-                    return;
-                };
-                let Some(room) = self.room_of(prefix, &channel) else {
-                    return;
-                };
-                let mut subs = self.subscriptions.lock().await;
-                let Some(want) = subs.wanted.get_mut(room) else {
-                    return;
-                };
                 want.live = true;
                 if std::mem::replace(&mut want.confirmed, true) {
                     drop(subs);
@@ -405,41 +419,19 @@ impl RedisBroker {
                 }
             }
             PushKind::SUnsubscribe => {
-                let Some(channel) = channel(&push) else {
-                    return;
-                };
-                let Some(room) = self.room_of(prefix, &channel) else {
-                    return;
-                };
-                let mut subs = self.subscriptions.lock().await;
-                let Some(want) = subs.wanted.get_mut(room) else {
-                    return;
-                };
                 // Still wanted: the shard ended it (its slot moved). Subscribe again at once; the
-                // cluster connection follows MOVED to the slot's new owner.
+                // cluster connection follows MOVED to the slot's new owner (and should this
+                // fail, the retry every RESUBSCRIBE_EVERY takes it up).
                 want.live = false;
+                *lost = true;
                 tracing::info!(
                     room,
                     "a shard ended the room's subscription; subscribing again"
                 );
-                let channel = self.channel(room);
-                if let Some(sink) = subs.sink.as_mut()
-                    && let Err(e) = sink.subscribe(&[channel]).await
+                if let Some(sink) = sink.as_mut()
+                    && let Err(e) = sink.subscribe(&[self.channel(room)]).await
                 {
-                    tracing::warn!(room, error = %e, "re-subscribing failed; retrying on the next ping");
-                }
-            }
-            PushKind::Disconnection => {
-                // Which shard is not said: every room is subscribed again until a shard
-                // confirms it (a shard that still has it confirms at once; the rooms of a dead
-                // one wait for the promoted replica), and each confirmation catches its room up.
-                self.reconnects.inc();
-                tracing::warn!(
-                    "a redis cluster pub/sub connection dropped; subscribing every room again"
-                );
-                let mut subs = self.subscriptions.lock().await;
-                for want in subs.wanted.values_mut() {
-                    want.live = false;
+                    tracing::debug!(room, error = %e, "re-subscribing failed; retrying");
                 }
             }
             _ => {}
@@ -450,12 +442,18 @@ impl RedisBroker {
     /// dropped connection, a slot with no owner yet), all at once and without holding the lock.
     async fn resubscribe_lost(&self, conn: &ClusterConnection) {
         let lost: Vec<String> = {
-            let subs = self.subscriptions.lock().await;
-            subs.wanted
+            let mut subs = self.subscriptions.lock().await;
+            if !subs.lost {
+                return;
+            }
+            let lost: Vec<String> = subs
+                .wanted
                 .iter()
                 .filter(|(_, want)| !want.live)
                 .map(|(room, _)| self.channel(room))
-                .collect()
+                .collect();
+            subs.lost = !lost.is_empty();
+            lost
         };
         let calls = lost.iter().map(|channel| async move {
             let mut conn = conn.clone();
@@ -611,7 +609,7 @@ impl Broker for RedisBroker {
 
     async fn subscribe(&self, room: &str) -> Result<(), BrokerError> {
         let mut subs = self.subscriptions.lock().await;
-        let Subscriptions { wanted, sink } = &mut *subs;
+        let Subscriptions { wanted, sink, .. } = &mut *subs;
         let want = wanted.entry(room.to_string()).or_default();
         want.count += 1;
         if want.count > 1 {
