@@ -67,6 +67,7 @@ fn encode(c: &mut Criterion) {
             room: "general".into(),
             messages: rows.iter().map(wire::socket_message).collect(),
             next_before: rows.first().map(|m| m.seq),
+            my_reactions: None,
         })
     };
     group.throughput(Throughput::Bytes(page(&rows).len() as u64));

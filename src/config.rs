@@ -131,6 +131,10 @@ pub struct Limits {
     pub history_default_limit: u32,
     pub history_max_limit: u32,
     pub max_client_msg_id_bytes: usize,
+    /// How long after its send a message may be edited (0: always).
+    pub edit_window_secs: u64,
+    /// Most distinct reaction keys one message holds.
+    pub max_reaction_keys: usize,
     pub ws_read_buffer_bytes: usize,
     pub ws_write_buffer_bytes: usize,
 }
@@ -158,6 +162,9 @@ pub struct RateLimitSettings {
     pub user_burst: u32,
     pub room_per_second: u32,
     pub room_burst: u32,
+    /// Reactions (add and remove) per user, across nodes.
+    pub reaction_per_second: u32,
+    pub reaction_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +286,9 @@ impl Settings {
         if l.max_frame_bytes < 1024 {
             return fail("limits.max_frame_bytes", "must be at least 1024");
         }
+        if l.max_reaction_keys == 0 {
+            return fail("limits.max_reaction_keys", "must be at least 1");
+        }
         if l.max_content_chars == 0 {
             return fail("limits.max_content_chars", "must be at least 1");
         }
@@ -322,6 +332,8 @@ impl Settings {
                 ("rate_limit.user_burst", r.user_burst),
                 ("rate_limit.room_per_second", r.room_per_second),
                 ("rate_limit.room_burst", r.room_burst),
+                ("rate_limit.reaction_per_second", r.reaction_per_second),
+                ("rate_limit.reaction_burst", r.reaction_burst),
             ] {
                 if v == 0 {
                     return fail(

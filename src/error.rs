@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::auth::AuthError;
 use crate::protocol::code;
-use crate::store::StoreError;
+use crate::store::{Refusal, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -42,6 +42,12 @@ pub enum ChatError {
     TooManyRooms { max: usize },
     #[error("join the room on this socket first")]
     NotJoined,
+    /// A change (or reply) the message does not allow: `message_not_found`, `message_deleted`,
+    /// `edit_window_closed`, `forbidden` (not the sender's), `too_many_reactions`.
+    #[error("{0}")]
+    Message(Refusal),
+    #[error("a reaction is one emoji")]
+    UnknownReaction,
     /// The store (or another backing service) cannot be reached. Retriable; nothing was stored.
     #[error("temporarily unavailable, retry")]
     Unavailable,
@@ -67,6 +73,12 @@ impl ChatError {
             ChatError::RateLimited { .. } => code::RATE_LIMITED,
             ChatError::TooManyRooms { .. } => code::TOO_MANY_ROOMS,
             ChatError::NotJoined => code::NOT_JOINED,
+            ChatError::Message(Refusal::NotFound) => code::MESSAGE_NOT_FOUND,
+            ChatError::Message(Refusal::Deleted) => code::MESSAGE_DELETED,
+            ChatError::Message(Refusal::WindowClosed) => code::EDIT_WINDOW_CLOSED,
+            ChatError::Message(Refusal::NotYours) => code::FORBIDDEN,
+            ChatError::Message(Refusal::TooManyReactions) => code::TOO_MANY_REACTIONS,
+            ChatError::UnknownReaction => code::UNKNOWN_REACTION,
             ChatError::Unavailable => code::UNAVAILABLE,
             ChatError::Internal => code::INTERNAL,
         }
@@ -74,7 +86,14 @@ impl ChatError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ChatError::BadRequest(_) | ChatError::ContentEmpty => StatusCode::BAD_REQUEST,
+            ChatError::BadRequest(_) | ChatError::ContentEmpty | ChatError::UnknownReaction => {
+                StatusCode::BAD_REQUEST
+            }
+            ChatError::Message(Refusal::NotFound) => StatusCode::NOT_FOUND,
+            ChatError::Message(Refusal::WindowClosed | Refusal::NotYours) => StatusCode::FORBIDDEN,
+            ChatError::Message(Refusal::Deleted | Refusal::TooManyReactions) => {
+                StatusCode::CONFLICT
+            }
             ChatError::NotAuthenticated | ChatError::Auth(_) => StatusCode::UNAUTHORIZED,
             ChatError::Forbidden | ChatError::RoleRequired(_) => StatusCode::FORBIDDEN,
             ChatError::RoomNotFound | ChatError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -123,6 +142,7 @@ impl From<StoreError> for ChatError {
             StoreError::RoomNotFound => ChatError::RoomNotFound,
             StoreError::Conflict(what) => ChatError::Conflict(what),
             StoreError::Invalid(what) => ChatError::BadRequest(what),
+            StoreError::Refused(refusal) => ChatError::Message(refusal),
             StoreError::Other(e) => {
                 tracing::error!(error = %e, "store error");
                 ChatError::Internal

@@ -12,7 +12,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -22,6 +22,7 @@ use crate::auth::{Identity, Role};
 use crate::error::ChatError;
 use crate::origins::{self, BrowserCors, RequestOrigin};
 use crate::service::Door;
+use crate::store::Target;
 use crate::transport::Connection;
 
 pub fn router(app: Arc<App>) -> Router {
@@ -59,6 +60,22 @@ pub fn router(app: Arc<App>) -> Router {
             get(history)
                 .post(send)
                 .layer(cors(&[Method::GET, Method::POST])),
+        )
+        .route(
+            "/api/chat/rooms/{room}/messages/{message}",
+            patch(edit_message)
+                .delete(delete_message)
+                .layer(cors(&[Method::PATCH, Method::DELETE])),
+        )
+        .route(
+            "/api/chat/rooms/{room}/messages/{message}/reactions/{emoji}",
+            put(react)
+                .delete(unreact)
+                .layer(cors(&[Method::PUT, Method::DELETE])),
+        )
+        .route(
+            "/api/chat/rooms/{room}/messages/{message}/moderation",
+            put(moderate),
         )
         .route(
             "/api/chat/rooms/{room}/members/{user}",
@@ -308,6 +325,116 @@ struct SendBody {
     content: String,
     #[serde(rename = "clientMsgId", default)]
     client_msg_id: Option<String>,
+    /// The seq of the message this one replies to.
+    #[serde(rename = "replyTo", default)]
+    reply_to: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EditBody {
+    content: String,
+    #[serde(rename = "clientChangeId", default)]
+    client_change_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModerationBody {
+    #[serde(rename = "moderationStatus")]
+    moderation_status: String,
+}
+
+/// The answer to a change of a message: 200 with the message (REST object) in its current state.
+fn change_response(app: &App, outcome: Result<crate::store::Changed, ChatError>) -> Response {
+    match outcome {
+        Ok(changed) => Json(crate::protocol::ChangeResult {
+            message: crate::wire::rest_message(&changed.message),
+            change: changed.change.as_ref().map(crate::wire::wire_change),
+            duplicate: changed.duplicate,
+        })
+        .into_response(),
+        Err(e) => error_response(app, e),
+    }
+}
+
+/// `PATCH …/messages/{messageId}` with `{"content","clientChangeId"?}`: edit one's message.
+async fn edit_message(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path((room, message)): Path<(String, String)>,
+    body: Body,
+) -> Response {
+    let outcome = async {
+        let body: EditBody = parse_json(&app, body)?;
+        app.service
+            .edit(
+                &who,
+                &room,
+                Target::Id(message),
+                &body.content,
+                body.client_change_id.as_deref(),
+            )
+            .await
+    }
+    .await;
+    change_response(&app, outcome)
+}
+
+/// `DELETE …/messages/{messageId}`: one's own message, any for ADMIN and SERVICE.
+async fn delete_message(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path((room, message)): Path<(String, String)>,
+) -> Response {
+    let outcome = app
+        .service
+        .delete_message(&who, &room, Target::Id(message))
+        .await;
+    change_response(&app, outcome)
+}
+
+/// `PUT …/messages/{messageId}/reactions/{emoji}`.
+async fn react(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path((room, message, emoji)): Path<(String, String, String)>,
+) -> Response {
+    let outcome = app
+        .service
+        .react(&who, &room, Target::Id(message), &emoji, true)
+        .await;
+    change_response(&app, outcome)
+}
+
+/// `DELETE …/messages/{messageId}/reactions/{emoji}`.
+async fn unreact(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path((room, message, emoji)): Path<(String, String, String)>,
+) -> Response {
+    let outcome = app
+        .service
+        .react(&who, &room, Target::Id(message), &emoji, false)
+        .await;
+    change_response(&app, outcome)
+}
+
+/// `PUT …/messages/{messageId}/moderation` with `{"moderationStatus"}` (management API).
+async fn moderate(
+    State(app): State<Arc<App>>,
+    AuthUser(who): AuthUser,
+    Path((room, message)): Path<(String, String)>,
+    body: Body,
+) -> Response {
+    let outcome = async {
+        let body: ModerationBody = parse_json(&app, body)?;
+        app.service
+            .moderate(&who, &room, Target::Id(message), &body.moderation_status)
+            .await
+    }
+    .await;
+    change_response(&app, outcome)
 }
 
 async fn send(
@@ -324,6 +451,7 @@ async fn send(
                 &room,
                 &body.content,
                 body.client_msg_id.as_deref(),
+                body.reply_to,
                 Door::Rest,
             )
             .await

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub rooms_active: Gauge,
     /// Messages accepted and stored (duplicates by clientMsgId not counted), by door.
     pub messages_received: Family<Labels, Counter>,
+    /// Changes of messages stored (edits, deletions, reactions, moderation), by kind.
+    pub messages_changed: Family<Labels, Counter>,
     /// Message pushes queued to sockets (one per receiving socket).
     pub messages_delivered: Counter,
     /// Send latency from request to ack, seconds.
@@ -84,6 +86,7 @@ impl Metrics {
         );
         let rooms_active = Gauge::default();
         let messages_received = Family::<Labels, Counter>::default();
+        let messages_changed = Family::<Labels, Counter>::default();
         let messages_delivered = Counter::default();
         let send_duration = Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
         let history_requests = Family::<Labels, Counter>::default();
@@ -178,6 +181,11 @@ impl Metrics {
             messages_received.clone(),
         );
         registry.register(
+            "messages_changed",
+            "Changes of stored messages (edit, delete, reaction, moderation), by kind",
+            messages_changed.clone(),
+        );
+        registry.register(
             "messages_delivered",
             "Message pushes queued to sockets",
             messages_delivered.clone(),
@@ -216,6 +224,7 @@ impl Metrics {
             upgrades_refused,
             rooms_active,
             messages_received,
+            messages_changed,
             messages_delivered,
             send_duration,
             history_hits,

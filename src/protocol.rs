@@ -39,6 +39,39 @@ pub enum ClientFrame {
         content: String,
         #[serde(rename = "clientMsgId")]
         client_msg_id: String,
+        /// The seq of the message this one replies to.
+        #[serde(rename = "replyTo", default)]
+        reply_to: Option<i64>,
+    },
+    /// Edit one's own message (section 15); a retry with the same `clientChangeId` returns the
+    /// change stored the first time.
+    Edit {
+        id: RequestId,
+        room: String,
+        seq: i64,
+        content: String,
+        #[serde(rename = "clientChangeId")]
+        client_change_id: String,
+    },
+    /// Delete a message (one's own; any, for ADMIN): it stays as a tombstone.
+    Delete {
+        id: RequestId,
+        room: String,
+        seq: i64,
+    },
+    /// Add a reaction (one emoji) to a message.
+    React {
+        id: RequestId,
+        room: String,
+        seq: i64,
+        emoji: String,
+    },
+    /// Remove one's reaction from a message.
+    Unreact {
+        id: RequestId,
+        room: String,
+        seq: i64,
+        emoji: String,
     },
     /// A page of a room's history, older than `before` (a sequence number), oldest first.
     History {
@@ -88,6 +121,10 @@ impl ClientFrame {
             | ClientFrame::Join { id, .. }
             | ClientFrame::Leave { id, .. }
             | ClientFrame::Send { id, .. }
+            | ClientFrame::Edit { id, .. }
+            | ClientFrame::Delete { id, .. }
+            | ClientFrame::React { id, .. }
+            | ClientFrame::Unreact { id, .. }
             | ClientFrame::History { id, .. }
             | ClientFrame::Typing { id, .. }
             | ClientFrame::MarkRead { id, .. }
@@ -115,6 +152,12 @@ pub enum ServerFrame<'a, T: Serialize> {
     Message {
         room: &'a str,
         message: SocketMessage<'a>,
+    },
+    /// Push: a message of a joined room changed (section 15), in sequence order with the room's
+    /// messages, exactly once per socket.
+    Change {
+        room: &'a str,
+        change: WireChange<'a>,
     },
     /// Push: this socket no longer receives the room (membership removed).
     Removed { room: &'a str, reason: &'a str },
@@ -191,6 +234,42 @@ pub struct RoomResult<'a> {
     pub room: &'a str,
 }
 
+/// A change of a message (section 15): its place in the room's sequence, the message it changed
+/// (`target`), who made it and when, and what it did (the fields of its `kind`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WireChange<'a> {
+    pub seq: i64,
+    pub target: i64,
+    pub kind: &'a str,
+    pub by: &'a str,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+    #[serde(rename = "editedAt", skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<i64>,
+    #[serde(rename = "deletedAt", skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<i64>,
+    #[serde(rename = "moderationStatus", skip_serializing_if = "Option::is_none")]
+    pub moderation_status: Option<&'a str>,
+}
+
+/// Result of `edit`, `delete`, `react` and `unreact` (and their REST routes): the message in its
+/// current state, the change stored (`None` when nothing changed), and whether nothing new was
+/// stored. `M` is the door's message object.
+#[derive(Debug, Serialize)]
+pub struct ChangeResult<'a, M> {
+    pub message: M,
+    pub change: Option<WireChange<'a>>,
+    pub duplicate: bool,
+}
+
 #[derive(Debug, Serialize)]
 pub struct SendResult<'a> {
     pub message: SocketMessage<'a>,
@@ -261,6 +340,15 @@ pub struct HistoryPage<'a, M> {
     pub messages: Vec<M>,
     #[serde(rename = "nextBefore")]
     pub next_before: Option<i64>,
+    /// The reader's own reactions on the page's messages, `{"44":["👍"]}` (section 15): added
+    /// per reader to pages with reactions (pages are shared, cached, without it).
+    #[serde(
+        rename = "myReactions",
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub my_reactions: Option<&'a RawValue>,
 }
 
 /// One message serialized once (the socket's full message object, [`SocketMessage`] with its
@@ -302,6 +390,26 @@ pub struct SocketMessage<'a> {
         skip_serializing_if = "is_approved"
     )]
     pub moderation_status: Cow<'a, str>,
+    /// The quote of the message this one replies to.
+    #[serde(
+        rename = "replyTo",
+        borrow,
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub reply_to: Option<WireQuote<'a>>,
+    /// When it was last edited (ms).
+    #[serde(rename = "editedAt", default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<i64>,
+    /// When it was deleted (ms): a tombstone, `content` is empty.
+    #[serde(rename = "deletedAt", default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<i64>,
+    /// The seq of its latest change, when it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    /// Emoji -> count, in the order the keys were first used (stored as this JSON).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub reactions: Option<Reactions<'a>>,
     /// The message id: in send results, history and rooms; not in pushes.
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Cow<'a, str>>,
@@ -329,6 +437,23 @@ pub struct SocketMessage<'a> {
         skip_serializing_if = "Option::is_none"
     )]
     pub sender_avatar_url: Option<Option<Cow<'a, str>>>,
+}
+
+/// A reply's quote of the message it replies to, in that message's current state. Its keys are
+/// not the message object's (`name`, not `senderName`; no `id`): [`MessageParts`] finds those by
+/// their names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireQuote<'a> {
+    pub seq: i64,
+    #[serde(rename = "senderId", borrow)]
+    pub sender_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub name: Option<Cow<'a, str>>,
+    /// The original's first characters; absent when it is deleted or rejected.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub excerpt: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 fn text() -> Cow<'static, str> {
@@ -507,6 +632,34 @@ pub struct WireMessage<'a> {
     #[serde(serialize_with = "millis_rfc3339")]
     pub created_at: DateTime<Utc>,
     pub client_msg_id: Option<&'a str>,
+    // Section 15, each only when it applies: a message that never changed keeps the app's shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<WireQuote<'a>>,
+    #[serde(
+        serialize_with = "optional_millis_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub edited_at: Option<DateTime<Utc>>,
+    #[serde(
+        serialize_with = "optional_millis_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub deleted_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reactions: Option<Reactions<'a>>,
+}
+
+/// A message's reactions, `{"👍":3}`, passed on as stored (JSON checked when read).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Reactions<'a>(#[serde(borrow)] pub &'a RawValue);
+
+impl PartialEq for Reactions<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -519,6 +672,16 @@ pub struct WireSender<'a> {
 
 fn millis_rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+fn optional_millis_rfc3339<S: Serializer>(
+    t: &Option<DateTime<Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => millis_rfc3339(t, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// WebSocket close codes the server uses (see proto-docs/protocol.md, "Close codes").
@@ -569,6 +732,11 @@ pub mod code {
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const TOO_MANY_ROOMS: &str = "too_many_rooms";
     pub const NOT_JOINED: &str = "not_joined";
+    pub const MESSAGE_NOT_FOUND: &str = "message_not_found";
+    pub const MESSAGE_DELETED: &str = "message_deleted";
+    pub const EDIT_WINDOW_CLOSED: &str = "edit_window_closed";
+    pub const UNKNOWN_REACTION: &str = "unknown_reaction";
+    pub const TOO_MANY_REACTIONS: &str = "too_many_reactions";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
 }
@@ -632,6 +800,10 @@ pub fn decode(text: &str) -> Result<ClientFrame, DecodeError> {
                             | "presence"
                             | "mark_read"
                             | "rooms"
+                            | "edit"
+                            | "delete"
+                            | "react"
+                            | "unreact"
                     )
                 );
                 let (code, message) = match env.kind {

@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 use crate::presence::{OnlineUser, PresenceChange, PresenceChanges};
 use crate::protocol::{self, Push, close};
 use crate::store::Store;
-use crate::wire::publish_frame;
+use crate::wire::event_frame;
 
 pub type ConnId = u64;
 
@@ -921,7 +921,7 @@ async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
         let limit = (until - after).clamp(1, 10_000) as u32;
         let missing = match registry
             .store
-            .messages_between(&hub.room, after, until, limit)
+            .events_between(&hub.room, after, until, limit)
             .await
         {
             Ok(rows) => rows,
@@ -931,7 +931,7 @@ async fn fill_gaps(registry: Weak<RoomRegistry>, hub: Weak<RoomHub>) {
                 continue;
             }
         };
-        let frames: Vec<_> = missing.iter().map(publish_frame).collect();
+        let frames: Vec<_> = missing.iter().map(event_frame).collect();
         let read_all = frames.len() < limit as usize;
         let pushed = {
             let mut st = hub.state.lock().unwrap();
@@ -1024,12 +1024,12 @@ impl RoomRegistry {
                 let limit = (head - after).clamp(1, 10_000) as u32;
                 match registry
                     .store
-                    .messages_between(&hub.room, after, head, limit)
+                    .events_between(&hub.room, after, head, limit)
                     .await
                 {
                     Ok(rows) => {
                         for row in &rows {
-                            registry.on_message(&hub, publish_frame(row));
+                            registry.on_message(&hub, event_frame(row));
                         }
                     }
                     Err(e) => tracing::warn!(room = %hub.room, error = %e, "resync failed"),

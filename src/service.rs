@@ -2,6 +2,7 @@
 //! and the REST routes (`http`) are thin adapters over it, so membership, validation, rate limits,
 //! sequences, idempotency and the cache behave the same through both doors.
 
+use std::fmt::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,12 @@ const PRESENCE_BATCH: usize = 1000;
 const PRESENCE_RETRY: Duration = Duration::from_secs(1);
 use crate::ratelimit::{RateLimiter, Refused};
 use crate::rooms::{Conn, RoomHub, RoomRegistry};
-use crate::store::{Access, Inserted, NewMessage, Room, RoomSummary, Store, StoreError};
-use crate::wire::{self, publish_frame, published};
+use crate::store::changes::{self, ChangeOp};
+use crate::store::{
+    Access, ChangeRequest, Changed, Event, Inserted, NewMessage, Quote, Refusal, Room, RoomSummary,
+    Store, StoreError, Target,
+};
+use crate::wire::{self, change_frame, publish_frame, published};
 
 /// Read marks not yet queued: (room, user) -> (highest seq, when).
 pub type PendingReads = HashMap<(String, String), (i64, DateTime<Utc>)>;
@@ -238,14 +243,17 @@ impl ChatService {
                 self.metrics.resumes_from_store.inc();
                 let missed = self
                     .store
-                    .messages_between(room, since, delivered, limit)
+                    .events_between(room, since, delivered, limit)
                     .await;
                 match missed {
                     Ok(rows) => {
                         plan.catch_up = rows
                             .iter()
-                            // With their profiles: the hub may not have told them.
-                            .map(|m| publish_frame(m).with_profile())
+                            .map(|e| match e {
+                                // With their profiles: the hub may not have told them.
+                                Event::Message(m) => publish_frame(m).with_profile(),
+                                Event::Change(c) => change_frame(c).frame.clone(),
+                            })
                             .collect()
                     }
                     Err(e) => {
@@ -285,33 +293,17 @@ impl ChatService {
         room: &str,
         content: &str,
         client_msg_id: Option<&str>,
+        reply_to: Option<i64>,
         door: Door,
     ) -> Result<Inserted, ChatError> {
         let started = Instant::now();
-        let content = content.trim();
-        if content.is_empty() {
-            return Err(ChatError::ContentEmpty);
-        }
-        // Postgres text cannot hold NUL; refuse it on every store so both behave alike.
-        if content.contains('\0') || client_msg_id.is_some_and(|id| id.contains('\0')) {
-            return Err(ChatError::BadRequest(
-                "content and clientMsgId must not contain NUL characters".into(),
-            ));
-        }
-        let max = self.settings.limits.max_content_chars;
-        if content.chars().nth(max).is_some() {
-            return Err(ChatError::ContentTooLong { max });
-        }
-        if let Some(id) = client_msg_id
-            && (id.is_empty() || id.len() > self.settings.limits.max_client_msg_id_bytes)
-        {
-            return Err(ChatError::BadRequest(format!(
-                "clientMsgId must be 1..={} bytes",
-                self.settings.limits.max_client_msg_id_bytes
-            )));
-        }
+        let content = self.valid_content(content, "clientMsgId", client_msg_id)?;
         self.authorize(who, room, false).await?;
-        let inserted = match self.limiter.check_send(&who.user_id, room).await {
+        let reply = match reply_to {
+            Some(seq) => Some(self.quote(room, seq).await?),
+            None => None,
+        };
+        let mut inserted = match self.limiter.check_send(&who.user_id, room).await {
             Ok(()) => {
                 let msg = NewMessage {
                     id: uuid::Uuid::now_v7().to_string(),
@@ -322,6 +314,7 @@ impl ChatService {
                     content: content.to_string(),
                     created_at: Utc::now().trunc_subsecs(3),
                     client_msg_id: client_msg_id.map(str::to_string),
+                    reply: reply.clone(),
                 };
                 let service = self.clone();
                 tokio::spawn(async move { service.store_and_announce(msg).await })
@@ -352,6 +345,13 @@ impl ChatService {
                 None => return Err(self.refuse(refused)),
             },
         };
+        // The store returns the row; the quote is the one checked above (a retry's original may
+        // quote another message: it is answered as stored, its quote read with it).
+        if inserted.message.reply.is_none()
+            && let Some(quote) = reply.filter(|q| Some(q.seq) == inserted.message.reply_to_seq)
+        {
+            inserted.message.reply = Some(quote);
+        }
         if !inserted.duplicate {
             self.metrics
                 .messages_received
@@ -383,6 +383,193 @@ impl ChatService {
             self.outbox_wake.notify_one();
         }
         Ok(inserted)
+    }
+
+    /// Trimmed content that a message may hold (a send's or an edit's), with its idempotency key
+    /// (`key_name`, for the error) checked.
+    fn valid_content<'c>(
+        &self,
+        content: &'c str,
+        key_name: &str,
+        key: Option<&str>,
+    ) -> Result<&'c str, ChatError> {
+        let content = content.trim();
+        if content.is_empty() {
+            return Err(ChatError::ContentEmpty);
+        }
+        // Postgres text cannot hold NUL; refuse it on every store so both behave alike.
+        if content.contains('\0') || key.is_some_and(|id| id.contains('\0')) {
+            return Err(ChatError::BadRequest(format!(
+                "content and {key_name} must not contain NUL characters"
+            )));
+        }
+        let max = self.settings.limits.max_content_chars;
+        if content.chars().nth(max).is_some() {
+            return Err(ChatError::ContentTooLong { max });
+        }
+        let max_key = self.settings.limits.max_client_msg_id_bytes;
+        if let Some(id) = key
+            && (id.is_empty() || id.len() > max_key)
+        {
+            return Err(ChatError::BadRequest(format!(
+                "{key_name} must be 1..={max_key} bytes"
+            )));
+        }
+        Ok(content)
+    }
+
+    /// The quote of the message a reply names: a visible, not deleted message of the room.
+    async fn quote(&self, room: &str, seq: i64) -> Result<Quote, ChatError> {
+        match self.store.message(room, &Target::Seq(seq)).await? {
+            Some(m) if !m.is_visible() => Err(ChatError::Message(Refusal::NotFound)),
+            Some(m) if m.deleted_at.is_some() => Err(ChatError::Message(Refusal::Deleted)),
+            Some(m) => Ok(Quote::of(&m)),
+            None => Err(ChatError::Message(Refusal::NotFound)),
+        }
+    }
+
+    /// Edits the sender's own message (section 15 of the protocol).
+    #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
+    pub async fn edit(
+        self: &Arc<Self>,
+        who: &Identity,
+        room: &str,
+        target: Target,
+        content: &str,
+        client_change_id: Option<&str>,
+    ) -> Result<Changed, ChatError> {
+        let content = self.valid_content(content, "clientChangeId", client_change_id)?;
+        self.authorize(who, room, false).await?;
+        let window = self.settings.limits.edit_window_secs;
+        let op = ChangeOp::Edit {
+            content: content.to_string(),
+            client_change_id: client_change_id.map(str::to_string),
+            window: (window > 0).then(|| Duration::from_secs(window)),
+        };
+        self.change(who, room, target, op).await
+    }
+
+    /// Deletes a message: the sender's own, or any for ADMIN and SERVICE (which needs no
+    /// membership: it is the management API's role).
+    #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
+    pub async fn delete_message(
+        self: &Arc<Self>,
+        who: &Identity,
+        room: &str,
+        target: Target,
+    ) -> Result<Changed, ChatError> {
+        match who.role {
+            Role::Service => validate_room_id(room)?,
+            _ => self.authorize(who, room, false).await?,
+        }
+        let any = matches!(who.role, Role::Admin | Role::Service);
+        self.change(who, room, target, ChangeOp::Delete { any })
+            .await
+    }
+
+    /// Adds (`add`) or removes the user's reaction `emoji` on a message.
+    #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
+    pub async fn react(
+        self: &Arc<Self>,
+        who: &Identity,
+        room: &str,
+        target: Target,
+        emoji: &str,
+        add: bool,
+    ) -> Result<Changed, ChatError> {
+        if !changes::is_emoji(emoji) {
+            return Err(ChatError::UnknownReaction);
+        }
+        self.authorize(who, room, false).await?;
+        if let Err(refused) = self.limiter.check_reaction(&who.user_id).await {
+            return Err(self.refuse(refused));
+        }
+        let op = if add {
+            ChangeOp::React {
+                emoji: emoji.to_string(),
+                max_keys: self.settings.limits.max_reaction_keys,
+            }
+        } else {
+            ChangeOp::Unreact {
+                emoji: emoji.to_string(),
+            }
+        };
+        self.change(who, room, target, op).await
+    }
+
+    /// Sets a message's moderation status (management API, role SERVICE): `REJECTED` removes it
+    /// from every screen and from history.
+    #[tracing::instrument(skip_all, fields(user = %who.user_id, room))]
+    pub async fn moderate(
+        self: &Arc<Self>,
+        who: &Identity,
+        room: &str,
+        target: Target,
+        status: &str,
+    ) -> Result<Changed, ChatError> {
+        Self::require_service(who)?;
+        validate_room_id(room)?;
+        let status = match status {
+            "REJECTED" => "REJECTED",
+            "APPROVED" => "APPROVED",
+            _ => {
+                return Err(ChatError::BadRequest(
+                    "moderationStatus must be REJECTED or APPROVED".into(),
+                ));
+            }
+        };
+        self.change(who, room, target, ChangeOp::Moderate { status })
+            .await
+    }
+
+    /// Stores a change (its own seq, one transaction), drops what the history cache held of the
+    /// room and publishes it, before the answer. In a task of its own, as a send's store and
+    /// announce: a caller that goes away cannot stop it between the commit and the publish.
+    async fn change(
+        self: &Arc<Self>,
+        who: &Identity,
+        room: &str,
+        target: Target,
+        op: ChangeOp,
+    ) -> Result<Changed, ChatError> {
+        let req = ChangeRequest {
+            room_id: room.to_string(),
+            target,
+            actor: who.user_id.clone(),
+            op,
+            at: Utc::now().trunc_subsecs(3),
+        };
+        let kind = req.kind();
+        let service = self.clone();
+        let changed = tokio::spawn(async move {
+            let changed = service.store.change_message(req).await?;
+            if let Some(change) = &changed.change {
+                // A retried edit's first attempt may have stopped before this line: drop again.
+                service.cache.changed(&change.room_id).await;
+                if !changed.duplicate
+                    && let Err(e) = service
+                        .broker
+                        .publish(&change.room_id, RoomEvent::Message(change_frame(change)))
+                        .await
+                {
+                    // The room's other nodes find it by the head check or the next event.
+                    tracing::warn!(error = %e, "change not published");
+                }
+            }
+            Ok::<_, ChatError>(changed)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "a change's task failed");
+            ChatError::Internal
+        })??;
+        if !changed.duplicate {
+            self.metrics
+                .messages_changed
+                .get_or_create(&vec![("kind", kind)])
+                .inc();
+        }
+        Ok(changed)
     }
 
     /// Appends a stored message to its room's cached history (when it is served at all).
@@ -419,13 +606,59 @@ impl ChatService {
         let limit = limit
             .unwrap_or(limits.history_default_limit)
             .clamp(1, limits.history_max_limit);
-        match before {
-            None => self.latest_page(room, limit).await,
-            Some(before) if before < 1 => Err(ChatError::BadRequest(
-                "before must be a positive sequence number".into(),
-            )),
-            Some(before) => self.older_page(room, before, limit).await,
+        let page = match before {
+            None => self.latest_page(room, limit).await?,
+            Some(before) if before < 1 => {
+                return Err(ChatError::BadRequest(
+                    "before must be a positive sequence number".into(),
+                ));
+            }
+            Some(before) => self.older_page(room, before, limit).await?,
+        };
+        self.with_my_reactions(who, room, page).await
+    }
+
+    /// A page with the reader's own reactions added (`myReactions`), when any of its messages has
+    /// reactions: pages are shared by every reader (and cached), the reader's reactions are not.
+    async fn with_my_reactions(
+        &self,
+        who: &Identity,
+        room: &str,
+        page: Utf8Bytes,
+    ) -> Result<Utf8Bytes, ChatError> {
+        // A raw `"reactions":` is only ever a key: quotes inside strings are escaped.
+        if !page.as_str().contains(r#""reactions":"#) {
+            return Ok(page);
         }
+        let parsed: HistoryPage<'_, protocol::SocketMessage<'_>> =
+            serde_json::from_str(page.as_str()).map_err(|e| {
+                tracing::error!(error = %e, "a history page does not parse");
+                ChatError::Internal
+            })?;
+        let (Some(first), Some(last)) = (parsed.messages.first(), parsed.messages.last()) else {
+            return Ok(page);
+        };
+        let mine = self
+            .store
+            .my_reactions(room, &who.user_id, first.seq, last.seq)
+            .await?;
+        let mut by_seq: Vec<(i64, Vec<String>)> = Vec::new();
+        for (seq, emoji) in mine {
+            match by_seq.last_mut() {
+                Some((s, keys)) if *s == seq => keys.push(emoji),
+                _ => by_seq.push((seq, vec![emoji])),
+            }
+        }
+        let mut json = String::from(r#","myReactions":{"#);
+        for (i, (seq, keys)) in by_seq.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            let _ = write!(json, r#""{seq}":{}"#, protocol::encode(keys));
+        }
+        json.push_str("}}");
+        let body = page.as_str().strip_suffix('}').unwrap_or(page.as_str());
+        Ok(format!("{body}{json}").into())
     }
 
     /// The newest `limit` messages, cut from the room's cached tail (which sends keep current) or
@@ -493,6 +726,7 @@ impl ChatService {
                 None
             },
             messages: rows.iter().map(wire::socket_message).collect(),
+            my_reactions: None,
         });
         if settled {
             self.cache

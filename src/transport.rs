@@ -30,11 +30,12 @@ use crate::App;
 use crate::auth::{AuthError, Identity};
 use crate::error::ChatError;
 use crate::protocol::{
-    self, AuthResult, ClientFrame, ErrorBody, JoinResult, MarkReadResult, PongResult, Push,
-    RequestId, RoomResult, SendResult, ServerFrame, close, code,
+    self, AuthResult, ChangeResult, ClientFrame, ErrorBody, JoinResult, MarkReadResult, PongResult,
+    Push, RequestId, RoomResult, SendResult, ServerFrame, close, code,
 };
 use crate::rooms::{Closer, Conn, ConnShared, Outbox, OutboxReader, outbox};
 use crate::service::Door;
+use crate::store::{Changed, Target};
 
 /// How long the socket's own replies may wait for room in its outbox before it counts as slow.
 const REPLY_PATIENCE: Duration = Duration::from_secs(5);
@@ -396,9 +397,17 @@ impl Connection {
                 room,
                 content,
                 client_msg_id,
+                reply_to,
             } => {
                 match service
-                    .send(&identity, &room, &content, Some(&client_msg_id), Door::Ws)
+                    .send(
+                        &identity,
+                        &room,
+                        &content,
+                        Some(&client_msg_id),
+                        reply_to,
+                        Door::Ws,
+                    )
                     .await
                 {
                     Ok(inserted) => {
@@ -412,6 +421,52 @@ impl Connection {
                     }
                     Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
                 }
+            }
+            ClientFrame::Edit {
+                id,
+                room,
+                seq,
+                content,
+                client_change_id,
+            } => {
+                let edited = service
+                    .edit(
+                        &identity,
+                        &room,
+                        Target::Seq(seq),
+                        &content,
+                        Some(&client_change_id),
+                    )
+                    .await;
+                self.reply_change(&conn, &id, &room, edited).await;
+            }
+            ClientFrame::Delete { id, room, seq } => {
+                let deleted = service
+                    .delete_message(&identity, &room, Target::Seq(seq))
+                    .await;
+                self.reply_change(&conn, &id, &room, deleted).await;
+            }
+            ClientFrame::React {
+                id,
+                room,
+                seq,
+                emoji,
+            } => {
+                let reacted = service
+                    .react(&identity, &room, Target::Seq(seq), &emoji, true)
+                    .await;
+                self.reply_change(&conn, &id, &room, reacted).await;
+            }
+            ClientFrame::Unreact {
+                id,
+                room,
+                seq,
+                emoji,
+            } => {
+                let unreacted = service
+                    .react(&identity, &room, Target::Seq(seq), &emoji, false)
+                    .await;
+                self.reply_change(&conn, &id, &room, unreacted).await;
             }
             ClientFrame::MarkRead { id, room, seq } => {
                 match service.mark_read(&identity, &room, seq).await {
@@ -455,6 +510,27 @@ impl Connection {
                 }
                 Err(e) => self.reply_room_error(&conn, &id, &room, e).await,
             },
+        }
+    }
+
+    /// Answers a change request (edit, delete, react, unreact) with the message's current state.
+    async fn reply_change(
+        &self,
+        conn: &Conn,
+        id: &RequestId,
+        room: &str,
+        outcome: Result<Changed, ChatError>,
+    ) {
+        match outcome {
+            Ok(changed) => {
+                let result = ChangeResult {
+                    message: crate::wire::socket_message(&changed.message),
+                    change: changed.change.as_ref().map(crate::wire::wire_change),
+                    duplicate: changed.duplicate,
+                };
+                self.reply(id, result).await;
+            }
+            Err(e) => self.reply_room_error(conn, id, room, e).await,
         }
     }
 

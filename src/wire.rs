@@ -9,11 +9,96 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::broker::Published;
+use serde_json::value::RawValue;
+
 use crate::protocol::{
-    self, HistoryPage, MessageJson, MessageParts, RoomsResult, SocketMessage, WireMessage,
-    WireRoom, WireSender,
+    self, HistoryPage, MessageJson, MessageParts, Push, Reactions, RoomsResult, SocketMessage,
+    WireChange, WireMessage, WireQuote, WireRoom, WireSender,
 };
-use crate::store::{Message, RoomSummary};
+use crate::store::changes::ChangeWhat;
+use crate::store::{Change, Event, Message, Quote, RoomSummary};
+
+/// A reply's quote as both doors show it.
+fn wire_quote(q: &Quote) -> WireQuote<'_> {
+    WireQuote {
+        seq: q.seq,
+        sender_id: Cow::Borrowed(&q.sender_id),
+        name: q.sender_name.as_deref().map(Cow::Borrowed),
+        excerpt: q.excerpt.as_deref().map(Cow::Borrowed),
+        deleted: q.excerpt.is_none(),
+    }
+}
+
+/// A message's stored reactions (a JSON object), as they are.
+fn reactions(m: &Message) -> Option<Reactions<'_>> {
+    m.reactions
+        .as_deref()
+        .and_then(|json| serde_json::from_str::<&RawValue>(json).ok())
+        .map(Reactions)
+}
+
+/// A stored change as both doors show it.
+pub fn wire_change(c: &Change) -> WireChange<'_> {
+    let ts = c.at.timestamp_millis();
+    let mut wire = WireChange {
+        seq: c.seq,
+        target: c.target,
+        kind: "",
+        by: &c.by,
+        ts,
+        content: None,
+        edited_at: None,
+        deleted_at: None,
+        emoji: None,
+        added: None,
+        count: None,
+        moderation_status: None,
+    };
+    match &c.what {
+        ChangeWhat::Edit { content } => {
+            wire.kind = "edit";
+            wire.content = Some(content);
+            wire.edited_at = Some(ts);
+        }
+        ChangeWhat::Delete => {
+            wire.kind = "delete";
+            wire.deleted_at = Some(ts);
+        }
+        ChangeWhat::Reaction {
+            emoji,
+            added,
+            count,
+        } => {
+            wire.kind = "reaction";
+            wire.emoji = Some(emoji);
+            wire.added = Some(*added);
+            wire.count = Some(*count);
+        }
+        ChangeWhat::Moderation { status } => {
+            wire.kind = "moderation";
+            wire.moderation_status = Some(status);
+        }
+    }
+    wire
+}
+
+/// The shared `change` push of a stored change (no sender profile to announce).
+pub fn change_frame(c: &Change) -> Arc<Published> {
+    let push = protocol::encode(&Push::Change {
+        room: &c.room_id,
+        change: wire_change(c),
+    });
+    Arc::new(Published::new(c.seq, push.into(), ""))
+}
+
+/// The push of a room event read from the store (a catch-up, a gap fill): a message with its
+/// sender's profile (the room may not have told it), or a change.
+pub fn event_frame(e: &Event) -> Arc<Published> {
+    match e {
+        Event::Message(m) => publish_frame(m),
+        Event::Change(c) => change_frame(c),
+    }
+}
 
 /// A stored message as the socket shows it in send results and history: with its `clientMsgId`
 /// and its sender's profile.
@@ -30,6 +115,11 @@ pub fn socket_message(m: &Message) -> SocketMessage<'_> {
         client_msg_id: m.client_msg_id.as_deref().map(Cow::Borrowed),
         sender_name: Some(m.sender_name.as_deref().map(Cow::Borrowed)),
         sender_avatar_url: Some(m.sender_avatar_url.as_deref().map(Cow::Borrowed)),
+        reply_to: m.reply.as_ref().map(wire_quote),
+        edited_at: m.edited_at.map(|t| t.timestamp_millis()),
+        deleted_at: m.deleted_at.map(|t| t.timestamp_millis()),
+        version: m.version,
+        reactions: reactions(m),
     }
 }
 
@@ -53,6 +143,11 @@ pub fn rest_message(m: &Message) -> WireMessage<'_> {
         moderation_status: &m.moderation_status,
         created_at: m.created_at,
         client_msg_id: m.client_msg_id.as_deref(),
+        reply_to: m.reply.as_ref().map(wire_quote),
+        edited_at: m.edited_at,
+        deleted_at: m.deleted_at,
+        version: m.version,
+        reactions: reactions(m),
     }
 }
 
@@ -76,9 +171,18 @@ fn rest_from_socket<'a>(room: &'a str, m: &'a SocketMessage<'a>) -> WireMessage<
         content_type: &m.content_type,
         status: &m.status,
         moderation_status: &m.moderation_status,
-        created_at: DateTime::<Utc>::from_timestamp_millis(m.ts).unwrap_or_default(),
+        created_at: from_millis(m.ts),
         client_msg_id: m.client_msg_id.as_deref(),
+        reply_to: m.reply_to.clone(),
+        edited_at: m.edited_at.map(from_millis),
+        deleted_at: m.deleted_at.map(from_millis),
+        version: m.version,
+        reactions: m.reactions,
     }
+}
+
+fn from_millis(ms: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default()
 }
 
 /// A stored message serialized once, as the socket's full object: what the cache holds and
@@ -118,6 +222,7 @@ pub fn rest_page(socket_page: &str) -> Option<String> {
             .map(|m| rest_from_socket(&page.room, m))
             .collect(),
         next_before: page.next_before,
+        my_reactions: page.my_reactions,
     };
     Some(protocol::encode(&rest))
 }
@@ -144,7 +249,7 @@ fn rooms_result<'a, M>(
                 name: &r.name,
                 last_seq: r.last_seq,
                 last_read_seq: r.last_read_seq,
-                unread: (r.last_seq - r.last_read_seq).max(0),
+                unread: r.unread,
                 last_message: r.last_message.as_ref().map(&message),
             })
             .collect(),
@@ -170,6 +275,12 @@ mod tests {
             moderation_status: "APPROVED".into(),
             created_at: Utc::now(),
             client_msg_id: Some("c1".into()),
+            edited_at: None,
+            deleted_at: None,
+            version: None,
+            reply_to_seq: None,
+            reactions: None,
+            reply: None,
         }
     }
 
@@ -187,6 +298,7 @@ mod tests {
                     room: Cow::Borrowed(room),
                     messages: messages.iter().map(socket_message).collect(),
                     next_before,
+                    my_reactions: None,
                 });
                 let fragments: Vec<MessageJson> = messages.iter().map(message_json).collect();
                 assert_eq!(&*history_page(room, &fragments, next_before), expected);
@@ -195,6 +307,7 @@ mod tests {
                     room: Cow::Borrowed(room),
                     messages: messages.iter().map(rest_message).collect(),
                     next_before,
+                    my_reactions: None,
                 });
                 assert_eq!(rest_page(&expected).as_deref(), Some(&*rest));
             }

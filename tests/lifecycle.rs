@@ -401,6 +401,7 @@ async fn orphan(path: &std::path::Path, leased: bool) {
             content: "committed, side effects never done".into(),
             created_at: chrono::Utc::now(),
             client_msg_id: None,
+            reply: None,
         })
         .await
         .unwrap();

@@ -70,7 +70,9 @@ async fn migrations_create_the_schema_roll_back_and_apply_again() {
         tables(&pool).await,
         [
             "ChatMessage",
+            "ChatMessageChange",
             "ChatOutbox",
+            "ChatReaction",
             "ChatRoom",
             "ChatRoomMember",
             "User"
@@ -102,7 +104,7 @@ async fn migrations_create_the_schema_roll_back_and_apply_again() {
         "rollback drops what it created"
     );
     MIGRATOR.run(&pool).await.unwrap();
-    assert_eq!(tables(&pool).await.len(), 5);
+    assert_eq!(tables(&pool).await.len(), 7);
     assert_eq!(message_indexes(&pool).await, fresh_indexes);
 }
 
@@ -238,6 +240,7 @@ fn new_message(room: &str, sender: &str, content: &str, client_msg_id: Option<&s
         content: content.into(),
         created_at: chrono::Utc::now(),
         client_msg_id: client_msg_id.map(str::to_string),
+        reply: None,
     }
 }
 

@@ -616,6 +616,7 @@ async fn a_message_whose_event_was_lost_still_reaches_every_node() {
             content: "never published".into(),
             created_at: chrono::Utc::now(),
             client_msg_id: None,
+            reply: None,
         })
         .await
         .unwrap();

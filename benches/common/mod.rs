@@ -34,5 +34,11 @@ pub fn message(room: &str, seq: i64) -> Message {
         moderation_status: "APPROVED".to_string(),
         created_at: Utc.with_ymd_and_hms(2026, 11, 27, 3, 14, 15).unwrap(),
         client_msg_id: Some(format!("c-{seq}")),
+        edited_at: None,
+        deleted_at: None,
+        version: None,
+        reply_to_seq: None,
+        reactions: None,
+        reply: None,
     }
 }

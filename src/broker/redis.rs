@@ -6,6 +6,9 @@
 //! - `{"type":"message","room":…,"message":{"seq":N,…}}`: a persisted message, published by a
 //!   gateway after commit: the push sockets receive, with the sender's profile (each node's room
 //!   decides whether its own sockets need it, and cuts it off otherwise, without parsing again).
+//! - `{"type":"change","room":…,"change":{"seq":N,…}}`: a change of a stored message (an edit, a
+//!   deletion, a reaction, moderation), published after its commit: the push sockets receive, in
+//!   the room's sequence like a message.
 //! - `{"type":"member_removed","room":…,"userId":…}`: that user's sockets leave the room.
 //! - `{"type":"event","room":…,"event":{…}}`: ephemeral, published by backend services; pushed to
 //!   the room's sockets as is, never stored, no sequence.
@@ -151,6 +154,8 @@ struct Envelope<'a> {
     kind: &'a str,
     #[serde(default)]
     message: Option<SeqOnly>,
+    #[serde(default)]
+    change: Option<SeqOnly>,
     #[serde(default, rename = "userId")]
     user_id: Option<String>,
     #[serde(default)]
@@ -489,6 +494,13 @@ impl RedisBroker {
             ("message", Some(SeqOnly { seq }), _) => match std::str::from_utf8(payload) {
                 Ok(push) => RoomEvent::Message(Arc::new(Published::from_announcing(seq, push))),
                 Err(_) => return,
+            },
+            // A change of a message: in the room's sequence like a message, with no profile.
+            ("change", _, _) => match (envelope.change, frame()) {
+                (Some(SeqOnly { seq }), Some(frame)) => {
+                    RoomEvent::Message(Arc::new(Published::new(seq, frame, "")))
+                }
+                _ => return,
             },
             ("member_removed", _, Some(user_id)) => RoomEvent::MemberRemoved { user_id },
             // Backend events and read receipts: pushed to the room's sockets as they are.

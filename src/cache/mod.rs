@@ -23,6 +23,14 @@
 //! ever served a latest page without a message already acknowledged, and no invalidation scans
 //! keys.
 //!
+//! **Changes.** A change of a stored message (section 15 of the protocol) can touch any page. It
+//! drops the room's tail (bumping its generation, so a store read in flight is not stored either)
+//! and marks the room *changed* for `cache.history_ttl_ms`: while marked, the room's older pages
+//! are neither served nor stored. An older page stored before the mark expires before the mark
+//! does (both live that long), so no page read before a change is served after it; one read after
+//! the change is stored again once the mark is gone. Busy rooms' reactions keep their older pages
+//! uncached; older pages are the rare reads.
+//!
 //! **Lifetime.** A tail lives `cache.history_ttl_ms` from the store read that filled it: appends
 //! do not extend it, so changes made outside the gateway (moderation) show within that time. A
 //! read of a tail past half its life is still a hit, and hands out a token to re-read the tail in
@@ -170,6 +178,11 @@ pub trait HistoryCache: Send + Sync + 'static {
     /// Drops the room's tail, and any store read in flight for it: the tail may miss acknowledged
     /// messages (a Redis Cluster shard failed over before its replica had the last appends).
     async fn forget(&self, room: &str);
+    /// A message of the room changed (an edit, a deletion, a reaction, moderation: see
+    /// "Changes" in the module doc): drops the tail as `forget` does, and serves and stores no
+    /// older page of the room for `cache.history_ttl_ms`. Called after the change's commit and
+    /// before its ack.
+    async fn changed(&self, room: &str);
 }
 
 /// In-process cache, bounded by `cache.max_bytes` of cached JSON (plus bookkeeping per entry).
@@ -181,6 +194,8 @@ pub struct MemoryHistoryCache {
     /// locked (a `RefMut`, never held across an await), which makes the generation check and the
     /// write one step.
     generations: DashMap<Box<str>, u64>,
+    /// Rooms with a change in the last `ttl` (see "Changes"): their older pages are not used.
+    changed: Cache<Box<str>, ()>,
     ttl: Duration,
     tail_len: usize,
 }
@@ -295,6 +310,7 @@ impl MemoryHistoryCache {
                 .expire_after(ExpireAt)
                 .build(),
             generations: DashMap::new(),
+            changed: Cache::builder().time_to_live(ttl).build(),
             ttl,
             tail_len,
         }
@@ -384,6 +400,9 @@ impl HistoryCache for MemoryHistoryCache {
     }
 
     async fn older(&self, room: &str, limit: u32, before: i64) -> Option<Utf8Bytes> {
+        if self.changed.contains_key(room) {
+            return None;
+        }
         match self
             .entries
             .get(&(room, Some((limit, before))) as &dyn KeyParts)
@@ -394,6 +413,9 @@ impl HistoryCache for MemoryHistoryCache {
     }
 
     async fn put_older(&self, room: &str, limit: u32, before: i64, page: Utf8Bytes) {
+        if self.changed.contains_key(room) {
+            return;
+        }
         let key = Key {
             room: room.into(),
             older: Some((limit, before)),
@@ -407,6 +429,11 @@ impl HistoryCache for MemoryHistoryCache {
         *generation += 1;
         self.entries.invalidate(&(room, None) as &dyn KeyParts);
         drop(generation);
+    }
+
+    async fn changed(&self, room: &str) {
+        self.changed.insert(room.into(), ());
+        self.forget(room).await;
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! Keys (proto-docs/redis.md): `{prefix}messages:{roomId}:list` and `…:last` (the tail), `…:gen`
 //! (the room's generation, bumped by every append), `…:refresh` (a node is re-reading the tail),
+//! `…:changed` (a message of the room changed in the last TTL: older pages are not used),
 //! and older pages under the seed's key `{prefix}messages:{roomId}:{limit}:{before}`, as plain
 //! page JSON.
 //!
@@ -96,11 +97,24 @@ if ARGV[1] ~= '' then appended = append() end
 if ARGV[5] then redis.call(ARGV[5], ARGV[6], ARGV[7]) end
 return appended";
 
-/// KEYS: generation, tail header, tail list. ARGV: generation TTL (ms).
+/// KEYS: generation, tail header, tail list, and for a change the room's changed mark. ARGV:
+/// generation TTL (ms), and for a change the mark's TTL (ms).
 const FORGET: &str = r"
 redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if KEYS[4] then redis.call('SET', KEYS[4], '1', 'PX', ARGV[2]) end
 return redis.call('DEL', KEYS[2], KEYS[3])";
+
+/// KEYS: the room's changed mark, the page. Nothing while the room is marked.
+const OLDER: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+return redis.call('GET', KEYS[2])";
+
+/// KEYS: the room's changed mark, the page. ARGV: the page, its TTL (ms). Not while marked.
+const PUT_OLDER: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1";
 
 pub struct RedisHistoryCache {
     redis: RedisConn,
@@ -110,6 +124,8 @@ pub struct RedisHistoryCache {
     fill: Script,
     append: Script,
     forget: Script,
+    older: Script,
+    put_older: Script,
 }
 
 impl RedisHistoryCache {
@@ -123,6 +139,8 @@ impl RedisHistoryCache {
             fill: Script::new(FILL),
             append: Script::new(APPEND),
             forget: Script::new(FORGET),
+            older: Script::new(OLDER),
+            put_older: Script::new(PUT_OLDER),
         }
     }
 
@@ -294,19 +312,11 @@ impl HistoryCache for RedisHistoryCache {
     }
 
     async fn forget(&self, room: &str) {
-        // A script, not MULTI: one slot (the room's tag), atomic, and it follows MOVED on a
-        // cluster whose slots just moved. A fill that read the store before this sees another
-        // generation and is refused.
-        let mut conn = self.redis.conn.clone();
-        let mut invocation = self.forget.key(self.room_key(room, "gen"));
-        invocation
-            .key(self.room_key(room, "last"))
-            .key(self.room_key(room, "list"))
-            .arg(GENERATION_TTL_MS);
-        let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
-        if let Err(e) = result {
-            self.redis.log_failure("history cache tail not dropped", &e);
-        }
+        self.drop_tail(room, false).await;
+    }
+
+    async fn changed(&self, room: &str) {
+        self.drop_tail(room, true).await;
     }
 
     async fn older(&self, room: &str, limit: u32, before: i64) -> Option<Utf8Bytes> {
@@ -314,10 +324,10 @@ impl HistoryCache for RedisHistoryCache {
         let key = self
             .redis
             .key(&older_key(&self.redis.tag(room), limit, before));
-        let found: Result<Option<String>, _> = self
-            .redis
-            .bounded(redis::cmd("GET").arg(key).query_async(&mut conn))
-            .await;
+        let mut invocation = self.older.key(self.room_key(room, "changed"));
+        invocation.key(key);
+        let found: Result<Option<String>, _> =
+            self.redis.bounded(invocation.invoke_async(&mut conn)).await;
         match found {
             // Anything else under the key (an earlier version's format) is a miss.
             Ok(Some(page)) if is_json(&page) => Some(page.into()),
@@ -335,19 +345,36 @@ impl HistoryCache for RedisHistoryCache {
         let key = self
             .redis
             .key(&older_key(&self.redis.tag(room), limit, before));
-        let result: Result<(), _> = self
-            .redis
-            .bounded(
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(page.as_bytes())
-                    .arg("PX")
-                    .arg(self.ttl_ms())
-                    .query_async(&mut conn),
-            )
-            .await;
+        let mut invocation = self.put_older.key(self.room_key(room, "changed"));
+        invocation.key(key).arg(page.as_bytes()).arg(self.ttl_ms());
+        let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
         if let Err(e) = result {
             self.redis.log_failure("history cache write failed", &e);
+        }
+    }
+}
+
+impl RedisHistoryCache {
+    /// Drops the room's tail (and any store read in flight for it); for a change, also marks the
+    /// room changed (see "Changes" in the module doc of [`super`]).
+    async fn drop_tail(&self, room: &str, change: bool) {
+        // A script, not MULTI: one slot (the room's tag), atomic, and it follows MOVED on a
+        // cluster whose slots just moved. A fill that read the store before this sees another
+        // generation and is refused.
+        let mut conn = self.redis.conn.clone();
+        let mut invocation = self.forget.key(self.room_key(room, "gen"));
+        invocation
+            .key(self.room_key(room, "last"))
+            .key(self.room_key(room, "list"))
+            .arg(GENERATION_TTL_MS);
+        if change {
+            invocation
+                .key(self.room_key(room, "changed"))
+                .arg(self.ttl_ms());
+        }
+        let result: Result<i64, _> = self.redis.bounded(invocation.invoke_async(&mut conn)).await;
+        if let Err(e) = result {
+            self.redis.log_failure("history cache tail not dropped", &e);
         }
     }
 }

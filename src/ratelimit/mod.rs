@@ -20,6 +20,8 @@ use crate::config::RateLimitSettings;
 pub enum Scope {
     User,
     Room,
+    /// A user's reactions.
+    Reaction,
 }
 
 impl Scope {
@@ -27,6 +29,7 @@ impl Scope {
         match self {
             Scope::User => "user",
             Scope::Room => "room",
+            Scope::Reaction => "reaction",
         }
     }
 }
@@ -41,6 +44,8 @@ pub struct Refused {
 pub trait RateLimiter: Send + Sync + 'static {
     /// Spends one send from the user's and the room's budgets, or says how long to wait.
     async fn check_send(&self, user: &str, room: &str) -> Result<(), Refused>;
+    /// Spends one of the user's reactions (react and unreact).
+    async fn check_reaction(&self, user: &str) -> Result<(), Refused>;
     /// Forgets idle keys (called periodically) so memory follows active senders only.
     fn sweep(&self) {}
 }
@@ -48,6 +53,7 @@ pub trait RateLimiter: Send + Sync + 'static {
 pub struct MemoryRateLimiter {
     users: DefaultKeyedRateLimiter<String>,
     rooms: DefaultKeyedRateLimiter<String>,
+    reactions: DefaultKeyedRateLimiter<String>,
     clock: DefaultClock,
 }
 
@@ -62,6 +68,7 @@ impl MemoryRateLimiter {
         Self {
             users: Gcra::dashmap(quota(settings.user_per_second, settings.user_burst)),
             rooms: Gcra::dashmap(quota(settings.room_per_second, settings.room_burst)),
+            reactions: Gcra::dashmap(quota(settings.reaction_per_second, settings.reaction_burst)),
             clock: DefaultClock::default(),
         }
     }
@@ -89,11 +96,17 @@ impl RateLimiter for MemoryRateLimiter {
         self.check(&self.rooms, room, Scope::Room)
     }
 
+    async fn check_reaction(&self, user: &str) -> Result<(), Refused> {
+        self.check(&self.reactions, user, Scope::Reaction)
+    }
+
     fn sweep(&self) {
         self.users.retain_recent();
         self.rooms.retain_recent();
+        self.reactions.retain_recent();
         self.users.shrink_to_fit();
         self.rooms.shrink_to_fit();
+        self.reactions.shrink_to_fit();
     }
 }
 
@@ -103,6 +116,10 @@ pub struct Unlimited;
 #[async_trait]
 impl RateLimiter for Unlimited {
     async fn check_send(&self, _user: &str, _room: &str) -> Result<(), Refused> {
+        Ok(())
+    }
+
+    async fn check_reaction(&self, _user: &str) -> Result<(), Refused> {
         Ok(())
     }
 }

@@ -24,6 +24,7 @@ pub struct RedisRateLimiter {
     /// Emission interval (µs) and burst, per scope.
     user: (u64, u32),
     room: (u64, u32),
+    reaction: (u64, u32),
 }
 
 impl RedisRateLimiter {
@@ -54,6 +55,10 @@ impl RedisRateLimiter {
             script,
             user: (interval(settings.user_per_second), settings.user_burst),
             room: (interval(settings.room_per_second), settings.room_burst),
+            reaction: (
+                interval(settings.reaction_per_second),
+                settings.reaction_burst,
+            ),
         }
     }
 }
@@ -101,6 +106,24 @@ impl RateLimiter for RedisRateLimiter {
             Err(e) => {
                 self.redis
                     .log_failure("rate limiter unavailable; allowing the send", &e);
+                Ok(())
+            }
+        }
+    }
+
+    async fn check_reaction(&self, user: &str) -> Result<(), Refused> {
+        let key = self
+            .redis
+            .key(&format!("chat:rl:reaction:{}", self.redis.tag(user)));
+        match self.spend(&[(&key, self.reaction)]).await {
+            Ok((0, _)) => Ok(()),
+            Ok((_, wait_us)) => Err(Refused {
+                scope: Scope::Reaction,
+                retry_after: Duration::from_micros(wait_us.max(1) as u64),
+            }),
+            Err(e) => {
+                self.redis
+                    .log_failure("rate limiter unavailable; allowing the reaction", &e);
                 Ok(())
             }
         }

@@ -10,6 +10,7 @@
 //! which stays until a worker has performed them.
 
 pub mod backfill;
+pub mod changes;
 pub mod migrations;
 mod pg_sends;
 pub mod postgres;
@@ -18,6 +19,8 @@ pub mod sqlite;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgDatabaseError;
+
+pub use changes::{Change, ChangeRequest, Changed, Refusal, Target};
 
 /// A stored message (a row of `"ChatMessage"`, read by its column names: see [`MESSAGE_COLUMNS`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -34,20 +37,59 @@ pub struct Message {
     pub moderation_status: String,
     pub created_at: DateTime<Utc>,
     pub client_msg_id: Option<String>,
+    /// When it was last edited.
+    pub edited_at: Option<DateTime<Utc>>,
+    /// When it was deleted (a tombstone: `content` is empty).
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// The seq of its latest change; `None` while it never changed (its version is its seq).
+    pub version: Option<i64>,
+    /// The seq of the message it replies to.
+    pub reply_to_seq: Option<i64>,
+    /// Its reactions: a JSON object, emoji -> count, in the order the keys were first used.
+    pub reactions: Option<String>,
+    /// The quote of the message it replies to, in that message's current state (not a column:
+    /// filled in by the store's reads, see [`quote_replies`]).
+    pub reply: Option<Quote>,
+}
+
+/// A reply's quote of the message it replies to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quote {
+    pub seq: i64,
+    pub sender_id: String,
+    pub sender_name: Option<String>,
+    /// The first [`QUOTE_CHARS`] characters of its content; `None` when it is deleted or rejected.
+    pub excerpt: Option<String>,
+}
+
+/// How much of the original a reply quotes.
+pub const QUOTE_CHARS: usize = 100;
+
+impl Quote {
+    /// The quote of `original` in its current state.
+    pub fn of(original: &Message) -> Self {
+        let gone = original.deleted_at.is_some() || !original.is_visible();
+        Quote {
+            seq: original.seq,
+            sender_id: original.sender_id.clone(),
+            sender_name: original.sender_name.clone(),
+            excerpt: (!gone).then(|| original.content.chars().take(QUOTE_CHARS).collect()),
+        }
+    }
 }
 
 /// `sqlx::FromRow` for a struct, field by column name, for both databases' rows: written out
 /// rather than derived, since the derive needs sqlx's proc macros (see `migrations`).
 macro_rules! from_row {
-    ($ty:ident { $($field:ident: $column:literal),+ $(,)? }) => {
-        from_row!(@impl sqlx::sqlite::SqliteRow, $ty { $($field: $column),+ });
-        from_row!(@impl sqlx::postgres::PgRow, $ty { $($field: $column),+ });
+    ($ty:ident { $($field:ident: $column:literal),+ $(,)? } $(default: $($default:ident),+)?) => {
+        from_row!(@impl sqlx::sqlite::SqliteRow, $ty { $($field: $column),+ } $($($default),+)?);
+        from_row!(@impl sqlx::postgres::PgRow, $ty { $($field: $column),+ } $($($default),+)?);
     };
-    (@impl $row:ty, $ty:ident { $($field:ident: $column:literal),+ }) => {
+    (@impl $row:ty, $ty:ident { $($field:ident: $column:literal),+ } $($default:ident),*) => {
         impl<'r> sqlx::FromRow<'r, $row> for $ty {
             fn from_row(row: &'r $row) -> Result<Self, sqlx::Error> {
                 use sqlx::Row;
-                Ok(Self { $($field: row.try_get($column)?),+ })
+                Ok(Self { $($field: row.try_get($column)?,)+ $($default: Default::default(),)* })
             }
         }
     };
@@ -66,7 +108,12 @@ from_row!(Message {
     moderation_status: "moderationStatus",
     created_at: "createdAt",
     client_msg_id: "clientMsgId",
-});
+    edited_at: "editedAt",
+    deleted_at: "deletedAt",
+    version: "version",
+    reply_to_seq: "replyToSeq",
+    reactions: "reactions",
+} default: reply);
 
 impl Message {
     /// Not rejected by moderation (see [`VISIBLE`]).
@@ -86,6 +133,9 @@ pub struct NewMessage {
     pub content: String,
     pub created_at: DateTime<Utc>,
     pub client_msg_id: Option<String>,
+    /// The message it replies to (checked by the service: a visible message of the room), and
+    /// its quote, for the stored message the insert returns.
+    pub reply: Option<Quote>,
 }
 
 /// The outcome of an insert: the stored message, and whether it already existed.
@@ -104,6 +154,102 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Inserted {
             message: sqlx::FromRow::from_row(row)?,
         })
     }
+}
+
+/// An event of a room's sequence: a message or a change of one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Message(Message),
+    Change(Change),
+}
+
+impl Event {
+    pub fn seq(&self) -> i64 {
+        match self {
+            Event::Message(m) => m.seq,
+            Event::Change(c) => c.seq,
+        }
+    }
+}
+
+/// A row of `"ChatMessageChange"` as read (`change`: the JSON of [`changes::ChangeWhat`]).
+pub(crate) struct ChangeRow {
+    room_id: String,
+    seq: i64,
+    target: i64,
+    by: String,
+    at: DateTime<Utc>,
+    change: String,
+}
+
+from_row!(ChangeRow {
+    room_id: "roomId",
+    seq: "seq",
+    target: "messageSeq",
+    by: "actorId",
+    at: "createdAt",
+    change: "change",
+});
+
+impl TryFrom<ChangeRow> for Change {
+    type Error = StoreError;
+    fn try_from(row: ChangeRow) -> Result<Self, StoreError> {
+        let what = serde_json::from_str(&row.change).map_err(|e| {
+            StoreError::Other(format!("change {} of room {}: {e}", row.seq, row.room_id))
+        })?;
+        Ok(Change {
+            room_id: row.room_id,
+            seq: row.seq,
+            target: row.target,
+            by: row.by,
+            at: row.at,
+            what,
+        })
+    }
+}
+
+/// The change rows' columns, as [`ChangeRow`] reads them.
+pub(crate) const CHANGE_COLUMNS: &str =
+    r#""roomId", seq, "messageSeq", "actorId", "createdAt", change"#;
+
+/// Messages and changes, each read in seq order with at most `limit` rows, merged: the first
+/// `limit` events of the room after the range's start.
+pub(crate) fn merge_events(
+    messages: Vec<Message>,
+    changes: Vec<ChangeRow>,
+    limit: u32,
+) -> Result<Vec<Event>, StoreError> {
+    let mut events: Vec<Event> = messages.into_iter().map(Event::Message).collect();
+    for row in changes {
+        events.push(Event::Change(row.try_into()?));
+    }
+    events.sort_by_key(Event::seq);
+    events.truncate(limit as usize);
+    Ok(events)
+}
+
+/// Fills in the quotes of the replies among `rows` (messages of `room`), in their originals'
+/// current state: one read when there are replies, none otherwise.
+pub(crate) async fn quote_replies<S: Store + ?Sized>(
+    store: &S,
+    room: &str,
+    rows: &mut [Message],
+) -> Result<(), StoreError> {
+    let mut seqs: Vec<i64> = rows.iter().filter_map(|m| m.reply_to_seq).collect();
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    let originals = store.messages_at(room, &seqs).await?;
+    let by_seq: std::collections::HashMap<i64, &Message> =
+        originals.iter().map(|m| (m.seq, m)).collect();
+    for m in rows {
+        if let Some(seq) = m.reply_to_seq {
+            m.reply = by_seq.get(&seq).map(|original| Quote::of(original));
+        }
+    }
+    Ok(())
 }
 
 /// What the store knows about a user and a room.
@@ -142,6 +288,9 @@ pub enum StoreError {
     Invalid(String),
     #[error("store error: {0}")]
     Other(String),
+    /// A change the message does not allow (nothing was written).
+    #[error("{0}")]
+    Refused(Refusal),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -217,14 +366,34 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError>;
 
-    /// Visible messages with `after < seq <= until`, oldest first, at most `limit`.
-    async fn messages_between(
+    /// The room's events with `after < seq <= until`, oldest first, at most `limit`: its visible
+    /// messages, in their current state, and its changes.
+    async fn events_between(
         &self,
         room: &str,
         after: i64,
         until: i64,
         limit: u32,
-    ) -> Result<Vec<Message>, StoreError>;
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// The room's messages at these sequences, in any state (what replies quote).
+    async fn messages_at(&self, room: &str, seqs: &[i64]) -> Result<Vec<Message>, StoreError>;
+
+    /// One message of the room, by seq or id, in any state, with its quote if it is a reply.
+    async fn message(&self, room: &str, target: &Target) -> Result<Option<Message>, StoreError>;
+
+    /// Stores a change of a message, with the room's next seq (see [`changes`]). A retried edit
+    /// (its `clientChangeId` stored) answers with the change stored the first time.
+    async fn change_message(&self, req: ChangeRequest) -> Result<Changed, StoreError>;
+
+    /// The reactions `user` has on the room's messages with `from <= seq <= to`: (seq, emoji).
+    async fn my_reactions(
+        &self,
+        room: &str,
+        user: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
 
     /// The room's last allocated sequence, or `None` when the room does not exist.
     async fn room_head(&self, room: &str) -> Result<Option<i64>, StoreError>;
@@ -333,6 +502,9 @@ pub struct RoomSummary {
     pub name: String,
     pub last_seq: i64,
     pub last_read_seq: i64,
+    /// Visible messages after the read position (changes do not count), at most 1000.
+    pub unread: i64,
+    /// The newest visible message.
     pub last_message: Option<Message>,
 }
 
@@ -367,20 +539,21 @@ from_row!(OutboxEntry {
 pub const VISIBLE: &str = r#""moderationStatus" <> 'REJECTED'"#;
 
 /// The message columns in the order [`Message`] reads them.
-pub const MESSAGE_COLUMNS: &str = r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId""#;
+pub const MESSAGE_COLUMNS: &str = r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId", "editedAt", "deletedAt", version, "replyToSeq", reactions"#;
 
-/// Joins room rows `(id, name, lastSeq, lastReadSeq)` with the rooms' last messages.
-fn summaries(rooms: Vec<(String, String, i64, i64)>, last: Vec<Message>) -> Vec<RoomSummary> {
+/// Joins room rows `(id, name, lastSeq, lastReadSeq, unread)` with the rooms' last messages.
+fn summaries(rooms: Vec<(String, String, i64, i64, i64)>, last: Vec<Message>) -> Vec<RoomSummary> {
     let mut last: std::collections::HashMap<String, Message> =
         last.into_iter().map(|m| (m.room_id.clone(), m)).collect();
     rooms
         .into_iter()
-        .map(|(id, name, last_seq, last_read_seq)| RoomSummary {
+        .map(|(id, name, last_seq, last_read_seq, unread)| RoomSummary {
             last_message: last.remove(&id),
             id,
             name,
             last_seq,
             last_read_seq,
+            unread,
         })
         .collect()
 }

@@ -42,21 +42,21 @@ const QUEUE: usize = 4096;
 /// The message columns as the batch statement's CTEs name them (cast where they are read).
 macro_rules! fields {
     () => {
-        r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId""#
+        r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId", "editedAt", "deletedAt", version, "replyToSeq", reactions"#
     };
 }
 
 /// A batch of sends in one statement. `$1` ids, `$2` rooms, `$3` senders, `$4` names, `$5`
-/// avatars, `$6` contents, `$7` times (UTC), `$8` clientMsgIds, one element per send, in arrival
+/// avatars, `$6` contents, `$7` times (UTC), `$8` clientMsgIds, `$9` replyToSeqs, one element per send, in arrival
 /// order (`ord`). Returns `(ord, duplicate, message)` for every send that was stored or found.
 macro_rules! batch_sql {
     ($outbox:literal) => {
         concat!(
             r#"WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::timestamp[], $8::text[])
+                         $7::timestamp[], $8::text[], $9::bigint[])
         WITH ORDINALITY AS t(in_id, in_room, in_sender, in_name, in_avatar, in_content, in_at,
-                             in_cmid, ord)
+                             in_cmid, in_reply, ord)
 ),
 existing AS (
     SELECT i.ord, "#,
@@ -83,9 +83,9 @@ numbered AS (
 ),
 message AS (
     INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl",
-        content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId")
+        content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId", "replyToSeq")
     SELECT in_id, in_room, in_seq, in_sender, in_name, in_avatar, in_content, 'TEXT', 'SENT',
-        'APPROVED', in_at, in_cmid
+        'APPROVED', in_at, in_cmid, in_reply
     FROM numbered ORDER BY in_room, in_seq
     RETURNING "#,
             columns!(),
@@ -260,6 +260,10 @@ async fn insert_many(
     let contents = column(|m| Some(&m.content));
     let keys = column(|m| m.client_msg_id.as_deref());
     let times: Vec<NaiveDateTime> = written.iter().map(|m| utc(&m.created_at)).collect();
+    let replies: Vec<Option<i64>> = written
+        .iter()
+        .map(|m| m.reply.as_ref().map(|q| q.seq))
+        .collect();
     let sql = if writes.outbox() {
         BATCH_WITH_OUTBOX_SQL
     } else {
@@ -275,6 +279,7 @@ async fn insert_many(
         .bind(&contents)
         .bind(&times)
         .bind(&keys)
+        .bind(&replies)
         .fetch_all(pool)
         .await
         .map_err(|e| writes.failed(e))?;

@@ -27,9 +27,11 @@ use sqlx::{Connection, PgPool};
 use super::pg_sends::Sends;
 use crate::health::Health;
 
+use super::changes::{self, ChangeOp, Decision};
 use super::{
-    Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, Store,
-    StoreError, StoreMetrics,
+    Access, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message, NewMessage,
+    OutboxEntry, ReadMark, Refusal, Room, RoomSummary, Store, StoreError, StoreMetrics, Target,
+    merge_events, quote_replies,
 };
 
 /// The automatic migrations (migrations/postgres), applied by `migrate` and at start-up.
@@ -43,6 +45,8 @@ pub static MIGRATOR: super::migrations::Lazy = super::migrations::Lazy::new(|| {
         "20261127000003_outbox.down.sql",
         "20261127000004_read_state.up.sql",
         "20261127000004_read_state.down.sql",
+        "20261206000005_message_changes.up.sql",
+        "20261206000005_message_changes.down.sql",
     )
     .migrator()
 });
@@ -66,7 +70,7 @@ pub const SEQ_INDEX: &str = "ChatMessage_roomId_seq_key";
 /// readable as they are: `TIMESTAMP(3)` holds UTC, and the text columns may be Prisma enums.
 macro_rules! columns {
     () => {
-        r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType"::text AS "contentType", status::text AS status, "moderationStatus"::text AS "moderationStatus", "createdAt" AT TIME ZONE 'UTC' AS "createdAt", "clientMsgId""#
+        r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType"::text AS "contentType", status::text AS status, "moderationStatus"::text AS "moderationStatus", "createdAt" AT TIME ZONE 'UTC' AS "createdAt", "clientMsgId", "editedAt" AT TIME ZONE 'UTC' AS "editedAt", "deletedAt" AT TIME ZONE 'UTC' AS "deletedAt", version, "replyToSeq", reactions"#
     };
 }
 pub(super) use columns;
@@ -92,7 +96,7 @@ const FIND_BY_CLIENT_MSG_ID_SQL: &str = concat!(
 );
 
 /// The whole send in one statement. `$1` id, `$2` room, `$3` sender, `$4` sender name, `$5` avatar,
-/// `$6` content, `$7` createdAt (UTC), `$8` clientMsgId. `room` allocates only when `existing`
+/// `$6` content, `$7` createdAt (UTC), `$8` clientMsgId, `$9` replyToSeq. `room` allocates only when `existing`
 /// found nothing, so a repeat allocates no sequence; the same row write moves the room's
 /// `"lastMessageAt"` (never backwards), which needs no other write, no other lock and no job.
 /// Two concurrent first sends of one clientMsgId both get past `existing` (same snapshot); the
@@ -114,8 +118,8 @@ room AS (
 ),
 message AS (
     INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl",
-        content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId")
-    SELECT $1, $2, "lastSeq", $3, $4, $5, $6, 'TEXT', 'SENT', 'APPROVED', $7, $8 FROM room
+        content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId", "replyToSeq")
+    SELECT $1, $2, "lastSeq", $3, $4, $5, $6, 'TEXT', 'SENT', 'APPROVED', $7, $8, $9 FROM room
     RETURNING "#,
             columns!(),
             r#"
@@ -138,6 +142,171 @@ outbox AS (
     SELECT "roomId", seq, id, $7 FROM message
 )"#
 );
+
+/// A stored edit by its idempotency key. `$1` room, `$2` actor, `$3` clientChangeId.
+const CHANGE_BY_KEY_SQL: &str = r#"SELECT "roomId", seq, "messageSeq", "actorId",
+    "createdAt" AT TIME ZONE 'UTC' AS "createdAt", change
+    FROM "ChatMessageChange" WHERE "roomId" = $1 AND "actorId" = $2 AND "clientChangeId" = $3"#;
+
+/// The unique index that makes a clientChangeId idempotent.
+const CHANGE_KEY: &str = "ChatMessageChange_roomId_actorId_clientChangeId_key";
+
+/// A message by seq or id, in any state, without its quote.
+async fn message_by<'e, E: sqlx::PgExecutor<'e>>(
+    db: E,
+    room: &str,
+    target: &Target,
+) -> Result<Option<Message>, sqlx::Error> {
+    let query = match target {
+        Target::Seq(seq) => sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE "roomId" = $1 AND seq = $2"#
+        ))
+        .bind(room)
+        .bind(*seq),
+        Target::Id(id) => sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE "roomId" = $1 AND id = $2"#
+        ))
+        .bind(room)
+        .bind(id.as_str()),
+    };
+    query.fetch_optional(db).await
+}
+
+/// A change's writes in one transaction (see [`super::changes`]). The room's row is locked first
+/// (its seq allocated), so the room's changes and sends are ordered by it and a reaction count
+/// read here is the count after this change. `Ok(Err(_))` when the message refuses it, a
+/// `duplicate` answer when it changes nothing (the caller rolls back, which frees the seq).
+async fn write_change(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    req: &ChangeRequest,
+) -> Result<Result<Changed, Refusal>, sqlx::Error> {
+    let Some(seq): Option<i64> = sqlx::query_scalar(
+        r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1 WHERE id = $1 RETURNING "lastSeq""#,
+    )
+    .bind(&req.room_id)
+    .fetch_optional(&mut **tx)
+    .await?
+    else {
+        return Ok(Err(Refusal::NotFound));
+    };
+    let Some(m) = message_by(&mut **tx, &req.room_id, &req.target).await? else {
+        return Ok(Err(Refusal::NotFound));
+    };
+    let unchanged = |message: Message| {
+        Ok(Ok(Changed {
+            message,
+            change: None,
+            duplicate: true,
+        }))
+    };
+    match changes::decide(req, &m) {
+        Err(refusal) => return Ok(Err(refusal)),
+        Ok(Decision::Nothing) => return unchanged(m),
+        Ok(Decision::Proceed) => {}
+    }
+    let at = utc(&req.at);
+    let mut count = 0;
+    match &req.op {
+        ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => {
+            let written = if matches!(req.op, ChangeOp::React { .. }) {
+                sqlx::query(
+                    r#"INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
+                       VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"#,
+                )
+                .bind(&req.room_id)
+                .bind(m.seq)
+                .bind(emoji)
+                .bind(&req.actor)
+                .bind(at)
+                .execute(&mut **tx)
+                .await?
+            } else {
+                sqlx::query(
+                    r#"DELETE FROM "ChatReaction"
+                       WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3 AND "userId" = $4"#,
+                )
+                .bind(&req.room_id)
+                .bind(m.seq)
+                .bind(emoji)
+                .bind(&req.actor)
+                .execute(&mut **tx)
+                .await?
+            };
+            if written.rows_affected() == 0 {
+                return unchanged(m);
+            }
+            count = sqlx::query_scalar(
+                r#"SELECT count(*) FROM "ChatReaction" WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3"#,
+            )
+            .bind(&req.room_id)
+            .bind(m.seq)
+            .bind(emoji)
+            .fetch_one(&mut **tx)
+            .await?;
+        }
+        ChangeOp::Delete { .. } => {
+            sqlx::query(r#"DELETE FROM "ChatReaction" WHERE "roomId" = $1 AND "messageSeq" = $2"#)
+                .bind(&req.room_id)
+                .bind(m.seq)
+                .execute(&mut **tx)
+                .await?;
+        }
+        ChangeOp::Edit { .. } | ChangeOp::Moderate { .. } => {}
+    }
+    let (after, change) = changes::apply(req, &m, seq, count);
+    sqlx::query(UPDATE_MESSAGE_SQL)
+        .bind(&after.content)
+        .bind(after.edited_at.as_ref().map(utc))
+        .bind(after.deleted_at.as_ref().map(utc))
+        .bind(after.version)
+        .bind(&after.reactions)
+        .bind(&req.room_id)
+        .bind(m.seq)
+        .execute(&mut **tx)
+        .await?;
+    if after.moderation_status != m.moderation_status {
+        // A literal: the app's column may be an enum type, which a text parameter cannot be
+        // assigned to.
+        let status = if after.moderation_status == "REJECTED" {
+            r#"UPDATE "ChatMessage" SET "moderationStatus" = 'REJECTED' WHERE "roomId" = $1 AND seq = $2"#
+        } else {
+            r#"UPDATE "ChatMessage" SET "moderationStatus" = 'APPROVED' WHERE "roomId" = $1 AND seq = $2"#
+        };
+        sqlx::query(status)
+            .bind(&req.room_id)
+            .bind(m.seq)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query(
+        r#"INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId",
+             "clientChangeId", change, "createdAt") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#,
+    )
+    .bind(&req.room_id)
+    .bind(seq)
+    .bind(m.seq)
+    .bind(req.kind())
+    .bind(&req.actor)
+    .bind(req.client_change_id())
+    .bind(serde_json::to_string(&change.what).expect("a change serializes"))
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(Ok(Changed {
+        message: after,
+        change: Some(change),
+        duplicate: false,
+    }))
+}
+
+/// A message's new state. `$1` content, `$2` editedAt, `$3` deletedAt, `$4` version, `$5`
+/// reactions, `$6` room, `$7` seq.
+const UPDATE_MESSAGE_SQL: &str = r#"UPDATE "ChatMessage" SET content = $1, "editedAt" = $2,
+    "deletedAt" = $3, version = $4, reactions = $5 WHERE "roomId" = $6 AND seq = $7"#;
 
 /// The unique index that makes a clientMsgId idempotent (see migrations/postgres).
 const CLIENT_MSG_ID_KEY: &str = "ChatMessage_roomId_senderId_clientMsgId_key";
@@ -229,6 +398,7 @@ impl Writes {
             .bind(&msg.content)
             .bind(utc(&msg.created_at))
             .bind(&msg.client_msg_id)
+            .bind(msg.reply.as_ref().map(|q| q.seq))
             .fetch_optional(self.live_pool()?)
             .await;
         match stored {
@@ -611,30 +781,138 @@ impl Store for PgStore {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        Ok(sqlx::query_as(HISTORY_SQL)
+        let mut rows = sqlx::query_as(HISTORY_SQL)
             .bind(room)
             .bind(before.unwrap_or(i64::MAX))
             .bind(i64::from(limit))
             .fetch_all(self.live_pool()?)
             .await
-            .map_err(|e| self.failed(e))?)
+            .map_err(|e| self.failed(e))?;
+        quote_replies(self, room, &mut rows).await?;
+        Ok(rows)
     }
 
-    async fn messages_between(
+    async fn events_between(
         &self,
         room: &str,
         after: i64,
         until: i64,
         limit: u32,
-    ) -> Result<Vec<Message>, StoreError> {
-        Ok(sqlx::query_as(MESSAGES_BETWEEN_SQL)
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut messages = sqlx::query_as(MESSAGES_BETWEEN_SQL)
             .bind(room)
             .bind(after)
             .bind(until)
             .bind(i64::from(limit))
             .fetch_all(self.live_pool()?)
             .await
-            .map_err(|e| self.failed(e))?)
+            .map_err(|e| self.failed(e))?;
+        quote_replies(self, room, &mut messages).await?;
+        let changes = sqlx::query_as(&format!(
+            r#"SELECT "roomId", seq, "messageSeq", "actorId", "createdAt" AT TIME ZONE 'UTC' AS "createdAt", change
+               FROM "ChatMessageChange" WHERE "roomId" = $1 AND seq > $2 AND seq <= $3
+               ORDER BY seq ASC LIMIT $4"#
+        ))
+        .bind(room)
+        .bind(after)
+        .bind(until)
+        .bind(i64::from(limit))
+        .fetch_all(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))?;
+        merge_events(messages, changes, limit)
+    }
+
+    async fn messages_at(&self, room: &str, seqs: &[i64]) -> Result<Vec<Message>, StoreError> {
+        sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE "roomId" = $1 AND seq = ANY($2)"#
+        ))
+        .bind(room)
+        .bind(seqs)
+        .fetch_all(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))
+    }
+
+    async fn message(&self, room: &str, target: &Target) -> Result<Option<Message>, StoreError> {
+        let found = message_by(self.live_pool()?, room, target)
+            .await
+            .map_err(|e| self.failed(e))?;
+        let mut rows: Vec<Message> = found.into_iter().collect();
+        quote_replies(self, room, &mut rows).await?;
+        Ok(rows.pop())
+    }
+
+    async fn change_message(&self, req: ChangeRequest) -> Result<Changed, StoreError> {
+        refuse_nul(&[("clientChangeId", req.client_change_id())])?;
+        if let Some(key) = req.client_change_id() {
+            let stored: Option<ChangeRow> = sqlx::query_as(CHANGE_BY_KEY_SQL)
+                .bind(&req.room_id)
+                .bind(&req.actor)
+                .bind(key)
+                .fetch_optional(self.live_pool()?)
+                .await
+                .map_err(|e| self.failed(e))?;
+            if let Some(row) = stored {
+                let change = Change::try_from(row)?;
+                let message = self
+                    .message(&req.room_id, &Target::Seq(change.target))
+                    .await?
+                    .ok_or(StoreError::Refused(Refusal::NotFound))?;
+                return Ok(Changed {
+                    message,
+                    change: Some(change),
+                    duplicate: true,
+                });
+            }
+        }
+        let pool = self.live_pool()?;
+        let outcome = async {
+            let mut tx = pool.begin().await?;
+            let outcome = write_change(&mut tx, &req).await?;
+            match &outcome {
+                Ok(Changed {
+                    duplicate: false, ..
+                }) => tx.commit().await?,
+                _ => tx.rollback().await?,
+            }
+            Ok::<_, sqlx::Error>(outcome)
+        }
+        .await;
+        let mut changed = match outcome {
+            Ok(outcome) => outcome.map_err(StoreError::Refused)?,
+            // Two first edits with one key at once: the second answers with the first's change.
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some(CHANGE_KEY) => {
+                return Box::pin(self.change_message(req)).await;
+            }
+            Err(e) => return Err(self.failed(e)),
+        };
+        let room = changed.message.room_id.clone();
+        quote_replies(self, &room, std::slice::from_mut(&mut changed.message)).await?;
+        Ok(changed)
+    }
+
+    async fn my_reactions(
+        &self,
+        room: &str,
+        user: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        sqlx::query_as(
+            r#"SELECT "messageSeq", emoji FROM "ChatReaction"
+               WHERE "roomId" = $1 AND "userId" = $2 AND "messageSeq" BETWEEN $3 AND $4
+               ORDER BY "messageSeq", "createdAt""#,
+        )
+        .bind(room)
+        .bind(user)
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.live_pool()?)
+        .await
+        .map_err(|e| self.failed(e))
     }
 
     async fn room_head(&self, room: &str) -> Result<Option<i64>, StoreError> {
@@ -745,8 +1023,11 @@ impl Store for PgStore {
     }
 
     async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
-        let rooms: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            r#"SELECT r.id, r.name, r."lastSeq", m."lastReadSeq"
+        let rooms: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            r#"SELECT r.id, r.name, r."lastSeq", m."lastReadSeq",
+                 (SELECT count(*) FROM (SELECT 1 FROM "ChatMessage" x
+                    WHERE x."roomId" = r.id AND x.seq > m."lastReadSeq"
+                      AND x."moderationStatus" <> 'REJECTED' LIMIT 1000) unread) AS unread
                FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
                WHERE m."userId" = $1 ORDER BY r."lastMessageAt" DESC NULLS LAST, r.id LIMIT $2"#,
         )
@@ -759,8 +1040,10 @@ impl Store for PgStore {
             "SELECT ",
             columns!(),
             r#" FROM "ChatMessage" WHERE ("roomId", seq) IN
-                (SELECT r.id, r."lastSeq" FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
-                 WHERE m."userId" = $1) AND "moderationStatus" <> 'REJECTED'"#
+                (SELECT r.id, (SELECT max(x.seq) FROM "ChatMessage" x
+                               WHERE x."roomId" = r.id AND x."moderationStatus" <> 'REJECTED')
+                 FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
+                 WHERE m."userId" = $1)"#
         ))
         .bind(user)
         .fetch_all(self.live_pool()?)

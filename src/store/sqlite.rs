@@ -86,9 +86,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::changes::{self, ChangeOp, Decision};
 use super::{
-    Access, Inserted, Message, NewMessage, OutboxEntry, ReadMark, Room, RoomSummary, SqliteMetrics,
-    Store, StoreError, StoreMetrics,
+    Access, CHANGE_COLUMNS, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message,
+    NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, SqliteMetrics, Store,
+    StoreError, StoreMetrics, Target, merge_events, quote_replies,
 };
 
 /// The embedded migrations (migrations/sqlite), applied by `migrate` and at start-up.
@@ -98,13 +100,14 @@ pub static MIGRATOR: super::migrations::Lazy = super::migrations::Lazy::new(|| {
         "20261127000002_outbox.sql",
         "20261127000003_read_state.sql",
         "20261206000004_no_time_index.sql",
+        "20261206000005_message_changes.sql",
     )
     .migrator()
 });
 
 macro_rules! columns {
     () => {
-        r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId""#
+        r#"id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId", "editedAt", "deletedAt", version, "replyToSeq", reactions"#
     };
 }
 
@@ -389,7 +392,7 @@ enum Plan {
 }
 
 /// One row of the messages bound as JSON: id, roomId, seq, senderId, senderName,
-/// senderAvatarUrl, content, createdAt, clientMsgId.
+/// senderAvatarUrl, content, createdAt, clientMsgId, replyToSeq.
 type Row<'a> = (
     &'a str,
     &'a str,
@@ -400,6 +403,7 @@ type Row<'a> = (
     &'a str,
     String,
     Option<&'a str>,
+    Option<i64>,
 );
 
 impl GroupWriter {
@@ -596,6 +600,7 @@ impl GroupWriter {
                     m.content.as_str(),
                     ts(&m.created_at),
                     m.client_msg_id.as_deref(),
+                    m.reply.as_ref().map(|q| q.seq),
                 ))
             })
             .collect();
@@ -605,9 +610,9 @@ impl GroupWriter {
             sqlx::query(
                 r#"INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName",
                      "senderAvatarUrl", content, "contentType", status, "moderationStatus",
-                     "createdAt", "clientMsgId")
+                     "createdAt", "clientMsgId", "replyToSeq")
                    SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
-                     value->>6, 'TEXT', 'SENT', 'APPROVED', value->>7, value->>8
+                     value->>6, 'TEXT', 'SENT', 'APPROVED', value->>7, value->>8, value->>9
                    FROM json_each(?) ORDER BY key"#,
             )
             .bind(&rows)
@@ -670,7 +675,155 @@ fn stored_message(m: &NewMessage, seq: i64) -> Message {
         moderation_status: "APPROVED".into(),
         created_at: m.created_at,
         client_msg_id: m.client_msg_id.clone(),
+        edited_at: None,
+        deleted_at: None,
+        version: None,
+        reply_to_seq: m.reply.as_ref().map(|q| q.seq),
+        reactions: None,
+        reply: m.reply.clone(),
     }
+}
+
+/// A message by seq or id, in any state, without its quote.
+async fn message_by<'e, E: sqlx::SqliteExecutor<'e>>(
+    db: E,
+    room: &str,
+    target: &Target,
+) -> Result<Option<Message>, sqlx::Error> {
+    let query = match target {
+        Target::Seq(seq) => sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE "roomId" = ? AND seq = ?"#
+        ))
+        .bind(room)
+        .bind(seq),
+        Target::Id(id) => sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE "roomId" = ? AND id = ?"#
+        ))
+        .bind(room)
+        .bind(id.as_str()),
+    };
+    query.fetch_optional(db).await
+}
+
+/// A change's writes in the writer's transaction (see [`super::changes`]): `Ok(Err(_))` when the
+/// message refuses it, a `duplicate` answer when it changes nothing (the caller rolls back).
+async fn write_change(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    req: &ChangeRequest,
+    statements: &prometheus_client::metrics::counter::Counter,
+) -> Result<Result<Changed, Refusal>, sqlx::Error> {
+    let unchanged = |message: Message| {
+        Ok(Ok(Changed {
+            message,
+            change: None,
+            duplicate: true,
+        }))
+    };
+    statements.inc();
+    let Some(m) = message_by(&mut **tx, &req.room_id, &req.target).await? else {
+        return Ok(Err(Refusal::NotFound));
+    };
+    match changes::decide(req, &m) {
+        Err(refusal) => return Ok(Err(refusal)),
+        Ok(Decision::Nothing) => return unchanged(m),
+        Ok(Decision::Proceed) => {}
+    }
+    let at = ts(&req.at);
+    let mut count = 0;
+    match &req.op {
+        ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => {
+            statements.inc_by(2);
+            let written = if matches!(req.op, ChangeOp::React { .. }) {
+                sqlx::query(
+                    r#"INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
+                       VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"#,
+                )
+                .bind(&req.room_id)
+                .bind(m.seq)
+                .bind(emoji)
+                .bind(&req.actor)
+                .bind(&at)
+                .execute(&mut **tx)
+                .await?
+            } else {
+                sqlx::query(
+                    r#"DELETE FROM "ChatReaction"
+                       WHERE "roomId" = ? AND "messageSeq" = ? AND emoji = ? AND "userId" = ?"#,
+                )
+                .bind(&req.room_id)
+                .bind(m.seq)
+                .bind(emoji)
+                .bind(&req.actor)
+                .execute(&mut **tx)
+                .await?
+            };
+            if written.rows_affected() == 0 {
+                return unchanged(m);
+            }
+            count = sqlx::query_scalar(
+                r#"SELECT count(*) FROM "ChatReaction" WHERE "roomId" = ? AND "messageSeq" = ? AND emoji = ?"#,
+            )
+            .bind(&req.room_id)
+            .bind(m.seq)
+            .bind(emoji)
+            .fetch_one(&mut **tx)
+            .await?;
+        }
+        ChangeOp::Delete { .. } => {
+            statements.inc();
+            sqlx::query(r#"DELETE FROM "ChatReaction" WHERE "roomId" = ? AND "messageSeq" = ?"#)
+                .bind(&req.room_id)
+                .bind(m.seq)
+                .execute(&mut **tx)
+                .await?;
+        }
+        ChangeOp::Edit { .. } | ChangeOp::Moderate { .. } => {}
+    }
+    statements.inc_by(3);
+    let seq: i64 = sqlx::query_scalar(
+        r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1 WHERE id = ? RETURNING "lastSeq""#,
+    )
+    .bind(&req.room_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    let (after, change) = changes::apply(req, &m, seq, count);
+    sqlx::query(
+        r#"UPDATE "ChatMessage" SET content = ?, "editedAt" = ?, "deletedAt" = ?, version = ?,
+             reactions = ?, "moderationStatus" = ? WHERE "roomId" = ? AND seq = ?"#,
+    )
+    .bind(&after.content)
+    .bind(after.edited_at.as_ref().map(ts))
+    .bind(after.deleted_at.as_ref().map(ts))
+    .bind(after.version)
+    .bind(&after.reactions)
+    .bind(&after.moderation_status)
+    .bind(&req.room_id)
+    .bind(m.seq)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        r#"INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId",
+             "clientChangeId", change, "createdAt") VALUES (?, ?, ?, ?, ?, ?, ?, ?)"#,
+    )
+    .bind(&req.room_id)
+    .bind(seq)
+    .bind(m.seq)
+    .bind(req.kind())
+    .bind(&req.actor)
+    .bind(req.client_change_id())
+    .bind(json(&change.what))
+    .bind(&at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(Ok(Changed {
+        message: after,
+        change: Some(change),
+        duplicate: false,
+    }))
 }
 
 /// Rows for `json_each(?)`: a JSON array (of arrays), so one fixed statement text (prepared once)
@@ -705,12 +858,15 @@ impl Store for SqliteStore {
         sender: &str,
         client_msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
-        Ok(sqlx::query_as(FIND_BY_CLIENT_MSG_ID)
+        let found: Option<Message> = sqlx::query_as(FIND_BY_CLIENT_MSG_ID)
             .bind(room)
             .bind(sender)
             .bind(client_msg_id)
             .fetch_optional(&self.readers)
-            .await?)
+            .await?;
+        let mut rows: Vec<Message> = found.into_iter().collect();
+        quote_replies(self, room, &mut rows).await?;
+        Ok(rows.pop())
     }
 
     async fn history(
@@ -719,7 +875,7 @@ impl Store for SqliteStore {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+        let mut rows = sqlx::query_as(concat!(
             "SELECT ",
             columns!(),
             r#" FROM "ChatMessage" WHERE "roomId" = ? AND seq < ? AND "moderationStatus" <> 'REJECTED'
@@ -729,17 +885,19 @@ impl Store for SqliteStore {
         .bind(before.unwrap_or(i64::MAX))
         .bind(limit)
         .fetch_all(&self.readers)
-        .await?)
+        .await?;
+        quote_replies(self, room, &mut rows).await?;
+        Ok(rows)
     }
 
-    async fn messages_between(
+    async fn events_between(
         &self,
         room: &str,
         after: i64,
         until: i64,
         limit: u32,
-    ) -> Result<Vec<Message>, StoreError> {
-        Ok(sqlx::query_as(concat!(
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut messages = sqlx::query_as(concat!(
             "SELECT ",
             columns!(),
             r#" FROM "ChatMessage" WHERE "roomId" = ? AND seq > ? AND seq <= ?
@@ -749,6 +907,105 @@ impl Store for SqliteStore {
         .bind(after)
         .bind(until)
         .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        quote_replies(self, room, &mut messages).await?;
+        let changes = sqlx::query_as(&format!(
+            r#"SELECT {CHANGE_COLUMNS} FROM "ChatMessageChange"
+               WHERE "roomId" = ? AND seq > ? AND seq <= ? ORDER BY seq ASC LIMIT ?"#
+        ))
+        .bind(room)
+        .bind(after)
+        .bind(until)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        merge_events(messages, changes, limit)
+    }
+
+    async fn messages_at(&self, room: &str, seqs: &[i64]) -> Result<Vec<Message>, StoreError> {
+        Ok(sqlx::query_as(concat!(
+            "SELECT ",
+            columns!(),
+            r#" FROM "ChatMessage" WHERE "roomId" = ? AND seq IN (SELECT value FROM json_each(?))"#
+        ))
+        .bind(room)
+        .bind(json(&seqs))
+        .fetch_all(&self.readers)
+        .await?)
+    }
+
+    async fn message(&self, room: &str, target: &Target) -> Result<Option<Message>, StoreError> {
+        let Some(m) = message_by(&self.readers, room, target).await? else {
+            return Ok(None);
+        };
+        let mut rows = [m];
+        quote_replies(self, room, &mut rows).await?;
+        let [m] = rows;
+        Ok(Some(m))
+    }
+
+    async fn change_message(&self, req: ChangeRequest) -> Result<Changed, StoreError> {
+        if let Some(key) = req.client_change_id() {
+            let stored: Option<ChangeRow> = sqlx::query_as(&format!(
+                r#"SELECT {CHANGE_COLUMNS} FROM "ChatMessageChange"
+                   WHERE "roomId" = ? AND "actorId" = ? AND "clientChangeId" = ?"#
+            ))
+            .bind(&req.room_id)
+            .bind(&req.actor)
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await?;
+            if let Some(row) = stored {
+                let change = Change::try_from(row)?;
+                let message = self
+                    .message(&req.room_id, &Target::Seq(change.target))
+                    .await?
+                    .ok_or(StoreError::Refused(Refusal::NotFound))?;
+                return Ok(Changed {
+                    message,
+                    change: Some(change),
+                    duplicate: true,
+                });
+            }
+        }
+        let stats = self.stats.write_statements.clone();
+        let mut changed = self
+            .on_writer(move |pool| async move {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let outcome = write_change(&mut tx, &req, &stats).await?;
+                match &outcome {
+                    Ok(Changed {
+                        duplicate: false, ..
+                    }) => tx.commit().await?,
+                    _ => tx.rollback().await?,
+                }
+                stats.inc();
+                Ok(outcome)
+            })
+            .await?
+            .map_err(StoreError::Refused)?;
+        let room = changed.message.room_id.clone();
+        quote_replies(self, &room, std::slice::from_mut(&mut changed.message)).await?;
+        Ok(changed)
+    }
+
+    async fn my_reactions(
+        &self,
+        room: &str,
+        user: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            r#"SELECT "messageSeq", emoji FROM "ChatReaction"
+               WHERE "roomId" = ? AND "userId" = ? AND "messageSeq" BETWEEN ? AND ?
+               ORDER BY "messageSeq", "createdAt""#,
+        )
+        .bind(room)
+        .bind(user)
+        .bind(from)
+        .bind(to)
         .fetch_all(&self.readers)
         .await?)
     }
@@ -864,8 +1121,11 @@ impl Store for SqliteStore {
     }
 
     async fn my_rooms(&self, user: &str, limit: u32) -> Result<Vec<RoomSummary>, StoreError> {
-        let rooms: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            r#"SELECT r.id, r.name, r."lastSeq", m."lastReadSeq"
+        let rooms: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            r#"SELECT r.id, r.name, r."lastSeq", m."lastReadSeq",
+                 (SELECT count(*) FROM (SELECT 1 FROM "ChatMessage" x
+                    WHERE x."roomId" = r.id AND x.seq > m."lastReadSeq"
+                      AND x."moderationStatus" <> 'REJECTED' LIMIT 1000))
                FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
                WHERE m."userId" = ? ORDER BY r."lastMessageAt" IS NULL, r."lastMessageAt" DESC, r.id LIMIT ?"#,
         )
@@ -877,8 +1137,10 @@ impl Store for SqliteStore {
             "SELECT ",
             columns!(),
             r#" FROM "ChatMessage" WHERE ("roomId", seq) IN
-                (SELECT r.id, r."lastSeq" FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
-                 WHERE m."userId" = ?) AND "moderationStatus" <> 'REJECTED'"#
+                (SELECT r.id, (SELECT max(x.seq) FROM "ChatMessage" x
+                               WHERE x."roomId" = r.id AND x."moderationStatus" <> 'REJECTED')
+                 FROM "ChatRoomMember" m JOIN "ChatRoom" r ON r.id = m."roomId"
+                 WHERE m."userId" = ?)"#
         ))
         .bind(user)
         .fetch_all(&self.readers)
