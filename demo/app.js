@@ -19,7 +19,8 @@ let current = ROOMS.includes(params.get("room")) ? params.get("room") : ROOMS[0]
 /**
  * Per room: messages by seq, sends not yet acknowledged, paging state, and the chat signals:
  * read position (null until the server's `rooms` answer or our own mark), highest seq known,
- * messages pushed while the read position was unknown, who is typing, who is online.
+ * messages pushed while the read position was unknown, who is typing, who is online, and the seq
+ * of the message in the sidebar preview (the newest known).
  */
 const rooms = new Map();
 function roomState(room) {
@@ -28,6 +29,7 @@ function roomState(room) {
     st = {
       messages: new Map(), pending: new Map(), nextBefore: null, loaded: false, handler: null,
       readSeq: null, lastSeq: 0, unseen: 0, typers: new Map(), online: null, onlineUsers: new Map(),
+      previewSeq: null,
     };
     rooms.set(room, st);
   }
@@ -261,14 +263,16 @@ function sendMessage(room, text, clientMsgId) {
 
 function addMessages(room, messages, { keepScroll = false } = {}) {
   const st = roomState(room);
+  let newest = null;
   for (const m of messages) {
     st.messages.set(m.seq, m);
     if (m.clientMsgId) st.pending.delete(m.clientMsgId);
+    if (!newest || m.seq > newest.seq) newest = m;
   }
-  const last = [...st.messages.values()].at(-1);
-  if (last) {
-    setPreview(room, last);
-    if (last.seq > st.lastSeq) st.lastSeq = last.seq;
+  // History pages and older pages arrive after live messages: order by seq, not by arrival.
+  if (newest) {
+    setPreview(room, newest);
+    if (newest.seq > st.lastSeq) st.lastSeq = newest.seq;
   }
   if (room === current) {
     renderList(room, { keepScroll, stickToBottom: !keepScroll });
@@ -437,7 +441,11 @@ function hash(s) {
   return h;
 }
 
+/** Shows `m` as the preview of `room` unless a newer message (higher seq) is shown already. */
 function setPreview(room, m) {
+  const st = roomState(room);
+  if (st.previewSeq != null && m.seq < st.previewSeq) return;
+  st.previewSeq = m.seq;
   const b = document.querySelector(`.room[data-room="${CSS.escape(room)}"] .preview`);
   if (b) b.textContent = m.content;
 }
