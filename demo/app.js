@@ -3,7 +3,8 @@
 //   1. at once: input and room buttons work (no network needed), the socket starts connecting;
 //   2. in the background: the current room is joined and its latest history page rendered;
 //   3. about a second later, when idle: non-essential calls (unread counts and previews of the
-//      other rooms, which are then joined too so their badges update live; latency).
+//      other rooms, which are then joined too so their badges update live; latency). A new name
+//      is a new session, which joins the other rooms again at once.
 import { connect, ConnectionState } from "/sdk/chat-gateway.js";
 
 const $ = (id) => document.getElementById(id);
@@ -19,7 +20,8 @@ let current = ROOMS.includes(params.get("room")) ? params.get("room") : ROOMS[0]
 /**
  * Per room: messages by seq, sends not yet acknowledged, paging state, and the chat signals:
  * read position (null until the server's `rooms` answer or our own mark), highest seq known,
- * messages pushed while the read position was unknown, who is typing, who is online.
+ * messages pushed while the read position was unknown, who is typing, who is online, and the seq
+ * of the message in the sidebar preview (the newest known).
  */
 const rooms = new Map();
 function roomState(room) {
@@ -28,6 +30,7 @@ function roomState(room) {
     st = {
       messages: new Map(), pending: new Map(), nextBefore: null, loaded: false, handler: null,
       readSeq: null, lastSeq: 0, unseen: 0, typers: new Map(), online: null, onlineUsers: new Map(),
+      previewSeq: null,
     };
     rooms.set(room, st);
   }
@@ -37,6 +40,8 @@ function roomState(room) {
 /** @type {import("/sdk/chat-gateway.js").ChatClient | null} */
 let client = null;
 let started = null;
+/** The client that has joined the other rooms of the list (see followOtherRooms). */
+let followed = null;
 
 // ---- 1. wire the static layout (no network) ----------------------------------------------
 
@@ -66,12 +71,15 @@ $("login").addEventListener("submit", (event) => {
   userName = name;
   localStorage.setItem("chat-demo-name", name);
   $("me").textContent = `signed in as ${name}`;
-  // A different user is a different session: close this one, start afresh.
+  // A different user is a different session: close this one, start afresh. The page is painted
+  // already, so the other rooms are joined at once rather than a second later.
   client?.close();
   client = null;
   started = null;
   rooms.clear();
+  for (const room of ROOMS) renderBadge(room); // the previous user's counts are not this one's
   start();
+  followOtherRooms();
 });
 showRoom(current);
 $("input").focus();
@@ -261,14 +269,16 @@ function sendMessage(room, text, clientMsgId) {
 
 function addMessages(room, messages, { keepScroll = false } = {}) {
   const st = roomState(room);
+  let newest = null;
   for (const m of messages) {
     st.messages.set(m.seq, m);
     if (m.clientMsgId) st.pending.delete(m.clientMsgId);
+    if (!newest || m.seq > newest.seq) newest = m;
   }
-  const last = [...st.messages.values()].at(-1);
-  if (last) {
-    setPreview(room, last);
-    if (last.seq > st.lastSeq) st.lastSeq = last.seq;
+  // History pages and older pages arrive after live messages: order by seq, not by arrival.
+  if (newest) {
+    setPreview(room, newest);
+    if (newest.seq > st.lastSeq) st.lastSeq = newest.seq;
   }
   if (room === current) {
     renderList(room, { keepScroll, stickToBottom: !keepScroll });
@@ -287,23 +297,34 @@ function deferNonEssential() {
   const idle = window.requestIdleCallback || ((fn) => setTimeout(fn, 0));
   setTimeout(() => idle(async () => {
     if (!client) return;
-    for (const room of ROOMS) if (room !== current) joinRoom(room);
-    client.rooms({ limit: 200 }).then(({ rooms: list }) => {
-      for (const r of list) {
-        if (!ROOMS.includes(r.id)) continue;
-        const st = roomState(r.id);
-        if (r.lastSeq > st.lastSeq) st.lastSeq = r.lastSeq;
-        if (st.readSeq == null || r.lastReadSeq > st.readSeq) st.readSeq = r.lastReadSeq;
-        st.unseen = 0;
-        if (r.lastMessage && !st.loaded) setPreview(r.id, r.lastMessage);
-        renderBadge(r.id);
-      }
-      markCurrentRead();
-    }, () => {});
+    followOtherRooms();
     const showRtt = () => client?.ping().then(({ rttMs }) => ($("rtt").textContent = `${rttMs} ms`), () => {});
     showRtt();
     setInterval(showRtt, 30_000);
   }), 1000);
+}
+
+/**
+ * Joins the other rooms of the list, so that their badges and previews count new messages live,
+ * and asks for the unread counts and last messages of all of them. Once per session: a session
+ * joins only the open room by itself (at start-up, after a new name).
+ */
+function followOtherRooms() {
+  if (!client || followed === client) return;
+  followed = client;
+  for (const room of ROOMS) if (room !== current) joinRoom(room);
+  client.rooms({ limit: 200 }).then(({ rooms: list }) => {
+    for (const r of list) {
+      if (!ROOMS.includes(r.id)) continue;
+      const st = roomState(r.id);
+      if (r.lastSeq > st.lastSeq) st.lastSeq = r.lastSeq;
+      if (st.readSeq == null || r.lastReadSeq > st.readSeq) st.readSeq = r.lastReadSeq;
+      st.unseen = 0;
+      if (r.lastMessage && !st.loaded) setPreview(r.id, r.lastMessage);
+      renderBadge(r.id);
+    }
+    markCurrentRead();
+  }, () => {});
 }
 
 // ---- rendering -------------------------------------------------------------------------------
@@ -437,7 +458,11 @@ function hash(s) {
   return h;
 }
 
+/** Shows `m` as the preview of `room` unless a newer message (higher seq) is shown already. */
 function setPreview(room, m) {
+  const st = roomState(room);
+  if (st.previewSeq != null && m.seq < st.previewSeq) return;
+  st.previewSeq = m.seq;
   const b = document.querySelector(`.room[data-room="${CSS.escape(room)}"] .preview`);
   if (b) b.textContent = m.content;
 }

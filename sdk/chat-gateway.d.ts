@@ -1,5 +1,5 @@
 /**
- * chat-gateway browser client: one multiplexed WebSocket per page.
+ * chat-gateway client: one multiplexed WebSocket per page (per process in Node).
  * Wire contract: proto-docs/protocol.md.
  */
 
@@ -63,9 +63,28 @@ export interface ClientOptions {
   backoff?: { initialMs?: number; maxMs?: number; factor?: number };
   /** The server's `limits.max_frame_bytes`; larger requests are refused locally. Default 65 536. */
   maxFrameBytes?: number;
-  /** WebSocket implementation (default: the global one). */
-  WebSocket?: typeof WebSocket;
+  /**
+   * WebSocket implementation (default: the global one). Where there is none (Node before 22),
+   * pass one, e.g. `WebSocket` from the `ws` package; `connect` throws a TypeError otherwise.
+   */
+  WebSocket?: WebSocketConstructor;
 }
+
+/**
+ * What the client needs of a WebSocket: the browsers', Node's (22 and later) and the `ws`
+ * package's all fit. Text frames must reach `onmessage` as strings in `event.data`.
+ */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((event: any) => void) | null;
+  onmessage: ((event: any) => void) | null;
+  onerror: ((event: any) => void) | null;
+  onclose: ((event: any) => void) | null;
+}
+
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
 
 export interface StateEvent {
   state: ConnectionStateName;
@@ -225,11 +244,16 @@ export declare class ChatClient {
   close(): void;
 }
 
-/** The page's one client for `url` (default `/ws` on the page's host). */
+/**
+ * The page's one client for `url` (default `/ws` on the page's host). Where there is no page
+ * (Node), `url` must be absolute: `ws://host:port/ws` (or `wss:`, `http:`, `https:`).
+ * Throws a TypeError without `options.token` on the first call for a URL, for a URL it cannot
+ * use, and when there is no WebSocket implementation.
+ */
 export declare function connect(url?: string, options?: ClientOptions): ChatClient;
 /** Same as connect. */
 export declare const getClient: typeof connect;
-/** The absolute ws(s) URL that keys the client registry. */
+/** The absolute ws(s) URL that keys the client registry; relative URLs need a page. */
 export declare function normalizeUrl(url?: string): string;
 /** A random idempotency key. */
 export declare function newClientMsgId(): string;

@@ -1,7 +1,9 @@
 /**
- * chat-gateway browser client: one multiplexed WebSocket per page.
+ * chat-gateway client: one multiplexed WebSocket per page (per process in Node).
  *
- * A dependency-free ES module. It speaks the wire protocol of proto-docs/protocol.md:
+ * A dependency-free ES module. It speaks the wire protocol of proto-docs/protocol.md, in
+ * browsers and in Node (with Node's global `WebSocket`, from Node 22 on, or one passed in as
+ * `options.WebSocket`; a URL relative to the page needs a page, so Node gives an absolute one):
  *
  * - **One socket per page.** {@link connect} (alias {@link getClient}) returns the same live
  *   {@link ChatClient} for the same URL, however often it is called. Joining and leaving rooms
@@ -139,9 +141,13 @@ const clients = new Map();
  * {@link ChatClient#close} is forgotten, so the next call creates a new one.
  *
  * @param {string} [url] `ws(s)://` or `http(s)://` URL of the gateway's `/ws`, or a path
- *   relative to the page. Default: `/ws` on the page's host.
+ *   relative to the page. Default: `/ws` on the page's host. Where there is no page (Node),
+ *   an absolute URL is required.
  * @param {ClientOptions} [options] required on the first call (for `token`)
  * @returns {ChatClient}
+ * @throws {TypeError} without `options.token` on the first call, for a URL that is not a
+ *   WebSocket URL or is relative with no page to resolve it against, and when there is no
+ *   WebSocket implementation (no global one and none in `options.WebSocket`)
  */
 export function connect(url, options) {
   const key = normalizeUrl(url);
@@ -165,8 +171,18 @@ export const getClient = connect;
  * @returns {string}
  */
 export function normalizeUrl(url) {
-  const base = globalThis.location ? globalThis.location.href : undefined;
-  const u = new URL(url ?? "/ws", base);
+  const base = globalThis.location?.href;
+  let u;
+  try {
+    u = new URL(url ?? "/ws", base);
+  } catch {
+    throw new TypeError(
+      base
+        ? `not a WebSocket URL: ${url}`
+        : `"${url ?? "/ws"}" is not an absolute URL, and there is no page to resolve it against: ` +
+            "give the gateway's full URL, e.g. ws://127.0.0.1:8080/ws",
+    );
+  }
   if (u.protocol === "http:") u.protocol = "ws:";
   else if (u.protocol === "https:") u.protocol = "wss:";
   if (u.protocol !== "ws:" && u.protocol !== "wss:") {
@@ -191,7 +207,15 @@ export function normalizeUrl(url) {
  *   (defaults 250 ms doubling up to 30 s)
  * @property {number} [maxFrameBytes=65536] frames larger than the server's limit are refused
  *   locally (the server would close the socket with 1009)
- * @property {typeof WebSocket} [WebSocket] WebSocket implementation (default: the global one)
+ * @property {WebSocketConstructor} [WebSocket] WebSocket implementation (default: the global
+ *   one). Where there is none (Node before 22), pass one, e.g. the `ws` package's `WebSocket`.
+ */
+
+/**
+ * What the client needs of a WebSocket class: `new WebSocket(url)` with `readyState`, `send`,
+ * `close` and the `onopen`/`onmessage`/`onerror`/`onclose` properties (text frames as strings in
+ * `event.data`). The browsers', Node's and the `ws` package's all fit.
+ * @typedef {new (url: string) => any} WebSocketConstructor
  */
 
 /**
@@ -225,6 +249,13 @@ export class ChatClient {
    * @param {ClientOptions} options
    */
   constructor(url, options) {
+    const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof WebSocketImpl !== "function") {
+      throw new TypeError(
+        "no WebSocket implementation: this runtime has no global WebSocket (Node has one from " +
+          "version 22); pass one as options.WebSocket, e.g. the ws package's WebSocket",
+      );
+    }
     /** The gateway URL this client is connected to. */
     this.url = url;
     this._tokenSource = options.token;
@@ -233,7 +264,7 @@ export class ChatClient {
     this._sendTimeoutMs = options.sendTimeoutMs ?? 30_000;
     this._backoff = { initialMs: 250, maxMs: 30_000, factor: 2, ...options.backoff };
     this._maxFrameBytes = options.maxFrameBytes ?? 65_536;
-    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this._WebSocket = WebSocketImpl;
 
     /** @type {string} one of {@link ConnectionState} */
     this.state = ConnectionState.CONNECTING;

@@ -225,6 +225,27 @@ export async function openDemo(browser, gateway, { name, room, viewport = { widt
   return { context, page, sockets, talked, errors };
 }
 
+/**
+ * Waits until the demo page's client has joined every room of its list (its deferred work, about
+ * a second after start-up) and the joins are answered.
+ */
+export async function allRoomsJoined(page, { timeoutMs = 10_000 } = {}) {
+  // Polled from here: page.waitForFunction would take the async predicate's promise for "true".
+  await waitFor(
+    () =>
+      page.evaluate(async () => {
+        const { getClient } = await import("/sdk/chat-gateway.js");
+        return getClient("/ws").joinedRooms().length === document.querySelectorAll(".room").length;
+      }),
+    { timeoutMs, what: "every room of the list joined" },
+  );
+  await page.evaluate(async () => {
+    const { getClient } = await import("/sdk/chat-gateway.js");
+    const client = getClient("/ws");
+    await Promise.all(client.joinedRooms().map((room) => client.join(room)));
+  });
+}
+
 /** The texts of the messages shown in the page (pending ones included). */
 export async function shownMessages(page) {
   return await page.locator("#list .msg .content").allTextContents();

@@ -1,7 +1,7 @@
 // Chat signals in the demo page: typing indicators and unread badges, between real pages.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { Gateway, launchBrowser, openDemo, waitFor } from "./harness.js";
+import { allRoomsJoined, Gateway, launchBrowser, openDemo, waitFor } from "./harness.js";
 
 let gateway;
 let browser;
@@ -15,19 +15,6 @@ after(async () => {
   await browser?.close();
   await gateway?.dispose();
 });
-
-/** Waits until the page's deferred work has joined every room of the list. */
-async function allRoomsJoined(page) {
-  await page.waitForFunction(async () => {
-    const { getClient } = await import("/sdk/chat-gateway.js");
-    return getClient("/ws").joinedRooms().length === document.querySelectorAll(".room").length;
-  });
-  await page.evaluate(async () => {
-    const { getClient } = await import("/sdk/chat-gateway.js");
-    const client = getClient("/ws");
-    await Promise.all(client.joinedRooms().map((room) => client.join(room)));
-  });
-}
 
 /** The caller's unread count in `room`, from the server (REST, as the socket's `rooms`). */
 async function serverUnread(token, room) {
