@@ -138,6 +138,8 @@ impl ClientFrame {
 /// Frames the server sends.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// Built to be serialized at once, never stored: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ServerFrame<'a, T: Serialize> {
     /// The successful answer to the request with the same `id`.
     Result { id: &'a RequestId, result: T },

@@ -440,6 +440,10 @@ impl ChatService {
     ) -> Result<Changed, ChatError> {
         let content = self.valid_content(content, "clientChangeId", client_change_id)?;
         self.authorize(who, room, false).await?;
+        // Edits spend the send budget: an edit is pushed to the room like a message.
+        if let Err(refused) = self.limiter.check_send(&who.user_id, room).await {
+            return Err(self.refuse(refused));
+        }
         let window = self.settings.limits.edit_window_secs;
         let op = ChangeOp::Edit {
             content: content.to_string(),

@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chat_gateway::store::backfill::{self, BackfillOptions, Outcome, Plan};
+use chat_gateway::store::changes::ChangeOp;
 use chat_gateway::store::postgres::{
     self, HISTORY_SQL, MAINTENANCE_DOWN_SQL, MIGRATOR, PgStore, SEQ_INDEX,
 };
-use chat_gateway::store::{NewMessage, Store, StoreError};
+use chat_gateway::store::{ChangeRequest, NewMessage, Store, StoreError, Target};
 use common::faults::{CuttableProxy, postgres_addr};
 use common::{TestApp, WAIT, scratch_database, seqs, with_host};
 use serde_json::{Value, json};
@@ -200,6 +201,41 @@ async fn an_existing_app_database_takes_the_maintenance_file_first_and_rolls_bac
         (sent.message.seq, sent.message.moderation_status.as_str()),
         (1, "APPROVED")
     );
+    // And changes them: a reaction, then moderation into the app's enum column.
+    let change = |op| ChangeRequest {
+        room_id: "new".into(),
+        target: Target::Seq(1),
+        actor: "alice".into(),
+        op,
+        at: chrono::Utc::now(),
+    };
+    let reacted = store
+        .change_message(change(ChangeOp::React {
+            emoji: "👍".into(),
+            max_keys: 20,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(reacted.message.reactions.as_deref(), Some(r#"{"👍":1}"#));
+    let rejected = store
+        .change_message(change(ChangeOp::Moderate { status: "REJECTED" }))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            rejected.message.moderation_status.as_str(),
+            rejected.message.version
+        ),
+        ("REJECTED", Some(3))
+    );
+    let status: String =
+        sqlx::query_scalar(r#"SELECT "moderationStatus"::text FROM "ChatMessage" WHERE id = $1"#)
+            .bind(&sent.message.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "REJECTED");
+    assert!(store.history("new", None, 10).await.unwrap().is_empty());
 
     // Rollback in the runbook's order: the maintenance down file statement by statement, then
     // the automatic migrations' down files. The app's tables and rows stay, as the app had them.

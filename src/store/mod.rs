@@ -158,6 +158,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Inserted {
 
 /// An event of a room's sequence: a message or a change of one.
 #[derive(Debug, Clone, PartialEq)]
+// Most events are messages: boxing them would cost an allocation per message read.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     Message(Message),
     Change(Change),

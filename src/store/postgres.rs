@@ -808,11 +808,11 @@ impl Store for PgStore {
             .await
             .map_err(|e| self.failed(e))?;
         quote_replies(self, room, &mut messages).await?;
-        let changes = sqlx::query_as(&format!(
+        let changes = sqlx::query_as(
             r#"SELECT "roomId", seq, "messageSeq", "actorId", "createdAt" AT TIME ZONE 'UTC' AS "createdAt", change
                FROM "ChatMessageChange" WHERE "roomId" = $1 AND seq > $2 AND seq <= $3
-               ORDER BY seq ASC LIMIT $4"#
-        ))
+               ORDER BY seq ASC LIMIT $4"#,
+        )
         .bind(room)
         .bind(after)
         .bind(until)

@@ -970,7 +970,8 @@ impl Store for SqliteStore {
             }
         }
         let stats = self.stats.write_statements.clone();
-        let mut changed = self
+        let retry = req.clone();
+        let written = self
             .on_writer(move |pool| async move {
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
                 let outcome = write_change(&mut tx, &req, &stats).await?;
@@ -983,8 +984,15 @@ impl Store for SqliteStore {
                 stats.inc();
                 Ok(outcome)
             })
-            .await?
-            .map_err(StoreError::Refused)?;
+            .await;
+        let mut changed = match written {
+            Ok(outcome) => outcome.map_err(StoreError::Refused)?,
+            // Two first edits with one key at once: the second answers with the first's change.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Box::pin(self.change_message(retry)).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let room = changed.message.room_id.clone();
         quote_replies(self, &room, std::slice::from_mut(&mut changed.message)).await?;
         Ok(changed)
