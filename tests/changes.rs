@@ -741,3 +741,60 @@ async fn two_nodes_on_postgres_and_redis_end_in_the_same_state() {
     // The storm on Postgres: 200 users, one count.
     storm(&a).await;
 }
+
+/// A change committed by a node that died before publishing it (only the store knows it): the
+/// room's nodes find it by comparing their rooms with the store's heads, and deliver it in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_event_was_lost_still_reaches_every_node() {
+    use chat_gateway::store::changes::ChangeOp;
+    use chat_gateway::store::sqlite::SqliteStore;
+    use chat_gateway::store::{ChangeRequest, Store, Target};
+    let Some(url) = redis_url().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let settings = common::redis_settings(&url, &prefix);
+        let data = common::DataDir::Borrowed(dir.path().to_path_buf());
+        nodes.push(TestApp::start(settings, data).await);
+    }
+    nodes[0].room("r", &["alice", "bob"]).await;
+    let mut bob = nodes[1].client("bob").await;
+    bob.join("r", None).await;
+    let mut screen = Screen::default();
+    let mut alice = nodes[0].client("alice").await;
+    let m = alice.send_ok("r", "before").await["seq"].as_i64().unwrap();
+    watch(&mut bob, &mut screen, m).await;
+
+    let store = SqliteStore::open(&dir.path().join("chat.db"), 1)
+        .await
+        .unwrap();
+    let changed = store
+        .change_message(ChangeRequest {
+            room_id: "r".into(),
+            target: Target::Seq(m),
+            actor: "alice".into(),
+            op: ChangeOp::Edit {
+                content: "after".into(),
+                client_change_id: None,
+                window: None,
+            },
+            at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    store.close().await;
+    let seq = changed.change.unwrap().seq;
+    // Nobody sends anything after it: the head check (every 2 s) reveals it.
+    let started = std::time::Instant::now();
+    watch(&mut bob, &mut screen, seq).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(screen.messages[&m]["content"], "after");
+    bob.expect_silence(Duration::from_millis(300)).await;
+}
