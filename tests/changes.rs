@@ -795,8 +795,8 @@ async fn a_change_whose_event_was_lost_still_reaches_every_node() {
         "a lost change reached the other node after {took:?}"
     ));
     assert!(
-        took < Duration::from_millis(2500),
-        "head check 2 s + gap fill 0.25 s: {took:?}"
+        took < Duration::from_secs(4),
+        "head check (2 s) + gap fill (0.25 s), with room for a busy machine: {took:?}"
     );
     assert_eq!(screen.messages[&m]["content"], "after");
     bob.expect_silence(Duration::from_millis(300)).await;
