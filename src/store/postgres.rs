@@ -210,55 +210,28 @@ async fn write_change(
     }
     let at = utc(&req.at);
     let mut count = 0;
-    match &req.op {
-        ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => {
-            let written = if matches!(req.op, ChangeOp::React { .. }) {
-                sqlx::query(
-                    r#"INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
-                       VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING"#,
-                )
-                .bind(&req.room_id)
-                .bind(m.seq)
-                .bind(emoji)
-                .bind(&req.actor)
-                .bind(at)
-                .execute(&mut **tx)
-                .await?
-            } else {
-                sqlx::query(
-                    r#"DELETE FROM "ChatReaction"
-                       WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3 AND "userId" = $4"#,
-                )
-                .bind(&req.room_id)
-                .bind(m.seq)
-                .bind(emoji)
-                .bind(&req.actor)
-                .execute(&mut **tx)
-                .await?
-            };
-            if written.rows_affected() == 0 {
-                return unchanged(m);
-            }
-            count = sqlx::query_scalar(
-                r#"SELECT count(*) FROM "ChatReaction" WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3"#,
-            )
+    if let ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } = &req.op {
+        let adding = matches!(req.op, ChangeOp::React { .. });
+        let query = sqlx::query_as(if adding { REACT_SQL } else { UNREACT_SQL })
             .bind(&req.room_id)
             .bind(m.seq)
             .bind(emoji)
-            .fetch_one(&mut **tx)
-            .await?;
+            .bind(&req.actor);
+        let query = if adding { query.bind(at) } else { query };
+        let (written, before): (i64, i64) = query.fetch_one(&mut **tx).await?;
+        if written == 0 {
+            return unchanged(m);
         }
-        ChangeOp::Delete { .. } => {
-            sqlx::query(r#"DELETE FROM "ChatReaction" WHERE "roomId" = $1 AND "messageSeq" = $2"#)
-                .bind(&req.room_id)
-                .bind(m.seq)
-                .execute(&mut **tx)
-                .await?;
-        }
-        ChangeOp::Edit { .. } | ChangeOp::Moderate { .. } => {}
+        count = if adding { before + 1 } else { before - 1 };
     }
     let (after, change) = changes::apply(req, &m, seq, count);
-    sqlx::query(UPDATE_MESSAGE_SQL)
+    let sql = match (&req.op, after.moderation_status.as_str()) {
+        (ChangeOp::Delete { .. }, _) => WRITE_DELETE_SQL,
+        _ if after.moderation_status == m.moderation_status => WRITE_CHANGE_SQL,
+        (_, "REJECTED") => WRITE_REJECT_SQL,
+        _ => WRITE_APPROVE_SQL,
+    };
+    sqlx::query(sql)
         .bind(&after.content)
         .bind(after.edited_at.as_ref().map(utc))
         .bind(after.deleted_at.as_ref().map(utc))
@@ -266,36 +239,14 @@ async fn write_change(
         .bind(&after.reactions)
         .bind(&req.room_id)
         .bind(m.seq)
+        .bind(seq)
+        .bind(req.kind())
+        .bind(&req.actor)
+        .bind(req.client_change_id())
+        .bind(serde_json::to_string(&change.what).expect("a change serializes"))
+        .bind(at)
         .execute(&mut **tx)
         .await?;
-    if after.moderation_status != m.moderation_status {
-        // A literal: the app's column may be an enum type, which a text parameter cannot be
-        // assigned to.
-        let status = if after.moderation_status == "REJECTED" {
-            r#"UPDATE "ChatMessage" SET "moderationStatus" = 'REJECTED' WHERE "roomId" = $1 AND seq = $2"#
-        } else {
-            r#"UPDATE "ChatMessage" SET "moderationStatus" = 'APPROVED' WHERE "roomId" = $1 AND seq = $2"#
-        };
-        sqlx::query(status)
-            .bind(&req.room_id)
-            .bind(m.seq)
-            .execute(&mut **tx)
-            .await?;
-    }
-    sqlx::query(
-        r#"INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId",
-             "clientChangeId", change, "createdAt") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#,
-    )
-    .bind(&req.room_id)
-    .bind(seq)
-    .bind(m.seq)
-    .bind(req.kind())
-    .bind(&req.actor)
-    .bind(req.client_change_id())
-    .bind(serde_json::to_string(&change.what).expect("a change serializes"))
-    .bind(at)
-    .execute(&mut **tx)
-    .await?;
     Ok(Ok(Changed {
         message: after,
         change: Some(change),
@@ -303,10 +254,58 @@ async fn write_change(
     }))
 }
 
-/// A message's new state. `$1` content, `$2` editedAt, `$3` deletedAt, `$4` version, `$5`
-/// reactions, `$6` room, `$7` seq.
-const UPDATE_MESSAGE_SQL: &str = r#"UPDATE "ChatMessage" SET content = $1, "editedAt" = $2,
-    "deletedAt" = $3, version = $4, reactions = $5 WHERE "roomId" = $6 AND seq = $7"#;
+/// A reaction row written, and the message's count of that emoji as it was before: one round
+/// trip. The statement's snapshot is taken after the room was locked (the change's first
+/// statement), so no other change of the room's reactions can land in between. `$1` room, `$2`
+/// message seq, `$3` emoji, `$4` user, `$5` time. Returns (rows written, count before).
+const REACT_SQL: &str = r#"WITH written AS (
+    INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
+    VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1
+)
+SELECT (SELECT count(*) FROM written),
+       (SELECT count(*) FROM "ChatReaction" WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3)"#;
+
+/// [`REACT_SQL`]'s opposite: the user's reaction row removed (`$1` to `$4` alike).
+const UNREACT_SQL: &str = r#"WITH written AS (
+    DELETE FROM "ChatReaction"
+    WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3 AND "userId" = $4
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM written),
+       (SELECT count(*) FROM "ChatReaction" WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3)"#;
+
+/// A change's writes in one statement: the message's new state, the change's row, and what its
+/// kind adds (`$set`: more columns of the message; `$with`: another write). `$1` content, `$2`
+/// editedAt, `$3` deletedAt, `$4` version, `$5` reactions, `$6` room, `$7` message seq, `$8` the
+/// change's seq, `$9` kind, `$10` actor, `$11` clientChangeId, `$12` the change (JSON), `$13` time.
+macro_rules! write_change_sql {
+    ($set:literal, $with:literal) => {
+        concat!(
+            r#"WITH message AS (
+    UPDATE "ChatMessage" SET content = $1, "editedAt" = $2, "deletedAt" = $3, version = $4,
+        reactions = $5"#,
+            $set,
+            r#" WHERE "roomId" = $6 AND seq = $7
+)"#,
+            $with,
+            r#"
+INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId", "clientChangeId",
+    change, "createdAt") VALUES ($6, $8, $7, $9, $10, $11, $12, $13)"#
+        )
+    };
+}
+
+const WRITE_CHANGE_SQL: &str = write_change_sql!("", "");
+/// A deletion also removes the message's reaction rows.
+const WRITE_DELETE_SQL: &str = write_change_sql!(
+    "",
+    r#",
+cleared AS (DELETE FROM "ChatReaction" WHERE "roomId" = $6 AND "messageSeq" = $7)"#
+);
+// The status as a literal: the app's column may be an enum type, which a text parameter cannot
+// be assigned to.
+const WRITE_REJECT_SQL: &str = write_change_sql!(r#", "moderationStatus" = 'REJECTED'"#, "");
+const WRITE_APPROVE_SQL: &str = write_change_sql!(r#", "moderationStatus" = 'APPROVED'"#, "");
 
 /// The unique index that makes a clientMsgId idempotent (see migrations/postgres).
 const CLIENT_MSG_ID_KEY: &str = "ChatMessage_roomId_senderId_clientMsgId_key";
