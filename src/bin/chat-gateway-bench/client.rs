@@ -2,7 +2,7 @@
 //! it carries out the generator's commands and records replies and pushes, and connecting
 //! thousands at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,10 +20,26 @@ use crate::report::{Shared, record};
 
 pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// Reactions the `changes` scenario toggles (each a key of its own: one pictographic character).
+const EMOJI: [&str; 3] = ["\u{1F44D}", "\u{1F389}", "\u{1F602}"];
+
+/// Messages of a room a client keeps as targets for its reactions: the newest it received.
+const RECENT: usize = 5;
+
 /// What the generator asks a connection to do.
 pub(crate) enum Cmd {
     Send {
         room: usize,
+    },
+    /// A send whose ack's `seq` the client keeps: the message its edits change.
+    Seed {
+        room: usize,
+    },
+    /// One change in the room: an edit of the client's seeded message, or else a reaction on one
+    /// of the room's recent messages, added or removed (toggled per message and emoji).
+    Change {
+        room: usize,
+        edit: bool,
     },
     History {
         room: usize,
@@ -36,6 +52,8 @@ pub(crate) enum Cmd {
 #[derive(Clone, Copy)]
 enum Pending {
     Send { room: usize, at: Instant },
+    Seed { room: usize },
+    Change { room: usize, at: Instant },
     History { at: Instant, cold: bool },
     Other,
 }
@@ -52,6 +70,9 @@ pub(crate) struct Frame<'a> {
     pub(crate) room: Option<std::borrow::Cow<'a, str>>,
     #[serde(default, borrow)]
     pub(crate) message: Option<PushMessage<'a>>,
+    /// `change` pushes: the change (only its `seq` is read).
+    #[serde(default)]
+    pub(crate) change: Option<Seq>,
     /// Presence pushes: the room's online count (storm).
     #[serde(default)]
     pub(crate) online: Option<u64>,
@@ -66,6 +87,26 @@ pub(crate) struct PushMessage<'a> {
     pub(crate) seq: i64,
     #[serde(borrow)]
     pub(crate) content: std::borrow::Cow<'a, str>,
+}
+
+/// Any object of which only the `seq` is read.
+#[derive(Deserialize)]
+pub(crate) struct Seq {
+    pub(crate) seq: i64,
+}
+
+/// A send's result, as far as the `changes` scenario reads it.
+#[derive(Deserialize)]
+struct SendResult {
+    message: Seq,
+}
+
+/// An edit's or reaction's result: the change it stored (`null` and `duplicate` when none).
+#[derive(Deserialize)]
+struct ChangeResult {
+    change: Option<Seq>,
+    #[serde(default)]
+    duplicate: bool,
 }
 
 /// What one read of a generator socket gave: a text frame, something to skip (pings, pongs,
@@ -165,6 +206,12 @@ impl Client {
         let mut pending: HashMap<u64, Pending> = HashMap::new();
         let mut last_seq: HashMap<String, i64> = HashMap::new();
         let mut counter = 0u64;
+        // The `changes` scenario's state: the seq of this user's seeded message per room, the
+        // newest messages received per room, and the (message, emoji) reactions it holds.
+        let mut own: HashMap<usize, i64> = HashMap::new();
+        let mut recent: HashMap<String, VecDeque<i64>> = HashMap::new();
+        let mut reacted: HashSet<(i64, usize)> = HashSet::new();
+        let mut reactions = 0usize;
         loop {
             tokio::select! {
                 cmd = cmds.recv() => {
@@ -174,9 +221,13 @@ impl Client {
                     let at = Instant::now();
                     let frame = match cmd {
                         Cmd::Close => break,
-                        Cmd::Send { room } => {
+                        Cmd::Send { room } | Cmd::Seed { room } => {
                             counter += 1;
-                            pending.insert(id, Pending::Send { room, at });
+                            let p = match cmd {
+                                Cmd::Seed { .. } => Pending::Seed { room },
+                                _ => Pending::Send { room, at },
+                            };
+                            pending.insert(id, p);
                             shared.1.sent.fetch_add(1, Ordering::Relaxed);
                             // The send time (us since the run's epoch) travels in the content, so
                             // every receiver can measure delivery latency.
@@ -184,6 +235,43 @@ impl Client {
                             json!({"type": "send", "id": id, "room": rooms[room],
                                    "content": format!("t={t} u={user} n={counter}"),
                                    "clientMsgId": format!("u{user}-{counter}")})
+                        }
+                        Cmd::Change { room, edit } => {
+                            counter += 1;
+                            let frame = if edit {
+                                own.get(&room).map(|seq| {
+                                    // The request time travels in the content, as in a send.
+                                    let t = at.duration_since(epoch).as_micros();
+                                    ("edit", json!({"type": "edit", "id": id, "room": rooms[room],
+                                        "seq": seq, "content": format!("t={t} u={user} n={counter}"),
+                                        "clientChangeId": format!("u{user}-e{counter}")}))
+                                })
+                            } else {
+                                // Three (message, emoji) keys per user, each on another of the
+                                // room's recent messages (offset by user), added one time round
+                                // and removed the next: as many removals as reactions.
+                                recent.get(&rooms[room]).filter(|r| !r.is_empty()).map(|r| {
+                                    let emoji = reactions % EMOJI.len();
+                                    let seq = r[(user + emoji) % r.len()];
+                                    reactions += 1;
+                                    let kind = if reacted.remove(&(seq, emoji)) {
+                                        "unreact"
+                                    } else {
+                                        reacted.insert((seq, emoji));
+                                        "react"
+                                    };
+                                    (kind, json!({"type": kind, "id": id, "room": rooms[room],
+                                        "seq": seq, "emoji": EMOJI[emoji]}))
+                                })
+                            };
+                            let Some((kind, frame)) = frame else {
+                                shared.0.lock().unwrap().error("no message to change (room not seeded)");
+                                continue;
+                            };
+                            pending.insert(id, Pending::Change { room, at });
+                            shared.1.sent.fetch_add(1, Ordering::Relaxed);
+                            *shared.0.lock().unwrap().change_kinds.entry(kind).or_default() += 1;
+                            frame
                         }
                         Cmd::History { room, before, cold } => {
                             pending.insert(id, Pending::History { at, cold });
@@ -232,6 +320,17 @@ impl Client {
                                 continue;
                             }
                             *last = m.seq;
+                            match recent.get_mut(&*room) {
+                                Some(r) => {
+                                    if r.len() == RECENT {
+                                        r.pop_front();
+                                    }
+                                    r.push_back(m.seq);
+                                }
+                                None => {
+                                    recent.insert(room.to_string(), VecDeque::from([m.seq]));
+                                }
+                            }
                             shared.1.delivered.fetch_add(1, Ordering::Relaxed);
                             shared.1.push_bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
                             let sent_at = m
@@ -244,6 +343,27 @@ impl Client {
                                 let mut s = shared.0.lock().unwrap();
                                 s.delivery.saturating_record(since.saturating_sub(t).max(1));
                             }
+                        }
+                        "change" => {
+                            let (Some(c), Some(room)) = (frame.change, frame.room) else {
+                                continue;
+                            };
+                            // Changes take the room's seq like messages: same order, same check.
+                            let last = match last_seq.get_mut(&*room) {
+                                Some(last) => last,
+                                None => last_seq.entry(room.to_string()).or_insert(0),
+                            };
+                            if c.seq <= *last {
+                                shared.1.duplicates.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            *last = c.seq;
+                            shared.1.delivered.fetch_add(1, Ordering::Relaxed);
+                            shared.1.push_bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+                            // Matched with the request's time by (room, seq) when the report is
+                            // made: the sender learns the seq from its ack, which may come later.
+                            let since = now.duration_since(epoch).as_micros() as u64;
+                            shared.0.lock().unwrap().change_arrivals.push((room.to_string(), c.seq, since));
                         }
                         "result" | "error" => {
                             shared.1.replies.fetch_add(1, Ordering::Relaxed);
@@ -266,6 +386,27 @@ impl Client {
                                 Pending::Send { room, at } => {
                                     record(&mut s.ack, now - at);
                                     *s.acked.entry(room).or_default() += 1;
+                                }
+                                Pending::Seed { room } => {
+                                    match frame.result.map(|r| serde_json::from_str::<SendResult>(r.get())) {
+                                        Some(Ok(r)) => {
+                                            own.insert(room, r.message.seq);
+                                            *s.acked.entry(room).or_default() += 1;
+                                        }
+                                        _ => s.error("send result without a message seq"),
+                                    }
+                                }
+                                Pending::Change { room, at } => {
+                                    match frame.result.map(|r| serde_json::from_str::<ChangeResult>(r.get())) {
+                                        Some(Ok(ChangeResult { change: Some(c), duplicate: false })) => {
+                                            record(&mut s.ack, now - at);
+                                            *s.acked.entry(room).or_default() += 1;
+                                            let t = at.duration_since(epoch).as_micros() as u64;
+                                            s.change_requests.insert((rooms[room].clone(), c.seq), t);
+                                        }
+                                        Some(Ok(_)) => s.error("change stored nothing (duplicate)"),
+                                        _ => s.error("change result without a change seq"),
+                                    }
                                 }
                                 Pending::History { at, cold } => {
                                     let h = if cold { &mut s.cold } else { &mut s.hot };

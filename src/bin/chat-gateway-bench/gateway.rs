@@ -230,15 +230,15 @@ fn tree_cpu(pid: u32) -> Option<f64> {
 }
 
 /// Counters read from the gateway's /metrics for the statements-per-message line: messages
-/// stored (`chat_messages_received_total`, every door) and, on the SQLite store, the store's
-/// write statements (`chat_store_write_statements_total`, BEGIN and COMMIT included).
-async fn store_counters(http: &reqwest::Client, base: &str) -> (f64, Option<f64>) {
+/// stored (`chat_messages_received_total`, every door), changes stored
+/// (`chat_messages_changed_total`, every kind) and, on the SQLite store, the store's write
+/// statements (`chat_store_write_statements_total`, BEGIN and COMMIT included).
+async fn store_counters(http: &reqwest::Client, base: &str) -> Stored {
+    let mut stored = Stored::default();
     let Ok(r) = http.get(format!("{base}/metrics")).send().await else {
-        return (0.0, None);
+        return stored;
     };
     let text = r.text().await.unwrap_or_default();
-    let mut messages = 0.0;
-    let mut statements = None;
     for line in text.lines() {
         let value = || -> f64 {
             line.rsplit_once(' ')
@@ -246,12 +246,47 @@ async fn store_counters(http: &reqwest::Client, base: &str) -> (f64, Option<f64>
                 .unwrap_or(0.0)
         };
         if line.starts_with("chat_messages_received_total") {
-            messages += value();
+            stored.messages += value();
+        } else if line.starts_with("chat_messages_changed_total") {
+            stored.changes += value();
         } else if line.starts_with("chat_store_write_statements_total") {
-            statements = Some(statements.unwrap_or(0.0) + value());
+            stored.statements = Some(stored.statements.unwrap_or(0.0) + value());
         }
     }
-    (messages, statements)
+    stored
+}
+
+/// What the store took in, from the gateways' /metrics.
+#[derive(Clone, Copy, Default)]
+struct Stored {
+    messages: f64,
+    changes: f64,
+    /// The SQLite store's write statements (absent on Postgres).
+    statements: Option<f64>,
+}
+
+impl Stored {
+    /// Messages and changes stored: what the per-stored lines divide by.
+    fn events(&self) -> f64 {
+        self.messages + self.changes
+    }
+
+    /// What the per-stored lines count, in words.
+    fn unit(&self) -> &'static str {
+        match (self.messages > 0.0, self.changes > 0.0) {
+            (_, false) => "message",
+            (false, true) => "change",
+            (true, true) => "message or change",
+        }
+    }
+
+    fn since(&self, before: &Stored) -> Stored {
+        Stored {
+            messages: self.messages - before.messages,
+            changes: self.changes - before.changes,
+            statements: self.statements.zip(before.statements).map(|(a, b)| a - b),
+        }
+    }
 }
 
 /// What Postgres counted: statements from `pg_stat_statements` when installed in the
@@ -354,13 +389,14 @@ async fn nodes_metric(gw: &Gateway, name: &str) -> f64 {
     total
 }
 
-/// Messages stored (every node) and the SQLite store's write statements (the first node).
-async fn all_store_counters(gw: &Gateway) -> (f64, Option<f64>) {
-    let (_, statements) = store_counters(&gw.http, &gw.base).await;
-    (
-        nodes_metric(gw, "chat_messages_received_total").await,
-        statements,
-    )
+/// Messages and changes stored (every node) and the SQLite store's write statements (the first
+/// node).
+async fn all_store_counters(gw: &Gateway) -> Stored {
+    Stored {
+        messages: nodes_metric(gw, "chat_messages_received_total").await,
+        changes: nodes_metric(gw, "chat_messages_changed_total").await,
+        statements: store_counters(&gw.http, &gw.base).await.statements,
+    }
 }
 
 /// The gateway's backlog of presence changes, from /metrics (absent on gateways without it).
@@ -384,7 +420,7 @@ pub(crate) struct Observer {
     postgres: Option<(u32, f64)>,
     redis: Vec<(u32, f64)>,
     cache_before: (f64, f64),
-    store_before: (f64, Option<f64>),
+    store_before: Stored,
     reconnects_before: f64,
     pg: Option<(PgCounter, Option<f64>)>,
     pub(crate) started: Instant,
@@ -425,29 +461,33 @@ impl Observer {
         }
     }
 
-    /// Database statements per message stored during the run, when there were any; returns the
-    /// messages stored.
-    async fn statements(&self, gw: &Gateway) -> f64 {
-        let (messages, statements) = all_store_counters(gw).await;
-        let stored = messages - self.store_before.0;
-        if stored <= 0.0 {
-            return 0.0;
+    /// Database statements per message (or change) stored during the run, when there were any;
+    /// returns what was stored.
+    async fn statements(&self, gw: &Gateway) -> Stored {
+        let stored = all_store_counters(gw).await.since(&self.store_before);
+        let (n, unit) = (stored.events(), stored.unit());
+        if n <= 0.0 {
+            return stored;
         }
-        if let (Some(after), Some(before)) = (statements, self.store_before.1) {
+        let what = match (stored.messages, stored.changes) {
+            (m, c) if c <= 0.0 => format!("{m:.0} messages"),
+            (m, c) if m <= 0.0 => format!("{c:.0} changes"),
+            (m, c) => format!("{m:.0} messages and {c:.0} changes"),
+        };
+        if let Some(statements) = stored.statements {
             println!(
-                "store statements       {:.0} write statements (gateway's count) for {stored:.0} messages stored: {:.2} per message",
-                after - before,
-                (after - before) / stored
+                "store statements       {statements:.0} write statements (gateway's count) for {what} stored: {:.2} per {unit}",
+                statements / n
             );
         }
         if let Some((counter, Some(before))) = &self.pg
             && let Some(after) = counter.count().await
         {
             println!(
-                "database statements    {:.0} {} for {stored:.0} messages stored: {:.2} per message (whole database, every client)",
+                "database statements    {:.0} {} for {what} stored: {:.2} per {unit} (whole database, every client)",
                 after - before,
                 counter.what(),
-                (after - before) / stored
+                (after - before) / n
             );
         }
         stored
@@ -473,8 +513,12 @@ impl Observer {
             );
         }
         let per_message = |cpu: f64| {
-            if stored > 0.0 {
-                format!(", {:.1} us per message stored", cpu * 1e6 / stored)
+            if stored.events() > 0.0 {
+                format!(
+                    ", {:.1} us per {} stored",
+                    cpu * 1e6 / stored.events(),
+                    stored.unit()
+                )
             } else {
                 String::new()
             }

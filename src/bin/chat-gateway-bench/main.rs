@@ -16,11 +16,13 @@
 //!   thousands of them.
 //! - [`report`]: what the clients record (`Stats`, `Counters`), open-loop pacing, and the
 //!   report's latency and error lines.
-//! - Scenarios, a module each: [`seed`] (REST), [`rooms`] (`chat` and `fanout`), [`idle`],
-//!   [`history`], [`storm`] (the presence reconnect storm, in submodules of its own).
+//! - Scenarios, a module each: [`seed`] (REST), [`rooms`] (`chat` and `fanout`), [`changes`]
+//!   (edits and reactions in `chat`'s rooms), [`idle`], [`history`], [`storm`] (the presence
+//!   reconnect storm, in submodules of its own).
 //!
 //! Scenarios call `gateway`, `client` and `report`; those never call a scenario.
 
+mod changes;
 mod client;
 mod gateway;
 mod history;
@@ -36,6 +38,7 @@ use std::time::Instant;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
+use crate::changes::changes;
 use crate::client::raise_nofile;
 use crate::gateway::Gateway;
 use crate::history::history;
@@ -69,6 +72,9 @@ GET latest history page, POST a message, pause --think-ms\n\
   chat     the k6 WebSocket scenario (k6/ws-chat.js): N users with one socket each, in rooms \
 of K members, sending at a total rate R; every member receives every message of its room\n\
   fanout   few rooms with many receivers each and one sender socket per room at a steady rate\n\
+  changes  `chat`'s rooms, where after one message per member the load is changes: edits of \
+the members' own messages and reactions toggled on the rooms' newest messages, at a total rate \
+R; every member receives every change as a `change` push\n\
   idle     many authenticated, idle sockets; reports server RSS per connection\n\
   history  history reads over WebSocket at a fixed rate: hot pages (latest page of a few rooms, \
 cache hits) and cold pages (random `before` in filled rooms, misses)\n\
@@ -173,6 +179,21 @@ enum Scenario {
         #[arg(long, default_value_t = 1000.0)]
         rate: f64,
     },
+    /// `chat`'s rooms, changes instead of sends: edits of own messages and reactions.
+    Changes {
+        /// Users, each holding one socket.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Members per room (every member's socket joins its room).
+        #[arg(long, default_value_t = 10)]
+        room_size: usize,
+        /// Total changes per second, spread round-robin over all users.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Percent of the changes that are edits (the rest are reactions, added or removed).
+        #[arg(long, default_value_t = 25)]
+        edit_percent: u32,
+    },
     /// Rooms with many receivers each and one sender socket per room.
     Fanout {
         /// Rooms.
@@ -255,7 +276,7 @@ fn main() -> anyhow::Result<()> {
     }
     let sockets = match &cli.scenario {
         Scenario::Seed { .. } => 0,
-        Scenario::Chat { users, .. } => *users,
+        Scenario::Chat { users, .. } | Scenario::Changes { users, .. } => *users,
         Scenario::Fanout {
             rooms, receivers, ..
         } => rooms * (receivers + 1),
@@ -273,6 +294,7 @@ fn main() -> anyhow::Result<()> {
     }
     let rate = match &cli.scenario {
         Scenario::Chat { rate, .. }
+        | Scenario::Changes { rate, .. }
         | Scenario::Fanout { rate, .. }
         | Scenario::History { rate, .. }
         | Scenario::Storm { rate, .. } => *rate,
@@ -292,6 +314,7 @@ fn main() -> anyhow::Result<()> {
         let result = match cli.scenario {
             Scenario::Seed { users, rooms, think_ms, limit } => seed(gw, &common, users, rooms, think_ms, limit).await,
             Scenario::Chat { users, room_size, rate } => chat(gw, &common, users, room_size, rate).await,
+            Scenario::Changes { users, room_size, rate, edit_percent } => changes(gw, &common, users, room_size, rate, edit_percent).await,
             Scenario::Fanout { rooms, receivers, rate } => fanout(gw, &common, rooms, receivers, rate).await,
             Scenario::Idle { sockets } => idle(gw, &common, sockets).await,
             Scenario::History { hot_rooms, cold_rooms, fill, rate, cold_fraction, sockets, limit } => {

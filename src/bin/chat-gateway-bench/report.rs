@@ -3,7 +3,7 @@
 //! and error lines.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,9 +18,16 @@ pub(crate) struct Stats {
     pub(crate) cold: Histogram<u64>,
     pub(crate) http_history: Histogram<u64>,
     pub(crate) http_send: Histogram<u64>,
-    /// Messages acknowledged per room (room index -> count).
+    /// Messages acknowledged per room (room index -> count); in the `changes` scenario, changes
+    /// stored.
     pub(crate) acked: HashMap<usize, u64>,
     pub(crate) errors: HashMap<String, u64>,
+    /// Changes requested, by kind (`edit`, `react`, `unreact`).
+    pub(crate) change_kinds: HashMap<&'static str, u64>,
+    /// Stored changes' request times (us since the run's epoch), by (room, change seq).
+    pub(crate) change_requests: HashMap<(String, i64), u64>,
+    /// `change` pushes received: (room, change seq, us since the run's epoch).
+    pub(crate) change_arrivals: Vec<(String, i64, u64)>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -39,6 +46,9 @@ impl Stats {
             http_send: histogram(),
             acked: HashMap::new(),
             errors: HashMap::new(),
+            change_kinds: HashMap::new(),
+            change_requests: HashMap::new(),
+            change_arrivals: Vec::new(),
         }
     }
 
@@ -53,7 +63,8 @@ pub(crate) fn record(h: &mut Histogram<u64>, d: Duration) {
 
 #[derive(Default)]
 pub(crate) struct Counters {
-    /// Pushes of new messages received (seq above the last seen in that room on that socket).
+    /// Pushes of new messages (and changes) received (seq above the last seen in that room on
+    /// that socket).
     pub(crate) delivered: AtomicU64,
     /// Pushes at or below the last seq seen: duplicates (or reordering, which the contract
     /// forbids as much).
@@ -64,6 +75,22 @@ pub(crate) struct Counters {
     pub(crate) requests: AtomicU64,
     /// Bytes of the `message` pushes delivered (their text; the WebSocket frame header adds 2-4).
     pub(crate) push_bytes: AtomicU64,
+}
+
+impl Counters {
+    /// Back to zero, between a scenario's preparation and its measured phase.
+    pub(crate) fn reset(&self) {
+        for c in [
+            &self.delivered,
+            &self.duplicates,
+            &self.sent,
+            &self.replies,
+            &self.requests,
+            &self.push_bytes,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 pub(crate) type Shared = Arc<(Mutex<Stats>, Counters)>;
