@@ -562,6 +562,23 @@ async fn concurrent_edits_from_two_sockets_end_in_the_last_version_everywhere(ba
     assert_eq!(screen.state(), history);
     assert_eq!(history[0]["content"], last_content.as_str());
     assert_eq!(history[0]["version"], last_seq);
+
+    // One edit sent from both sockets at once with one key (a retry racing its first attempt):
+    // stored once, both answered with that change.
+    for round in 0..5 {
+        let frame = json!({"type": "edit", "room": "r", "seq": m, "content": format!("raced {round}"),
+                           "clientChangeId": format!("same-{round}")});
+        let (one, two) = tokio::join!(
+            request_ok(&mut a1, frame.clone()),
+            request_ok(&mut a2, frame)
+        );
+        assert_eq!(one["change"], two["change"], "{one} {two}");
+        let fresh = [&one, &two]
+            .iter()
+            .filter(|r| r["duplicate"] == false)
+            .count();
+        assert_eq!(fresh, 1, "{one} {two}");
+    }
 }
 
 on_both!(two_hundred_users_reacting_at_once_make_one_right_count);

@@ -119,6 +119,13 @@ pub struct Changed {
     pub duplicate: bool,
 }
 
+/// What a store's change transaction did.
+pub(crate) enum Written {
+    Changed(Changed),
+    /// The edit's `clientChangeId` was stored by an earlier attempt: that change answers.
+    Stored,
+}
+
 /// Why a change was refused (nothing was written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

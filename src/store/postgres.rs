@@ -27,7 +27,7 @@ use sqlx::{Connection, PgPool};
 use super::pg_sends::Sends;
 use crate::health::Health;
 
-use super::changes::{self, ChangeOp, Decision};
+use super::changes::{self, ChangeOp, Decision, Written};
 use super::{
     Access, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message, NewMessage,
     OutboxEntry, ReadMark, Refusal, Room, RoomSummary, Store, StoreError, StoreMetrics, Target,
@@ -176,36 +176,108 @@ async fn message_by<'e, E: sqlx::PgExecutor<'e>>(
     query.fetch_optional(db).await
 }
 
-/// A change's writes in one transaction (see [`super::changes`]). The room's row is locked first
-/// (its seq allocated), so the room's changes and sends are ordered by it and a reaction count
-/// read here is the count after this change. `Ok(Err(_))` when the message refuses it, a
-/// `duplicate` answer when it changes nothing (the caller rolls back, which frees the seq).
+/// What a change's first statement finds: the message, locked, and whether the edit's
+/// `clientChangeId` is stored already (`key_seq`: the seq of that change).
+struct Locked {
+    message: Message,
+    key_seq: Option<i64>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Locked {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            message: sqlx::FromRow::from_row(row)?,
+            key_seq: row.try_get("keySeq")?,
+        })
+    }
+}
+
+/// A change's first statement: the message, locked (`FOR UPDATE` returns its newest version,
+/// whatever the statement's snapshot), and the seq of a change stored under the edit's key. `$1`
+/// room, `$2` the message's seq or id, `$3` actor, `$4` clientChangeId (NULL: none).
+macro_rules! lock_message_sql {
+    ($target:literal) => {
+        concat!(
+            "SELECT ",
+            columns!(),
+            r#", (SELECT k.seq FROM "ChatMessageChange" k
+                 WHERE k."roomId" = $1 AND k."actorId" = $3 AND k."clientChangeId" = $4) AS "keySeq"
+               FROM "ChatMessage" WHERE "roomId" = $1 AND "#,
+            $target,
+            " FOR UPDATE"
+        )
+    };
+}
+
+const LOCK_BY_SEQ_SQL: &str = lock_message_sql!("seq = $2");
+const LOCK_BY_ID_SQL: &str = lock_message_sql!("id = $2");
+
+/// A change's writes in one transaction (see [`super::changes`]), in four round trips (five for a
+/// reaction), whatever the kind: lock and read the message; for a reaction, write its row and
+/// read its count; then allocate the room's seq, update the message and insert the change in one
+/// statement; commit.
+///
+/// Every change locks its message's row before anything else and the room's row last (the
+/// seq, held until the commit as a send holds it), so changes of one message are serialized, a
+/// reaction count read after the lock is exact, and no two transactions wait for each other in a
+/// cycle (sends lock rooms only). `Ok(Err(_))` when the message refuses it, a `duplicate` answer
+/// when it changes nothing (the caller rolls back: no seq was taken).
 async fn write_change(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     req: &ChangeRequest,
-) -> Result<Result<Changed, Refusal>, sqlx::Error> {
-    let Some(seq): Option<i64> = sqlx::query_scalar(
-        r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1 WHERE id = $1 RETURNING "lastSeq""#,
-    )
-    .bind(&req.room_id)
-    .fetch_optional(&mut **tx)
-    .await?
+) -> Result<Result<Written, Refusal>, sqlx::Error> {
+    let query = match &req.target {
+        Target::Seq(seq) => sqlx::query_as(LOCK_BY_SEQ_SQL)
+            .bind(&req.room_id)
+            .bind(*seq),
+        Target::Id(id) => sqlx::query_as(LOCK_BY_ID_SQL)
+            .bind(&req.room_id)
+            .bind(id.as_str()),
+    };
+    let locked: Option<Locked> = query
+        .bind(&req.actor)
+        .bind(req.client_change_id())
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(Locked {
+        message: m,
+        key_seq,
+    }) = locked
     else {
         return Ok(Err(Refusal::NotFound));
     };
-    let Some(m) = message_by(&mut **tx, &req.room_id, &req.target).await? else {
-        return Ok(Err(Refusal::NotFound));
-    };
+    if key_seq.is_some() {
+        return Ok(Ok(Written::Stored));
+    }
     let unchanged = |message: Message| {
-        Ok(Ok(Changed {
+        Ok(Ok(Written::Changed(Changed {
             message,
             change: None,
             duplicate: true,
-        }))
+        })))
     };
     match changes::decide(req, &m) {
         Err(refusal) => return Ok(Err(refusal)),
-        Ok(Decision::Nothing) => return unchanged(m),
+        // An edit to the content it already has may be the retry of an edit that committed
+        // while this one waited for the lock (after the first statement's snapshot): look again.
+        Ok(Decision::Nothing) => {
+            if let Some(key) = req.client_change_id() {
+                let stored: Option<i64> = sqlx::query_scalar(
+                    r#"SELECT seq FROM "ChatMessageChange"
+                       WHERE "roomId" = $1 AND "actorId" = $2 AND "clientChangeId" = $3"#,
+                )
+                .bind(&req.room_id)
+                .bind(&req.actor)
+                .bind(key)
+                .fetch_optional(&mut **tx)
+                .await?;
+                if stored.is_some() {
+                    return Ok(Ok(Written::Stored));
+                }
+            }
+            return unchanged(m);
+        }
         Ok(Decision::Proceed) => {}
     }
     let at = utc(&req.at);
@@ -224,40 +296,45 @@ async fn write_change(
         }
         count = if adding { before + 1 } else { before - 1 };
     }
-    let (after, change) = changes::apply(req, &m, seq, count);
+    // The seq is the room's, allocated by the write itself: applied with 0, set after.
+    let (mut after, mut change) = changes::apply(req, &m, 0, count);
     let sql = match (&req.op, after.moderation_status.as_str()) {
         (ChangeOp::Delete { .. }, _) => WRITE_DELETE_SQL,
         _ if after.moderation_status == m.moderation_status => WRITE_CHANGE_SQL,
         (_, "REJECTED") => WRITE_REJECT_SQL,
         _ => WRITE_APPROVE_SQL,
     };
-    sqlx::query(sql)
+    let seq: Option<i64> = sqlx::query_scalar(sql)
         .bind(&after.content)
         .bind(after.edited_at.as_ref().map(utc))
         .bind(after.deleted_at.as_ref().map(utc))
-        .bind(after.version)
         .bind(&after.reactions)
         .bind(&req.room_id)
         .bind(m.seq)
-        .bind(seq)
         .bind(req.kind())
         .bind(&req.actor)
         .bind(req.client_change_id())
         .bind(serde_json::to_string(&change.what).expect("a change serializes"))
         .bind(at)
-        .execute(&mut **tx)
+        .fetch_optional(&mut **tx)
         .await?;
-    Ok(Ok(Changed {
+    let Some(seq) = seq else {
+        // The room is gone (deleted with its messages meanwhile).
+        return Ok(Err(Refusal::NotFound));
+    };
+    after.version = Some(seq);
+    change.seq = seq;
+    Ok(Ok(Written::Changed(Changed {
         message: after,
         change: Some(change),
         duplicate: false,
-    }))
+    })))
 }
 
 /// A reaction row written, and the message's count of that emoji as it was before: one round
-/// trip. The statement's snapshot is taken after the room was locked (the change's first
-/// statement), so no other change of the room's reactions can land in between. `$1` room, `$2`
-/// message seq, `$3` emoji, `$4` user, `$5` time. Returns (rows written, count before).
+/// trip. Run after the message's row was locked, so its snapshot holds every earlier reaction to
+/// it. `$1` room, `$2` message seq, `$3` emoji, `$4` user, `$5` time. Returns (rows written,
+/// count before).
 const REACT_SQL: &str = r#"WITH written AS (
     INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING 1
@@ -274,23 +351,28 @@ const UNREACT_SQL: &str = r#"WITH written AS (
 SELECT (SELECT count(*) FROM written),
        (SELECT count(*) FROM "ChatReaction" WHERE "roomId" = $1 AND "messageSeq" = $2 AND emoji = $3)"#;
 
-/// A change's writes in one statement: the message's new state, the change's row, and what its
-/// kind adds (`$set`: more columns of the message; `$with`: another write). `$1` content, `$2`
-/// editedAt, `$3` deletedAt, `$4` version, `$5` reactions, `$6` room, `$7` message seq, `$8` the
-/// change's seq, `$9` kind, `$10` actor, `$11` clientChangeId, `$12` the change (JSON), `$13` time.
+/// A change's writes in one statement: the room's next seq (its row locked until the commit),
+/// the message's new state with that seq as its version, the change's row, and what its kind
+/// adds (`$set`: more columns of the message; `$with`: another write). Returns the seq. `$1`
+/// content, `$2` editedAt, `$3` deletedAt, `$4` reactions, `$5` room, `$6` message seq, `$7`
+/// kind, `$8` actor, `$9` clientChangeId, `$10` the change (JSON), `$11` time.
 macro_rules! write_change_sql {
     ($set:literal, $with:literal) => {
         concat!(
-            r#"WITH message AS (
-    UPDATE "ChatMessage" SET content = $1, "editedAt" = $2, "deletedAt" = $3, version = $4,
-        reactions = $5"#,
+            r#"WITH room AS (
+    UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1 WHERE id = $5 RETURNING "lastSeq"
+),
+message AS (
+    UPDATE "ChatMessage" SET content = $1, "editedAt" = $2, "deletedAt" = $3,
+        version = (SELECT "lastSeq" FROM room), reactions = $4"#,
             $set,
-            r#" WHERE "roomId" = $6 AND seq = $7
+            r#" WHERE "roomId" = $5 AND seq = $6
 )"#,
             $with,
             r#"
 INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId", "clientChangeId",
-    change, "createdAt") VALUES ($6, $8, $7, $9, $10, $11, $12, $13)"#
+    change, "createdAt") SELECT $5, "lastSeq", $6, $7, $8, $9, $10, $11 FROM room
+RETURNING seq"#
         )
     };
 }
@@ -300,7 +382,7 @@ const WRITE_CHANGE_SQL: &str = write_change_sql!("", "");
 const WRITE_DELETE_SQL: &str = write_change_sql!(
     "",
     r#",
-cleared AS (DELETE FROM "ChatReaction" WHERE "roomId" = $6 AND "messageSeq" = $7)"#
+cleared AS (DELETE FROM "ChatReaction" WHERE "roomId" = $5 AND "messageSeq" = $6)"#
 );
 // The status as a literal: the app's column may be an enum type, which a text parameter cannot
 // be assigned to.
@@ -584,6 +666,28 @@ impl PgStore {
         self.writes.live_pool()
     }
 
+    /// The change an edit's `clientChangeId` stored (a retry's answer), with its message as it
+    /// is now.
+    async fn stored_change(&self, req: &ChangeRequest) -> Result<Changed, StoreError> {
+        let row: ChangeRow = sqlx::query_as(CHANGE_BY_KEY_SQL)
+            .bind(&req.room_id)
+            .bind(&req.actor)
+            .bind(req.client_change_id())
+            .fetch_one(self.live_pool()?)
+            .await
+            .map_err(|e| self.failed(e))?;
+        let change = Change::try_from(row)?;
+        let message = self
+            .message(&req.room_id, &Target::Seq(change.target))
+            .await?
+            .ok_or(StoreError::Refused(Refusal::NotFound))?;
+        Ok(Changed {
+            message,
+            change: Some(change),
+            duplicate: true,
+        })
+    }
+
     fn failed(&self, e: sqlx::Error) -> StoreError {
         self.writes.failed(e)
     }
@@ -846,45 +950,26 @@ impl Store for PgStore {
 
     async fn change_message(&self, req: ChangeRequest) -> Result<Changed, StoreError> {
         refuse_nul(&[("clientChangeId", req.client_change_id())])?;
-        if let Some(key) = req.client_change_id() {
-            let stored: Option<ChangeRow> = sqlx::query_as(CHANGE_BY_KEY_SQL)
-                .bind(&req.room_id)
-                .bind(&req.actor)
-                .bind(key)
-                .fetch_optional(self.live_pool()?)
-                .await
-                .map_err(|e| self.failed(e))?;
-            if let Some(row) = stored {
-                let change = Change::try_from(row)?;
-                let message = self
-                    .message(&req.room_id, &Target::Seq(change.target))
-                    .await?
-                    .ok_or(StoreError::Refused(Refusal::NotFound))?;
-                return Ok(Changed {
-                    message,
-                    change: Some(change),
-                    duplicate: true,
-                });
-            }
-        }
         let pool = self.live_pool()?;
         let outcome = async {
             let mut tx = pool.begin().await?;
             let outcome = write_change(&mut tx, &req).await?;
             match &outcome {
-                Ok(Changed {
+                Ok(Written::Changed(Changed {
                     duplicate: false, ..
-                }) => tx.commit().await?,
+                })) => tx.commit().await?,
                 _ => tx.rollback().await?,
             }
             Ok::<_, sqlx::Error>(outcome)
         }
         .await;
         let mut changed = match outcome {
-            Ok(outcome) => outcome.map_err(StoreError::Refused)?,
+            Ok(Ok(Written::Changed(changed))) => changed,
+            Ok(Ok(Written::Stored)) => return self.stored_change(&req).await,
+            Ok(Err(refusal)) => return Err(StoreError::Refused(refusal)),
             // Two first edits with one key at once: the second answers with the first's change.
             Err(sqlx::Error::Database(e)) if e.constraint() == Some(CHANGE_KEY) => {
-                return Box::pin(self.change_message(req)).await;
+                return self.stored_change(&req).await;
             }
             Err(e) => return Err(self.failed(e)),
         };

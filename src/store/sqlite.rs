@@ -86,7 +86,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::changes::{self, ChangeOp, Decision};
+use super::changes::{self, ChangeOp, Decision, Written};
 use super::{
     Access, CHANGE_COLUMNS, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message,
     NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, SqliteMetrics, Store,
@@ -715,14 +715,30 @@ async fn write_change(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     req: &ChangeRequest,
     statements: &prometheus_client::metrics::counter::Counter,
-) -> Result<Result<Changed, Refusal>, sqlx::Error> {
+) -> Result<Result<Written, Refusal>, sqlx::Error> {
     let unchanged = |message: Message| {
-        Ok(Ok(Changed {
+        Ok(Ok(Written::Changed(Changed {
             message,
             change: None,
             duplicate: true,
-        }))
+        })))
     };
+    // A retried edit: its key is looked up here, where every write is serialized.
+    if let Some(key) = req.client_change_id() {
+        statements.inc();
+        let stored: Option<i64> = sqlx::query_scalar(
+            r#"SELECT seq FROM "ChatMessageChange"
+               WHERE "roomId" = ? AND "actorId" = ? AND "clientChangeId" = ?"#,
+        )
+        .bind(&req.room_id)
+        .bind(&req.actor)
+        .bind(key)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if stored.is_some() {
+            return Ok(Ok(Written::Stored));
+        }
+    }
     statements.inc();
     let Some(m) = message_by(&mut **tx, &req.room_id, &req.target).await? else {
         return Ok(Err(Refusal::NotFound));
@@ -819,11 +835,11 @@ async fn write_change(
     .bind(&at)
     .execute(&mut **tx)
     .await?;
-    Ok(Ok(Changed {
+    Ok(Ok(Written::Changed(Changed {
         message: after,
         change: Some(change),
         duplicate: false,
-    }))
+    })))
 }
 
 /// Rows for `json_each(?)`: a JSON array (of arrays), so one fixed statement text (prepared once)
@@ -946,20 +962,42 @@ impl Store for SqliteStore {
     }
 
     async fn change_message(&self, req: ChangeRequest) -> Result<Changed, StoreError> {
-        if let Some(key) = req.client_change_id() {
-            let stored: Option<ChangeRow> = sqlx::query_as(&format!(
-                r#"SELECT {CHANGE_COLUMNS} FROM "ChatMessageChange"
-                   WHERE "roomId" = ? AND "actorId" = ? AND "clientChangeId" = ?"#
-            ))
-            .bind(&req.room_id)
-            .bind(&req.actor)
-            .bind(key)
-            .fetch_optional(&self.readers)
+        let stats = self.stats.write_statements.clone();
+        let room = req.room_id.clone();
+        let (actor, key) = (
+            req.actor.clone(),
+            req.client_change_id().map(str::to_string),
+        );
+        let written = self
+            .on_writer(move |pool| async move {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let outcome = write_change(&mut tx, &req, &stats).await?;
+                match &outcome {
+                    Ok(Written::Changed(Changed {
+                        duplicate: false, ..
+                    })) => tx.commit().await?,
+                    _ => tx.rollback().await?,
+                }
+                stats.inc();
+                Ok(outcome)
+            })
             .await?;
-            if let Some(row) = stored {
+        let mut changed = match written.map_err(StoreError::Refused)? {
+            Written::Changed(changed) => changed,
+            Written::Stored => {
+                // The edit's key was stored by an earlier attempt: answer with that change.
+                let row: ChangeRow = sqlx::query_as(&format!(
+                    r#"SELECT {CHANGE_COLUMNS} FROM "ChatMessageChange"
+                       WHERE "roomId" = ? AND "actorId" = ? AND "clientChangeId" = ?"#
+                ))
+                .bind(&room)
+                .bind(&actor)
+                .bind(key)
+                .fetch_one(&self.readers)
+                .await?;
                 let change = Change::try_from(row)?;
                 let message = self
-                    .message(&req.room_id, &Target::Seq(change.target))
+                    .message(&room, &Target::Seq(change.target))
                     .await?
                     .ok_or(StoreError::Refused(Refusal::NotFound))?;
                 return Ok(Changed {
@@ -968,30 +1006,6 @@ impl Store for SqliteStore {
                     duplicate: true,
                 });
             }
-        }
-        let stats = self.stats.write_statements.clone();
-        let retry = req.clone();
-        let written = self
-            .on_writer(move |pool| async move {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let outcome = write_change(&mut tx, &req, &stats).await?;
-                match &outcome {
-                    Ok(Changed {
-                        duplicate: false, ..
-                    }) => tx.commit().await?,
-                    _ => tx.rollback().await?,
-                }
-                stats.inc();
-                Ok(outcome)
-            })
-            .await;
-        let mut changed = match written {
-            Ok(outcome) => outcome.map_err(StoreError::Refused)?,
-            // Two first edits with one key at once: the second answers with the first's change.
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Box::pin(self.change_message(retry)).await;
-            }
-            Err(e) => return Err(e.into()),
         };
         let room = changed.message.room_id.clone();
         quote_replies(self, &room, std::slice::from_mut(&mut changed.message)).await?;
