@@ -119,7 +119,8 @@ pub struct Changed {
     pub duplicate: bool,
 }
 
-/// What a store's change transaction did.
+/// What a store's change transaction did (returned once per change, never stored).
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Written {
     Changed(Changed),
     /// The edit's `clientChangeId` was stored by an earlier attempt: that change answers.
