@@ -5,6 +5,8 @@
 //   3. about a second later, when idle: non-essential calls (unread counts and previews of the
 //      other rooms, which are then joined too so their badges update live; latency). A new name
 //      is a new session, which joins the other rooms again at once.
+// Messages change (edits, deletions, reactions): the SDK hands each change to the room handler's
+// onChange with the message as it now is, and the page draws that message again.
 import { connect, ConnectionState } from "/sdk/chat-gateway.js";
 
 const $ = (id) => document.getElementById(id);
@@ -12,6 +14,8 @@ const ROOMS = (document.body.dataset.rooms || "general").split(",");
 const AVATAR_TEMPLATE = document.body.dataset.avatarTemplate || "{url}";
 const AVATAR_PX = 32;
 const PAGE_SIZE = 30;
+/** The reactions offered when hovering a message (any emoji works; these are one click away). */
+const REACTIONS = ["👍", "❤️", "😂", "🎉", "😮"];
 
 const params = new URLSearchParams(location.search);
 let userName = params.get("name") || localStorage.getItem("chat-demo-name") || `guest-${Math.random().toString(36).slice(2, 6)}`;
@@ -19,9 +23,10 @@ let current = ROOMS.includes(params.get("room")) ? params.get("room") : ROOMS[0]
 
 /**
  * Per room: messages by seq, sends not yet acknowledged, paging state, and the chat signals:
- * read position (null until the server's `rooms` answer or our own mark), highest seq known,
- * messages pushed while the read position was unknown, who is typing, who is online, and the seq
- * of the message in the sidebar preview (the newest known).
+ * read position (null until the server's `rooms` answer or our own mark), highest seq known
+ * (changes included), messages pushed while the read position was unknown, the server's unread
+ * count and the seq it was counted up to (from `rooms`), who is typing, who is online, and the
+ * seq of the message in the sidebar preview (the newest known).
  */
 const rooms = new Map();
 function roomState(room) {
@@ -29,8 +34,8 @@ function roomState(room) {
   if (!st) {
     st = {
       messages: new Map(), pending: new Map(), nextBefore: null, loaded: false, handler: null,
-      readSeq: null, lastSeq: 0, unseen: 0, typers: new Map(), online: null, onlineUsers: new Map(),
-      previewSeq: null,
+      readSeq: null, lastSeq: 0, unseen: 0, baseSeq: null, baseUnread: 0, typers: new Map(),
+      online: null, onlineUsers: new Map(), previewSeq: null,
     };
     rooms.set(room, st);
   }
@@ -42,6 +47,11 @@ let client = null;
 let started = null;
 /** The client that has joined the other rooms of the list (see followOtherRooms). */
 let followed = null;
+/**
+ * What the composer is doing besides writing a new message: editing one of ours
+ * (`{kind: "edit", room, seq}`) or replying (`{kind: "reply", room, seq, name, excerpt}`).
+ */
+let composing = null;
 
 // ---- 1. wire the static layout (no network) ----------------------------------------------
 
@@ -53,12 +63,39 @@ for (const button of document.querySelectorAll(".room")) {
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("input").value.trim();
+  if (composing?.kind === "edit") {
+    saveEdit(composing, text);
+    return;
+  }
   if (!text) return;
   $("input").value = "";
-  sendMessage(current, text); // the SDK ends the typing signal on send
+  const replyTo = composing?.kind === "reply" ? composing : null;
+  setComposing(null);
+  sendMessage(current, text, undefined, replyTo); // the SDK ends the typing signal on send
 });
-// Typing on while the box has text; the SDK keeps it alive and ends it on send.
-$("input").addEventListener("input", () => client?.typing(current, $("input").value.trim() !== ""));
+$("input").addEventListener("keydown", (event) => {
+  // Up in an empty box edits our last message; Escape leaves an edit or a reply.
+  if (event.key === "ArrowUp" && $("input").value === "" && !composing) {
+    const m = lastOwnMessage(current);
+    if (m) {
+      event.preventDefault();
+      startEdit(current, m);
+    }
+  } else if (event.key === "Escape" && composing) {
+    event.preventDefault();
+    if (composing.kind === "edit") $("input").value = "";
+    setComposing(null);
+  }
+});
+$("composing-cancel").addEventListener("click", () => {
+  if (composing?.kind === "edit") $("input").value = "";
+  setComposing(null);
+  $("input").focus();
+});
+// Message actions (react, reply, edit, delete), reaction chips and quotes: one listener for all.
+$("list").addEventListener("click", onListClick);
+// Typing on while the box has new text (not an edit); the SDK keeps it alive and ends it on send.
+$("input").addEventListener("input", () => composing?.kind !== "edit" && client?.typing(current, $("input").value.trim() !== ""));
 $("input").addEventListener("blur", () => client?.typing(current, false));
 $("older").addEventListener("click", loadOlder);
 // Scrolled to the bottom of the open room: everything is read.
@@ -121,6 +158,10 @@ async function devToken() {
 function enterRoom(room, { force = false } = {}) {
   if (room === current && !force) return;
   if (client && room !== current) client.typing(current, false);
+  if (composing && composing.room !== room) {
+    if (composing.kind === "edit") $("input").value = "";
+    setComposing(null);
+  }
   current = room;
   const url = new URL(location.href);
   url.searchParams.set("room", room);
@@ -145,6 +186,25 @@ function joinRoom(room) {
       addMessages(room, [m]);
       // A message ends its sender's typing.
       if (st.typers.delete(m.senderId) && room === current) renderTyping();
+    },
+    // Edited, deleted, reacted to, moderated: the SDK hands the message as it now is (and the
+    // replies whose quote of it changed); messages this page does not show are left alone.
+    onChange: ({ change, message, replies }) => {
+      if (change.seq > st.lastSeq) st.lastSeq = change.seq;
+      const shown = [message, ...replies].filter((m) => m && st.messages.has(m.seq));
+      if (shown.length === 0) return;
+      for (const m of shown) {
+        if (m.moderationStatus === "REJECTED") st.messages.delete(m.seq);
+        else putMessage(st, m);
+      }
+      const gone = message?.deletedAt != null || message?.moderationStatus === "REJECTED";
+      if (gone && composing?.room === room && composing.seq === message.seq) {
+        if (composing.kind === "edit") $("input").value = "";
+        setComposing(null);
+      }
+      if (st.previewSeq != null && shown.some((m) => m.seq === st.previewSeq)) refreshPreview(room);
+      if (room === current) renderList(room);
+      renderBadge(room);
     },
     onReload: () => {
       st.messages.clear();
@@ -243,11 +303,14 @@ function loadOlder() {
     .finally(() => ($("older").disabled = false));
 }
 
-/** Optimistic send: shown at once as pending, replaced by the stored message when it arrives. */
-function sendMessage(room, text, clientMsgId) {
+/**
+ * Optimistic send: shown at once as pending, replaced by the stored message when it arrives.
+ * `replyTo`: the message it replies to (`{seq, name, excerpt}`), quoted while pending.
+ */
+function sendMessage(room, text, clientMsgId, replyTo = null) {
   const st = roomState(room);
-  const send = client.send(room, text, { clientMsgId });
-  st.pending.set(send.clientMsgId, { content: text, state: "sending…" });
+  const send = client.send(room, text, { clientMsgId, replyTo: replyTo?.seq });
+  st.pending.set(send.clientMsgId, { content: text, state: "sending…", replyTo });
   if (room === current) renderList(room, { stickToBottom: true });
   send
     .then((ack) => addMessages(room, [ack.message]))
@@ -258,7 +321,7 @@ function sendMessage(room, text, clientMsgId) {
         // Same clientMsgId: the server stores it once however often we retry.
         pending.state = `waiting ${Math.ceil(e.retryAfterMs / 100) / 10} s…`;
         showNotice(`Slow down: sending again in ${e.retryAfterMs} ms.`);
-        setTimeout(() => sendMessage(room, text, send.clientMsgId), e.retryAfterMs);
+        setTimeout(() => sendMessage(room, text, send.clientMsgId, replyTo), e.retryAfterMs);
       } else {
         pending.state = `not sent (${e.code})`;
         pending.failed = true;
@@ -271,7 +334,7 @@ function addMessages(room, messages, { keepScroll = false } = {}) {
   const st = roomState(room);
   let newest = null;
   for (const m of messages) {
-    st.messages.set(m.seq, m);
+    putMessage(st, m);
     if (m.clientMsgId) st.pending.delete(m.clientMsgId);
     if (!newest || m.seq > newest.seq) newest = m;
   }
@@ -285,6 +348,119 @@ function addMessages(room, messages, { keepScroll = false } = {}) {
     markCurrentRead();
   }
   renderBadge(room);
+}
+
+/** Shows `m` unless the page shows it in a newer version already (the protocol's rule). */
+function putMessage(st, m) {
+  const shown = st.messages.get(m.seq);
+  if (!shown || shown.version <= m.version) st.messages.set(m.seq, m);
+}
+
+// ---- messages that change: edit, delete, react, reply -------------------------------------
+
+/** Our newest message of `room` that can still be edited (not deleted). */
+function lastOwnMessage(room) {
+  let last = null;
+  for (const m of roomState(room).messages.values()) {
+    if (m.senderId === client?.userId && m.deletedAt == null && (!last || m.seq > last.seq)) last = m;
+  }
+  return last;
+}
+
+function startEdit(room, m) {
+  client?.typing(room, false);
+  setComposing({ kind: "edit", room, seq: m.seq });
+  $("input").value = m.content;
+  $("input").focus();
+}
+
+/** Saves the edit in the composer: the change shows when its push arrives (or the result). */
+function saveEdit(edit, text) {
+  const shown = roomState(edit.room).messages.get(edit.seq);
+  setComposing(null);
+  $("input").value = "";
+  if (!text || text === shown?.content) return; // nothing to save (delete removes a message)
+  client
+    .edit(edit.room, edit.seq, text)
+    .then(({ message }) => showChanged(edit.room, message))
+    .catch((e) => showNotice(`Could not edit: ${e.code}${e.code === "edit_window_closed" ? " (too late to edit)" : ""}`));
+}
+
+/** A change's result: shown at once, if the page still shows the message in an older version. */
+function showChanged(room, message) {
+  const st = roomState(room);
+  if (!st.messages.has(message.seq)) return;
+  putMessage(st, message);
+  if (st.previewSeq === message.seq) refreshPreview(room);
+  if (room === current) renderList(room);
+}
+
+/** Sets (or clears, with null) what the composer does besides a new message, and its bar. */
+function setComposing(next) {
+  composing = next;
+  const bar = $("composing");
+  bar.hidden = !next;
+  $("composer").classList.toggle("editing", next?.kind === "edit");
+  if (!next) return;
+  const label = $("composing-label");
+  if (next.kind === "edit") {
+    label.textContent = "Editing your message · Enter to save, Escape to cancel";
+  } else {
+    const who = el("strong");
+    who.textContent = next.name;
+    label.replaceChildren("Replying to ", who, `: ${next.excerpt}`);
+  }
+}
+
+function onListClick(event) {
+  const target = event.target.closest("button");
+  const li = event.target.closest("li.msg");
+  if (!target || !li || !li.dataset.seq || !client) return;
+  const room = current;
+  const seq = Number(li.dataset.seq);
+  const m = roomState(room).messages.get(seq);
+  if (!m) return;
+  if (target.dataset.emoji) toggleReaction(room, m, target.dataset.emoji);
+  else if (target.classList.contains("reply")) {
+    setComposing({ kind: "reply", room, seq, name: m.senderName || m.senderId, excerpt: excerpt(m.content) });
+    $("input").focus();
+  } else if (target.classList.contains("edit")) startEdit(room, m);
+  else if (target.classList.contains("delete")) {
+    if (!confirm("Delete this message? Everyone will see it as deleted.")) return;
+    client
+      .delete(room, seq)
+      .then(({ message }) => showChanged(room, message))
+      .catch((e) => showNotice(`Could not delete: ${e.code}`));
+  } else if (target.classList.contains("quote")) showOriginal(Number(target.dataset.target));
+}
+
+/** Our reaction `emoji` on `m`: added when we have not reacted with it, removed when we have. */
+function toggleReaction(room, m, emoji) {
+  const request = m.myReactions.includes(emoji) ? client.unreact(room, m.seq, emoji) : client.react(room, m.seq, emoji);
+  request
+    .then(({ message }) => showChanged(room, message))
+    .catch((e) =>
+      showNotice(e.code === "rate_limited" ? `Slow down: try again in ${e.retryAfterMs} ms.` : `Could not react: ${e.code}`),
+    );
+}
+
+/** Scrolls to the message a quote names, if it is loaded, and makes it flash. */
+function showOriginal(seq) {
+  const li = $("list").querySelector(`li.msg[data-seq="${seq}"]`);
+  if (!li) {
+    showNotice("The original is not loaded: load older messages to see it.");
+    return;
+  }
+  li.scrollIntoView({ block: "center", behavior: "smooth" });
+  li.classList.remove("flash");
+  void li.offsetWidth; // restart the animation
+  li.classList.add("flash");
+}
+
+/** The start of a message, as a reply's bar shows it. */
+function excerpt(text) {
+  const chars = Array.from(text);
+  return chars.length > 80 ? `${chars.slice(0, 80).join("")}…` : text;
 }
 
 // ---- 3. deferred, non-essential --------------------------------------------------------------
@@ -319,6 +495,10 @@ function followOtherRooms() {
       const st = roomState(r.id);
       if (r.lastSeq > st.lastSeq) st.lastSeq = r.lastSeq;
       if (st.readSeq == null || r.lastReadSeq > st.readSeq) st.readSeq = r.lastReadSeq;
+      // The server counts the messages (not the changes) after the read position up to lastSeq;
+      // the page counts the ones pushed after that.
+      st.baseSeq = r.lastSeq;
+      st.baseUnread = r.unread;
       st.unseen = 0;
       if (r.lastMessage && !st.loaded) setPreview(r.id, r.lastMessage);
       renderBadge(r.id);
@@ -339,14 +519,26 @@ function showRoom(room) {
   markCurrentRead();
 }
 
-/** The room's unread count: seqs past the read position, or pushes counted while unknown. */
+/**
+ * The room's unread count: messages past the read position (changes take seqs too, so seqs are
+ * not counted), as the server counted them up to `baseSeq` plus those the page has after it; or
+ * pushes counted while the read position is unknown.
+ */
 function renderBadge(room) {
   const st = roomState(room);
-  const unread = st.readSeq != null ? Math.max(0, st.lastSeq - st.readSeq) : st.unseen;
+  const unread = st.readSeq != null ? unreadCount(st) : st.unseen;
   const b = document.querySelector(`.room[data-room="${CSS.escape(room)}"] .badge`);
   if (!b) return;
   b.textContent = unread > 99 ? "99+" : String(unread);
   b.hidden = unread === 0;
+}
+
+function unreadCount(st) {
+  const counted = st.baseSeq != null && st.readSeq < st.baseSeq;
+  const after = Math.max(st.readSeq, st.baseSeq ?? 0);
+  let n = counted ? st.baseUnread : 0;
+  for (const seq of st.messages.keys()) if (seq > after) n++;
+  return n;
 }
 
 /** "X is typing…" under the open room's messages. */
@@ -394,12 +586,25 @@ function messageItem(m) {
   const li = el("li", "msg");
   li.dataset.seq = m.seq;
   if (m.clientMsgId) li.dataset.clientMsgId = m.clientMsgId;
-  if (client && m.senderId === client.userId) li.classList.add("mine");
+  const mine = client && m.senderId === client.userId;
+  if (mine) li.classList.add("mine");
+  const deleted = m.deletedAt != null;
+  if (deleted) li.classList.add("deleted");
   const name = m.senderName || m.senderId;
   const time = el("time");
   time.dateTime = m.createdAt;
   time.textContent = new Date(m.createdAt).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  li.append(avatar(name, m.senderId, m.senderAvatarUrl), body(name, time, m.content));
+  const after = [time];
+  if (m.editedAt && !deleted) {
+    const edited = el("span", "edited");
+    edited.textContent = "(edited)";
+    edited.title = `edited ${new Date(m.editedAt).toLocaleString()}`;
+    after.push(edited);
+  }
+  const b = body(name, after, deleted ? "message deleted" : m.content, m.replyTo);
+  if (!deleted) b.append(reactionChips(m));
+  li.append(avatar(name, m.senderId, m.senderAvatarUrl), b);
+  if (!deleted) li.append(actions(mine));
   return li;
 }
 
@@ -408,20 +613,72 @@ function pendingItem(clientMsgId, p) {
   li.dataset.clientMsgId = clientMsgId;
   const state = el("span", "state");
   state.textContent = p.state;
-  li.append(avatar(userName, client?.userId ?? userName, null), body(userName, state, p.content));
+  const quote = p.replyTo && { seq: p.replyTo.seq, name: p.replyTo.name, excerpt: p.replyTo.excerpt, deleted: false };
+  li.append(avatar(userName, client?.userId ?? userName, null), body(userName, [state], p.content, quote));
   return li;
 }
 
-function body(name, after, content) {
+function body(name, after, content, replyTo = null) {
   const b = el("div", "body");
   const meta = el("div", "meta");
   const n = el("span", "name");
   n.textContent = name;
-  meta.append(n, after);
+  meta.append(n, ...after);
+  b.append(meta);
+  if (replyTo) b.append(quoteOf(replyTo));
   const c = el("div", "content");
   c.textContent = content;
-  b.append(meta, c);
+  b.append(c);
   return b;
+}
+
+/** A reply's quote of its original: a button that scrolls to it. */
+function quoteOf(q) {
+  const quote = el("button", q.deleted ? "quote gone" : "quote");
+  quote.type = "button";
+  quote.dataset.target = q.seq;
+  quote.title = "Show the original";
+  const who = el("span", "who");
+  who.textContent = q.name || q.senderId;
+  const what = el("span", "what");
+  what.textContent = q.deleted ? "message deleted" : q.excerpt;
+  quote.append(who, what);
+  return quote;
+}
+
+/** The reaction chips under a message: emoji and count, ours highlighted; a click toggles ours. */
+function reactionChips(m) {
+  const chips = el("div", "reactions");
+  for (const [emoji, count] of Object.entries(m.reactions)) {
+    const chip = el("button", m.myReactions.includes(emoji) ? "chip mine" : "chip");
+    chip.type = "button";
+    chip.dataset.emoji = emoji;
+    chip.setAttribute("aria-pressed", String(m.myReactions.includes(emoji)));
+    chip.textContent = `${emoji} ${count}`;
+    chips.append(chip);
+  }
+  return chips;
+}
+
+/** The bar a hovered message shows: reactions, reply, and for ours edit and delete. */
+function actions(mine) {
+  const bar = el("div", "actions");
+  for (const emoji of REACTIONS) {
+    const b = el("button", "react");
+    b.type = "button";
+    b.dataset.emoji = emoji;
+    b.title = `React with ${emoji}`;
+    b.textContent = emoji;
+    bar.append(b);
+  }
+  const buttons = [["reply", "Reply"], ...(mine ? [["edit", "Edit"], ["delete", "Delete"]] : [])];
+  for (const [what, label] of buttons) {
+    const b = el("button", what);
+    b.type = "button";
+    b.textContent = label;
+    bar.append(b);
+  }
+  return bar;
 }
 
 /**
@@ -464,7 +721,19 @@ function setPreview(room, m) {
   if (st.previewSeq != null && m.seq < st.previewSeq) return;
   st.previewSeq = m.seq;
   const b = document.querySelector(`.room[data-room="${CSS.escape(room)}"] .preview`);
-  if (b) b.textContent = m.content;
+  if (b) b.textContent = m.deletedAt != null ? "message deleted" : m.content;
+}
+
+/** The preview again after its message changed: the newest message still shown. */
+function refreshPreview(room) {
+  const st = roomState(room);
+  const newest = [...st.messages.values()].reduce((a, m) => (!a || m.seq > a.seq ? m : a), null);
+  st.previewSeq = null;
+  if (newest) setPreview(room, newest);
+  else {
+    const b = document.querySelector(`.room[data-room="${CSS.escape(room)}"] .preview`);
+    if (b) b.textContent = "";
+  }
 }
 
 function renderConnection(e) {

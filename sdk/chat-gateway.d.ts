@@ -7,7 +7,8 @@
  * A message, as the client hands it to the app: the REST message object (protocol section 4),
  * whatever the socket sent. Live pushes are lean on the wire; the client fills in the sender's
  * profile from what the server told it, and leaves `id` and `clientMsgId` null (a push is
- * identified by its room and `seq`; history and send results carry both).
+ * identified by its room and `seq`; history and send results carry both). The fields of
+ * messages that change (section 15) are always there: null, `{}` or `[]` when they do not apply.
  */
 export interface ChatMessage {
   /** The message id; null in live pushes (use roomId + seq). */
@@ -27,7 +28,100 @@ export interface ChatMessage {
   createdAt: string;
   /** The sender's idempotency key; null in live pushes. */
   clientMsgId: string | null;
+  /** The message this one replies to; kept current for the replies the client holds. */
+  replyTo: Quote | null;
+  /** When it was last edited (RFC 3339), or null. */
+  editedAt: string | null;
+  /** When it was deleted (RFC 3339), or null; a deleted message's `content` is "". */
+  deletedAt: string | null;
+  /** The seq of its latest change; its own `seq` while it never changed. */
+  version: number;
+  /** Emoji -> how many users react with it, in the order the keys were first used. */
+  reactions: Record<string, number>;
+  /** The emoji the current user reacts with (from history, and the user's reaction changes). */
+  myReactions: string[];
 }
+
+/** A reply's quote of the message it replies to. */
+export interface Quote {
+  /** The original's seq: scroll to it when it is loaded. */
+  seq: number;
+  senderId: string;
+  /** The original sender's name. */
+  name: string | null;
+  /** The original's first 100 characters; null when it is deleted or rejected. */
+  excerpt: string | null;
+  deleted: boolean;
+}
+
+/** A change of a message (protocol section 15), as the `change` push carries it. */
+export type Change = EditChange | DeleteChange | ReactionChange | ModerationChange;
+
+interface ChangeBase {
+  /** Its place in the room's sequence; the changed message's new `version`. */
+  seq: number;
+  /** The seq of the message it changes. */
+  target: number;
+  /** Who made it (the reacting user; the service for moderation). */
+  by: string;
+  /** When it was stored: milliseconds since the Unix epoch. */
+  ts: number;
+}
+
+export interface EditChange extends ChangeBase {
+  kind: "edit";
+  content: string;
+  /** Milliseconds since the Unix epoch. */
+  editedAt: number;
+}
+
+export interface DeleteChange extends ChangeBase {
+  kind: "delete";
+  /** Milliseconds since the Unix epoch. */
+  deletedAt: number;
+}
+
+export interface ReactionChange extends ChangeBase {
+  kind: "reaction";
+  emoji: string;
+  /** `by` added the reaction (true) or removed it. */
+  added: boolean;
+  /** How many users now react with `emoji` (0: the key is gone). */
+  count: number;
+}
+
+export interface ModerationChange extends ChangeBase {
+  kind: "moderation";
+  /** "REJECTED": remove the message from the screen. "APPROVED": it is served again. */
+  moderationStatus: string;
+}
+
+/** What a room handler's `onChange` gets: each change of the room once, in seq order. */
+export interface ChangeInfo {
+  room: string;
+  change: Change;
+  /**
+   * The changed message as the client now holds it (the change applied when its seq is above
+   * the message's version), or null when the client does not hold it (never handed out, or no
+   * longer kept): history serves it in its current state.
+   */
+  message: ChatMessage | null;
+  /** The replies to it the client holds whose quote this edit, delete or rejection changed. */
+  replies: ChatMessage[];
+}
+
+/** What an edit, delete, react or unreact resolves with. */
+export interface ChangeResult {
+  /** The message in its current state. */
+  message: ChatMessage;
+  /** The change this request stored; null when it stored nothing. */
+  change: Change | null;
+  /** Nothing new was stored: a retry, a repeated reaction, the content already so. */
+  duplicate: boolean;
+}
+
+/** An edit's promise, carrying its idempotency key from the start. */
+export type EditPromise = Promise<ChangeResult> & { clientChangeId: string };
 
 export type ConnectionStateName = "connecting" | "open" | "reconnecting" | "closed";
 
@@ -57,8 +151,13 @@ export interface ClientOptions {
    * connect can take seconds. Default 30 000.
    */
   connectTimeoutMs?: number;
-  /** How long a send keeps being retried before rejecting with `timeout`. Default 30 000. */
+  /** How long a send or a change keeps being retried before rejecting with `timeout`. Default 30 000. */
   sendTimeoutMs?: number;
+  /**
+   * How many of the messages it handed out the client keeps per room, to apply changes to; the
+   * least recently handed out or changed are forgotten first. Default 1000.
+   */
+  keptMessagesPerRoom?: number;
   /** Reconnect delays: initialMs * factor^attempt, capped at maxMs, with jitter. */
   backoff?: { initialMs?: number; maxMs?: number; factor?: number };
   /** The server's `limits.max_frame_bytes`; larger requests are refused locally. Default 65 536. */
@@ -124,6 +223,8 @@ export type RoomHandler =
       onRead?: (info: { room: string; userId: string; seq: number }) => void;
       /** Who came online and who left (coalesced by the server, at most once a second). */
       onPresence?: (info: PresenceChange) => void;
+      /** A message of the room changed (edited, deleted, reacted to, moderated): once, in order. */
+      onChange?: (info: ChangeInfo) => void;
     };
 
 export interface TypingInfo {
@@ -163,11 +264,12 @@ export interface PresencePage {
 export interface RoomSummary {
   id: string;
   name: string | null;
+  /** The room's last seq, changes included: pass the highest seq seen to markRead. */
   lastSeq: number;
   lastReadSeq: number;
-  /** lastSeq - lastReadSeq, never below 0. */
+  /** The visible messages after lastReadSeq (changes do not count; at most 1000). */
   unread: number;
-  /** The message at lastSeq, or null (empty room, or that message was rejected). */
+  /** The newest visible message (a deleted one as its tombstone), or null. */
   lastMessage: ChatMessage | null;
 }
 
@@ -190,22 +292,63 @@ export interface HistoryPage {
   nextBefore: number | null;
 }
 
+/** The protocol's error codes (section 11). */
+export type ProtocolErrorCode =
+  | "bad_frame"
+  | "unknown_type"
+  | "bad_request"
+  | "content_empty"
+  | "content_too_long"
+  | "not_authenticated"
+  | "invalid_token"
+  | "token_expired"
+  | "forbidden"
+  | "room_not_found"
+  | "not_found"
+  | "conflict"
+  | "too_many_rooms"
+  | "not_joined"
+  | "message_not_found"
+  | "message_deleted"
+  | "edit_window_closed"
+  | "unknown_reaction"
+  | "too_many_reactions"
+  | "too_large"
+  | "rate_limited"
+  | "unavailable"
+  | "internal";
+
+/** The client's own error codes. */
+export type ClientErrorCode =
+  | "timeout"
+  | "closed"
+  | "not_connected"
+  | "left"
+  | "frame_too_large"
+  | "auth_failed"
+  | "token_provider_failed";
+
+/** Any error code; a newer server may send codes not listed here. */
+export type ErrorCode = ProtocolErrorCode | ClientErrorCode | (string & {});
+
 /**
- * Error codes: the protocol's (`rate_limited`, `forbidden`, `content_too_long`, ...) and the
+ * Error codes: the protocol's (`rate_limited`, `forbidden`, `message_deleted`, ...) and the
  * client's own: `timeout`, `closed`, `not_connected`, `left`, `frame_too_large`, `auth_failed`,
  * `token_provider_failed`.
  */
 export declare class ChatGatewayError extends Error {
   constructor(
-    code: string,
+    code: ErrorCode,
     message: string,
-    details?: { retryAfterMs?: number; clientMsgId?: string; room?: string },
+    details?: { retryAfterMs?: number; clientMsgId?: string; clientChangeId?: string; room?: string },
   );
-  readonly code: string;
+  readonly code: ErrorCode;
   /** Wait this long before retrying (`rate_limited`, `unavailable`). */
   readonly retryAfterMs?: number;
   /** Send errors: the key to retry with. */
   readonly clientMsgId?: string;
+  /** Edit errors: the key to retry with. */
+  readonly clientChangeId?: string;
   readonly room?: string;
 }
 
@@ -225,9 +368,23 @@ export declare class ChatClient {
   join(room: string, handler?: RoomHandler): Promise<JoinResult>;
   /** Leaves a room; its last seen seq is kept for a later join. */
   leave(room: string): Promise<void>;
-  /** Optimistic, idempotent send; retried across reconnects with the same clientMsgId. */
-  send(room: string, content: string, options?: { clientMsgId?: string }): SendPromise;
-  /** One page of history; identical requests in flight share one promise. */
+  /**
+   * Optimistic, idempotent send; retried across reconnects with the same clientMsgId.
+   * `replyTo`: the seq of the message this one replies to.
+   */
+  send(room: string, content: string, options?: { clientMsgId?: string; replyTo?: number }): SendPromise;
+  /** Edits the user's own message; idempotent by clientChangeId, retried across reconnects. */
+  edit(room: string, seq: number, content: string, options?: { clientChangeId?: string }): EditPromise;
+  /** Deletes a message (own; any, for ADMIN): it becomes a tombstone. */
+  delete(room: string, seq: number): Promise<ChangeResult>;
+  /** Adds the user's reaction (one emoji). */
+  react(room: string, seq: number, emoji: string): Promise<ChangeResult>;
+  /** Removes the user's reaction. */
+  unreact(room: string, seq: number, emoji: string): Promise<ChangeResult>;
+  /**
+   * One page of history; identical requests in flight share one promise. In a joined room its
+   * messages are held and kept current by the room's changes.
+   */
   history(room: string, page?: { before?: number; limit?: number }): Promise<HistoryPage>;
   ping(): Promise<{ serverTime: string; rttMs: number }>;
   /** Rooms joined or being joined on this client. */

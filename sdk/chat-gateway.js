@@ -29,6 +29,14 @@
  *   whatever the socket sent: pushes are lean (no `id`, the sender's profile only when it is
  *   news to the room), and the client fills in each sender's name and avatar from the profiles
  *   the server told it (in join results, history, pushes).
+ * - **Messages that change** (protocol section 15). {@link ChatClient#edit} (idempotent by its
+ *   `clientChangeId`, retried across reconnects like a send), {@link ChatClient#delete},
+ *   {@link ChatClient#react}, {@link ChatClient#unreact}, and replies (`send` with `replyTo`).
+ *   `change` pushes are in the room's sequence with its messages (deduplicated and resumed the
+ *   same way); the room handler's `onChange` gets each once, in order, with the message it
+ *   changed in its new state when the client holds it: the client keeps the messages it handed
+ *   out current by the protocol's rule (a change applies when its seq is above the message's
+ *   `version`), their reactions and the user's own among them, and the quotes of loaded replies.
  *
  * @module chat-gateway
  */
@@ -71,8 +79,16 @@ const TYPING_DEFAULT_EXPIRY_MS = 6000;
 /** At most one `mark_read` per room per this interval (the highest seq asked for). */
 const MARK_READ_INTERVAL_MS = 500;
 
-/** Send errors worth retrying with the same clientMsgId (protocol section 11). */
+/** Send and change errors worth retrying with the same key (protocol section 11). */
 const RETRIABLE_SEND_CODES = new Set(["unavailable", "internal"]);
+
+/** How much of the original a reply's quote shows: characters (Unicode scalar values). */
+const QUOTE_CHARS = 100;
+/**
+ * Per room, the newest changes are kept this long (a count): a history page answered after a
+ * change's push can still show the message without it, and gets it applied on arrival.
+ */
+const RECENT_CHANGES = 256;
 
 /** Join errors after which the room is dropped: the server will not let this user in. */
 const TERMINAL_JOIN_CODES = new Set([
@@ -90,7 +106,7 @@ export class ChatGatewayError extends Error {
   /**
    * @param {string} code stable, machine-readable code; branch on it
    * @param {string} message for humans
-   * @param {{retryAfterMs?: number, clientMsgId?: string, room?: string}} [details]
+   * @param {{retryAfterMs?: number, clientMsgId?: string, clientChangeId?: string, room?: string}} [details]
    */
   constructor(code, message, details = {}) {
     super(message);
@@ -101,6 +117,8 @@ export class ChatGatewayError extends Error {
     this.retryAfterMs = details.retryAfterMs;
     /** For send errors: the idempotency key to retry with. */
     this.clientMsgId = details.clientMsgId;
+    /** For edit errors: the idempotency key to retry with. */
+    this.clientChangeId = details.clientChangeId;
     /** The room the request was about, when there is one. */
     this.room = details.room;
   }
@@ -111,12 +129,17 @@ export class ChatGatewayError extends Error {
  * @returns {string}
  */
 export function newClientMsgId() {
+  return randomKey("c");
+}
+
+/** A random key with `prefix`: a UUID where the runtime has one. */
+function randomKey(prefix) {
   const c = globalThis.crypto;
-  if (c && typeof c.randomUUID === "function") return `c-${c.randomUUID()}`;
+  if (c && typeof c.randomUUID === "function") return `${prefix}-${c.randomUUID()}`;
   const bytes = new Uint8Array(16);
   if (c && typeof c.getRandomValues === "function") c.getRandomValues(bytes);
   else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
-  return `c-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+  return `${prefix}-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
 /**
@@ -201,8 +224,12 @@ export function normalizeUrl(url) {
  * @property {number} [connectTimeoutMs=30000] how long opening the socket and authenticating may
  *   take before the attempt is abandoned and retried (a gateway in a reconnect storm upgrades new
  *   connections at its accept pace, so a connect can take seconds; giving up early loses the turn)
- * @property {number} [sendTimeoutMs=30000] how long a send keeps being retried before its promise
- *   rejects with `timeout` (the outcome is then unknown: retry with the same clientMsgId)
+ * @property {number} [sendTimeoutMs=30000] how long a send (or an edit, delete, react, unreact)
+ *   keeps being retried before its promise rejects with `timeout` (the outcome is then unknown:
+ *   retry with the same clientMsgId, or clientChangeId)
+ * @property {number} [keptMessagesPerRoom=1000] how many of the messages it handed out the
+ *   client keeps per room, to apply changes to (the least recently handed out or changed go
+ *   first; a change to one no longer kept reaches `onChange` with `message: null`)
  * @property {{initialMs?: number, maxMs?: number, factor?: number}} [backoff] reconnect delays
  *   (defaults 250 ms doubling up to 30 s)
  * @property {number} [maxFrameBytes=65536] frames larger than the server's limit are refused
@@ -237,7 +264,15 @@ export function normalizeUrl(url) {
  *   onRead?: (info: {room: string, userId: string, seq: number}) => void,
  *   onPresence?: (info: {room: string, online: number, joined: {userId: string, name: string | null}[],
  *     left: string[]}) => void,
+ *   onChange?: (info: {room: string, change: object, message: object | null, replies: object[]}) => void,
  * }} RoomHandler
+ */
+
+/**
+ * What an edit, delete, react or unreact resolves with: the message in its current state (in the
+ * shape the app gets every message in), the change the request stored (null when it stored
+ * nothing), and whether it stored nothing new (a retry, a repeat, content already so).
+ * @typedef {{message: object, change: object | null, duplicate: boolean}} ChangeResult
  */
 
 /**
@@ -262,6 +297,7 @@ export class ChatClient {
     this._requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
     this._connectTimeoutMs = options.connectTimeoutMs ?? 30_000;
     this._sendTimeoutMs = options.sendTimeoutMs ?? 30_000;
+    this._keptMessages = Math.max(1, options.keptMessagesPerRoom ?? 1000);
     this._backoff = { initialMs: 250, maxMs: 30_000, factor: 2, ...options.backoff };
     this._maxFrameBytes = options.maxFrameBytes ?? 65_536;
     this._WebSocket = WebSocketImpl;
@@ -281,7 +317,14 @@ export class ChatClient {
     this._lastSeq = new Map(); // room -> highest seq the app has seen (kept across leave)
     this._profiles = new Map(); // room -> Map(userId -> {name, avatarUrl}) the server told us
     this._historyLocks = new Map(); // "room|before|limit" -> in-flight promise
-    this._outbox = new Map(); // clientMsgId -> pending send
+    this._outbox = new Map(); // "send:<clientMsgId>", "edit:<clientChangeId>", ... -> pending send or change
+    // The messages handed out (onMessage, history), kept current by the change pushes: room ->
+    // Map(seq -> message), least recently handed out or changed first (evicted first).
+    this._held = new Map();
+    this._recentChanges = new Map(); // room -> the newest RECENT_CHANGES changes, oldest first
+    // room -> seqs of messages the newest history page handed out above the last seen seq:
+    // their pushes are not delivered again. Emptied as the last seen seq passes them.
+    this._historyAhead = new Map();
     this._typingOut = new Map(); // room -> repeat timer while this user is typing there
     this._typingIn = new Map(); // room -> Map(userId -> expiry timer) of others typing there
     this._marks = new Map(); // room -> {sentSeq, wantSeq, lastAt, timer, waiters}
@@ -397,56 +440,103 @@ export class ChatClient {
    *
    * Rejects with a {@link ChatGatewayError}: `rate_limited` (see `retryAfterMs`; retry with the
    * same `clientMsgId`), `content_empty`, `content_too_long`, `forbidden`, `room_not_found`,
-   * `frame_too_large`, `timeout` (outcome unknown after `sendTimeoutMs`), `closed`.
+   * `message_not_found` and `message_deleted` (the message `replyTo` names), `frame_too_large`,
+   * `timeout` (outcome unknown after `sendTimeoutMs`), `closed`.
    *
    * @param {string} room
    * @param {string} content
-   * @param {{clientMsgId?: string}} [options] pass the previous `clientMsgId` to retry a send
+   * @param {{clientMsgId?: string, replyTo?: number}} [options] `clientMsgId`: pass the previous
+   *   one to retry a send; `replyTo`: the `seq` of the message this one replies to (the message
+   *   then carries its quote)
    * @returns {Promise<{id: string, seq: number, message: object, duplicate: boolean}> & {clientMsgId: string}}
    */
   send(room, content, options = {}) {
     const clientMsgId = options.clientMsgId ?? newClientMsgId();
     this._stopTyping(room); // the server ends the signal when the message is stored
-    const promise = this._closed
-      ? Promise.reject(this._closedError())
-      : new Promise((resolve, reject) => {
-          const existing = this._outbox.get(clientMsgId);
-          if (existing) {
-            // Already on its way: share the outcome instead of sending twice.
-            existing.waiters.push({ resolve, reject });
-            return;
-          }
-          const frame = { type: "send", room, content, clientMsgId };
-          if (!this._fits(frame)) {
-            reject(new ChatGatewayError("frame_too_large", "message too large to send", { room, clientMsgId }));
-            return;
-          }
-          const entry = {
-            frame,
-            waiters: [{ resolve, reject }],
-            deadline: setTimeout(() => {
-              this._settleSend(
-                entry,
-                new ChatGatewayError("timeout", "send not acknowledged in time; retry with the same clientMsgId", {
-                  room,
-                  clientMsgId,
-                }),
-              );
-            }, this._sendTimeoutMs),
-            requestId: null,
-            retryTimer: null,
-          };
-          this._outbox.set(clientMsgId, entry);
-          if (this._ready) this._transmitSend(entry);
-        });
+    const frame = { type: "send", room, content, clientMsgId };
+    if (options.replyTo != null) frame.replyTo = options.replyTo;
+    const promise = this._enqueue(`send:${clientMsgId}`, frame, (result) => {
+      // Not held or marked as seen: the room's handler still gets the push, so every handler
+      // sees every message of its room exactly once, the user's own included.
+      const m = this._message(room, result.message);
+      return { id: m.id, seq: m.seq, message: m, duplicate: !!result.duplicate };
+    });
     promise.clientMsgId = clientMsgId;
     return promise;
   }
 
   /**
+   * Edits the user's own message `seq` of `room` (within the server's edit window). Like a send,
+   * the returned promise carries its idempotency key, `clientChangeId`, at once, and the edit is
+   * retried with it on every (re)connection until answered: it is stored once.
+   *
+   * Resolves with `{message, change, duplicate}`: the message in its current state and the change
+   * stored (`duplicate: true` for a retry, or `change: null` when the content was already this).
+   * The room's handler gets the change through `onChange` too, like everyone's. Rejects with
+   * `forbidden` (not the sender), `message_not_found`, `message_deleted`, `edit_window_closed`,
+   * `content_empty`, `content_too_long`, `room_not_found`, `frame_too_large`, `timeout`, `closed`.
+   *
+   * @param {string} room
+   * @param {number} seq
+   * @param {string} content
+   * @param {{clientChangeId?: string}} [options] pass the previous `clientChangeId` to retry
+   * @returns {Promise<ChangeResult> & {clientChangeId: string}}
+   */
+  edit(room, seq, content, options = {}) {
+    const clientChangeId = options.clientChangeId ?? randomKey("e");
+    const frame = { type: "edit", room, seq, content, clientChangeId };
+    const promise = this._enqueue(`edit:${clientChangeId}`, frame, (result) => this._changeResult(frame, result));
+    promise.clientChangeId = clientChangeId;
+    return promise;
+  }
+
+  /**
+   * Deletes message `seq` of `room` (the user's own; any, for ADMIN): it becomes a tombstone.
+   * Retried across reconnects until answered (deleting twice stores nothing). Resolves and
+   * rejects as {@link ChatClient#edit} does (`forbidden`, `message_not_found`, ...).
+   * @param {string} room
+   * @param {number} seq
+   * @returns {Promise<ChangeResult>}
+   */
+  delete(room, seq) {
+    const frame = { type: "delete", room, seq };
+    return this._enqueue(`delete:${this._nextId++}`, frame, (result) => this._changeResult(frame, result));
+  }
+
+  /**
+   * Adds the user's reaction `emoji` (one emoji) to message `seq` of `room`. Retried across
+   * reconnects until answered (a repeated reaction stores nothing). Rejects with
+   * `unknown_reaction`, `too_many_reactions`, `rate_limited` (see `retryAfterMs`),
+   * `message_not_found`, `message_deleted`, `forbidden`, `room_not_found`, `timeout`, `closed`.
+   * @param {string} room
+   * @param {number} seq
+   * @param {string} emoji
+   * @returns {Promise<ChangeResult>}
+   */
+  react(room, seq, emoji) {
+    const frame = { type: "react", room, seq, emoji };
+    return this._enqueue(`react:${this._nextId++}`, frame, (result) => this._changeResult(frame, result));
+  }
+
+  /**
+   * Removes the user's reaction `emoji` from message `seq` of `room` (one it does not have:
+   * nothing is stored). As {@link ChatClient#react}.
+   * @param {string} room
+   * @param {number} seq
+   * @param {string} emoji
+   * @returns {Promise<ChangeResult>}
+   */
+  unreact(room, seq, emoji) {
+    const frame = { type: "unreact", room, seq, emoji };
+    return this._enqueue(`unreact:${this._nextId++}`, frame, (result) => this._changeResult(frame, result));
+  }
+
+  /**
    * One page of `room`'s history, oldest first. Identical requests in flight share one promise
    * (one frame). Waits for the connection when needed, `requestTimeoutMs` in total. Messages
-   * returned count as seen: their pushes are not delivered again.
+   * returned count as seen: their pushes are not delivered again. In a joined room they are
+   * held and kept current by its changes; a message the client holds in a newer version than
+   * the page's (a change pushed before the page was answered) is returned as it holds it.
    * @param {string} room
    * @param {{before?: number, limit?: number}} [page] `before`: a seq (from `nextBefore`)
    * @returns {Promise<{room: string, messages: object[], nextBefore: number | null}>}
@@ -460,12 +550,26 @@ export class ChatClient {
     if (page.limit != null) frame.limit = page.limit;
     const promise = this._request(frame)
       .then((result) => {
-        const messages = result.messages.map((m) => this._message(room, m));
-        // Only the newest page can move the resume point; older pages are below it anyway.
-        if (page.before == null && this._rooms.has(room)) {
-          for (const m of messages) this._markSeen(room, m.seq);
+        const joined = this._rooms.has(room);
+        const mine = result.myReactions ?? {};
+        const messages = result.messages.map((m) => {
+          const message = this._message(room, m, mine[m.seq] ?? []);
+          return joined ? this._hold(room, message, { authoritative: true }) : message;
+        });
+        // The newest page can hold messages whose pushes are still on their way: they are not
+        // delivered again. The resume point stays where the pushes are, so that the changes
+        // between them are still received.
+        if (page.before == null && joined) {
+          const last = this._lastSeq.get(room) ?? -Infinity;
+          let ahead = this._historyAhead.get(room);
+          for (const m of messages) {
+            if (m.seq <= last) continue;
+            if (!ahead) this._historyAhead.set(room, (ahead = new Set()));
+            ahead.add(m.seq);
+          }
         }
-        return { ...result, messages };
+        const { myReactions, ...rest } = result;
+        return { ...rest, messages };
       })
       .finally(() => this._historyLocks.delete(key));
     this._historyLocks.set(key, promise);
@@ -582,7 +686,7 @@ export class ChatClient {
     const err = this._closedError();
     this._detach(err);
     if (socket && socket.readyState <= 1) socket.close(1000, "client closed");
-    for (const entry of [...this._outbox.values()]) this._settleSend(entry, err);
+    for (const entry of [...this._outbox.values()]) this._settle(entry, err);
     for (const w of this._waiting.splice(0)) w.reject(err);
     for (const m of this._marks.values()) for (const w of m.waiters.splice(0)) w.reject(err);
     for (const state of this._rooms.values()) {
@@ -592,6 +696,9 @@ export class ChatClient {
       }
     }
     this._rooms.clear();
+    this._held.clear();
+    this._recentChanges.clear();
+    this._historyAhead.clear();
     if (this._readyPromise) this._readyPromise.reject(err);
     this._readyPromise = null;
     this._setState(ConnectionState.CLOSED);
@@ -668,7 +775,7 @@ export class ChatClient {
     for (const state of this._rooms.values()) this._sendJoin(state);
     for (const w of this._waiting.splice(0)) w.transmit();
     for (const entry of this._outbox.values()) {
-      if (entry.requestId == null && entry.retryTimer == null) this._transmitSend(entry);
+      if (entry.requestId == null && entry.retryTimer == null) this._transmit(entry);
     }
   }
 
@@ -696,8 +803,8 @@ export class ChatClient {
     for (const [id, p] of this._pending) {
       clearTimeout(p.timer);
       this._pending.delete(id);
-      // Sends and joins are retried on the next socket; everything else fails now.
-      if (p.kind === "send" || p.kind === "join") p.onDrop();
+      // Sends, changes and joins are retried on the next socket; everything else fails now.
+      if (p.kind === "outbox" || p.kind === "join") p.onDrop();
       else if (p.kind !== "handshake") p.reject(error);
     }
     for (const state of this._rooms.values()) state.inFlight = false;
@@ -806,10 +913,14 @@ export class ChatClient {
       case "message":
         if (frame.message) this._onMessage(frame.room, this._message(frame.room, frame.message));
         return;
+      case "change":
+        if (frame.change) this._onChange(frame.room, frame.change);
+        return;
       case "removed": {
         const state = this._rooms.get(frame.room);
         if (!state) return;
         this._rooms.delete(frame.room);
+        this._forgetMessages(frame.room);
         this._stopTyping(frame.room);
         this._forgetTypers(frame.room);
         for (const h of state.handlers) h.onRemoved?.({ room: frame.room, reason: frame.reason });
@@ -837,18 +948,52 @@ export class ChatClient {
     }
   }
 
-  /** Delivers a pushed message once: anything at or below the room's last seen seq is a duplicate. */
+  /**
+   * Delivers a pushed message once: anything at or below the room's last seen seq is a duplicate,
+   * and so is one the newest history page handed out already.
+   */
   _onMessage(room, message) {
     const state = this._rooms.get(room);
     if (!state || !message) return;
+    const handedOut = this._historyAhead.get(room)?.has(message.seq);
     if (!this._markSeen(room, message.seq)) return;
-    for (const h of state.handlers) {
-      try {
-        h.onMessage?.(message);
-      } catch (e) {
-        console.error("chat-gateway: room handler threw", e);
+    const held = this._hold(room, message);
+    if (handedOut) return;
+    this._deliver(room, "onMessage", held);
+  }
+
+  /**
+   * A change push: in the room's sequence, so deduplicated like a message. Applied to the message
+   * the client holds by the protocol's rule, and to the quotes of the replies it holds; then
+   * delivered to `onChange` once, with the message as it now is (null when not held).
+   */
+  _onChange(room, change) {
+    if (!this._rooms.has(room)) return;
+    if (!this._markSeen(room, change.seq)) return;
+    let recent = this._recentChanges.get(room);
+    if (!recent) this._recentChanges.set(room, (recent = []));
+    recent.push(change);
+    if (recent.length > RECENT_CHANGES) recent.shift();
+
+    const held = this._held.get(room);
+    const before = held?.get(change.target);
+    let message = null;
+    if (before) {
+      message = applyChange(before, change, this.userId);
+      if (message !== before) this._keep(room, message);
+    }
+    const replies = [];
+    if (held && change.kind !== "reaction") {
+      for (const reply of [...held.values()]) {
+        if (reply.replyTo?.seq !== change.target) continue;
+        const replyTo = message ? quoteOf(reply.replyTo, message) : quoteAfter(reply.replyTo, change);
+        if (sameQuote(replyTo, reply.replyTo)) continue;
+        const updated = { ...reply, replyTo };
+        this._keep(room, updated);
+        replies.push(updated);
       }
     }
+    this._deliver(room, "onChange", { room, change, message, replies });
   }
 
   /** Calls `callback` of every handler of the joined `room` with `info`. */
@@ -937,10 +1082,11 @@ export class ChatClient {
 
   /**
    * A message of `room` as the app gets it: the socket's object (lean in pushes) in the REST
-   * message object's shape (protocol section 4). A profile the message carries is remembered
-   * for the sender's later messages, which leave it out.
+   * message object's shape (protocol section 4), with the fields of section 15 always there.
+   * A profile the message carries is remembered for the sender's later messages, which leave it
+   * out. `myReactions`: the user's own reactions, when known (history tells them).
    */
-  _message(room, m) {
+  _message(room, m, myReactions = []) {
     let profiles = this._profiles.get(room);
     if (!profiles) this._profiles.set(room, (profiles = new Map()));
     if ("senderName" in m || "senderAvatarUrl" in m) {
@@ -961,7 +1107,87 @@ export class ChatClient {
       moderationStatus: m.moderationStatus ?? "APPROVED",
       createdAt: new Date(m.ts).toISOString(),
       clientMsgId: m.clientMsgId ?? null,
+      replyTo: m.replyTo ? toQuote(m.replyTo) : null,
+      editedAt: m.editedAt != null ? new Date(m.editedAt).toISOString() : null,
+      deletedAt: m.deletedAt != null ? new Date(m.deletedAt).toISOString() : null,
+      version: m.version ?? m.seq,
+      reactions: { ...m.reactions },
+      myReactions: [...myReactions],
     };
+  }
+
+  /**
+   * Takes `incoming` (from a push or a history page) into the messages held for `room` and
+   * returns the message to hand out. By the protocol's rule the newer version wins: one held in
+   * a newer version than `incoming` stays. Changes already received that `incoming` does not
+   * reflect yet (a page answered after their push) are applied, and a reply's quote follows its
+   * original when that is held. `authoritative`: `incoming.myReactions` is the server's word
+   * (history); otherwise the user's reactions held so far are kept.
+   */
+  _hold(room, incoming, { authoritative = false } = {}) {
+    const old = this._held.get(room)?.get(incoming.seq);
+    let m = incoming;
+    if (old && old.version > incoming.version) {
+      m = old;
+    } else {
+      if (old && !authoritative) m = { ...m, myReactions: [...old.myReactions] };
+      for (const change of this._recentChanges.get(room) ?? []) {
+        if (change.target === m.seq && change.seq > incoming.version) m = applyChange(m, change, this.userId);
+      }
+    }
+    if (m.replyTo) {
+      const original = this._held.get(room)?.get(m.replyTo.seq);
+      let replyTo = m.replyTo;
+      if (original) replyTo = quoteOf(replyTo, original);
+      else {
+        for (const change of this._recentChanges.get(room) ?? []) {
+          if (change.target === replyTo.seq) replyTo = quoteAfter(replyTo, change);
+        }
+      }
+      if (!sameQuote(replyTo, m.replyTo)) m = { ...m, replyTo };
+    }
+    this._keep(room, m);
+    return m;
+  }
+
+  /** Holds `m` as the newest handed out of its room, forgetting the least recent past the bound. */
+  _keep(room, m) {
+    let held = this._held.get(room);
+    if (!held) this._held.set(room, (held = new Map()));
+    held.delete(m.seq);
+    held.set(m.seq, m);
+    if (held.size > this._keptMessages) held.delete(held.keys().next().value);
+  }
+
+  /** Forgets what the client holds of `room`'s messages (left for good, or too much missed). */
+  _forgetMessages(room) {
+    this._held.delete(room);
+    this._recentChanges.delete(room);
+    this._historyAhead.delete(room);
+  }
+
+  /**
+   * The result of an edit, delete, react or unreact (`frame`) as the app gets it: the message in
+   * its current state (the one held, when that is as new), with the user's own reaction as the
+   * request left it.
+   */
+  _changeResult(frame, result) {
+    const room = frame.room;
+    const held = this._held.get(room)?.get(result.message.seq);
+    let message = this._message(room, result.message, held?.myReactions);
+    if (held && held.version >= message.version) message = held;
+    else if (message.replyTo) {
+      const original = this._held.get(room)?.get(message.replyTo.seq);
+      if (original) message.replyTo = quoteOf(message.replyTo, original);
+    }
+    if ((frame.type === "react" || frame.type === "unreact") && message.deletedAt == null) {
+      const has = message.myReactions.includes(frame.emoji);
+      if (frame.type === "react" && !has) message = { ...message, myReactions: [...message.myReactions, frame.emoji] };
+      if (frame.type === "unreact" && has) {
+        message = { ...message, myReactions: message.myReactions.filter((e) => e !== frame.emoji) };
+      }
+    }
+    return { message, change: result.change ?? null, duplicate: !!result.duplicate };
   }
 
   /** Remembers the sender profiles a join result told (`{userId: {senderName, senderAvatarUrl}}`). */
@@ -978,8 +1204,17 @@ export class ChatClient {
   _markSeen(room, seq) {
     const last = this._lastSeq.get(room);
     if (last != null && seq <= last) return false;
-    this._lastSeq.set(room, seq);
+    this._setLastSeq(room, seq);
     return true;
+  }
+
+  /** Moves the room's resume point to `seq`, forgetting the history seqs it passes. */
+  _setLastSeq(room, seq) {
+    this._lastSeq.set(room, seq);
+    const ahead = this._historyAhead.get(room);
+    if (!ahead) return;
+    for (const s of ahead) if (s <= seq) ahead.delete(s);
+    if (ahead.size === 0) this._historyAhead.delete(room);
   }
 
   // ---- requests -----------------------------------------------------------------------------
@@ -1005,9 +1240,11 @@ export class ChatClient {
         // With missed > 0 the catch-up pushes follow and move the resume point themselves.
         if (result.missed === 0 && result.head != null) {
           const last = this._lastSeq.get(state.room);
-          if (last == null || result.head > last) this._lastSeq.set(state.room, result.head);
+          if (last == null || result.head > last) this._setLastSeq(state.room, result.head);
         }
         if (result.reload) {
+          // What the client held missed changes: the app reloads the room from history.
+          this._forgetMessages(state.room);
           for (const h of state.handlers) h.onReload?.({ room: state.room, head: result.head });
         }
         if (!state.settled) {
@@ -1020,6 +1257,7 @@ export class ChatClient {
         if (!current()) return;
         if (TERMINAL_JOIN_CODES.has(err.code)) {
           this._rooms.delete(state.room);
+          this._forgetMessages(state.room);
           if (state.settled) {
             for (const h of state.handlers) h.onRemoved?.({ room: state.room, reason: err.code });
             this._emit("error", err);
@@ -1036,46 +1274,81 @@ export class ChatClient {
     this._write(socket, { ...frame, id });
   }
 
-  /** Transmits a pending send on the current socket. */
-  _transmitSend(entry) {
-    if (!this._ready || !this._outbox.has(entry.frame.clientMsgId)) return;
+  /**
+   * Queues a send or a change (`frame`) under `key` until the server answers it: transmitted now
+   * when connected, again on every reconnection, and after `unavailable`/`internal`, until
+   * answered or `sendTimeoutMs` passes. A second call with the same key shares the outcome.
+   * `toResult` makes the promise's value from the server's result.
+   */
+  _enqueue(key, frame, toResult) {
+    const details = { room: frame.room, clientMsgId: frame.clientMsgId, clientChangeId: frame.clientChangeId };
+    if (this._closed) return Promise.reject(this._closedError());
+    return new Promise((resolve, reject) => {
+      const existing = this._outbox.get(key);
+      if (existing) {
+        // Already on its way: share the outcome instead of sending twice.
+        existing.waiters.push({ resolve, reject });
+        return;
+      }
+      if (!this._fits(frame)) {
+        reject(new ChatGatewayError("frame_too_large", `${frame.type} too large to send`, details));
+        return;
+      }
+      const retryWith = frame.clientMsgId ? "; retry with the same clientMsgId"
+        : frame.clientChangeId ? "; retry with the same clientChangeId" : "";
+      const entry = {
+        key,
+        frame,
+        details,
+        toResult,
+        waiters: [{ resolve, reject }],
+        deadline: setTimeout(() => {
+          this._settle(entry, new ChatGatewayError("timeout", `${frame.type} not acknowledged in time${retryWith}`, details));
+        }, this._sendTimeoutMs),
+        requestId: null,
+        retryTimer: null,
+      };
+      this._outbox.set(key, entry);
+      if (this._ready) this._transmit(entry);
+    });
+  }
+
+  /** Transmits a pending send or change on the current socket. */
+  _transmit(entry) {
+    if (!this._ready || this._outbox.get(entry.key) !== entry) return;
     const socket = this._socket;
     const id = this._nextId++;
     entry.requestId = id;
     this._pending.set(id, {
-      kind: "send",
+      kind: "outbox",
       timer: setTimeout(() => this._checkAlive(socket, id), this._requestTimeoutMs),
       onDrop: () => {
-        entry.requestId = null; // re-sent by _resumeAll with the same clientMsgId
+        entry.requestId = null; // re-sent by _resumeAll with the same key
       },
       resolve: (result) => {
         entry.requestId = null;
-        // Not marked as seen: the room's handler still gets the push, so every handler sees
-        // every message of its room exactly once, the user's own included.
-        const m = this._message(entry.frame.room, result.message);
-        this._settleSend(entry, null, { id: m.id, seq: m.seq, message: m, duplicate: !!result.duplicate });
+        this._settle(entry, null, entry.toResult(result));
       },
       reject: (err) => {
         entry.requestId = null;
-        err.clientMsgId = entry.frame.clientMsgId;
-        err.room = entry.frame.room;
+        for (const [k, v] of Object.entries(entry.details)) if (v !== undefined) err[k] = v;
         if (RETRIABLE_SEND_CODES.has(err.code)) {
           const wait = err.retryAfterMs ?? backoffDelay(0, this._backoff);
           entry.retryTimer = setTimeout(() => {
             entry.retryTimer = null;
-            this._transmitSend(entry);
+            this._transmit(entry);
           }, wait);
           return;
         }
-        this._settleSend(entry, err);
+        this._settle(entry, err);
       },
     });
     this._write(socket, { ...entry.frame, id });
   }
 
-  _settleSend(entry, err, ack) {
-    if (this._outbox.get(entry.frame.clientMsgId) !== entry) return;
-    this._outbox.delete(entry.frame.clientMsgId);
+  _settle(entry, err, value) {
+    if (this._outbox.get(entry.key) !== entry) return;
+    this._outbox.delete(entry.key);
     clearTimeout(entry.deadline);
     clearTimeout(entry.retryTimer);
     if (entry.requestId != null) {
@@ -1083,11 +1356,11 @@ export class ChatClient {
       if (p) clearTimeout(p.timer);
       this._pending.delete(entry.requestId);
     }
-    for (const w of entry.waiters) (err ? w.reject(err) : w.resolve(ack));
+    for (const w of entry.waiters) (err ? w.reject(err) : w.resolve(value));
   }
 
   /**
-   * A join or send got no answer in time. If the socket has been silent all that while it is
+   * A join, send or change got no answer in time. If the socket has been silent all that while it is
    * presumed dead and reopened (the request is retried there); otherwise the server is just busy
    * and we keep waiting.
    */
@@ -1201,4 +1474,78 @@ function toError(e) {
   return new ChatGatewayError(e?.code ?? "internal", e?.message ?? "unknown error", {
     retryAfterMs: e?.retryAfterMs ?? undefined,
   });
+}
+
+/** A reply's quote in the client's shape: `excerpt` null and `deleted` true once the original is gone. */
+function toQuote(q) {
+  return { seq: q.seq, senderId: q.senderId, name: q.name ?? null, excerpt: q.excerpt ?? null, deleted: !!q.deleted };
+}
+
+/** The first characters of `content` a quote shows, counted as the server counts them. */
+function excerptOf(content) {
+  return Array.from(content).slice(0, QUOTE_CHARS).join("");
+}
+
+/** `quote` as of `original`, a message the client holds (in its newest known version). */
+function quoteOf(quote, original) {
+  const gone = original.deletedAt != null || original.moderationStatus === "REJECTED";
+  return { ...quote, excerpt: gone ? null : excerptOf(original.content), deleted: gone };
+}
+
+/** `quote` after `change` of its original, when the original itself is not held. */
+function quoteAfter(quote, change) {
+  if (change.target !== quote.seq) return quote;
+  if (change.kind === "edit") return { ...quote, excerpt: excerptOf(change.content), deleted: false };
+  if (change.kind === "delete" || (change.kind === "moderation" && change.moderationStatus === "REJECTED")) {
+    return { ...quote, excerpt: null, deleted: true };
+  }
+  return quote; // approved again: its content is not in the change; history shows it
+}
+
+function sameQuote(a, b) {
+  return a.excerpt === b.excerpt && a.deleted === b.deleted;
+}
+
+/**
+ * `m` after `change`, a new object (or `m` itself when nothing changes). The protocol's rule:
+ * the change applies when its seq is above the message's version, which then becomes that seq.
+ * The user's own reactions are a set the user's reaction changes add to and remove from, in
+ * the order they come, whatever the version (history told the set as of its version; pushes
+ * that follow it may be older, and leave the set as the newest of them does).
+ */
+function applyChange(m, change, userId) {
+  const fresh = change.seq > m.version;
+  const mine = change.kind === "reaction" && change.by === userId && userId != null;
+  if (!fresh && !mine) return m;
+  const next = { ...m, reactions: { ...m.reactions }, myReactions: [...m.myReactions] };
+  if (mine) {
+    const has = next.myReactions.includes(change.emoji);
+    if (change.added && !has) next.myReactions.push(change.emoji);
+    if (!change.added && has) next.myReactions = next.myReactions.filter((e) => e !== change.emoji);
+  }
+  if (fresh) {
+    next.version = change.seq;
+    switch (change.kind) {
+      case "edit":
+        next.content = change.content;
+        next.editedAt = new Date(change.editedAt ?? change.ts).toISOString();
+        break;
+      case "delete":
+        next.content = "";
+        next.deletedAt = new Date(change.deletedAt ?? change.ts).toISOString();
+        next.reactions = {};
+        break;
+      case "reaction":
+        if (change.count > 0) next.reactions[change.emoji] = change.count;
+        else delete next.reactions[change.emoji];
+        break;
+      case "moderation":
+        next.moderationStatus = change.moderationStatus;
+        break;
+      default:
+        break; // a kind this client does not know: newer server; history has it
+    }
+  }
+  if (next.deletedAt != null) next.myReactions = [];
+  return next;
 }
