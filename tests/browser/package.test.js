@@ -1,7 +1,7 @@
 // The SDK as an npm package: what `npm pack` ships, and that the packed files, installed in a
 // fresh project, chat against the real gateway from Node (with Node's global WebSocket and with
-// one passed in), from a plain page's <script type=module>, and bundled by esbuild (standing in
-// for "an app's bundler": it resolves the package by name through its `exports` map).
+// one passed in), from a plain page's <script type=module>, bundled by esbuild, and built by a
+// fresh Vite project: both bundlers resolve the package by name through its `exports` map.
 import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
@@ -163,6 +163,41 @@ test("an app bundled by esbuild, importing the package by name, chats in the bro
   assert.doesNotMatch(bundle, new RegExp(NAME), "the package is inside the bundle, not imported from it");
   site.routes.set("/bundle.js", ["text/javascript", bundle]);
   const { requested } = await chatInPage("bundled", "/bundled.html");
+  assert.ok(!requested.some((p) => p.startsWith("/pkg/")), `the bundle alone: ${requested}`);
+});
+
+test("a fresh Vite project importing the package by name builds, and its page chats", async () => {
+  const app = join(work, "vite-app");
+  mkdirSync(app);
+  writeFileSync(join(app, "package.json"), JSON.stringify({ name: "vite-app", private: true, type: "module" }));
+  await run("npm", ["install", "--offline", "--no-audit", "--no-fund", "--no-package-lock", tarball], {
+    cwd: app,
+    timeout: 60_000,
+  });
+  writeFileSync(join(app, "main.js"), PAGE_APP);
+  writeFileSync(
+    join(app, "index.html"),
+    `<!doctype html><title>vite</title><ol id="log"></ol><script type="module" src="/main.js"></script>`,
+  );
+  // Vite from this suite's devDependencies, run on the app's root as `vite build` would.
+  const { build: viteBuild } = await import("vite");
+  const outDir = join(app, "dist");
+  await viteBuild({
+    root: app,
+    configFile: false,
+    logLevel: "silent",
+    base: "/vite/",
+    // The app awaits at its top level, as apps for current browsers do.
+    build: { outDir, emptyOutDir: true, target: "esnext" },
+  });
+  const html = readFileSync(join(outDir, "index.html"), "utf8");
+  const scripts = [...html.matchAll(/src="\/vite\/([^"]+\.js)"/g)].map((m) => m[1]);
+  assert.equal(scripts.length, 1, html);
+  const bundle = readFileSync(join(outDir, scripts[0]), "utf8");
+  assert.doesNotMatch(bundle, new RegExp(NAME), "the package is inside the bundle, not imported from it");
+  site.routes.set("/vite/index.html", ["text/html", html]);
+  site.routes.set(`/vite/${scripts[0]}`, ["text/javascript", bundle]);
+  const { requested } = await chatInPage("vite", "/vite/index.html");
   assert.ok(!requested.some((p) => p.startsWith("/pkg/")), `the bundle alone: ${requested}`);
 });
 
