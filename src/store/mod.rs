@@ -210,6 +210,28 @@ impl TryFrom<ChangeRow> for Change {
     }
 }
 
+/// What a change's first statement finds: the message (locked, on Postgres), and the seq of a
+/// change stored under the edit's `clientChangeId` (a column `"keySeq"`), if any.
+pub(crate) struct Locked {
+    pub message: Message,
+    pub key_seq: Option<i64>,
+}
+
+macro_rules! locked_from_row {
+    ($($row:ty),+) => {$(
+        impl<'r> sqlx::FromRow<'r, $row> for Locked {
+            fn from_row(row: &'r $row) -> Result<Self, sqlx::Error> {
+                use sqlx::Row;
+                Ok(Self {
+                    message: sqlx::FromRow::from_row(row)?,
+                    key_seq: row.try_get("keySeq")?,
+                })
+            }
+        }
+    )+};
+}
+locked_from_row!(sqlx::sqlite::SqliteRow, sqlx::postgres::PgRow);
+
 /// The change rows' columns, as [`ChangeRow`] reads them.
 pub(crate) const CHANGE_COLUMNS: &str =
     r#""roomId", seq, "messageSeq", "actorId", "createdAt", change"#;

@@ -29,9 +29,9 @@ use crate::health::Health;
 
 use super::changes::{self, ChangeOp, Decision, Written};
 use super::{
-    Access, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message, NewMessage,
-    OutboxEntry, ReadMark, Refusal, Room, RoomSummary, Store, StoreError, StoreMetrics, Target,
-    merge_events, quote_replies,
+    Access, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Locked, Message,
+    NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, Store, StoreError, StoreMetrics,
+    Target, merge_events, quote_replies,
 };
 
 /// The automatic migrations (migrations/postgres), applied by `migrate` and at start-up.
@@ -174,23 +174,6 @@ async fn message_by<'e, E: sqlx::PgExecutor<'e>>(
         .bind(id.as_str()),
     };
     query.fetch_optional(db).await
-}
-
-/// What a change's first statement finds: the message, locked, and whether the edit's
-/// `clientChangeId` is stored already (`key_seq`: the seq of that change).
-struct Locked {
-    message: Message,
-    key_seq: Option<i64>,
-}
-
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Locked {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        use sqlx::Row;
-        Ok(Self {
-            message: sqlx::FromRow::from_row(row)?,
-            key_seq: row.try_get("keySeq")?,
-        })
-    }
 }
 
 /// A change's first statement: the message, locked (`FOR UPDATE` returns its newest version,

@@ -88,8 +88,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::changes::{self, ChangeOp, Decision, Written};
 use super::{
-    Access, CHANGE_COLUMNS, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message,
-    NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, SqliteMetrics, Store,
+    Access, CHANGE_COLUMNS, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Locked,
+    Message, NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, SqliteMetrics, Store,
     StoreError, StoreMetrics, Target, merge_events, quote_replies,
 };
 
@@ -709,6 +709,24 @@ async fn message_by<'e, E: sqlx::SqliteExecutor<'e>>(
     query.fetch_optional(db).await
 }
 
+/// A change's first read: the message, and the seq of a change stored under the edit's key. `?1`
+/// room, `?2` the message's seq or id, `?3` actor, `?4` clientChangeId (NULL: none).
+macro_rules! lock_message_sql {
+    ($target:literal) => {
+        concat!(
+            "SELECT ",
+            columns!(),
+            r#", (SELECT k.seq FROM "ChatMessageChange" k
+                 WHERE k."roomId" = ?1 AND k."actorId" = ?3 AND k."clientChangeId" = ?4) AS "keySeq"
+               FROM "ChatMessage" WHERE "roomId" = ?1 AND "#,
+            $target
+        )
+    };
+}
+
+const LOCK_BY_SEQ: &str = lock_message_sql!("seq = ?2");
+const LOCK_BY_ID: &str = lock_message_sql!("id = ?2");
+
 /// A change's writes in the writer's transaction (see [`super::changes`]): `Ok(Err(_))` when the
 /// message refuses it, a `duplicate` answer when it changes nothing (the caller rolls back).
 async fn write_change(
@@ -723,26 +741,30 @@ async fn write_change(
             duplicate: true,
         })))
     };
-    // A retried edit: its key is looked up here, where every write is serialized.
-    if let Some(key) = req.client_change_id() {
-        statements.inc();
-        let stored: Option<i64> = sqlx::query_scalar(
-            r#"SELECT seq FROM "ChatMessageChange"
-               WHERE "roomId" = ? AND "actorId" = ? AND "clientChangeId" = ?"#,
-        )
-        .bind(&req.room_id)
+    // The message and a retried edit's stored change, looked up here, where every write is
+    // serialized: in one statement.
+    statements.inc();
+    let query = match &req.target {
+        Target::Seq(seq) => sqlx::query_as(LOCK_BY_SEQ).bind(&req.room_id).bind(*seq),
+        Target::Id(id) => sqlx::query_as(LOCK_BY_ID)
+            .bind(&req.room_id)
+            .bind(id.as_str()),
+    };
+    let found: Option<Locked> = query
         .bind(&req.actor)
-        .bind(key)
+        .bind(req.client_change_id())
         .fetch_optional(&mut **tx)
         .await?;
-        if stored.is_some() {
-            return Ok(Ok(Written::Stored));
-        }
-    }
-    statements.inc();
-    let Some(m) = message_by(&mut **tx, &req.room_id, &req.target).await? else {
+    let Some(Locked {
+        message: m,
+        key_seq,
+    }) = found
+    else {
         return Ok(Err(Refusal::NotFound));
     };
+    if key_seq.is_some() {
+        return Ok(Ok(Written::Stored));
+    }
     match changes::decide(req, &m) {
         Err(refusal) => return Ok(Err(refusal)),
         Ok(Decision::Nothing) => return unchanged(m),
