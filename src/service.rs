@@ -300,10 +300,30 @@ impl ChatService {
         let content = self.valid_content(content, "clientMsgId", client_msg_id)?;
         self.authorize(who, room, false).await?;
         let reply = match reply_to {
-            Some(seq) => Some(self.quote(room, seq).await?),
+            Some(seq) => match self.quote(room, seq).await {
+                Ok(quote) => Some(quote),
+                // A retry of a reply stored before its original went away: answered with it.
+                Err(refused) => {
+                    let stored = match client_msg_id {
+                        Some(id) => {
+                            self.store
+                                .find_by_client_msg_id(room, &who.user_id, id)
+                                .await?
+                        }
+                        None => None,
+                    };
+                    return match stored {
+                        Some(message) => Ok(Inserted {
+                            message,
+                            duplicate: true,
+                        }),
+                        None => Err(refused),
+                    };
+                }
+            },
             None => None,
         };
-        let mut inserted = match self.limiter.check_send(&who.user_id, room).await {
+        let inserted = match self.limiter.check_send(&who.user_id, room).await {
             Ok(()) => {
                 let msg = NewMessage {
                     id: uuid::Uuid::now_v7().to_string(),
@@ -345,13 +365,6 @@ impl ChatService {
                 None => return Err(self.refuse(refused)),
             },
         };
-        // The store returns the row; the quote is the one checked above (a retry's original may
-        // quote another message: it is answered as stored, its quote read with it).
-        if inserted.message.reply.is_none()
-            && let Some(quote) = reply.filter(|q| Some(q.seq) == inserted.message.reply_to_seq)
-        {
-            inserted.message.reply = Some(quote);
-        }
         if !inserted.duplicate {
             self.metrics
                 .messages_received
@@ -368,7 +381,25 @@ impl ChatService {
     /// publishes it; side effects start from the outbox row the insert wrote, if any.
     async fn store_and_announce(&self, msg: NewMessage) -> Result<Inserted, ChatError> {
         let room = msg.room_id.clone();
-        let inserted = self.store.insert_message(msg).await?;
+        let reply = msg.reply.clone();
+        let mut inserted = self.store.insert_message(msg).await?;
+        // A store that returns the stored row leaves the quote out: it is the one the send
+        // checked, or, for a retry's original that quotes another message, read again.
+        if let Some(seq) = inserted.message.reply_to_seq
+            && inserted.message.reply.is_none()
+        {
+            match reply.filter(|q| q.seq == seq) {
+                Some(quote) => inserted.message.reply = Some(quote),
+                None => {
+                    crate::store::quote_replies(
+                        &*self.store,
+                        &room,
+                        std::slice::from_mut(&mut inserted.message),
+                    )
+                    .await?
+                }
+            }
+        }
         let m = &inserted.message;
         // Serialized once: for the cached history and for the push.
         let json = wire::message_json(m);
@@ -536,6 +567,12 @@ impl ChatService {
         target: Target,
         op: ChangeOp,
     ) -> Result<Changed, ChatError> {
+        // Message ids are opaque text the store cannot hold with NUL: not one of its ids.
+        if let Target::Id(id) = &target
+            && (id.is_empty() || id.len() > 256 || id.chars().any(char::is_control))
+        {
+            return Err(ChatError::Message(Refusal::NotFound));
+        }
         let req = ChangeRequest {
             room_id: room.to_string(),
             target,

@@ -59,7 +59,8 @@ impl Screen {
             return;
         }
         m["version"] = json!(seq);
-        match change["kind"].as_str().unwrap() {
+        let kind = change["kind"].as_str().unwrap();
+        match kind {
             "edit" => {
                 m["content"] = change["content"].clone();
                 m["editedAt"] = change["editedAt"].clone();
@@ -91,6 +92,23 @@ impl Screen {
             }
             other => panic!("unknown change kind {other}"),
         }
+        // Quotes of the replies held follow their original (pushes carry them as of the send).
+        let gone = kind == "delete" || change["moderationStatus"] == "REJECTED";
+        if kind == "edit" || gone {
+            for reply in self.messages.values_mut() {
+                let quote = &mut reply["replyTo"];
+                if quote["seq"] != target {
+                    continue;
+                }
+                if gone {
+                    quote.as_object_mut().unwrap().remove("excerpt");
+                    quote["deleted"] = json!(true);
+                } else {
+                    let content = change["content"].as_str().unwrap();
+                    quote["excerpt"] = json!(content.chars().take(100).collect::<String>());
+                }
+            }
+        }
     }
 
     /// What history must agree with: per seq, content, deletion, version and reactions.
@@ -106,6 +124,7 @@ fn state_of(m: &Value) -> Value {
         "deleted": m.get("deletedAt").is_some(),
         "version": m["version"].as_i64().unwrap_or(m["seq"].as_i64().unwrap()),
         "reactions": m.get("reactions").cloned().unwrap_or(json!({})),
+        "replyTo": m.get("replyTo").cloned().unwrap_or(Value::Null),
     })
 }
 
@@ -503,11 +522,104 @@ async fn bad_changes_get_their_codes_and_change_nothing(backend: Backend) {
         assert_eq!(error_code(&reply), "message_deleted", "{frame}");
     }
 
+    // A reply stored before its original was deleted: its retry is answered with it.
+    let original = alice.send_ok("r", "original").await["seq"]
+        .as_i64()
+        .unwrap();
+    let frame = json!({"type": "send", "room": "r", "content": "re", "clientMsgId": "c11", "replyTo": original});
+    let first = request_ok(&mut bob, frame.clone()).await;
+    request_ok(
+        &mut alice,
+        json!({"type": "delete", "room": "r", "seq": original}),
+    )
+    .await;
+    let retry = request_ok(&mut bob, frame).await;
+    assert_eq!(retry["duplicate"], true);
+    assert_eq!(retry["message"]["seq"], first["message"]["seq"]);
+    assert_eq!(retry["message"]["replyTo"]["deleted"], true, "{retry}");
+
+    // ADMIN deletes anyone's message on the socket; SERVICE over REST, without membership.
+    let claims = chat_gateway::auth::claims_for("root", None, chat_gateway::auth::Role::Admin, 600);
+    let mut admin = Client::connect(app.addr, None).await;
+    request_ok(
+        &mut admin,
+        json!({"type": "auth", "token": app.token_with(&claims)}),
+    )
+    .await;
+    let bobs = bob.send_ok("r", "bob's").await;
+    let removed = request_ok(
+        &mut admin,
+        json!({"type": "delete", "room": "r", "seq": bobs["seq"]}),
+    )
+    .await;
+    assert_eq!(removed["change"]["by"], "root");
+    let alices = alice.send_ok("r", "alice's").await;
+    let r = app
+        .http
+        .delete(app.url(&format!(
+            "/api/chat/rooms/r/messages/{}",
+            alices["id"].as_str().unwrap()
+        )))
+        .bearer_auth(app.service_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A message id the store cannot hold is not one of its messages (not a server error).
+    let r = app
+        .http
+        .delete(app.url("/api/chat/rooms/r/messages/a%00b"))
+        .bearer_auth(app.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
     // The edit window (1 s here).
     let fresh = alice.send_ok("r", "quick").await["seq"].as_i64().unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let late = alice.request(edit_frame(fresh, "too late")).await;
     assert_eq!(error_code(&late), "edit_window_closed");
+}
+
+on_both!(reactions_have_a_rate_limit_of_their_own);
+async fn reactions_have_a_rate_limit_of_their_own(backend: Backend) {
+    let Some((app, _db)) = gateway(backend, |s| {
+        s.rate_limit.enabled = true;
+        s.rate_limit.user_per_second = 100;
+        s.rate_limit.user_burst = 100;
+        s.rate_limit.room_per_second = 100;
+        s.rate_limit.room_burst = 100;
+        s.rate_limit.reaction_per_second = 1;
+        s.rate_limit.reaction_burst = 3;
+    })
+    .await
+    else {
+        return;
+    };
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    let m = alice.send_ok("r", "react").await["seq"].as_i64().unwrap();
+    for emoji in ["👍", "🎉", "🔥"] {
+        react(&mut bob, "r", m, emoji, true).await;
+    }
+    let refused = bob
+        .request(json!({"type": "react", "room": "r", "seq": m, "emoji": "👀"}))
+        .await;
+    assert_eq!(error_code(&refused), "rate_limited");
+    let wait = refused["error"]["retryAfterMs"].as_u64().unwrap();
+    assert!((1..=1000).contains(&wait), "{refused}");
+    assert_eq!(
+        app.metric(r#"chat_rate_limited_total{scope="reaction"}"#)
+            .await,
+        1.0
+    );
+    // Another user's reactions, and the sender's messages, are not limited by it.
+    react(&mut alice, "r", m, "👀", true).await;
+    alice.send_ok("r", "still sending").await;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    react(&mut bob, "r", m, "👀", true).await;
 }
 
 on_both!(concurrent_edits_from_two_sockets_end_in_the_last_version_everywhere);

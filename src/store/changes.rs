@@ -312,29 +312,69 @@ impl<'de> Deserialize<'de> for Ordered {
     }
 }
 
-/// Whether `key` is one emoji: pictographic characters (with skin tones), joined by zero-width
-/// joiners, with variation selectors and tags; a flag (two regional indicators); or a keycap.
-/// At most 32 bytes.
+/// Whether `key` is one emoji, at most 32 bytes: a keycap (`0`-`9`, `#`, `*`, U+FE0F, U+20E3);
+/// a flag (two regional indicators); or pictographs joined by zero-width joiners, each with an
+/// optional variation selector, skin tone and tag sequence (subdivision flags). Two emoji side
+/// by side, or a modifier alone, are not one.
 pub fn is_emoji(key: &str) -> bool {
     if key.is_empty() || key.len() > 32 {
         return false;
     }
     let chars: Vec<char> = key.chars().collect();
-    // Keycaps: 0-9, # or * with U+FE0F (optional) and U+20E3.
     if let [base, rest @ ..] = chars.as_slice()
         && (base.is_ascii_digit() || *base == '#' || *base == '*')
     {
         return matches!(rest, ['\u{FE0F}', '\u{20E3}'] | ['\u{20E3}']);
     }
-    let mut pictographs = 0;
-    for &c in &chars {
-        match c {
-            '\u{200D}' | '\u{FE0E}' | '\u{FE0F}' | '\u{E0020}'..='\u{E007F}' => {}
-            c if is_pictographic(c) => pictographs += 1,
-            _ => return false,
-        }
+    if let [a, b] = chars.as_slice()
+        && is_regional(*a)
+        && is_regional(*b)
+    {
+        return true;
     }
-    pictographs > 0
+    chars.split(|&c| c == '\u{200D}').all(is_emoji_element)
+}
+
+/// One pictograph of a joined sequence, with what may follow it.
+fn is_emoji_element(element: &[char]) -> bool {
+    let [base, rest @ ..] = element else {
+        return false;
+    };
+    let mut rest: &[char] = rest;
+    if !is_pictographic(*base) || is_skin_tone(*base) || is_regional(*base) {
+        return false;
+    }
+    if let [v, more @ ..] = rest
+        && matches!(v, '\u{FE0E}' | '\u{FE0F}')
+    {
+        rest = more;
+    }
+    if let [tone, more @ ..] = rest
+        && is_skin_tone(*tone)
+    {
+        rest = more;
+    }
+    if let [v, more @ ..] = rest
+        && *v == '\u{FE0F}'
+    {
+        rest = more;
+    }
+    match rest {
+        [] => true,
+        // A tag sequence (subdivision flags): tags, then the cancel tag.
+        [tags @ .., '\u{E007F}'] => {
+            !tags.is_empty() && tags.iter().all(|t| ('\u{E0020}'..='\u{E007E}').contains(t))
+        }
+        _ => false,
+    }
+}
+
+fn is_skin_tone(c: char) -> bool {
+    ('\u{1F3FB}'..='\u{1F3FF}').contains(&c)
+}
+
+fn is_regional(c: char) -> bool {
+    ('\u{1F1E6}'..='\u{1F1FF}').contains(&c)
 }
 
 fn is_pictographic(c: char) -> bool {
@@ -400,8 +440,21 @@ mod tests {
 
     #[test]
     fn emoji_keys() {
-        for ok in ["👍", "❤️", "👍🏽", "👨‍👩‍👧", "🇫🇷", "1️⃣", "#⃣", "🏳️‍🌈", "✅", "🎉"]
-        {
+        let scotland = "🏴\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}";
+        for ok in [
+            "👍",
+            "❤️",
+            "👍🏽",
+            "👨‍👩‍👧",
+            "🇫🇷",
+            "1️⃣",
+            "#⃣",
+            "🏳️‍🌈",
+            "✅",
+            "🎉",
+            "🧑🏽‍💻",
+            scotland,
+        ] {
             assert!(is_emoji(ok), "{ok}");
         }
         for bad in [
@@ -413,7 +466,16 @@ mod tests {
             "👍a",
             "1",
             "\u{200D}",
-            &"👍".repeat(9),
+            "👍👍",
+            "🎉🔥🔥",
+            "🏽",
+            "🇫",
+            "🇫🇷🇫",
+            "©™",
+            "👍\u{200D}",
+            "\u{200D}👍",
+            "👍\u{200D}\u{200D}🎉",
+            "👍\u{E007F}",
         ] {
             assert!(!is_emoji(bad), "{bad:?}");
         }

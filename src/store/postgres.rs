@@ -168,7 +168,7 @@ async fn message_by<'e, E: sqlx::PgExecutor<'e>>(
         Target::Id(id) => sqlx::query_as(concat!(
             "SELECT ",
             columns!(),
-            r#" FROM "ChatMessage" WHERE "roomId" = $1 AND id = $2"#
+            r#" FROM "ChatMessage" WHERE "roomId" = $1 AND id = $2 AND seq IS NOT NULL"#
         ))
         .bind(room)
         .bind(id.as_str()),
@@ -194,7 +194,8 @@ macro_rules! lock_message_sql {
 }
 
 const LOCK_BY_SEQ_SQL: &str = lock_message_sql!("seq = $2");
-const LOCK_BY_ID_SQL: &str = lock_message_sql!("id = $2");
+// Rows the app wrote and the backfill has not numbered yet (no seq) are not messages to change.
+const LOCK_BY_ID_SQL: &str = lock_message_sql!("id = $2 AND seq IS NOT NULL");
 
 /// A change's writes in one transaction (see [`super::changes`]), in four round trips (five for a
 /// reaction), whatever the kind: lock and read the message; for a reaction, write its row and
@@ -856,9 +857,13 @@ impl Store for PgStore {
         client_msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
         refuse_nul(&[("clientMsgId", Some(client_msg_id))])?;
-        self.writes
+        let found = self
+            .writes
             .find_by_client_msg_id(room, sender, client_msg_id)
-            .await
+            .await?;
+        let mut rows: Vec<Message> = found.into_iter().collect();
+        quote_replies(self, room, &mut rows).await?;
+        Ok(rows.pop())
     }
 
     async fn history(
