@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use crate::Common;
-use crate::client::{Cmd, connect_all, start_clients};
+use crate::client::{Cmd, start_clients};
 use crate::gateway::{Gateway, Observer};
 use crate::report::{Counters, Shared, Stats, histogram_of, line, paced, print_errors};
+use crate::rooms::{RoomLoad, chat_rooms, set_up_rooms};
 
 /// How long the seed messages may take to be acknowledged and delivered.
 const SEED_TIMEOUT: Duration = Duration::from_secs(60);
@@ -29,56 +30,16 @@ pub(crate) async fn changes(
     edit_percent: u32,
 ) -> anyhow::Result<u64> {
     let edit_percent = u64::from(edit_percent.min(100));
-    let room_size = room_size.clamp(1, users.max(1));
-    let rooms = users.div_ceil(room_size);
-    let room_of: Vec<usize> = (0..users).map(|u| u / room_size).collect();
-    let members_per_room: Vec<u64> = (0..rooms)
-        .map(|r| room_of.iter().filter(|x| **x == r).count() as u64)
-        .collect();
-    // As in `chat`: round-robin over rooms first, then over each room's members.
-    let senders: Vec<(usize, usize)> = (0..users)
-        .map(|k| {
-            let room = k % rooms;
-            let first = room * room_size;
-            let size = room_size.min(users - first);
-            (room, first + (k / rooms) % size)
-        })
-        .collect();
+    let (room_size, rooms, room_of, load) = chat_rooms(users, room_size);
+    let RoomLoad {
+        senders,
+        members_per_room,
+    } = load;
     println!(
         "scenario               changes: {users} users, rooms of {room_size} ({rooms} rooms), {rate} changes/s ({edit_percent} % edits, the rest reactions) for {}s",
         common.duration
     );
-
-    let room_names: Arc<Vec<String>> = Arc::new((0..rooms).map(|r| gw.room_id(r)).collect());
-    let members: Vec<(String, Vec<String>)> = (0..rooms)
-        .map(|r| {
-            let m = (0..users)
-                .filter(|u| room_of[*u] == r)
-                .map(|u| gw.user_id(u))
-                .collect();
-            (room_names[r].clone(), m)
-        })
-        .collect();
-    let t = Instant::now();
-    gw.setup(&members).await?;
-    println!(
-        "setup                  {rooms} rooms, {users} members in {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
-    let t = Instant::now();
-    let clients = connect_all(
-        &gw,
-        users,
-        &room_names,
-        |u| vec![room_of[u]],
-        |u| gw.user_id(u),
-        common.connect_concurrency,
-    )
-    .await?;
-    println!(
-        "connected              {users} sockets (auth + join) in {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+    let (room_names, clients) = set_up_rooms(&gw, common, users, &room_of, rooms).await?;
 
     let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
     let epoch = Instant::now();

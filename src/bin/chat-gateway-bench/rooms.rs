@@ -7,27 +7,53 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::Common;
-use crate::client::{Cmd, connect_all, start_clients};
+use crate::client::{Client, Cmd, connect_all, start_clients};
 use crate::gateway::{Gateway, Observer};
 use crate::report::{Counters, Shared, Stats, line, paced, print_errors};
 
-/// Rooms of WebSocket members with senders: `chat` and `fanout` share it.
-struct RoomLoad {
+/// Rooms of WebSocket members with senders: `chat`, `fanout` and `changes` share it.
+pub(crate) struct RoomLoad {
     /// (room index, sender user index) per send, round-robin.
-    senders: Vec<(usize, usize)>,
+    pub senders: Vec<(usize, usize)>,
     /// Sockets joined per room: deliveries expected per acknowledged message.
-    members_per_room: Vec<u64>,
+    pub members_per_room: Vec<u64>,
 }
 
-async fn run_rooms(
-    gw: Arc<Gateway>,
+/// `chat`'s rooms: `users` users in rooms of `room_size` (the last one may be smaller). Returns
+/// the room size used, the number of rooms, each user's room, and the load: round-robin over
+/// rooms first, then over each room's members, so every room gets the same share of the rate and
+/// every user acts.
+pub(crate) fn chat_rooms(users: usize, room_size: usize) -> (usize, usize, Vec<usize>, RoomLoad) {
+    let room_size = room_size.clamp(1, users.max(1));
+    let rooms = users.div_ceil(room_size);
+    let room_of: Vec<usize> = (0..users).map(|u| u / room_size).collect();
+    let members_per_room = (0..rooms)
+        .map(|r| room_of.iter().filter(|x| **x == r).count() as u64)
+        .collect();
+    let senders = (0..users)
+        .map(|k| {
+            let room = k % rooms;
+            let first = room * room_size;
+            let size = room_size.min(users - first);
+            (room, first + (k / rooms) % size)
+        })
+        .collect();
+    let load = RoomLoad {
+        senders,
+        members_per_room,
+    };
+    (room_size, rooms, room_of, load)
+}
+
+/// Creates the rooms and memberships through the management API and connects every user, joined
+/// to its room. Returns the rooms' names and the clients, by user.
+pub(crate) async fn set_up_rooms(
+    gw: &Arc<Gateway>,
     common: &Common,
     users: usize,
-    room_of: Vec<usize>,
+    room_of: &[usize],
     rooms: usize,
-    load: RoomLoad,
-    rate: f64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(Arc<Vec<String>>, Vec<Client>)> {
     let room_names: Arc<Vec<String>> = Arc::new((0..rooms).map(|r| gw.room_id(r)).collect());
     let members: Vec<(String, Vec<String>)> = (0..rooms)
         .map(|r| {
@@ -58,7 +84,19 @@ async fn run_rooms(
         "connected              {users} sockets (auth + join) in {:.1}s",
         t.elapsed().as_secs_f64()
     );
+    Ok((room_names, clients))
+}
 
+async fn run_rooms(
+    gw: Arc<Gateway>,
+    common: &Common,
+    users: usize,
+    room_of: Vec<usize>,
+    rooms: usize,
+    load: RoomLoad,
+    rate: f64,
+) -> anyhow::Result<u64> {
+    let (room_names, clients) = set_up_rooms(&gw, common, users, &room_of, rooms).await?;
     let shared: Shared = Arc::new((Mutex::new(Stats::new()), Counters::default()));
     let epoch = Instant::now();
     let (txs, tasks) = start_clients(clients, &room_names, epoch, &shared, 1024, 30);
@@ -163,30 +201,11 @@ pub(crate) async fn chat(
     room_size: usize,
     rate: f64,
 ) -> anyhow::Result<u64> {
-    let room_size = room_size.clamp(1, users.max(1));
-    let rooms = users.div_ceil(room_size);
-    let room_of: Vec<usize> = (0..users).map(|u| u / room_size).collect();
-    let members_per_room = (0..rooms)
-        .map(|r| room_of.iter().filter(|x| **x == r).count() as u64)
-        .collect();
-    // Round-robin over rooms first, then over each room's members, so every room gets the same
-    // share of the rate and every user sends.
-    let senders = (0..users)
-        .map(|k| {
-            let room = k % rooms;
-            let first = room * room_size;
-            let size = room_size.min(users - first);
-            (room, first + (k / rooms) % size)
-        })
-        .collect();
+    let (room_size, rooms, room_of, load) = chat_rooms(users, room_size);
     println!(
         "scenario               chat: {users} users, rooms of {room_size} ({rooms} rooms), {rate} msgs/s for {}s",
         common.duration
     );
-    let load = RoomLoad {
-        senders,
-        members_per_room,
-    };
     run_rooms(gw, common, users, room_of, rooms, load, rate).await
 }
 
