@@ -72,7 +72,7 @@ pub(crate) async fn set_up_rooms(
     );
     let t = Instant::now();
     let clients = connect_all(
-        &gw,
+        gw,
         users,
         &room_names,
         |u| vec![room_of[u]],
