@@ -451,7 +451,8 @@ impl ChatService {
 
     /// The quote of the message a reply names: a visible, not deleted message of the room.
     async fn quote(&self, room: &str, seq: i64) -> Result<Quote, ChatError> {
-        match self.store.message(room, &Target::Seq(seq)).await? {
+        // `messages_at`, not `message`: the original's own quote is not needed here.
+        match self.store.messages_at(room, &[seq]).await?.pop() {
             Some(m) if !m.is_visible() => Err(ChatError::Message(Refusal::NotFound)),
             Some(m) if m.deleted_at.is_some() => Err(ChatError::Message(Refusal::Deleted)),
             Some(m) => Ok(Quote::of(&m)),
