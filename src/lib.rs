@@ -210,7 +210,8 @@ pub async fn open_store(
         )
         .await
         .context("connecting to PostgreSQL (database.url)")?
-        .with_outbox(settings.side_effects());
+        .with_outbox(settings.side_effects())
+        .with_write_interval(Duration::from_millis(db.write_interval_ms));
         if migrate {
             store.migrate().await?;
         }

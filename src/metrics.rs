@@ -271,6 +271,16 @@ impl Metrics {
                     "Sends written per Postgres group commit",
                     pg.send_batch_size.clone(),
                 );
+                self.registry.register(
+                    "store_change_batch_size",
+                    "Message changes written per Postgres group commit",
+                    pg.change_batch_size.clone(),
+                );
+                self.registry.register(
+                    "store_change_batch_races",
+                    "Change batches written again one change at a time because another node changed one of their messages first",
+                    pg.change_batch_races.clone(),
+                );
                 return;
             }
             StoreMetrics::Sqlite(sqlite) => sqlite,
@@ -284,6 +294,11 @@ impl Metrics {
             "store_send_batch_size",
             "Sends written per SQLite group commit",
             store.send_batch_size.clone(),
+        );
+        self.registry.register(
+            "store_change_batch_size",
+            "Message changes written per SQLite group commit",
+            store.change_batch_size.clone(),
         );
         self.registry.register(
             "store_sends_waiting",

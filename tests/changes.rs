@@ -994,3 +994,149 @@ async fn a_change_whose_event_was_lost_still_reaches_every_node() {
     assert_eq!(screen.messages[&m]["content"], "after");
     bob.expect_silence(Duration::from_millis(300)).await;
 }
+
+/// The SQLite store's group commit of changes: 240 changes at once (reactions added, then some
+/// taken back, one message deleted while it is reacted to, edits), written in batches of one
+/// transaction each. Every change is stored once under its own seq or refused with its reason,
+/// and every message's counts, rows and version agree afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_writes_concurrent_changes_in_batches_that_add_up() {
+    use chat_gateway::store::changes::ChangeOp;
+    use chat_gateway::store::sqlite::SqliteStore;
+    use chat_gateway::store::{
+        ChangeRequest, NewMessage, Refusal, Store, StoreError, StoreMetrics, Target,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.db");
+    let store = std::sync::Arc::new(SqliteStore::open(&path, 1).await.unwrap());
+    store.migrate().await.unwrap();
+    store.ensure_room("r", "r").await.unwrap();
+    for i in 1..=4 {
+        store
+            .insert_message(NewMessage {
+                id: format!("m{i}"),
+                room_id: "r".into(),
+                sender_id: "alice".into(),
+                sender_name: None,
+                sender_avatar_url: None,
+                content: format!("message {i}"),
+                created_at: chrono::Utc::now(),
+                client_msg_id: None,
+                reply: None,
+            })
+            .await
+            .unwrap();
+    }
+    let change = |target: i64, actor: String, op: ChangeOp| ChangeRequest {
+        room_id: "r".into(),
+        target: Target::Seq(target),
+        actor,
+        op,
+        at: chrono::Utc::now(),
+    };
+    let react = |target: i64, user: usize, adding: bool| {
+        let emoji = ["👍", "🎉", "🔥"][user % 3].to_string();
+        let op = if adding {
+            ChangeOp::React {
+                emoji,
+                max_keys: 20,
+            }
+        } else {
+            ChangeOp::Unreact { emoji }
+        };
+        change(target, format!("u{user}"), op)
+    };
+    let run = |reqs: Vec<ChangeRequest>| {
+        let tasks: Vec<_> = reqs
+            .into_iter()
+            .map(|req| {
+                let store = store.clone();
+                tokio::spawn(async move { store.change_message(req).await })
+            })
+            .collect();
+        async move {
+            let mut outcomes = Vec::new();
+            for task in tasks {
+                outcomes.push(task.await.unwrap());
+            }
+            outcomes
+        }
+    };
+    // 120 users react to messages 1-3; then 60 of them take it back, 40 react to message 3 while
+    // alice deletes it, and alice edits message 4 twenty times.
+    let first = run((0..120)
+        .map(|u| react(1 + (u % 3) as i64, u, true))
+        .collect())
+    .await;
+    let mut stored = 0;
+    for outcome in &first {
+        let changed = outcome.as_ref().expect("every first reaction is stored");
+        assert!(changed.change.is_some());
+        stored += 1;
+    }
+    let mut second: Vec<ChangeRequest> = (0..60)
+        .map(|u| react(1 + (u % 3) as i64, u, false))
+        .collect();
+    second.extend((200..240).map(|u| react(3, u, true)));
+    second.push(change(3, "alice".into(), ChangeOp::Delete { any: false }));
+    second.extend((0..20).map(|i| {
+        change(
+            4,
+            "alice".into(),
+            ChangeOp::Edit {
+                content: format!("edit {i}"),
+                client_change_id: Some(format!("e{i}")),
+                window: None,
+            },
+        )
+    }));
+    let mut refused = 0;
+    for outcome in run(second).await {
+        match outcome {
+            Ok(changed) if changed.change.is_some() => stored += 1,
+            // Taking back a reaction to the deleted message (it has none left).
+            Ok(changed) => assert!(
+                changed.message.seq == 3 && changed.message.deleted_at.is_some(),
+                "only a reaction taken back after the deletion changes nothing"
+            ),
+            // A reaction that came after the deletion.
+            Err(StoreError::Refused(Refusal::Deleted)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display()))
+        .await
+        .unwrap();
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        r#"SELECT "messageSeq", emoji, count(*) FROM "ChatReaction" WHERE "roomId" = 'r'
+           GROUP BY 1, 2 ORDER BY 1, 2"#,
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let last: Vec<(i64, i64)> = sqlx::query_as(
+        r#"SELECT "messageSeq", max(seq) FROM "ChatMessageChange" WHERE "roomId" = 'r' GROUP BY 1"#,
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let head =
+        common::assert_changes_add_up(store.as_ref(), "r", &[1, 2, 3, 4], &rows, &last).await;
+    assert_eq!(head, 4 + stored);
+    assert!(
+        rows.iter().all(|r| r.0 != 3),
+        "the deleted message has no reaction rows"
+    );
+    let Some(StoreMetrics::Sqlite(counted)) = store.metrics() else {
+        panic!("the SQLite store counts its batches");
+    };
+    let batches = common::observations(&counted.change_batch_size);
+    common::say(&format!(
+        "sqlite change batches: {stored} changes stored and {refused} refused in {batches} batches"
+    ));
+    assert!(
+        batches < 241.0,
+        "{batches} batches for 241 concurrent changes"
+    );
+    store.close().await;
+}

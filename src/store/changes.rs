@@ -2,11 +2,14 @@
 //! moderation. Each one takes the room's next `seq` in the transaction that stores it, like a
 //! message, and is kept as a row of `"ChatMessageChange"` for resume and gap repair.
 //!
-//! Both stores run the same steps in one transaction: allocate the seq (which locks the room, so
-//! a room's changes and sends are ordered by it), read the message, [`decide`], write the reaction
-//! row when there is one, [`apply`] to get the message's new state, update the message and insert
-//! the change. A change that turns out to change nothing (a repeated reaction, deleting a deleted
-//! message) rolls back: no seq is spent, and the caller gets the message as it is.
+//! What a change does to its message is decided here, the same for both stores: [`decide`]
+//! whether the request is allowed and changes anything, [`apply`] it to get the message's new
+//! state and the change. The stores write changes in group commits (`super::change_batch`:
+//! one read of all the messages, the decisions made here in arrival order, one set-based write
+//! that takes each room's next seqs); Postgres also writes one change at a time, in a transaction
+//! that locks the message first, for moderation and for a batch that lost a race with another
+//! node. A change that turns out to change nothing (a repeated reaction, deleting a deleted
+//! message) is not written: no seq is spent, and the caller gets the message as it is.
 
 use std::time::Duration;
 

@@ -10,8 +10,10 @@
 //! which stays until a worker has performed them.
 
 pub mod backfill;
+mod change_batch;
 pub mod changes;
 pub mod migrations;
+mod pg_changes;
 mod pg_sends;
 pub mod postgres;
 pub mod sqlite;
@@ -496,6 +498,8 @@ pub struct SqliteMetrics {
     pub write_statements: prometheus_client::metrics::counter::Counter,
     /// Sends written per group commit (one observation per batch, taken when the batch starts).
     pub send_batch_size: prometheus_client::metrics::histogram::Histogram,
+    /// Changes written per group commit (one observation per batch).
+    pub change_batch_size: prometheus_client::metrics::histogram::Histogram,
     /// Sends queued for the writer and not yet taken into a batch.
     pub sends_waiting: prometheus_client::metrics::gauge::Gauge,
     /// WAL frames not yet copied into the database file, as of the last checkpoint.
@@ -510,6 +514,9 @@ impl Default for SqliteMetrics {
             write_statements: Default::default(),
             // 1, 2, 4, ... 1024 sends per batch.
             send_batch_size: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
+            ),
+            change_batch_size: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
             ),
             sends_waiting: Default::default(),

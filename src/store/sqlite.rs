@@ -55,6 +55,16 @@
 //! `json_each`: each statement has one fixed text (prepared once, cached by the connection), and
 //! no batch comes near SQLite's bound-parameter limit.
 //!
+//! # Changes: group commit
+//!
+//! Changes of messages (edits, deletions, reactions, moderation) queue to the same group writer
+//! (a queue of their own, as deep), which takes them with the sends of the same turn and writes
+//! them, after the sends, in one transaction of their own (see `super::change_batch`) in two
+//! calls to the writer connection whatever their number: `BEGIN IMMEDIATE` with one read of every
+//! change's message (`READ_CHANGES`), then the writes and `COMMIT` as one multi-statement call
+//! (`WRITE_CHANGES`). A batch that fails for any reason but `Unavailable` is rolled back and
+//! written again one change at a time, so only the change the database refuses fails.
+//!
 //! The other writes (rooms, memberships, read marks, outbox claims, leases and deletes) share the
 //! writer connection with the group writer, one statement each whatever the number of rows.
 //!
@@ -86,10 +96,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::changes::{self, ChangeOp, Decision, Written};
+use super::change_batch::{self, FoundRow};
+use super::changes::{ChangeOp, Written};
 use super::{
-    Access, CHANGE_COLUMNS, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Locked,
-    Message, NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, SqliteMetrics, Store,
+    Access, CHANGE_COLUMNS, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message,
+    NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, SqliteMetrics, Store,
     StoreError, StoreMetrics, Target, merge_events, quote_replies,
 };
 
@@ -160,6 +171,8 @@ pub struct SqliteStore {
     /// Sends waiting for the group writer. Bounded (`database.write_queue`); when it is full a
     /// send waits for room, it never fails for it.
     sends: mpsc::Sender<PendingSend>,
+    /// Changes waiting for the group writer (as bounded).
+    changes: mpsc::Sender<PendingChange>,
     /// Cancelled by `close`: the group writer writes what is queued, then ends.
     stop: CancellationToken,
     /// The group writer and the checkpointer, ended by `stop` and awaited by `close`. Locked only
@@ -234,6 +247,7 @@ impl SqliteStore {
             .connect_with(connect.clone())
             .await?;
         let (sends, queued) = mpsc::channel(options.write_queue.max(1));
+        let (changes, changes_queued) = mpsc::channel(options.write_queue.max(1));
         let stop = CancellationToken::new();
         let stats = SqliteMetrics::default();
         let checkpoint_task = tokio::spawn(run_checkpoints(
@@ -253,13 +267,14 @@ impl SqliteStore {
                 outbox: options.outbox,
                 stats: stats.clone(),
             }
-            .run(queued, stop.clone()),
+            .run(queued, changes_queued, stop.clone()),
         )
         .map_err(|e| StoreError::Unavailable(format!("starting the group writer: {e}")))?;
         Ok(Self {
             writer,
             readers,
             sends,
+            changes,
             stop,
             tasks: Mutex::new(vec![task, checkpoint_task]),
             writer_thread,
@@ -345,6 +360,12 @@ struct PendingSend {
     reply: oneshot::Sender<Result<Inserted, StoreError>>,
 }
 
+/// A change waiting for the group writer, and where its outcome goes.
+struct PendingChange {
+    req: ChangeRequest,
+    reply: oneshot::Sender<Result<Written, StoreError>>,
+}
+
 /// Counts a send in `sends_waiting` from the moment it asks for a place in the queue; a caller that
 /// gives up before getting one takes itself out again.
 struct Waiting<'a>(Option<&'a Gauge>);
@@ -408,17 +429,28 @@ type Row<'a> = (
 
 impl GroupWriter {
     /// Runs until the queue closes or `stop`; then writes what is still queued and returns.
-    async fn run(self, mut queued: mpsc::Receiver<PendingSend>, stop: CancellationToken) {
+    async fn run(
+        self,
+        mut queued: mpsc::Receiver<PendingSend>,
+        mut changes: mpsc::Receiver<PendingChange>,
+        stop: CancellationToken,
+    ) {
         let mut batch = Vec::with_capacity(self.batch);
+        let mut changed = Vec::new();
         let mut last_start: Option<tokio::time::Instant> = None;
         loop {
             let n = tokio::select! {
                 n = queued.recv_many(&mut batch, self.batch) => n,
+                n = changes.recv_many(&mut changed, self.batch) => n,
                 _ = stop.cancelled() => {
                     queued.close();
+                    changes.close();
                     while queued.recv_many(&mut batch, self.batch).await > 0 {
                         self.stats.sends_waiting.dec_by(batch.len() as i64);
                         self.commit(&mut batch).await;
+                    }
+                    while changes.recv_many(&mut changed, self.batch).await > 0 {
+                        self.commit_changes(&mut changed).await;
                     }
                     return;
                 }
@@ -433,16 +465,27 @@ impl GroupWriter {
                 && next > now
             {
                 tokio::time::sleep_until(next).await;
-                while batch.len() < self.batch {
-                    match queued.try_recv() {
-                        Ok(send) => batch.push(send),
-                        Err(_) => break,
-                    }
+            }
+            while batch.len() < self.batch {
+                match queued.try_recv() {
+                    Ok(send) => batch.push(send),
+                    Err(_) => break,
+                }
+            }
+            while changed.len() < self.batch {
+                match changes.try_recv() {
+                    Ok(change) => changed.push(change),
+                    Err(_) => break,
                 }
             }
             last_start = Some(tokio::time::Instant::now());
-            self.stats.sends_waiting.dec_by(batch.len() as i64);
-            self.commit(&mut batch).await;
+            if !batch.is_empty() {
+                self.stats.sends_waiting.dec_by(batch.len() as i64);
+                self.commit(&mut batch).await;
+            }
+            if !changed.is_empty() {
+                self.commit_changes(&mut changed).await;
+            }
         }
     }
 
@@ -658,6 +701,164 @@ impl GroupWriter {
         }
         Ok(outcomes)
     }
+
+    /// Writes a batch of changes (emptying it) and answers every caller still waiting: one
+    /// transaction for all of them; when it fails for any reason but `Unavailable`, one for each.
+    async fn commit_changes(&self, batch: &mut Vec<PendingChange>) {
+        batch.retain(|change| !change.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
+        self.stats.change_batch_size.observe(batch.len() as f64);
+        let reqs: Vec<&ChangeRequest> = batch.iter().map(|change| &change.req).collect();
+        let answer = |a: Result<Written, Refusal>| a.map_err(StoreError::Refused);
+        match self.write_changes(&reqs).await {
+            Ok(answers) => {
+                for (change, a) in batch.drain(..).zip(answers) {
+                    let _ = change.reply.send(answer(a));
+                }
+            }
+            Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, changes = batch.len(), "change batch failed; writing its changes one by one");
+                for change in batch.drain(..) {
+                    let outcome = match self.write_changes(&[&change.req]).await {
+                        Ok(mut answers) => answer(answers.pop().expect("one answer per change")),
+                        Err(e) => Err(e),
+                    };
+                    let _ = change.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for change in batch.drain(..) {
+                    let _ = change.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Reads, decides and writes `reqs` in one transaction, in two round trips to the writer
+    /// connection's thread whatever their number (see [`super::change_batch`]): `BEGIN
+    /// IMMEDIATE` and the read ([`READ_CHANGES`]); then [`WRITE_CHANGES`], its seven statements
+    /// ending with `COMMIT`. Being the only writer, it needs no version check. One answer per
+    /// request, in order.
+    async fn write_changes(
+        &self,
+        reqs: &[&ChangeRequest],
+    ) -> Result<Vec<Result<Written, Refusal>>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let written = self.write_changes_on(&mut conn, reqs).await;
+        if written.is_err() {
+            // Whatever failed, no transaction stays open on the writer (an error here means
+            // there was none left to roll back).
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        }
+        written
+    }
+
+    async fn write_changes_on(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        reqs: &[&ChangeRequest],
+    ) -> Result<Vec<Result<Written, Refusal>>, StoreError> {
+        let statements = &self.stats.write_statements;
+        let input: Vec<_> = reqs
+            .iter()
+            .map(|r| {
+                let (seq, id) = match &r.target {
+                    Target::Seq(seq) => (Some(*seq), None),
+                    Target::Id(id) => (None, Some(id.as_str())),
+                };
+                let emoji = match &r.op {
+                    ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => {
+                        Some(emoji.as_str())
+                    }
+                    _ => None,
+                };
+                (
+                    r.room_id.as_str(),
+                    seq,
+                    id,
+                    r.actor.as_str(),
+                    r.client_change_id(),
+                    emoji,
+                )
+            })
+            .collect();
+        statements.inc_by(2);
+        let rows: Vec<FoundRow> = sqlx::query_as(READ_CHANGES)
+            .bind(json(&input))
+            .fetch_all(&mut *conn)
+            .await?;
+        let batch = change_batch::plan(reqs, change_batch::found(reqs.len(), rows));
+        if batch.is_empty() {
+            statements.inc();
+            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+            return Ok(batch.answers(&HashMap::new()));
+        }
+        // Each row carries its room's number of changes in the batch: the statements after the
+        // first take the room's base as its new head minus that number.
+        let n: HashMap<&str, i64> = batch.rooms.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+        let of = |room: &str| n.get(room).copied().unwrap_or(0);
+        let messages: Vec<_> = batch
+            .messages
+            .iter()
+            .map(|w| {
+                let m = &w.message;
+                (
+                    &w.room,
+                    w.seq,
+                    &m.content,
+                    m.edited_at.as_ref().map(ts),
+                    m.deleted_at.as_ref().map(ts),
+                    &m.reactions,
+                    &m.moderation_status,
+                    w.index - of(&w.room),
+                )
+            })
+            .collect();
+        let changes: Vec<_> = batch
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    &c.room,
+                    c.index - of(&c.room),
+                    c.message_seq,
+                    c.kind,
+                    &c.actor,
+                    &c.key,
+                    &c.what,
+                    ts(&c.at),
+                )
+            })
+            .collect();
+        let reactions = |rows: &[change_batch::ReactionWrite]| {
+            json(
+                &rows
+                    .iter()
+                    .map(|(room, seq, emoji, user, at)| (room, seq, emoji, user, ts(at)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        statements.inc_by(7);
+        let heads: Vec<(String, i64)> = sqlx::query_as(WRITE_CHANGES)
+            .bind(json(&batch.rooms))
+            .bind(json(&messages))
+            .bind(json(&changes))
+            .bind(reactions(&batch.reacted))
+            .bind(reactions(&batch.unreacted))
+            .bind(json(&batch.cleared))
+            .fetch_all(&mut *conn)
+            .await?;
+        let bases: HashMap<String, i64> = heads
+            .into_iter()
+            .map(|(room, head)| {
+                let base = head - of(&room);
+                (room, base)
+            })
+            .collect();
+        Ok(batch.answers(&bases))
+    }
 }
 
 /// The message as stored: the send's fields and its sequence number.
@@ -709,160 +910,57 @@ async fn message_by<'e, E: sqlx::SqliteExecutor<'e>>(
     query.fetch_optional(db).await
 }
 
-/// A change's first read: the message, and the seq of a change stored under the edit's key. `?1`
-/// room, `?2` the message's seq or id, `?3` actor, `?4` clientChangeId (NULL: none).
-macro_rules! lock_message_sql {
-    ($target:literal) => {
-        concat!(
-            "SELECT ",
-            columns!(),
-            r#", (SELECT k.seq FROM "ChatMessageChange" k
-                 WHERE k."roomId" = ?1 AND k."actorId" = ?3 AND k."clientChangeId" = ?4) AS "keySeq"
-               FROM "ChatMessage" WHERE "roomId" = ?1 AND "#,
-            $target
-        )
-    };
-}
+/// A change batch's transaction and read (see [`super::change_batch`]): every request's message, the seq of a
+/// change stored under an edit's key and whether a reaction's row is there. The rows of `?`:
+/// `[room, seq or null, id or null, actor, clientChangeId, emoji]`.
+const READ_CHANGES: &str = concat!(
+    r#"BEGIN IMMEDIATE;
+WITH input AS (
+    SELECT key + 1 AS ord, value->>0 AS in_room, value->>1 AS in_seq, value->>2 AS in_id,
+        value->>3 AS in_actor, value->>4 AS in_key, value->>5 AS in_emoji
+    FROM json_each(?)
+)
+SELECT i.ord, "#,
+    columns!(),
+    r#",
+    (SELECT k.seq FROM "ChatMessageChange" k
+     WHERE k."roomId" = i.in_room AND k."actorId" = i.in_actor AND k."clientChangeId" = i.in_key) AS "keySeq",
+    EXISTS (SELECT 1 FROM "ChatReaction" r
+            WHERE r."roomId" = i.in_room AND r."messageSeq" = m.seq AND r.emoji = i.in_emoji
+              AND r."userId" = i.in_actor) AS reacted
+FROM input i JOIN "ChatMessage" m ON m."roomId" = i.in_room AND m.seq = coalesce(i.in_seq,
+    (SELECT x.seq FROM "ChatMessage" x WHERE x."roomId" = i.in_room AND x.id = i.in_id))"#
+);
 
-const LOCK_BY_SEQ: &str = lock_message_sql!("seq = ?2");
-const LOCK_BY_ID: &str = lock_message_sql!("id = ?2");
-
-/// A change's writes in the writer's transaction (see [`super::changes`]): `Ok(Err(_))` when the
-/// message refuses it, a `duplicate` answer when it changes nothing (the caller rolls back).
-async fn write_change(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    req: &ChangeRequest,
-    statements: &prometheus_client::metrics::counter::Counter,
-) -> Result<Result<Written, Refusal>, sqlx::Error> {
-    let unchanged = |message: Message| {
-        Ok(Ok(Written::Changed(Changed {
-            message,
-            change: None,
-            duplicate: true,
-        })))
-    };
-    // The message and a retried edit's stored change, looked up here, where every write is
-    // serialized: in one statement.
-    statements.inc();
-    let query = match &req.target {
-        Target::Seq(seq) => sqlx::query_as(LOCK_BY_SEQ).bind(&req.room_id).bind(*seq),
-        Target::Id(id) => sqlx::query_as(LOCK_BY_ID)
-            .bind(&req.room_id)
-            .bind(id.as_str()),
-    };
-    let found: Option<Locked> = query
-        .bind(&req.actor)
-        .bind(req.client_change_id())
-        .fetch_optional(&mut **tx)
-        .await?;
-    let Some(Locked {
-        message: m,
-        key_seq,
-    }) = found
-    else {
-        return Ok(Err(Refusal::NotFound));
-    };
-    if key_seq.is_some() {
-        return Ok(Ok(Written::Stored));
-    }
-    match changes::decide(req, &m) {
-        Err(refusal) => return Ok(Err(refusal)),
-        Ok(Decision::Nothing) => return unchanged(m),
-        Ok(Decision::Proceed) => {}
-    }
-    let at = ts(&req.at);
-    let mut count = 0;
-    match &req.op {
-        ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => {
-            statements.inc_by(2);
-            let written = if matches!(req.op, ChangeOp::React { .. }) {
-                sqlx::query(
-                    r#"INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
-                       VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"#,
-                )
-                .bind(&req.room_id)
-                .bind(m.seq)
-                .bind(emoji)
-                .bind(&req.actor)
-                .bind(&at)
-                .execute(&mut **tx)
-                .await?
-            } else {
-                sqlx::query(
-                    r#"DELETE FROM "ChatReaction"
-                       WHERE "roomId" = ? AND "messageSeq" = ? AND emoji = ? AND "userId" = ?"#,
-                )
-                .bind(&req.room_id)
-                .bind(m.seq)
-                .bind(emoji)
-                .bind(&req.actor)
-                .execute(&mut **tx)
-                .await?
-            };
-            if written.rows_affected() == 0 {
-                return unchanged(m);
-            }
-            count = sqlx::query_scalar(
-                r#"SELECT count(*) FROM "ChatReaction" WHERE "roomId" = ? AND "messageSeq" = ? AND emoji = ?"#,
-            )
-            .bind(&req.room_id)
-            .bind(m.seq)
-            .bind(emoji)
-            .fetch_one(&mut **tx)
-            .await?;
-        }
-        ChangeOp::Delete { .. } => {
-            statements.inc();
-            sqlx::query(r#"DELETE FROM "ChatReaction" WHERE "roomId" = ? AND "messageSeq" = ?"#)
-                .bind(&req.room_id)
-                .bind(m.seq)
-                .execute(&mut **tx)
-                .await?;
-        }
-        ChangeOp::Edit { .. } | ChangeOp::Moderate { .. } => {}
-    }
-    statements.inc_by(3);
-    let seq: i64 = sqlx::query_scalar(
-        r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + 1 WHERE id = ? RETURNING "lastSeq""#,
-    )
-    .bind(&req.room_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    let (after, change) = changes::apply(req, &m, seq, count);
-    sqlx::query(
-        r#"UPDATE "ChatMessage" SET content = ?, "editedAt" = ?, "deletedAt" = ?, version = ?,
-             reactions = ?, "moderationStatus" = ? WHERE "roomId" = ? AND seq = ?"#,
-    )
-    .bind(&after.content)
-    .bind(after.edited_at.as_ref().map(ts))
-    .bind(after.deleted_at.as_ref().map(ts))
-    .bind(after.version)
-    .bind(&after.reactions)
-    .bind(&after.moderation_status)
-    .bind(&req.room_id)
-    .bind(m.seq)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        r#"INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId",
-             "clientChangeId", change, "createdAt") VALUES (?, ?, ?, ?, ?, ?, ?, ?)"#,
-    )
-    .bind(&req.room_id)
-    .bind(seq)
-    .bind(m.seq)
-    .bind(req.kind())
-    .bind(&req.actor)
-    .bind(req.client_change_id())
-    .bind(json(&change.what))
-    .bind(&at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(Ok(Written::Changed(Changed {
-        message: after,
-        change: Some(change),
-        duplicate: false,
-    })))
-}
+/// A change batch's writes and commit, in one call. Its six parameters, in order (each `?` once:
+/// across the statements of one call, sqlx binds anonymous parameters in turn): the rooms'
+/// numbers of changes (`[room, n]`), moved first (the rooms' new heads are returned; in the rows
+/// after it, seqs are relative to the room's new head: `head + value`); the messages' new states
+/// `[room, seq, content, editedAt, deletedAt, reactions, moderationStatus, version]`; the change
+/// rows `[room, seq, messageSeq, kind, actor, clientChangeId, change, createdAt]`; reaction rows
+/// added, then removed `[room, messageSeq, emoji, user, createdAt]`; messages whose reaction rows
+/// all go `[room, messageSeq]`. An empty array writes nothing.
+const WRITE_CHANGES: &str = r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + (n.value->>1)
+    FROM json_each(?) AS n WHERE "ChatRoom".id = n.value->>0
+    RETURNING id, "lastSeq";
+UPDATE "ChatMessage" SET content = v.value->>2, "editedAt" = v.value->>3,
+    "deletedAt" = v.value->>4, reactions = v.value->>5, "moderationStatus" = v.value->>6,
+    version = (SELECT r."lastSeq" FROM "ChatRoom" r WHERE r.id = v.value->>0) + (v.value->>7)
+    FROM json_each(?) AS v
+    WHERE "ChatMessage"."roomId" = v.value->>0 AND "ChatMessage".seq = v.value->>1;
+INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId", "clientChangeId",
+    change, "createdAt")
+    SELECT value->>0, (SELECT r."lastSeq" FROM "ChatRoom" r WHERE r.id = value->>0) + (value->>1),
+        value->>2, value->>3, value->>4, value->>5, value->>6, value->>7
+    FROM json_each(?) ORDER BY key;
+INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
+    SELECT value->>0, value->>1, value->>2, value->>3, value->>4
+    FROM json_each(?) WHERE true ON CONFLICT DO NOTHING;
+DELETE FROM "ChatReaction" WHERE ("roomId", "messageSeq", emoji, "userId") IN
+    (SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?));
+DELETE FROM "ChatReaction" WHERE ("roomId", "messageSeq") IN
+    (SELECT value->>0, value->>1 FROM json_each(?));
+COMMIT"#;
 
 /// Rows for `json_each(?)`: a JSON array (of arrays), so one fixed statement text (prepared once)
 /// takes any number of rows.
@@ -984,27 +1082,19 @@ impl Store for SqliteStore {
     }
 
     async fn change_message(&self, req: ChangeRequest) -> Result<Changed, StoreError> {
-        let stats = self.stats.write_statements.clone();
         let room = req.room_id.clone();
         let (actor, key) = (
             req.actor.clone(),
             req.client_change_id().map(str::to_string),
         );
-        let written = self
-            .on_writer(move |pool| async move {
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let outcome = write_change(&mut tx, &req, &stats).await?;
-                match &outcome {
-                    Ok(Written::Changed(Changed {
-                        duplicate: false, ..
-                    })) => tx.commit().await?,
-                    _ => tx.rollback().await?,
-                }
-                stats.inc();
-                Ok(outcome)
-            })
-            .await?;
-        let mut changed = match written.map_err(StoreError::Refused)? {
+        // Written by the group writer, in a batch with the other changes waiting.
+        let (reply, outcome) = oneshot::channel();
+        self.changes
+            .send(PendingChange { req, reply })
+            .await
+            .map_err(|_| closed())?;
+        let written = outcome.await.map_err(|_| closed())??;
+        let mut changed = match written {
             Written::Changed(changed) => changed,
             Written::Stored => {
                 // The edit's key was stored by an earlier attempt: answer with that change.

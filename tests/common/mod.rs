@@ -763,3 +763,46 @@ pub fn say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
 }
+
+/// How many times a histogram was observed.
+pub fn observations(histogram: &prometheus_client::metrics::histogram::Histogram) -> f64 {
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("batch", "", histogram.clone());
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("batch_count "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// After concurrent changes of `room`'s messages `seqs`: its sequence holds every number up to
+/// its head once, in order, and each message's reaction counts are its reaction rows (`rows`:
+/// message seq, emoji, users) and its version the seq of its last change (`last`: message seq,
+/// that seq). Returns the head.
+pub async fn assert_changes_add_up(
+    store: &dyn chat_gateway::store::Store,
+    room: &str,
+    seqs: &[i64],
+    rows: &[(i64, String, i64)],
+    last: &[(i64, i64)],
+) -> i64 {
+    let head = store.room_head(room).await.unwrap().unwrap();
+    let events = store.events_between(room, 0, head, 100_000).await.unwrap();
+    let numbers: Vec<i64> = events.iter().map(|e| e.seq()).collect();
+    assert_eq!(numbers, (1..=head).collect::<Vec<_>>(), "gap-free");
+    for m in store.messages_at(room, seqs).await.unwrap() {
+        let mut counted = chat_gateway::store::changes::reactions(&m);
+        counted.sort();
+        let stored: Vec<(String, i64)> = rows
+            .iter()
+            .filter(|r| r.0 == m.seq)
+            .map(|r| (r.1.clone(), r.2))
+            .collect();
+        assert_eq!(counted, stored, "message {}: counts against rows", m.seq);
+        let version = last.iter().find(|l| l.0 == m.seq).map(|l| l.1);
+        assert_eq!(m.version, version, "message {}: its last change", m.seq);
+    }
+    head
+}

@@ -1,0 +1,348 @@
+//! Changes on Postgres, in group commits (see [`super::change_batch`]). A change queues for the
+//! node's change writer, which takes everything waiting (up to [`BATCH`]) and writes it in two
+//! statements and no explicit transaction, whatever the batch size:
+//!
+//! 1. one read of every request's message, the seq of a change stored under an edit's key, and
+//!    whether a reaction's row is there (one snapshot);
+//! 2. one write: every changed message is locked in (room, seq) order, and the statement goes on
+//!    only if each one's version is still the one the read found; then the rooms are locked in id
+//!    order and move their heads by their number of changes, and the messages' new states, the
+//!    change rows and the reaction rows are written. It commits as it ends (one WAL flush).
+//!
+//! When another writer changed one of the batch's messages between the read and the write (a
+//! change through another node), the write changes nothing, and the batch is written again one
+//! change at a time through the locking transaction (`postgres::write_change`), which waits for
+//! the message's lock instead. Locks are taken as there: messages first, rooms last, each in a
+//! fixed order, so the change writer, the locking path and sends (rooms only) never wait for each
+//! other in a cycle.
+//!
+//! One batch at a time, and under load a batch starts no sooner than `database.write_interval_ms`
+//! after the previous one started, taking everything that arrived meanwhile: statements per
+//! change fall as traffic rises. A change after a quiet spell is written at once. Moderation
+//! (rare, and written to a column the app may have made an enum type) always takes the locking
+//! path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::NaiveDateTime;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+
+use super::StoreError;
+use super::change_batch::{self, Batch, FoundRow};
+use super::changes::{ChangeOp, ChangeRequest, Refusal, Target, Written};
+use super::postgres::{Writes, columns, utc};
+
+/// Most changes in one batch.
+pub const BATCH: usize = 256;
+/// Changes waiting for the writer; past it, callers wait for room (never an error).
+const QUEUE: usize = 4096;
+
+/// Every request's message, the seq stored under an edit's key and whether its reaction row is
+/// there. `$1` rooms, `$2` seqs (NULL: by id), `$3` ids, `$4` actors, `$5` clientChangeIds, `$6`
+/// emojis, one element per request. Returns `ord` (1-based) with each request that found its
+/// message.
+const READ_SQL: &str = concat!(
+    r#"WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+        WITH ORDINALITY AS t(in_room, in_seq, in_id, in_actor, in_key, in_emoji, ord)
+)
+SELECT i.ord, "#,
+    columns!(),
+    r#",
+    (SELECT k.seq FROM "ChatMessageChange" k
+     WHERE k."roomId" = i.in_room AND k."actorId" = i.in_actor AND k."clientChangeId" = i.in_key) AS "keySeq",
+    EXISTS (SELECT 1 FROM "ChatReaction" r
+            WHERE r."roomId" = i.in_room AND r."messageSeq" = m.seq AND r.emoji = i.in_emoji
+              AND r."userId" = i.in_actor) AS reacted
+FROM input i JOIN "ChatMessage" m ON m."roomId" = i.in_room AND m.seq = COALESCE(i.in_seq,
+    (SELECT x.seq FROM "ChatMessage" x WHERE x."roomId" = i.in_room AND x.id = i.in_id))"#
+);
+
+/// A batch's writes in one statement (see the module docs). Messages: `$1` rooms, `$2` seqs, `$3`
+/// expected versions, `$4` contents, `$5` editedAts, `$6` deletedAts, `$7` reactions, `$8`
+/// indexes of their last change; `$9` the number of messages. Rooms: `$10` ids, `$11` numbers of
+/// changes. Changes: `$12` rooms, `$13` indexes, `$14` message seqs, `$15` kinds, `$16` actors,
+/// `$17` clientChangeIds, `$18` changes (JSON), `$19` times. Reaction rows added: `$20` rooms,
+/// `$21` message seqs, `$22` emojis, `$23` users, `$24` times; removed: `$25` to `$28` alike;
+/// cleared (deleted messages): `$29` rooms, `$30` message seqs. Returns each room's base (its head
+/// before the batch), or no row when a version moved.
+const WRITE_SQL: &str = r#"WITH msg AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::timestamp[],
+                         $6::timestamp[], $7::text[], $8::bigint[])
+        AS t(room, seq, expected, content, edited, deleted, reactions, idx)
+),
+locked AS MATERIALIZED (
+    SELECT m."roomId", m.seq FROM "ChatMessage" m JOIN msg t ON m."roomId" = t.room AND m.seq = t.seq
+    WHERE m.version IS NOT DISTINCT FROM t.expected
+    ORDER BY m."roomId", m.seq FOR NO KEY UPDATE OF m
+),
+ok AS MATERIALIZED (SELECT count(*) = $9 AS ok FROM locked),
+counts AS (SELECT * FROM unnest($10::text[], $11::bigint[]) AS c(room, n)),
+room_locked AS MATERIALIZED (
+    SELECT r.id FROM "ChatRoom" r WHERE r.id IN (SELECT room FROM counts) AND (SELECT ok FROM ok)
+    ORDER BY r.id FOR NO KEY UPDATE
+),
+rooms AS (
+    UPDATE "ChatRoom" r SET "lastSeq" = r."lastSeq" + c.n
+    FROM counts c, room_locked l WHERE r.id = c.room AND l.id = r.id
+    RETURNING r.id AS room, r."lastSeq" - c.n AS base
+),
+message AS (
+    UPDATE "ChatMessage" m SET content = t.content, "editedAt" = t.edited, "deletedAt" = t.deleted,
+        reactions = t.reactions, version = rooms.base + t.idx
+    FROM msg t JOIN rooms ON rooms.room = t.room
+    WHERE m."roomId" = t.room AND m.seq = t.seq
+),
+change AS (
+    INSERT INTO "ChatMessageChange" ("roomId", seq, "messageSeq", kind, "actorId",
+        "clientChangeId", change, "createdAt")
+    SELECT c.room, rooms.base + c.idx, c.mseq, c.kind, c.actor, c.ckey, c.what, c.at
+    FROM unnest($12::text[], $13::bigint[], $14::bigint[], $15::text[], $16::text[], $17::text[],
+                $18::text[], $19::timestamp[]) AS c(room, idx, mseq, kind, actor, ckey, what, at)
+    JOIN rooms ON rooms.room = c.room
+),
+reacted AS (
+    INSERT INTO "ChatReaction" ("roomId", "messageSeq", emoji, "userId", "createdAt")
+    SELECT * FROM unnest($20::text[], $21::bigint[], $22::text[], $23::text[], $24::timestamp[])
+    WHERE (SELECT ok FROM ok)
+    ON CONFLICT DO NOTHING
+),
+unreacted AS (
+    DELETE FROM "ChatReaction" r
+    USING unnest($25::text[], $26::bigint[], $27::text[], $28::text[]) AS u(room, mseq, emoji, usr)
+    WHERE r."roomId" = u.room AND r."messageSeq" = u.mseq AND r.emoji = u.emoji
+      AND r."userId" = u.usr AND (SELECT ok FROM ok)
+),
+cleared AS (
+    DELETE FROM "ChatReaction" r USING unnest($29::text[], $30::bigint[]) AS u(room, mseq)
+    WHERE r."roomId" = u.room AND r."messageSeq" = u.mseq AND (SELECT ok FROM ok)
+)
+SELECT room, base FROM rooms"#;
+
+type Answer = Result<Written, StoreError>;
+
+struct Pending {
+    req: ChangeRequest,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// The queue changes wait in for the writer.
+pub struct Changes {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl Changes {
+    /// Starts the writer on the current runtime.
+    pub fn start(writes: Arc<Writes>) -> Self {
+        let (queue, queued) = mpsc::channel(QUEUE);
+        tokio::spawn(write_all(writes, queued));
+        Self { queue }
+    }
+
+    /// Queues a change and waits for its outcome (after its commit). Moderation is not queued:
+    /// see the module docs.
+    pub async fn write(&self, req: ChangeRequest) -> Answer {
+        let (reply, outcome) = oneshot::channel();
+        self.queue
+            .send(Pending { req, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        outcome
+            .await
+            .map_err(|_| StoreError::Unavailable("the change writer stopped".into()))?
+    }
+}
+
+/// Takes what is waiting, one batch at a time, until every caller is gone.
+async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
+    let mut last_start: Option<tokio::time::Instant> = None;
+    loop {
+        let mut batch = Vec::with_capacity(BATCH);
+        if queued.recv_many(&mut batch, BATCH).await == 0 {
+            return;
+        }
+        // Under load (a batch started less than `interval` ago), wait for the rest of the
+        // interval and take what arrived meanwhile too. After a quiet spell: at once.
+        let now = tokio::time::Instant::now();
+        if let Some(next) = last_start.map(|t| t + writes.change_interval())
+            && next > now
+        {
+            tokio::time::sleep_until(next).await;
+            while batch.len() < BATCH {
+                match queued.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+        }
+        last_start = Some(tokio::time::Instant::now());
+        write(&writes, batch).await;
+    }
+}
+
+/// Writes a batch and answers each of its changes.
+async fn write(writes: &Writes, mut batch: Vec<Pending>) {
+    // Callers that went away before their batch was taken need no answer: skipped.
+    batch.retain(|p| !p.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
+    writes.change_batch_size.observe(batch.len() as f64);
+    let reqs: Vec<&ChangeRequest> = batch.iter().map(|p| &p.req).collect();
+    match write_many(writes, &reqs).await {
+        Ok(Some(answers)) => {
+            for (p, answer) in batch.into_iter().zip(answers) {
+                let _ = p.reply.send(answer.map_err(StoreError::Refused));
+            }
+        }
+        Err(e @ (StoreError::Unavailable(_) | StoreError::Down)) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+        outcome => {
+            match outcome {
+                Err(e) => {
+                    tracing::warn!(error = %e, changes = batch.len(), "change batch failed; writing its changes one by one");
+                }
+                _ => {
+                    writes.change_batch_races.inc();
+                }
+            }
+            for p in batch {
+                let answer = writes.change_one(&p.req).await;
+                let _ = p.reply.send(answer);
+            }
+        }
+    }
+}
+
+/// Reads, decides and writes `reqs` in two statements. `None` when a message's version moved
+/// between the two (nothing was written); otherwise one answer per request, in order.
+async fn write_many(
+    writes: &Writes,
+    reqs: &[&ChangeRequest],
+) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
+    let pool: &PgPool = writes.live_change_pool()?;
+    fn by_seq(r: &&ChangeRequest) -> Option<i64> {
+        match r.target {
+            Target::Seq(seq) => Some(seq),
+            Target::Id(_) => None,
+        }
+    }
+    fn by_id<'a>(r: &&'a ChangeRequest) -> Option<&'a str> {
+        match &r.target {
+            Target::Seq(_) => None,
+            Target::Id(id) => Some(id.as_str()),
+        }
+    }
+    fn emoji<'a>(r: &&'a ChangeRequest) -> Option<&'a str> {
+        match &r.op {
+            ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => Some(emoji.as_str()),
+            _ => None,
+        }
+    }
+    let rows: Vec<FoundRow> = sqlx::query_as(READ_SQL)
+        .bind(reqs.iter().map(|r| r.room_id.as_str()).collect::<Vec<_>>())
+        .bind(reqs.iter().map(by_seq).collect::<Vec<_>>())
+        .bind(reqs.iter().map(by_id).collect::<Vec<_>>())
+        .bind(reqs.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>())
+        .bind(
+            reqs.iter()
+                .map(|r| r.client_change_id())
+                .collect::<Vec<_>>(),
+        )
+        .bind(reqs.iter().map(emoji).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await
+        .map_err(|e| writes.failed(e))?;
+    let found = change_batch::found(reqs.len(), rows);
+    let batch = change_batch::plan(reqs, found);
+    if batch.is_empty() {
+        return Ok(Some(batch.answers(&HashMap::new())));
+    }
+    let bases: Vec<(String, i64)> = bind_writes(sqlx::query_as(WRITE_SQL), &batch)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| writes.failed(e))?;
+    if bases.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(batch.answers(&bases.into_iter().collect())))
+}
+
+type WriteQuery<'q> =
+    sqlx::query::QueryAs<'q, sqlx::Postgres, (String, i64), sqlx::postgres::PgArguments>;
+
+/// Binds [`WRITE_SQL`]'s thirty parameters.
+fn bind_writes<'q>(query: WriteQuery<'q>, b: &Batch) -> WriteQuery<'q> {
+    fn time(t: &chrono::DateTime<chrono::Utc>) -> NaiveDateTime {
+        utc(t)
+    }
+    let ms = &b.messages;
+    let reactions = |rows: &[change_batch::ReactionWrite]| {
+        (
+            rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+            rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>(),
+            rows.iter().map(|r| r.3.clone()).collect::<Vec<_>>(),
+            rows.iter().map(|r| time(&r.4)).collect::<Vec<_>>(),
+        )
+    };
+    let (ra, rb, rc, rd, re) = reactions(&b.reacted);
+    let (ua, ub, uc, ud, _) = reactions(&b.unreacted);
+    query
+        .bind(ms.iter().map(|m| m.room.clone()).collect::<Vec<_>>())
+        .bind(ms.iter().map(|m| m.seq).collect::<Vec<_>>())
+        .bind(ms.iter().map(|m| m.expected).collect::<Vec<_>>())
+        .bind(
+            ms.iter()
+                .map(|m| m.message.content.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            ms.iter()
+                .map(|m| m.message.edited_at.as_ref().map(time))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            ms.iter()
+                .map(|m| m.message.deleted_at.as_ref().map(time))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            ms.iter()
+                .map(|m| m.message.reactions.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(ms.iter().map(|m| m.index).collect::<Vec<_>>())
+        .bind(ms.len() as i64)
+        .bind(b.rooms.iter().map(|r| r.0.clone()).collect::<Vec<_>>())
+        .bind(b.rooms.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(b.changes.iter().map(|c| c.room.clone()).collect::<Vec<_>>())
+        .bind(b.changes.iter().map(|c| c.index).collect::<Vec<_>>())
+        .bind(b.changes.iter().map(|c| c.message_seq).collect::<Vec<_>>())
+        .bind(b.changes.iter().map(|c| c.kind).collect::<Vec<_>>())
+        .bind(
+            b.changes
+                .iter()
+                .map(|c| c.actor.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(b.changes.iter().map(|c| c.key.clone()).collect::<Vec<_>>())
+        .bind(b.changes.iter().map(|c| c.what.clone()).collect::<Vec<_>>())
+        .bind(b.changes.iter().map(|c| time(&c.at)).collect::<Vec<_>>())
+        .bind(ra)
+        .bind(rb)
+        .bind(rc)
+        .bind(rd)
+        .bind(re)
+        .bind(ua)
+        .bind(ub)
+        .bind(uc)
+        .bind(ud)
+        .bind(b.cleared.iter().map(|c| c.0.clone()).collect::<Vec<_>>())
+        .bind(b.cleared.iter().map(|c| c.1).collect::<Vec<_>>())
+}
