@@ -16,7 +16,7 @@ use chat_gateway::store::changes::ChangeOp;
 use chat_gateway::store::postgres::{
     self, HISTORY_SQL, MAINTENANCE_DOWN_SQL, MIGRATOR, PgStore, SEQ_INDEX,
 };
-use chat_gateway::store::{ChangeRequest, NewMessage, Store, StoreError, Target};
+use chat_gateway::store::{ChangeRequest, NewMessage, Refusal, Store, StoreError, Target};
 use common::faults::{CuttableProxy, postgres_addr};
 use common::{TestApp, WAIT, scratch_database, seqs, with_host};
 use serde_json::{Value, json};
@@ -1392,4 +1392,43 @@ async fn changes_from_two_nodes_at_once_are_batched_and_lose_no_update() {
     .await
     .unwrap();
     assert_eq!(deadlocks, 0);
+
+    // What a node remembers of a message never decides against the store: node a changed
+    // message 1 last; node b deletes it; a reaction through a is refused as the store says.
+    let edit = |content: &str, key: &str| {
+        change(
+            4,
+            "alice".into(),
+            ChangeOp::Edit {
+                content: content.into(),
+                client_change_id: Some(key.into()),
+                window: None,
+            },
+        )
+    };
+    let react = |user: &str| {
+        let op = ChangeOp::React {
+            emoji: "👍".into(),
+            max_keys: 20,
+        };
+        change(1, user.into(), op)
+    };
+    a.change_message(react("late-1")).await.unwrap();
+    b.change_message(change(1, "alice".into(), ChangeOp::Delete { any: false }))
+        .await
+        .unwrap();
+    let refused = a.change_message(react("late-2")).await;
+    assert!(
+        matches!(refused, Err(StoreError::Refused(Refusal::Deleted))),
+        "{refused:?}"
+    );
+    // An edit retried through the node that stored it is answered with the stored change.
+    let first = a.change_message(edit("final", "k-final")).await.unwrap();
+    let retry = a.change_message(edit("final", "k-final")).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(
+        retry.change.map(|c| c.seq),
+        first.change.map(|c| c.seq),
+        "the retry's answer is the first attempt's change"
+    );
 }

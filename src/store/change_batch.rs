@@ -130,6 +130,9 @@ pub(crate) struct Batch {
     pub unreacted: Vec<ReactionWrite>,
     /// Messages deleted by the batch: all their reaction rows go.
     pub cleared: Vec<(String, i64)>,
+    /// Every reaction row the batch decided on, and whether it was there before the batch (as
+    /// the decisions took it): a writer that decided from what it remembered checks these.
+    pub assumed: Vec<(String, i64, String, String, bool)>,
 }
 
 /// A message's state through the batch.
@@ -246,7 +249,9 @@ pub(crate) fn plan(reqs: &[&ChangeRequest], found: Vec<Option<Found>>) -> Batch 
     }
     let mut reacted = Vec::new();
     let mut unreacted = Vec::new();
+    let mut assumed = Vec::new();
     for ((room, seq, emoji, user), (before, now, at)) in reactions {
+        assumed.push((room.clone(), seq, emoji.clone(), user.clone(), before));
         let row = (room, seq, emoji, user, at);
         if now && !before {
             reacted.push(row);
@@ -274,10 +279,18 @@ pub(crate) fn plan(reqs: &[&ChangeRequest], found: Vec<Option<Found>>) -> Batch 
         reacted,
         unreacted,
         cleared,
+        assumed,
     }
 }
 
 impl Batch {
+    /// Whether each of the requests `which` is written (not refused, not changing nothing).
+    pub fn writes_all(&self, which: &[usize]) -> bool {
+        which
+            .iter()
+            .all(|&i| matches!(self.outcomes.get(i), Some(Outcome::New { .. })))
+    }
+
     /// Whether the batch writes nothing (every request refused or changing nothing).
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()

@@ -1,20 +1,30 @@
 //! Changes on Postgres, in group commits (see [`super::change_batch`]). A change queues for the
-//! node's change writer, which takes everything waiting (up to [`BATCH`]) and writes it in two
-//! statements and no explicit transaction, whatever the batch size:
+//! node's change writer, which takes everything waiting (up to [`BATCH`]) and writes it with no
+//! explicit transaction, whatever the batch size:
 //!
 //! 1. one read of every request's message, the seq of a change stored under an edit's key, and
-//!    whether a reaction's row is there (one snapshot);
+//!    whether a reaction's row is there (one snapshot), skipped for the messages the writer
+//!    remembers (below);
 //! 2. one write: every changed message is locked in (room, seq) order, and the statement goes on
-//!    only if each one's version is still the one the read found; then the rooms are locked in id
-//!    order and move their heads by their number of changes, and the messages' new states, the
-//!    change rows and the reaction rows are written. It commits as it ends (one WAL flush).
+//!    only if each one's version is still the one the decisions were made on, and every reaction
+//!    row the batch decided on is there or not as assumed; then the rooms are locked in id order
+//!    and move their heads by their number of changes, and the messages' new states, the change
+//!    rows and the reaction rows are written. It commits as it ends (one WAL flush).
 //!
-//! When another writer changed one of the batch's messages between the read and the write (a
-//! change through another node), the write changes nothing, and the batch is written again one
-//! change at a time through the locking transaction (`postgres::write_change`), which waits for
-//! the message's lock instead. Locks are taken as there: messages first, rooms last, each in a
-//! fixed order, so the change writer, the locking path and sends (rooms only) never wait for each
-//! other in a cycle.
+//! The writer remembers the state of the messages this node stored, read or changed last (a
+//! bounded cache), so a change of a message sent or changed recently through this node is one
+//! statement: its decision is made
+//! on the remembered state, a reaction assumed to change something, an edit's key assumed new,
+//! and the write checks all of it (the version, the reaction rows, the key's unique index). A
+//! remembered state only ever saves the read: a request it would refuse or find changing nothing
+//! is decided again from the store.
+//!
+//! When the write finds a version moved or an assumption wrong (a change through another node),
+//! it changes nothing: the batch is decided again from a fresh read and written once more, and if
+//! that one loses too, written one change at a time through the locking transaction
+//! (`postgres::write_change`), which waits for the message's lock instead. Locks are taken as
+//! there: messages first, rooms last, each in a fixed order, so the change writer, the locking
+//! path and sends (rooms only) never wait for each other in a cycle.
 //!
 //! One batch at a time, and under load a batch starts no sooner than `database.write_interval_ms`
 //! after the previous one started, taking everything that arrived meanwhile: statements per
@@ -29,15 +39,52 @@ use chrono::NaiveDateTime;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
-use super::change_batch::{self, Batch, FoundRow};
+use super::change_batch::{self, Batch, Found, FoundRow};
 use super::changes::{ChangeOp, ChangeRequest, Refusal, Target, Written};
-use super::postgres::{Writes, columns, utc};
+use super::postgres::{CHANGE_KEY, Writes, columns, utc};
+use super::{Message, StoreError};
 
 /// Most changes in one batch.
 pub const BATCH: usize = 256;
 /// Changes waiting for the writer; past it, callers wait for room (never an error).
 const QUEUE: usize = 4096;
+/// How much message state the writer remembers, in bytes (about each message's content and 256
+/// more).
+const KNOWN_BYTES: u64 = 8 << 20;
+
+/// The messages the writer read or changed last, in the state it last saw them: (room, seq) to
+/// the message.
+#[derive(Clone)]
+pub(super) struct Known(moka::sync::Cache<(String, i64), Arc<Message>>);
+
+impl Known {
+    fn new() -> Self {
+        Self(
+            moka::sync::Cache::builder()
+                .max_capacity(KNOWN_BYTES)
+                .weigher(|_, m: &Arc<Message>| {
+                    u32::try_from(m.content.len() + 256).unwrap_or(u32::MAX)
+                })
+                .build(),
+        )
+    }
+
+    fn get(&self, room: &str, seq: i64) -> Option<Arc<Message>> {
+        self.0.get(&(room.to_string(), seq))
+    }
+
+    /// Remembers a message as stored (without its quote: the store's reads add that).
+    pub(super) fn remember(&self, m: &Message) {
+        let mut m = m.clone();
+        m.reply = None;
+        self.0.insert((m.room_id.clone(), m.seq), Arc::new(m));
+    }
+
+    /// Forgets a message (changed some other way).
+    pub(super) fn forget(&self, room: &str, seq: i64) {
+        self.0.invalidate(&(room.to_string(), seq));
+    }
+}
 
 /// Every request's message, the seq stored under an edit's key and whether its reaction row is
 /// there. `$1` rooms, `$2` seqs (NULL: by id), `$3` ids, `$4` actors, `$5` clientChangeIds, `$6`
@@ -66,8 +113,10 @@ FROM input i JOIN "ChatMessage" m ON m."roomId" = i.in_room AND m.seq = COALESCE
 /// changes. Changes: `$12` rooms, `$13` indexes, `$14` message seqs, `$15` kinds, `$16` actors,
 /// `$17` clientChangeIds, `$18` changes (JSON), `$19` times. Reaction rows added: `$20` rooms,
 /// `$21` message seqs, `$22` emojis, `$23` users, `$24` times; removed: `$25` to `$28` alike;
-/// cleared (deleted messages): `$29` rooms, `$30` message seqs. Returns each room's base (its head
-/// before the batch), or no row when a version moved.
+/// cleared (deleted messages): `$29` rooms, `$30` message seqs. Reaction rows the batch decided
+/// on as not there: `$31` to `$34` (room, message seq, emoji, user); as there: `$35` to `$38`,
+/// `$39` their number. Returns each room's base (its head before the batch), or no row when a
+/// version moved or a reaction row is not as assumed.
 const WRITE_SQL: &str = r#"WITH msg AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::timestamp[],
                          $6::timestamp[], $7::text[], $8::bigint[])
@@ -78,7 +127,19 @@ locked AS MATERIALIZED (
     WHERE m.version IS NOT DISTINCT FROM t.expected
     ORDER BY m."roomId", m.seq FOR NO KEY UPDATE OF m
 ),
-ok AS MATERIALIZED (SELECT count(*) = $9 AS ok FROM locked),
+ok AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM locked) = $9
+       AND NOT EXISTS (
+           SELECT 1 FROM unnest($31::text[], $32::bigint[], $33::text[], $34::text[])
+               AS a(room, mseq, emoji, usr)
+           JOIN "ChatReaction" r ON r."roomId" = a.room AND r."messageSeq" = a.mseq
+               AND r.emoji = a.emoji AND r."userId" = a.usr)
+       AND (SELECT count(*) FROM unnest($35::text[], $36::bigint[], $37::text[], $38::text[])
+               AS p(room, mseq, emoji, usr)
+           JOIN "ChatReaction" r ON r."roomId" = p.room AND r."messageSeq" = p.mseq
+               AND r.emoji = p.emoji AND r."userId" = p.usr) = $39
+       AS ok
+),
 counts AS (SELECT * FROM unnest($10::text[], $11::bigint[]) AS c(room, n)),
 room_locked AS MATERIALIZED (
     SELECT r.id FROM "ChatRoom" r WHERE r.id IN (SELECT room FROM counts) AND (SELECT ok FROM ok)
@@ -131,14 +192,16 @@ struct Pending {
 /// The queue changes wait in for the writer.
 pub struct Changes {
     queue: mpsc::Sender<Pending>,
+    pub(super) known: Known,
 }
 
 impl Changes {
     /// Starts the writer on the current runtime.
     pub fn start(writes: Arc<Writes>) -> Self {
         let (queue, queued) = mpsc::channel(QUEUE);
-        tokio::spawn(write_all(writes, queued));
-        Self { queue }
+        let known = Known::new();
+        tokio::spawn(write_all(writes, known.clone(), queued));
+        Self { queue, known }
     }
 
     /// Queues a change and waits for its outcome (after its commit). Moderation is not queued:
@@ -156,7 +219,7 @@ impl Changes {
 }
 
 /// Takes what is waiting, one batch at a time, until every caller is gone.
-async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
+async fn write_all(writes: Arc<Writes>, known: Known, mut queued: mpsc::Receiver<Pending>) {
     let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         let mut batch = Vec::with_capacity(BATCH);
@@ -178,12 +241,12 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
             }
         }
         last_start = Some(tokio::time::Instant::now());
-        write(&writes, batch).await;
+        write(&writes, &known, batch).await;
     }
 }
 
 /// Writes a batch and answers each of its changes.
-async fn write(writes: &Writes, mut batch: Vec<Pending>) {
+async fn write(writes: &Writes, known: &Known, mut batch: Vec<Pending>) {
     // Callers that went away before their batch was taken need no answer: skipped.
     batch.retain(|p| !p.reply.is_closed());
     if batch.is_empty() {
@@ -191,7 +254,7 @@ async fn write(writes: &Writes, mut batch: Vec<Pending>) {
     }
     writes.change_batch_size.observe(batch.len() as f64);
     let reqs: Vec<&ChangeRequest> = batch.iter().map(|p| &p.req).collect();
-    match write_many(writes, &reqs).await {
+    match write_many(writes, known, &reqs).await {
         Ok(Some(answers)) => {
             for (p, answer) in batch.into_iter().zip(answers) {
                 let _ = p.reply.send(answer.map_err(StoreError::Refused));
@@ -213,70 +276,161 @@ async fn write(writes: &Writes, mut batch: Vec<Pending>) {
             }
             for p in batch {
                 let answer = writes.change_one(&p.req).await;
+                if let (Ok(Written::Changed(changed)), Target::Seq(seq)) = (&answer, &p.req.target)
+                {
+                    known.forget(&changed.message.room_id, *seq);
+                }
                 let _ = p.reply.send(answer);
             }
         }
     }
 }
 
-/// Reads, decides and writes `reqs` in two statements. `None` when a message's version moved
-/// between the two (nothing was written); otherwise one answer per request, in order.
+/// Decides and writes `reqs`: first from what the writer remembers (reading only the rest), then,
+/// if the write found a version moved or an assumption wrong, from a fresh read of all of them.
+/// `None` when that lost too (nothing was written); otherwise one answer per request, in order.
 async fn write_many(
     writes: &Writes,
+    known: &Known,
     reqs: &[&ChangeRequest],
 ) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
+    if let Some(answers) = attempt(writes, known, reqs, true).await? {
+        return Ok(Some(answers));
+    }
+    attempt(writes, known, reqs, false).await
+}
+
+/// One read (of what `remembered` does not cover) and one write. `None`: nothing was written.
+async fn attempt(
+    writes: &Writes,
+    known: &Known,
+    reqs: &[&ChangeRequest],
+    remembered: bool,
+) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
     let pool: &PgPool = writes.live_change_pool()?;
+    let mut found: Vec<Option<Found>> = (0..reqs.len()).map(|_| None).collect();
+    let mut from_memory = Vec::new();
+    let mut unread: Vec<&ChangeRequest> = Vec::new();
+    let mut unread_at = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let remembered = match r.target {
+            Target::Seq(seq) if remembered => known.get(&r.room_id, seq),
+            _ => None,
+        };
+        match remembered {
+            Some(m) => {
+                found[i] = Some(Found {
+                    message: (*m).clone(),
+                    key_seq: None,
+                    // Assumed to change something (checked by the write).
+                    reacted: matches!(r.op, ChangeOp::Unreact { .. }),
+                });
+                from_memory.push(i);
+            }
+            None => {
+                unread.push(r);
+                unread_at.push(i);
+            }
+        }
+    }
+    if !unread.is_empty() {
+        let rows: Vec<FoundRow> = bind_read(sqlx::query_as(READ_SQL), &unread)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| writes.failed(e))?;
+        for (i, read) in unread_at
+            .into_iter()
+            .zip(change_batch::found(unread.len(), rows))
+        {
+            if let Some(read) = &read {
+                known.remember(&read.message);
+            }
+            found[i] = read;
+        }
+    }
+    let batch = change_batch::plan(reqs, found);
+    if !batch.writes_all(&from_memory) {
+        // A remembered state refused a request or found it changing nothing: not trusted for
+        // that, decided again from the store.
+        for &i in &from_memory {
+            if let Target::Seq(seq) = reqs[i].target {
+                known.forget(&reqs[i].room_id, seq);
+            }
+        }
+        return Ok(None);
+    }
+    if batch.is_empty() {
+        return Ok(Some(batch.answers(&HashMap::new())));
+    }
+    let bases: Vec<(String, i64)> = match bind_writes(sqlx::query_as(WRITE_SQL), &batch)
+        .fetch_all(pool)
+        .await
+    {
+        Ok(bases) => bases,
+        // An edit assumed new was a retry (its key is stored): decided again from the read,
+        // which finds the key.
+        Err(sqlx::Error::Database(e)) if remembered && e.constraint() == Some(CHANGE_KEY) => {
+            Vec::new()
+        }
+        Err(e) => return Err(writes.failed(e)),
+    };
+    if bases.is_empty() {
+        for w in &batch.messages {
+            known.forget(&w.room, w.seq);
+        }
+        return Ok(None);
+    }
+    let bases: HashMap<String, i64> = bases.into_iter().collect();
+    for w in &batch.messages {
+        if let Some(base) = bases.get(&w.room) {
+            let mut m = w.message.clone();
+            m.version = Some(base + w.index);
+            known.remember(&m);
+        }
+    }
+    Ok(Some(batch.answers(&bases)))
+}
+
+type ReadQuery<'q> =
+    sqlx::query::QueryAs<'q, sqlx::Postgres, FoundRow, sqlx::postgres::PgArguments>;
+
+/// Binds [`READ_SQL`]'s six parameters.
+fn bind_read<'q>(query: ReadQuery<'q>, reqs: &[&ChangeRequest]) -> ReadQuery<'q> {
     fn by_seq(r: &&ChangeRequest) -> Option<i64> {
         match r.target {
             Target::Seq(seq) => Some(seq),
             Target::Id(_) => None,
         }
     }
-    fn by_id<'a>(r: &&'a ChangeRequest) -> Option<&'a str> {
+    fn by_id(r: &&ChangeRequest) -> Option<String> {
         match &r.target {
             Target::Seq(_) => None,
-            Target::Id(id) => Some(id.as_str()),
+            Target::Id(id) => Some(id.clone()),
         }
     }
-    fn emoji<'a>(r: &&'a ChangeRequest) -> Option<&'a str> {
+    fn emoji(r: &&ChangeRequest) -> Option<String> {
         match &r.op {
-            ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => Some(emoji.as_str()),
+            ChangeOp::React { emoji, .. } | ChangeOp::Unreact { emoji } => Some(emoji.clone()),
             _ => None,
         }
     }
-    let rows: Vec<FoundRow> = sqlx::query_as(READ_SQL)
-        .bind(reqs.iter().map(|r| r.room_id.as_str()).collect::<Vec<_>>())
+    query
+        .bind(reqs.iter().map(|r| r.room_id.clone()).collect::<Vec<_>>())
         .bind(reqs.iter().map(by_seq).collect::<Vec<_>>())
         .bind(reqs.iter().map(by_id).collect::<Vec<_>>())
-        .bind(reqs.iter().map(|r| r.actor.as_str()).collect::<Vec<_>>())
+        .bind(reqs.iter().map(|r| r.actor.clone()).collect::<Vec<_>>())
         .bind(
             reqs.iter()
-                .map(|r| r.client_change_id())
+                .map(|r| r.client_change_id().map(str::to_string))
                 .collect::<Vec<_>>(),
         )
         .bind(reqs.iter().map(emoji).collect::<Vec<_>>())
-        .fetch_all(pool)
-        .await
-        .map_err(|e| writes.failed(e))?;
-    let found = change_batch::found(reqs.len(), rows);
-    let batch = change_batch::plan(reqs, found);
-    if batch.is_empty() {
-        return Ok(Some(batch.answers(&HashMap::new())));
-    }
-    let bases: Vec<(String, i64)> = bind_writes(sqlx::query_as(WRITE_SQL), &batch)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| writes.failed(e))?;
-    if bases.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(batch.answers(&bases.into_iter().collect())))
 }
 
 type WriteQuery<'q> =
     sqlx::query::QueryAs<'q, sqlx::Postgres, (String, i64), sqlx::postgres::PgArguments>;
 
-/// Binds [`WRITE_SQL`]'s thirty parameters.
+/// Binds [`WRITE_SQL`]'s thirty-nine parameters.
 fn bind_writes<'q>(query: WriteQuery<'q>, b: &Batch) -> WriteQuery<'q> {
     fn time(t: &chrono::DateTime<chrono::Utc>) -> NaiveDateTime {
         utc(t)
@@ -291,6 +445,17 @@ fn bind_writes<'q>(query: WriteQuery<'q>, b: &Batch) -> WriteQuery<'q> {
             rows.iter().map(|r| time(&r.4)).collect::<Vec<_>>(),
         )
     };
+    let assumed = |there: bool| {
+        let rows = b.assumed.iter().filter(|a| a.4 == there);
+        (
+            rows.clone().map(|a| a.0.clone()).collect::<Vec<_>>(),
+            rows.clone().map(|a| a.1).collect::<Vec<_>>(),
+            rows.clone().map(|a| a.2.clone()).collect::<Vec<_>>(),
+            rows.map(|a| a.3.clone()).collect::<Vec<_>>(),
+        )
+    };
+    let (absent, present) = (assumed(false), assumed(true));
+    let present_n = present.0.len() as i64;
     let (ra, rb, rc, rd, re) = reactions(&b.reacted);
     let (ua, ub, uc, ud, _) = reactions(&b.unreacted);
     query
@@ -345,4 +510,13 @@ fn bind_writes<'q>(query: WriteQuery<'q>, b: &Batch) -> WriteQuery<'q> {
         .bind(ud)
         .bind(b.cleared.iter().map(|c| c.0.clone()).collect::<Vec<_>>())
         .bind(b.cleared.iter().map(|c| c.1).collect::<Vec<_>>())
+        .bind(absent.0)
+        .bind(absent.1)
+        .bind(absent.2)
+        .bind(absent.3)
+        .bind(present.0)
+        .bind(present.1)
+        .bind(present.2)
+        .bind(present.3)
+        .bind(present_n)
 }

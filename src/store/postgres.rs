@@ -167,7 +167,7 @@ const CHANGE_BY_KEY_SQL: &str = r#"SELECT "roomId", seq, "messageSeq", "actorId"
     FROM "ChatMessageChange" WHERE "roomId" = $1 AND "actorId" = $2 AND "clientChangeId" = $3"#;
 
 /// The unique index that makes a clientChangeId idempotent.
-const CHANGE_KEY: &str = "ChatMessageChange_roomId_actorId_clientChangeId_key";
+pub(super) const CHANGE_KEY: &str = "ChatMessageChange_roomId_actorId_clientChangeId_key";
 
 /// A message by seq or id, in any state, without its quote.
 async fn message_by<'e, E: sqlx::PgExecutor<'e>>(
@@ -953,7 +953,12 @@ impl Store for PgStore {
         ])?;
         // Fails at once while the database is known to be unreachable, without queueing.
         self.live_pool()?;
-        self.sends.insert(msg).await
+        let inserted = self.sends.insert(msg).await?;
+        if !inserted.duplicate {
+            // Changes go to recent messages: the change writer need not read this one first.
+            self.changes.known.remember(&inserted.message);
+        }
+        Ok(inserted)
     }
 
     async fn find_by_client_msg_id(
@@ -1046,7 +1051,15 @@ impl Store for PgStore {
         refuse_nul(&[("clientChangeId", req.client_change_id())])?;
         self.live_pool()?;
         let written = match req.op {
-            ChangeOp::Moderate { .. } => self.writes.change_one(&req).await?,
+            ChangeOp::Moderate { .. } => {
+                let written = self.writes.change_one(&req).await?;
+                if let Written::Changed(changed) = &written {
+                    // The change writer's memory of it is out of date.
+                    let m = &changed.message;
+                    self.changes.known.forget(&m.room_id, m.seq);
+                }
+                written
+            }
             _ => self.changes.write(req.clone()).await?,
         };
         let mut changed = match written {
