@@ -1107,19 +1107,14 @@ async fn sqlite_writes_concurrent_changes_in_batches_that_add_up() {
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display()))
         .await
         .unwrap();
-    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-        r#"SELECT "messageSeq", emoji, count(*) FROM "ChatReaction" WHERE "roomId" = 'r'
-           GROUP BY 1, 2 ORDER BY 1, 2"#,
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let last: Vec<(i64, i64)> = sqlx::query_as(
-        r#"SELECT "messageSeq", max(seq) FROM "ChatMessageChange" WHERE "roomId" = 'r' GROUP BY 1"#,
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(common::REACTION_ROWS_SQL)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let last: Vec<(i64, i64)> = sqlx::query_as(common::LAST_CHANGES_SQL)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     let head =
         common::assert_changes_add_up(store.as_ref(), "r", &[1, 2, 3, 4], &rows, &last).await;
     assert_eq!(head, 4 + stored);

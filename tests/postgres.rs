@@ -1355,19 +1355,14 @@ async fn changes_from_two_nodes_at_once_are_batched_and_lose_no_update() {
     }
     // Every change took one number, and the messages' counts and versions are their rows'.
     let pool = db.pool().await;
-    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-        r#"SELECT "messageSeq", emoji, count(*) FROM "ChatReaction" WHERE "roomId" = 'r'
-           GROUP BY 1, 2 ORDER BY 1, 2"#,
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let last: Vec<(i64, i64)> = sqlx::query_as(
-        r#"SELECT "messageSeq", max(seq) FROM "ChatMessageChange" WHERE "roomId" = 'r' GROUP BY 1"#,
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(common::REACTION_ROWS_SQL)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let last: Vec<(i64, i64)> = sqlx::query_as(common::LAST_CHANGES_SQL)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     let head = common::assert_changes_add_up(a.as_ref(), "r", &[1, 2, 3, 4], &rows, &last).await;
     assert_eq!(head, 4 + stored);
     let races = counters(&a).change_batch_races.get() + counters(&b).change_batch_races.get();

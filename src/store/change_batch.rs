@@ -32,6 +32,28 @@ pub(crate) struct Found {
     pub reacted: bool,
 }
 
+/// A batch's read, the same on both stores after its input: `$input` a CTE `input` of the
+/// requests (`ord` from 1, `in_room`, `in_seq` or `in_id`, `in_actor`, `in_key`, `in_emoji`),
+/// then the store's message columns. Rows of [`FoundRow`].
+macro_rules! read_sql {
+    ($input:literal, $($columns:tt)*) => {
+        concat!(
+            $input,
+            "\nSELECT i.ord, ",
+            $($columns)*,
+            r#",
+    (SELECT k.seq FROM "ChatMessageChange" k
+     WHERE k."roomId" = i.in_room AND k."actorId" = i.in_actor AND k."clientChangeId" = i.in_key) AS "keySeq",
+    EXISTS (SELECT 1 FROM "ChatReaction" r
+            WHERE r."roomId" = i.in_room AND r."messageSeq" = m.seq AND r.emoji = i.in_emoji
+              AND r."userId" = i.in_actor) AS reacted
+FROM input i JOIN "ChatMessage" m ON m."roomId" = i.in_room AND m.seq = coalesce(i.in_seq,
+    (SELECT x.seq FROM "ChatMessage" x WHERE x."roomId" = i.in_room AND x.id = i.in_id))"#
+        )
+    };
+}
+pub(crate) use read_sql;
+
 /// One row of a batch's read: the request's place in the batch (`ord`, from 1) and what it found
 /// (columns: the message's, `keySeq` and `reacted`).
 pub(crate) struct FoundRow {
@@ -348,27 +370,13 @@ mod tests {
     use super::*;
     use crate::store::changes::{ChangeWhat, Target};
 
-    fn message(seq: i64, sender: &str) -> Message {
-        Message {
-            id: format!("m{seq}"),
-            room_id: "r".into(),
-            seq,
-            sender_id: sender.into(),
-            sender_name: None,
-            sender_avatar_url: None,
-            content: "helo".into(),
-            content_type: "TEXT".into(),
-            status: "SENT".into(),
-            moderation_status: "APPROVED".into(),
-            created_at: Utc::now(),
-            client_msg_id: None,
-            edited_at: None,
-            deleted_at: None,
-            version: Some(7),
-            reply_to_seq: None,
-            reactions: None,
-            reply: None,
-        }
+    /// Alice's message `seq`, changed last as 7.
+    fn message(seq: i64) -> Message {
+        let mut m = crate::store::changes::tests::message();
+        m.id = format!("m{seq}");
+        m.seq = seq;
+        m.version = Some(7);
+        m
     }
 
     fn request(seq: i64, actor: &str, op: ChangeOp) -> ChangeRequest {
@@ -422,7 +430,7 @@ mod tests {
 
     #[test]
     fn changes_of_one_message_apply_in_order_and_take_the_rooms_next_numbers() {
-        let m = message(4, "alice");
+        let m = message(4);
         let reqs = [
             edit(4, "hello", Some("k1")),
             react(4, "bob", "👍"),
@@ -432,17 +440,7 @@ mod tests {
             edit(4, "hello", Some("k1")),
         ];
         let refs: Vec<&ChangeRequest> = reqs.iter().collect();
-        let batch = plan(
-            &refs,
-            vec![
-                found(&m, false),
-                found(&m, false),
-                found(&m, false),
-                found(&m, false),
-                found(&m, false),
-                found(&m, false),
-            ],
-        );
+        let batch = plan(&refs, (0..6).map(|_| found(&m, false)).collect());
         assert_eq!(batch.rooms, vec![("r".to_string(), 3)]);
         assert_eq!(batch.changes.len(), 3);
         assert_eq!(batch.reacted.len(), 2);
@@ -479,8 +477,8 @@ mod tests {
 
     #[test]
     fn a_reaction_taken_back_writes_no_row_and_a_deletion_clears_them() {
-        let m = message(4, "alice");
-        let mut n = message(5, "alice");
+        let m = message(4);
+        let mut n = message(5);
         n.reactions = Some(r#"{"🎉":1}"#.into());
         let reqs = [
             react(4, "bob", "👍"),

@@ -395,10 +395,11 @@ fn is_pictographic(c: char) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn message() -> Message {
+    /// Alice's message 4 in room "r", never changed.
+    pub(crate) fn message() -> Message {
         Message {
             id: "m1".into(),
             room_id: "r".into(),

@@ -90,21 +90,12 @@ impl Known {
 /// there. `$1` rooms, `$2` seqs (NULL: by id), `$3` ids, `$4` actors, `$5` clientChangeIds, `$6`
 /// emojis, one element per request. Returns `ord` (1-based) with each request that found its
 /// message.
-const READ_SQL: &str = concat!(
+const READ_SQL: &str = change_batch::read_sql!(
     r#"WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
         WITH ORDINALITY AS t(in_room, in_seq, in_id, in_actor, in_key, in_emoji, ord)
-)
-SELECT i.ord, "#,
-    columns!(),
-    r#",
-    (SELECT k.seq FROM "ChatMessageChange" k
-     WHERE k."roomId" = i.in_room AND k."actorId" = i.in_actor AND k."clientChangeId" = i.in_key) AS "keySeq",
-    EXISTS (SELECT 1 FROM "ChatReaction" r
-            WHERE r."roomId" = i.in_room AND r."messageSeq" = m.seq AND r.emoji = i.in_emoji
-              AND r."userId" = i.in_actor) AS reacted
-FROM input i JOIN "ChatMessage" m ON m."roomId" = i.in_room AND m.seq = COALESCE(i.in_seq,
-    (SELECT x.seq FROM "ChatMessage" x WHERE x."roomId" = i.in_room AND x.id = i.in_id))"#
+)"#,
+    columns!()
 );
 
 /// A batch's writes in one statement (see the module docs). Messages: `$1` rooms, `$2` seqs, `$3`

@@ -913,23 +913,14 @@ async fn message_by<'e, E: sqlx::SqliteExecutor<'e>>(
 /// A change batch's transaction and read (see [`super::change_batch`]): every request's message, the seq of a
 /// change stored under an edit's key and whether a reaction's row is there. The rows of `?`:
 /// `[room, seq or null, id or null, actor, clientChangeId, emoji]`.
-const READ_CHANGES: &str = concat!(
+const READ_CHANGES: &str = change_batch::read_sql!(
     r#"BEGIN IMMEDIATE;
 WITH input AS (
     SELECT key + 1 AS ord, value->>0 AS in_room, value->>1 AS in_seq, value->>2 AS in_id,
         value->>3 AS in_actor, value->>4 AS in_key, value->>5 AS in_emoji
     FROM json_each(?)
-)
-SELECT i.ord, "#,
-    columns!(),
-    r#",
-    (SELECT k.seq FROM "ChatMessageChange" k
-     WHERE k."roomId" = i.in_room AND k."actorId" = i.in_actor AND k."clientChangeId" = i.in_key) AS "keySeq",
-    EXISTS (SELECT 1 FROM "ChatReaction" r
-            WHERE r."roomId" = i.in_room AND r."messageSeq" = m.seq AND r.emoji = i.in_emoji
-              AND r."userId" = i.in_actor) AS reacted
-FROM input i JOIN "ChatMessage" m ON m."roomId" = i.in_room AND m.seq = coalesce(i.in_seq,
-    (SELECT x.seq FROM "ChatMessage" x WHERE x."roomId" = i.in_room AND x.id = i.in_id))"#
+)"#,
+    columns!()
 );
 
 /// A change batch's writes and commit, in one call. Its six parameters, in order (each `?` once:

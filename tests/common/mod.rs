@@ -777,6 +777,14 @@ pub fn observations(histogram: &prometheus_client::metrics::histogram::Histogram
         .unwrap()
 }
 
+/// Room "r"'s reaction rows counted: (message seq, emoji, users), in that order. Both stores.
+pub const REACTION_ROWS_SQL: &str = r#"SELECT "messageSeq", emoji, count(*) FROM "ChatReaction"
+    WHERE "roomId" = 'r' GROUP BY 1, 2 ORDER BY 1, 2"#;
+
+/// Room "r"'s changed messages and the seq of each one's last change. Both stores.
+pub const LAST_CHANGES_SQL: &str = r#"SELECT "messageSeq", max(seq) FROM "ChatMessageChange"
+    WHERE "roomId" = 'r' GROUP BY 1"#;
+
 /// After concurrent changes of `room`'s messages `seqs`: its sequence holds every number up to
 /// its head once, in order, and each message's reaction counts are its reaction rows (`rows`:
 /// message seq, emoji, users) and its version the seq of its last change (`last`: message seq,
