@@ -909,7 +909,7 @@ async fn terminated_connections_fail_sends_retriably_and_the_pool_reconnects() {
         }
         let killed: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = 'chat-gateway') AS t",
+             WHERE datname = $1 AND application_name LIKE 'chat-gateway%') AS t",
         )
         .bind(&db.name)
         .fetch_one(&pool)
@@ -1030,7 +1030,7 @@ async fn the_store_maps_failures_to_retriable_and_invalid_errors() {
     let pool = db.pool().await;
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND application_name = 'chat-gateway'",
+         WHERE datname = $1 AND application_name LIKE 'chat-gateway%'",
     )
     .bind(&db.name)
     .execute(&pool)

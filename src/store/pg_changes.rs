@@ -220,7 +220,7 @@ async fn write_all(writes: Arc<Writes>, known: Known, mut queued: mpsc::Receiver
         // Under load (a batch started less than `interval` ago), wait for the rest of the
         // interval and take what arrived meanwhile too. After a quiet spell: at once.
         let now = tokio::time::Instant::now();
-        if let Some(next) = last_start.map(|t| t + writes.change_interval())
+        if let Some(next) = last_start.map(|t| t + writes.write_interval())
             && next > now
         {
             tokio::time::sleep_until(next).await;
@@ -298,7 +298,7 @@ async fn attempt(
     reqs: &[&ChangeRequest],
     remembered: bool,
 ) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
-    let pool: &PgPool = writes.live_change_pool()?;
+    let pool: &PgPool = writes.live_writer_pool()?;
     let mut found: Vec<Option<Found>> = (0..reqs.len()).map(|_| None).collect();
     let mut from_memory = Vec::new();
     let mut unread: Vec<&ChangeRequest> = Vec::new();

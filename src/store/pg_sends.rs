@@ -1,8 +1,11 @@
 //! Sends on Postgres, in group commits. A send does not take a connection of its own: it queues
 //! for the node's send writer, which takes everything waiting (up to [`BATCH`]) and writes it in
 //! one statement, one round trip and one commit (one WAL flush), at most [`IN_FLIGHT`] batches at
-//! once; while they run, the next sends queue, so batches grow with the load. A send after a quiet
-//! spell is a batch of one, written by the single-send statement at once.
+//! once, on the writers' connections (generic plans of index lookups: see
+//! `postgres::WRITER_SETTINGS`). A send after a quiet spell is a batch of one, written by the
+//! single-send statement at once; under load a batch starts no sooner than
+//! `database.write_interval_ms` after the previous one started and takes everything that arrived
+//! meanwhile, so batches grow with the load and commits (WAL flushes) per message fall.
 //!
 //! A batch statement does what the single-send one does for every send of the batch:
 //! - a `clientMsgId` already stored answers with the original (`duplicate`); the same key twice in
@@ -164,6 +167,7 @@ impl Sends {
 /// is gone.
 async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
     let turns = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         let turn = turns
             .clone()
@@ -174,6 +178,21 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
         if queued.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
+        // Under load (a batch started less than the interval ago), wait for the rest of the
+        // interval and take what arrived meanwhile too. After a quiet spell: at once.
+        let now = tokio::time::Instant::now();
+        if let Some(next) = last_start.map(|t| t + writes.write_interval())
+            && next > now
+        {
+            tokio::time::sleep_until(next).await;
+            while batch.len() < BATCH {
+                match queued.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+        }
+        last_start = Some(tokio::time::Instant::now());
         let writes = writes.clone();
         tokio::spawn(async move {
             write(&writes, batch).await;
@@ -269,7 +288,7 @@ async fn insert_many(
     } else {
         BATCH_SQL
     };
-    let pool: &PgPool = writes.live_pool()?;
+    let pool: &PgPool = writes.live_writer_pool()?;
     let rows: Vec<Row> = sqlx::query_as(sql)
         .bind(&ids)
         .bind(&rooms)

@@ -62,14 +62,15 @@ pub const MAINTENANCE_DOWN_SQL: &str =
     include_str!("../../migrations/postgres-maintenance/20261127000100_live_database.down.sql");
 
 /// How long the probe of an unreachable database waits for its `SELECT 1`.
-/// The change writer's connection settings. Its two statements (see `pg_changes`) join a batch's
-/// arrays to the tables by key, and the right plan for them is always the same: a nested loop of
-/// index lookups, one per row of the batch. Left to itself, Postgres re-plans them for every batch
-/// (a custom plan, about 0.5 ms of its CPU per batch), or caches a generic plan made with the
-/// statistics of the moment, which on new tables (the change and reaction tables start empty)
-/// are table scans and hash joins that stay cached as the tables grow. Here the plan is generic
-/// (planned once per connection) and made of index scans only.
-const CHANGE_WRITER_SETTINGS: [(&str, &str); 4] = [
+/// The writers' connection settings (the send writer's and the change writer's connections, see
+/// `pg_sends` and `pg_changes`). Their statements join a batch's arrays to the tables by key, and
+/// the right plan for them is always the same: a nested loop of index lookups, one per row of the
+/// batch. Left to itself, Postgres re-plans them for every batch (a custom plan, about 0.5 ms of
+/// its CPU per batch), or caches a generic plan made with the statistics of the moment, which on
+/// new tables (the change and reaction tables start empty) are table scans and hash joins that
+/// stay cached as the tables grow. Here the plan is generic (planned once per connection) and
+/// made of index scans only.
+const WRITER_SETTINGS: [(&str, &str); 4] = [
     ("plan_cache_mode", "force_generic_plan"),
     ("enable_seqscan", "off"),
     ("enable_hashjoin", "off"),
@@ -77,7 +78,7 @@ const CHANGE_WRITER_SETTINGS: [(&str, &str); 4] = [
 ];
 
 /// `database.write_interval_ms` until the gateway sets it (see [`PgStore::with_write_interval`]).
-const DEFAULT_CHANGE_INTERVAL_MS: u64 = 2;
+const DEFAULT_WRITE_INTERVAL_MS: u64 = 2;
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -437,9 +438,9 @@ pub(super) struct Writes {
     /// `Unavailable` instead of waiting `database.acquire_timeout_ms` for a connection that
     /// cannot open (sends answered promptly, `/readyz` at once).
     health: Arc<Health>,
-    /// The change writer's own connection (see `pg_changes`): its two statements run with
-    /// generic plans made of index lookups only.
-    change_pool: PgPool,
+    /// The writers' own connections: one per send batch in flight and one for the change writer
+    /// (see [`WRITER_SETTINGS`]).
+    writer_pool: PgPool,
     /// Sends write outbox rows (side effects are configured: `queue.webhook_url`).
     outbox: AtomicBool,
     /// Sends per group commit.
@@ -451,7 +452,7 @@ pub(super) struct Writes {
     pub(super) change_batch_races: Counter,
     /// The shortest time between the starts of two change batches under load, in milliseconds
     /// (`database.write_interval_ms`).
-    change_interval_ms: AtomicU64,
+    write_interval_ms: AtomicU64,
 }
 
 impl Writes {
@@ -464,11 +465,11 @@ impl Writes {
         }
     }
 
-    /// The change writer's connection, or `Unavailable` at once while the database is known to be
+    /// The writers' connections, or `Unavailable` at once while the database is known to be
     /// unreachable.
-    pub(super) fn live_change_pool(&self) -> Result<&PgPool, StoreError> {
+    pub(super) fn live_writer_pool(&self) -> Result<&PgPool, StoreError> {
         self.live_pool()?;
-        Ok(&self.change_pool)
+        Ok(&self.writer_pool)
     }
 
     /// Maps a failed statement, marking the database down when it could not be reached.
@@ -511,8 +512,8 @@ impl Writes {
     }
 
     /// The shortest time between the starts of two change batches under load.
-    pub(super) fn change_interval(&self) -> Duration {
-        Duration::from_millis(self.change_interval_ms.load(Ordering::Relaxed))
+    pub(super) fn write_interval(&self) -> Duration {
+        Duration::from_millis(self.write_interval_ms.load(Ordering::Relaxed))
     }
 
     /// One send in one statement (see [`INSERT_MESSAGE_SQL`]).
@@ -534,7 +535,7 @@ impl Writes {
             .bind(utc(&msg.created_at))
             .bind(&msg.client_msg_id)
             .bind(msg.reply.as_ref().map(|q| q.seq))
-            .fetch_optional(self.live_pool()?)
+            .fetch_optional(self.live_writer_pool()?)
             .await;
         match stored {
             Ok(Some(inserted)) => Ok(inserted),
@@ -603,6 +604,19 @@ impl Default for PgMetrics {
             change_batch_races: Counter::default(),
         }
     }
+}
+
+/// Whether one of `pool`'s connections answers, dropping up to `size` dead ones on the way.
+async fn answers(pool: &PgPool, size: u32) -> bool {
+    for _ in 0..=size {
+        let ping = sqlx::query("SELECT 1").execute(pool);
+        match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Ok(Ok(_)) => return true,
+            Ok(Err(e)) if unreachable(&e) => continue,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// A failure that says the database cannot be reached (as opposed to an answer it gave): no
@@ -675,53 +689,53 @@ impl PgStore {
             .max_lifetime(None)
             .connect_with(options.clone())
             .await?;
-        let change_pool = PgPoolOptions::new()
-            .max_connections(1)
+        let writers = u32::try_from(super::pg_sends::IN_FLIGHT + 1).unwrap_or(3);
+        let writer_pool = PgPoolOptions::new()
+            .max_connections(writers)
             .acquire_timeout(acquire_timeout)
             .test_before_acquire(false)
-            .min_connections(1)
+            .min_connections(writers)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(
                 options
-                    .application_name("chat-gateway changes")
-                    .options(CHANGE_WRITER_SETTINGS),
+                    .application_name("chat-gateway writer")
+                    .options(WRITER_SETTINGS),
             )
             .await?;
         let counters = PgMetrics::default();
-        let probe_pool = pool.clone();
-        let pool_size = max_connections.max(1);
+        let probe_pools = [
+            (pool.clone(), max_connections.max(1)),
+            (writer_pool.clone(), writers),
+        ];
         let health = Health::new(
             "the database",
             counters.outages.clone(),
             Box::new(move || {
-                let pool = probe_pool.clone();
+                let pools = probe_pools.clone();
                 Box::pin(async move {
-                    // The pool hands out its idle connections first, and each that died with
-                    // the database fails its one statement and is dropped: go through them
+                    // A pool hands out its idle connections first, and each that died with the
+                    // database fails its one statement and is dropped: go through each pool's
                     // until one answers, so that traffic does not meet them after the recovery
                     // (each would find the database "down" again).
-                    for _ in 0..=pool_size {
-                        let ping = sqlx::query("SELECT 1").execute(&pool);
-                        match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
-                            Ok(Ok(_)) => return true,
-                            Ok(Err(e)) if unreachable(&e) => continue,
-                            _ => return false,
+                    for (pool, size) in &pools {
+                        if !answers(pool, *size).await {
+                            return false;
                         }
                     }
-                    false
+                    true
                 })
             }),
         );
         let writes = Arc::new(Writes {
             pool: pool.clone(),
             health,
-            change_pool,
+            writer_pool,
             outbox: AtomicBool::new(false),
             batch_size: counters.send_batch_size.clone(),
             change_batch_size: counters.change_batch_size.clone(),
             change_batch_races: counters.change_batch_races.clone(),
-            change_interval_ms: AtomicU64::new(DEFAULT_CHANGE_INTERVAL_MS),
+            write_interval_ms: AtomicU64::new(DEFAULT_WRITE_INTERVAL_MS),
         });
         Ok(Self {
             pool,
@@ -747,7 +761,7 @@ impl PgStore {
     /// (`database.write_interval_ms`; see `pg_changes`).
     pub fn with_write_interval(self, interval: Duration) -> Self {
         let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
-        self.writes.change_interval_ms.store(ms, Ordering::Relaxed);
+        self.writes.write_interval_ms.store(ms, Ordering::Relaxed);
         self
     }
 
@@ -822,7 +836,7 @@ impl PgStore {
     }
 
     pub async fn close(&self) {
-        self.writes.change_pool.close().await;
+        self.writes.writer_pool.close().await;
         self.pool.close().await;
     }
 }
