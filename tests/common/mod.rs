@@ -202,6 +202,19 @@ impl TestApp {
             .unwrap_or(0.0)
     }
 
+    /// A sample's value once it reaches `want`, or as it is after `within`: for what a socket's
+    /// cleanup counts after the socket itself was told (a close frame goes out first).
+    pub async fn metric_reaching(&self, key: &str, want: f64, within: Duration) -> f64 {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let value = self.metric(key).await;
+            if value >= want || tokio::time::Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Connects and authenticates with a first `auth` frame.
     pub async fn client(&self, user: &str) -> Client {
         let mut c = Client::connect(self.addr, None).await;
