@@ -278,6 +278,39 @@ pub(crate) async fn quote_replies<S: Store + ?Sized>(
     Ok(())
 }
 
+/// The pacing of a group writer under load: when its previous batch started less than
+/// `interval` ago, waits out the rest (after a quiet spell, returns at once); then tops `batch`
+/// up, to `max` at most, with what arrived meanwhile. Returns when the batch starts.
+pub(crate) async fn pace<T>(
+    last_start: Option<tokio::time::Instant>,
+    interval: std::time::Duration,
+    queued: &mut tokio::sync::mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+) -> tokio::time::Instant {
+    if let Some(next) = last_start.map(|t| t + interval)
+        && next > tokio::time::Instant::now()
+    {
+        tokio::time::sleep_until(next).await;
+    }
+    top_up(queued, batch, max);
+    tokio::time::Instant::now()
+}
+
+/// Adds to `batch` what is waiting in `queued`, to `max` at most, without waiting.
+pub(crate) fn top_up<T>(
+    queued: &mut tokio::sync::mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+) {
+    while batch.len() < max {
+        match queued.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+}
+
 /// What the store knows about a user and a room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

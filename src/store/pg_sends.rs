@@ -178,21 +178,16 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
         if queued.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        // Under load (a batch started less than the interval ago), wait for the rest of the
-        // interval and take what arrived meanwhile too. After a quiet spell: at once.
-        let now = tokio::time::Instant::now();
-        if let Some(next) = last_start.map(|t| t + writes.write_interval())
-            && next > now
-        {
-            tokio::time::sleep_until(next).await;
-            while batch.len() < BATCH {
-                match queued.try_recv() {
-                    Ok(pending) => batch.push(pending),
-                    Err(_) => break,
-                }
-            }
-        }
-        last_start = Some(tokio::time::Instant::now());
+        last_start = Some(
+            super::pace(
+                last_start,
+                writes.write_interval(),
+                &mut queued,
+                &mut batch,
+                BATCH,
+            )
+            .await,
+        );
         let writes = writes.clone();
         tokio::spawn(async move {
             write(&writes, batch).await;

@@ -458,27 +458,18 @@ impl GroupWriter {
             if n == 0 {
                 return;
             }
-            // Under load (a batch started less than `interval` ago), wait for the rest of the
-            // interval and take what arrived meanwhile too. After a quiet spell: at once.
-            let now = tokio::time::Instant::now();
-            if let Some(next) = last_start.map(|t| t + self.interval)
-                && next > now
-            {
-                tokio::time::sleep_until(next).await;
-            }
-            while batch.len() < self.batch {
-                match queued.try_recv() {
-                    Ok(send) => batch.push(send),
-                    Err(_) => break,
-                }
-            }
-            while changed.len() < self.batch {
-                match changes.try_recv() {
-                    Ok(change) => changed.push(change),
-                    Err(_) => break,
-                }
-            }
-            last_start = Some(tokio::time::Instant::now());
+            // Paced under load (see `super::pace`), sends and changes alike.
+            last_start = Some(
+                super::pace(
+                    last_start,
+                    self.interval,
+                    &mut queued,
+                    &mut batch,
+                    self.batch,
+                )
+                .await,
+            );
+            super::top_up(&mut changes, &mut changed, self.batch);
             if !batch.is_empty() {
                 self.stats.sends_waiting.dec_by(batch.len() as i64);
                 self.commit(&mut batch).await;
