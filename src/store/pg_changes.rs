@@ -54,11 +54,10 @@ const KNOWN_BYTES: u64 = 8 << 20;
 
 /// The messages the writer read or changed last, in the state it last saw them: (room, seq) to
 /// the message.
-#[derive(Clone)]
 pub(super) struct Known(moka::sync::Cache<(String, i64), Arc<Message>>);
 
 impl Known {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self(
             moka::sync::Cache::builder()
                 .max_capacity(KNOWN_BYTES)
@@ -183,16 +182,14 @@ struct Pending {
 /// The queue changes wait in for the writer.
 pub struct Changes {
     queue: mpsc::Sender<Pending>,
-    pub(super) known: Known,
 }
 
 impl Changes {
     /// Starts the writer on the current runtime.
     pub fn start(writes: Arc<Writes>) -> Self {
         let (queue, queued) = mpsc::channel(QUEUE);
-        let known = Known::new();
-        tokio::spawn(write_all(writes, known.clone(), queued));
-        Self { queue, known }
+        tokio::spawn(write_all(writes, queued));
+        Self { queue }
     }
 
     /// Queues a change and waits for its outcome (after its commit). Moderation is not queued:
@@ -210,7 +207,7 @@ impl Changes {
 }
 
 /// Takes what is waiting, one batch at a time, until every caller is gone.
-async fn write_all(writes: Arc<Writes>, known: Known, mut queued: mpsc::Receiver<Pending>) {
+async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
     let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         let mut batch = Vec::with_capacity(BATCH);
@@ -227,12 +224,12 @@ async fn write_all(writes: Arc<Writes>, known: Known, mut queued: mpsc::Receiver
             )
             .await,
         );
-        write(&writes, &known, batch).await;
+        write(&writes, batch).await;
     }
 }
 
 /// Writes a batch and answers each of its changes.
-async fn write(writes: &Writes, known: &Known, mut batch: Vec<Pending>) {
+async fn write(writes: &Writes, mut batch: Vec<Pending>) {
     // Callers that went away before their batch was taken need no answer: skipped.
     batch.retain(|p| !p.reply.is_closed());
     if batch.is_empty() {
@@ -240,7 +237,7 @@ async fn write(writes: &Writes, known: &Known, mut batch: Vec<Pending>) {
     }
     writes.change_batch_size.observe(batch.len() as f64);
     let reqs: Vec<&ChangeRequest> = batch.iter().map(|p| &p.req).collect();
-    match write_many(writes, known, &reqs).await {
+    match write_many(writes, &reqs).await {
         Ok(Some(answers)) => {
             for (p, answer) in batch.into_iter().zip(answers) {
                 let _ = p.reply.send(answer.map_err(StoreError::Refused));
@@ -261,12 +258,7 @@ async fn write(writes: &Writes, known: &Known, mut batch: Vec<Pending>) {
                 }
             }
             for p in batch {
-                let answer = writes.change_one(&p.req).await;
-                if let (Ok(Written::Changed(changed)), Target::Seq(seq)) = (&answer, &p.req.target)
-                {
-                    known.forget(&changed.message.room_id, *seq);
-                }
-                let _ = p.reply.send(answer);
+                let _ = p.reply.send(writes.change_one(&p.req).await);
             }
         }
     }
@@ -277,22 +269,21 @@ async fn write(writes: &Writes, known: &Known, mut batch: Vec<Pending>) {
 /// `None` when that lost too (nothing was written); otherwise one answer per request, in order.
 async fn write_many(
     writes: &Writes,
-    known: &Known,
     reqs: &[&ChangeRequest],
 ) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
-    if let Some(answers) = attempt(writes, known, reqs, true).await? {
+    if let Some(answers) = attempt(writes, reqs, true).await? {
         return Ok(Some(answers));
     }
-    attempt(writes, known, reqs, false).await
+    attempt(writes, reqs, false).await
 }
 
 /// One read (of what `remembered` does not cover) and one write. `None`: nothing was written.
 async fn attempt(
     writes: &Writes,
-    known: &Known,
     reqs: &[&ChangeRequest],
     remembered: bool,
 ) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
+    let known = &writes.known;
     let pool: &PgPool = writes.live_writer_pool()?;
     let mut found: Vec<Option<Found>> = (0..reqs.len()).map(|_| None).collect();
     let mut from_memory = Vec::new();

@@ -24,7 +24,7 @@ use prometheus_client::metrics::family::Family;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 
-use super::pg_changes::Changes;
+use super::pg_changes::{Changes, Known};
 use super::pg_sends::Sends;
 use crate::health::Health;
 
@@ -441,6 +441,8 @@ pub(super) struct Writes {
     /// The writers' own connections: one per send batch in flight and one for the change writer
     /// (see [`WRITER_SETTINGS`]).
     writer_pool: PgPool,
+    /// The messages the change writer need not read first (see `pg_changes`).
+    pub(super) known: Known,
     /// Sends write outbox rows (side effects are configured: `queue.webhook_url`).
     outbox: AtomicBool,
     /// Sends per group commit.
@@ -501,7 +503,14 @@ impl Writes {
         }
         .await;
         match outcome {
-            Ok(Ok(written)) => Ok(written),
+            Ok(Ok(written)) => {
+                if let Written::Changed(changed) = &written {
+                    // What the change writer remembers of the message is out of date.
+                    let m = &changed.message;
+                    self.known.forget(&m.room_id, m.seq);
+                }
+                Ok(written)
+            }
             Ok(Err(refusal)) => Err(StoreError::Refused(refusal)),
             // Two first edits with one key at once: the second answers with the first's change.
             Err(sqlx::Error::Database(e)) if e.constraint() == Some(CHANGE_KEY) => {
@@ -731,6 +740,7 @@ impl PgStore {
             pool: pool.clone(),
             health,
             writer_pool,
+            known: Known::new(),
             outbox: AtomicBool::new(false),
             batch_size: counters.send_batch_size.clone(),
             change_batch_size: counters.change_batch_size.clone(),
@@ -970,7 +980,7 @@ impl Store for PgStore {
         let inserted = self.sends.insert(msg).await?;
         if !inserted.duplicate {
             // Changes go to recent messages: the change writer need not read this one first.
-            self.changes.known.remember(&inserted.message);
+            self.writes.known.remember(&inserted.message);
         }
         Ok(inserted)
     }
@@ -1065,15 +1075,7 @@ impl Store for PgStore {
         refuse_nul(&[("clientChangeId", req.client_change_id())])?;
         self.live_pool()?;
         let written = match req.op {
-            ChangeOp::Moderate { .. } => {
-                let written = self.writes.change_one(&req).await?;
-                if let Written::Changed(changed) = &written {
-                    // The change writer's memory of it is out of date.
-                    let m = &changed.message;
-                    self.changes.known.forget(&m.room_id, m.seq);
-                }
-                written
-            }
+            ChangeOp::Moderate { .. } => self.writes.change_one(&req).await?,
             _ => self.changes.write(req.clone()).await?,
         };
         let mut changed = match written {
