@@ -249,13 +249,11 @@ async fn write(writes: &Writes, mut batch: Vec<Pending>) {
             }
         }
         outcome => {
-            match outcome {
-                Err(e) => {
-                    tracing::warn!(error = %e, changes = batch.len(), "change batch failed; writing its changes one by one");
-                }
-                _ => {
-                    writes.change_batch_races.inc();
-                }
+            // The batch failed, or lost to another node's change twice: one change at a time.
+            if let Err(e) = &outcome {
+                tracing::warn!(error = %e, changes = batch.len(), "change batch failed; writing its changes one by one");
+            } else {
+                writes.change_batch_races.inc();
             }
             for p in batch {
                 let _ = p.reply.send(writes.change_one(&p.req).await);
@@ -277,11 +275,12 @@ async fn write_many(
     attempt(writes, reqs, false).await
 }
 
-/// One read (of what `remembered` does not cover) and one write. `None`: nothing was written.
+/// One read (of what the writer remembers, when `use_memory`, nothing) and one write. `None`:
+/// nothing was written.
 async fn attempt(
     writes: &Writes,
     reqs: &[&ChangeRequest],
-    remembered: bool,
+    use_memory: bool,
 ) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
     let known = &writes.known;
     let pool: &PgPool = writes.live_writer_pool()?;
@@ -291,7 +290,7 @@ async fn attempt(
     let mut unread_at = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
         let remembered = match r.target {
-            Target::Seq(seq) if remembered => known.get(&r.room_id, seq),
+            Target::Seq(seq) if use_memory => known.get(&r.room_id, seq),
             _ => None,
         };
         match remembered {
@@ -346,7 +345,7 @@ async fn attempt(
         Ok(bases) => bases,
         // An edit assumed new was a retry (its key is stored): decided again from the read,
         // which finds the key.
-        Err(sqlx::Error::Database(e)) if remembered && e.constraint() == Some(CHANGE_KEY) => {
+        Err(sqlx::Error::Database(e)) if use_memory && e.constraint() == Some(CHANGE_KEY) => {
             Vec::new()
         }
         Err(e) => return Err(writes.failed(e)),
