@@ -278,6 +278,24 @@ pub(crate) async fn quote_replies<S: Store + ?Sized>(
     Ok(())
 }
 
+/// Hands `pending` (built around the answer's sender) to a writer's queue and waits for the
+/// answer. A full queue makes the caller wait (back-pressure, not an error); a writer that is
+/// gone is `Unavailable`, saying `what` stopped.
+pub(crate) async fn ask<P, R>(
+    queue: &tokio::sync::mpsc::Sender<P>,
+    pending: impl FnOnce(tokio::sync::oneshot::Sender<Result<R, StoreError>>) -> P,
+    what: &str,
+) -> Result<R, StoreError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    queue
+        .send(pending(reply))
+        .await
+        .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+    answer
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("{what} stopped")))?
+}
+
 /// The pacing of a group writer under load: when its previous batch started less than
 /// `interval` ago, waits out the rest (after a quiet spell, returns at once); then tops `batch`
 /// up, to `max` at most, with what arrived meanwhile. Returns when the batch starts.

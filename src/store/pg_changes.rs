@@ -195,14 +195,12 @@ impl Changes {
     /// Queues a change and waits for its outcome (after its commit). Moderation is not queued:
     /// see the module docs.
     pub async fn write(&self, req: ChangeRequest) -> Answer {
-        let (reply, outcome) = oneshot::channel();
-        self.queue
-            .send(Pending { req, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        outcome
-            .await
-            .map_err(|_| StoreError::Unavailable("the change writer stopped".into()))?
+        super::ask(
+            &self.queue,
+            |reply| Pending { req, reply },
+            "the change writer",
+        )
+        .await
     }
 }
 

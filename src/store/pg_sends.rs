@@ -152,14 +152,12 @@ impl Sends {
 
     /// Queues a send and waits for its outcome (after its commit).
     pub async fn insert(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
-        let (reply, outcome) = oneshot::channel();
-        self.queue
-            .send(Pending { msg, reply })
-            .await
-            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        outcome
-            .await
-            .map_err(|_| StoreError::Unavailable("the send writer stopped".into()))?
+        super::ask(
+            &self.queue,
+            |reply| Pending { msg, reply },
+            "the send writer",
+        )
+        .await
     }
 }
 

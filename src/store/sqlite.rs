@@ -1070,12 +1070,12 @@ impl Store for SqliteStore {
             req.client_change_id().map(str::to_string),
         );
         // Written by the group writer, in a batch with the other changes waiting.
-        let (reply, outcome) = oneshot::channel();
-        self.changes
-            .send(PendingChange { req, reply })
-            .await
-            .map_err(|_| closed())?;
-        let written = outcome.await.map_err(|_| closed())??;
+        let written = super::ask(
+            &self.changes,
+            |reply| PendingChange { req, reply },
+            "the group writer",
+        )
+        .await?;
         let mut changed = match written {
             Written::Changed(changed) => changed,
             Written::Stored => {
