@@ -157,7 +157,11 @@ async fn sends_during_a_redis_outage_are_acked_at_once_and_other_nodes_catch_up(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     acks.sort();
-    let (p50, p99) = (percentile(&acks, 0.5), percentile(&acks, 0.99));
+    let (p50, p90, max) = (
+        percentile(&acks, 0.5),
+        percentile(&acks, 0.9),
+        acks[acks.len() - 1],
+    );
     let _restarted = OwnRedis::start(Some(redis.port)).expect("restart redis-server");
     let back = Instant::now();
     let ready = until_ready(a.addr, true).await;
@@ -173,13 +177,20 @@ async fn sends_during_a_redis_outage_are_acked_at_once_and_other_nodes_catch_up(
     assert_eq!(bob.expect_message("r").await["seq"], 46);
     bob.expect_silence(Duration::from_millis(300)).await;
     say(&format!(
-        "redis down: /readyz 503 after {not_ready:.1?}; 40 sends acked p50 {p50:.1?}, p99 {p99:.1?} (outage {:.1?}); \
+        "redis down: /readyz 503 after {not_ready:.1?}; 40 sends acked p50 {p50:.1?}, p90 {p90:.1?}, slowest {max:.1?} (outage {:.1?}); \
          after the restart ready in {ready:.1?}, the other node's socket caught up in {caught_up:.1?}",
         back.duration_since(stopped)
     ));
+    // A send that waited on the dead Redis takes the command timeout (1 s); one slow commit or
+    // scheduling stall on a busy machine does not. So: no send near the timeout, and nine in ten
+    // answered at once.
     assert!(
-        p99 < Duration::from_millis(50),
-        "sends waited on a dead Redis: p99 {p99:?}"
+        max < Duration::from_millis(500),
+        "a send waited on a dead Redis: slowest ack {max:?}"
+    );
+    assert!(
+        p90 < Duration::from_millis(50),
+        "sends waited on a dead Redis: p90 {p90:?}"
     );
     let reconnects = a
         .metric("chat_redis_reconnects_total{connection=\"commands\"}")
