@@ -189,15 +189,29 @@ pub trait HistoryCache: Send + Sync + 'static {
 pub struct MemoryHistoryCache {
     /// Tails and older pages. Weighed in bytes; each entry expires at its own `expires_at`.
     entries: Cache<Key, Entry>,
-    /// Appends per room on this node: the generation. One entry per room ever read or written.
-    /// Every write of a room's tail (fill, append, drop) happens while that room's entry here is
-    /// locked (a `RefMut`, never held across an await), which makes the generation check and the
-    /// write one step.
-    generations: DashMap<Box<str>, u64>,
-    /// Rooms with a change in the last `ttl` (see "Changes"): their older pages are not used.
-    changed: Cache<Box<str>, ()>,
+    /// Each room's generation and changed mark. One entry per room ever read or written. Every
+    /// write of a room's tail (fill, append, drop) happens while that room's entry here is locked
+    /// (a `RefMut`, never held across an await), which makes the generation check and the write
+    /// one step.
+    rooms: DashMap<Box<str>, RoomMarks>,
     ttl: Duration,
     tail_len: usize,
+}
+
+/// What the cache keeps of a room beside its entries.
+#[derive(Default)]
+struct RoomMarks {
+    /// Appends and drops of the room's tail on this node.
+    generation: u64,
+    /// Until when the room counts as changed (see "Changes"): its older pages are not used.
+    changed_until: Option<Instant>,
+}
+
+impl RoomMarks {
+    fn changed(&self) -> bool {
+        self.changed_until
+            .is_some_and(|until| until > Instant::now())
+    }
 }
 
 /// An entry's key: a room's tail, or one of its older pages (`(limit, before)`).
@@ -309,19 +323,34 @@ impl MemoryHistoryCache {
                 .weigher(|key: &Key, entry: &Entry| entry.weight(key))
                 .expire_after(ExpireAt)
                 .build(),
-            generations: DashMap::new(),
-            changed: Cache::builder().time_to_live(ttl).build(),
+            rooms: DashMap::new(),
             ttl,
             tail_len,
         }
     }
 
-    /// Locks the room's generation (see `generations`).
-    fn lock_room(&self, room: &str) -> RefMut<'_, Box<str>, u64> {
-        match self.generations.get_mut(room) {
-            Some(generation) => generation,
-            None => self.generations.entry(room.into()).or_insert(0),
+    /// Locks the room's marks (see `rooms`).
+    fn lock_room(&self, room: &str) -> RefMut<'_, Box<str>, RoomMarks> {
+        match self.rooms.get_mut(room) {
+            Some(marks) => marks,
+            None => self.rooms.entry(room.into()).or_default(),
         }
+    }
+
+    /// Whether a change of the room keeps its older pages out of use.
+    fn changed_lately(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|marks| marks.changed())
+    }
+
+    /// Drops the room's tail (a new generation); with `changed`, marks the room changed too.
+    fn drop_tail(&self, room: &str, changed: bool) {
+        let mut marks = self.lock_room(room);
+        marks.generation += 1;
+        if changed {
+            marks.changed_until = Some(Instant::now() + self.ttl);
+        }
+        self.entries.invalidate(&(room, None) as &dyn KeyParts);
+        drop(marks);
     }
 
     fn tail(&self, room: &str) -> Option<Arc<CachedTail>> {
@@ -353,7 +382,7 @@ impl HistoryCache for MemoryHistoryCache {
         // Taken only when a store read follows (see "Races"), so a plain hit touches no lock.
         let token = || MissToken {
             room: room.to_string(),
-            generation: Some(self.generations.get(room).map_or(0, |g| *g)),
+            generation: Some(self.rooms.get(room).map_or(0, |marks| marks.generation)),
         };
         let Some(cached) = self.tail(room) else {
             return Latest::Miss(token());
@@ -372,17 +401,17 @@ impl HistoryCache for MemoryHistoryCache {
         let Some(seen) = token.generation else {
             return;
         };
-        let generation = self.lock_room(&token.room);
-        if *generation == seen {
+        let marks = self.lock_room(&token.room);
+        if marks.generation == seen {
             let expires_at = Instant::now() + self.ttl;
             self.put_tail(&token.room, CachedTail::new(tail, expires_at, false));
         }
-        drop(generation);
+        drop(marks);
     }
 
     async fn append(&self, room: &str, message: &MessageJson) {
-        let mut generation = self.lock_room(room);
-        *generation += 1;
+        let mut marks = self.lock_room(room);
+        marks.generation += 1;
         if let Some(cached) = self.tail(room) {
             match cached.tail.append(message, self.tail_len) {
                 Append::Present => {}
@@ -396,11 +425,11 @@ impl HistoryCache for MemoryHistoryCache {
                 Append::Gap => self.entries.invalidate(&(room, None) as &dyn KeyParts),
             }
         }
-        drop(generation);
+        drop(marks);
     }
 
     async fn older(&self, room: &str, limit: u32, before: i64) -> Option<Utf8Bytes> {
-        if self.changed.contains_key(room) {
+        if self.changed_lately(room) {
             return None;
         }
         match self
@@ -413,7 +442,7 @@ impl HistoryCache for MemoryHistoryCache {
     }
 
     async fn put_older(&self, room: &str, limit: u32, before: i64, page: Utf8Bytes) {
-        if self.changed.contains_key(room) {
+        if self.changed_lately(room) {
             return;
         }
         let key = Key {
@@ -425,15 +454,11 @@ impl HistoryCache for MemoryHistoryCache {
     }
 
     async fn forget(&self, room: &str) {
-        let mut generation = self.lock_room(room);
-        *generation += 1;
-        self.entries.invalidate(&(room, None) as &dyn KeyParts);
-        drop(generation);
+        self.drop_tail(room, false);
     }
 
     async fn changed(&self, room: &str) {
-        self.changed.insert(room.into(), ());
-        self.forget(room).await;
+        self.drop_tail(room, true);
     }
 }
 
@@ -618,6 +643,35 @@ mod tests {
         assert_eq!(hit(&cache, 2).await, Some(vec![2, 3]));
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(hit(&cache, 2).await, None, "expired");
+    }
+
+    #[tokio::test]
+    async fn a_change_drops_the_tail_and_keeps_older_pages_out_for_a_ttl() {
+        let cache = MemoryHistoryCache::new(Duration::from_millis(400), 1 << 20, 5);
+        let Latest::Miss(token) = cache.latest("r", 2).await else {
+            panic!("empty cache hit")
+        };
+        cache.fill(token, tail(3..=4, false)).await;
+        cache.put_older("r", 2, 3, Utf8Bytes::from("before")).await;
+        assert_eq!(cache.older("r", 2, 3).await.as_deref(), Some("before"));
+        // A read that missed before the change must not store what it read.
+        let Latest::Miss(token) = cache.latest("r", 5).await else {
+            panic!("the tail holds two of four, five asked")
+        };
+        cache.changed("r").await;
+        assert_eq!(hit(&cache, 2).await, None, "the tail is dropped");
+        cache.fill(token, tail(1..=4, true)).await;
+        assert_eq!(hit(&cache, 2).await, None, "a read from before the change");
+        assert_eq!(cache.older("r", 2, 3).await, None, "older pages not served");
+        cache.put_older("r", 2, 1, Utf8Bytes::from("during")).await;
+        assert_eq!(cache.older("r", 2, 1).await, None, "nor stored");
+        // Another room is not concerned.
+        cache.put_older("s", 2, 3, Utf8Bytes::from("other")).await;
+        assert_eq!(cache.older("s", 2, 3).await.as_deref(), Some("other"));
+        // Once the mark is gone, older pages are stored and served again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cache.put_older("r", 2, 1, Utf8Bytes::from("after")).await;
+        assert_eq!(cache.older("r", 2, 1).await.as_deref(), Some("after"));
     }
 
     #[tokio::test]
