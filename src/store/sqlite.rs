@@ -112,6 +112,7 @@ pub static MIGRATOR: super::migrations::Lazy = super::migrations::Lazy::new(|| {
         "20261127000003_read_state.sql",
         "20261206000004_no_time_index.sql",
         "20261206000005_message_changes.sql",
+        "20261206000006_change_key_partial.sql",
     )
     .migrator()
 });
@@ -1392,5 +1393,49 @@ impl Store for SqliteStore {
 
     fn metrics(&self) -> Option<StoreMetrics> {
         Some(StoreMetrics::Sqlite(self.stats.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The change batch's read finds every message, key and reaction row through an index: no
+    /// table or index is scanned but the batch's own JSON rows, whatever the tables hold. (The
+    /// key lookup's index is partial, keyed rows only: usable because `= ?` implies NOT NULL.)
+    #[tokio::test]
+    async fn the_change_batch_read_searches_indexes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("chat.db"), 1)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            &READ_CHANGES["BEGIN IMMEDIATE;".len()..]
+        ))
+        .bind("[]")
+        .fetch_all(&store.readers)
+        .await
+        .unwrap();
+        let steps: Vec<&str> = plan.iter().map(|(_, _, _, step)| step.as_str()).collect();
+        for step in &steps {
+            assert!(
+                !step.starts_with("SCAN") || step.starts_with("SCAN json_each"),
+                "a scan in the change batch's read: {steps:?}"
+            );
+        }
+        for index in [
+            "ChatMessage_roomId_seq_key",
+            "ChatMessageChange_roomId_actorId_clientChangeId_key",
+            "ChatReaction_",
+        ] {
+            assert!(
+                steps
+                    .iter()
+                    .any(|s| s.starts_with("SEARCH") && s.contains(index)),
+                "no search of {index}: {steps:?}"
+            );
+        }
     }
 }
