@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chat_gateway::store::backfill::{self, BackfillOptions, Outcome, Plan};
@@ -934,6 +934,111 @@ async fn terminated_connections_fail_sends_retriably_and_the_pool_reconnects() {
             .await
             .unwrap();
     assert_eq!(stored, acked_seqs, "stored exactly what was acked");
+}
+
+/// A TCP proxy in front of Postgres that counts the `Sync` messages the gateway's writer
+/// connections (application name `chat-gateway writer`) send: one per round trip of the extended
+/// query protocol.
+struct SyncCounter {
+    addr: std::net::SocketAddr,
+    writer_syncs: Arc<AtomicUsize>,
+}
+
+impl SyncCounter {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let writer_syncs = Arc::new(AtomicUsize::new(0));
+        let syncs = writer_syncs.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let syncs = syncs.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+                    });
+                    let (mut pending, mut chunk) = (Vec::new(), vec![0u8; 16384]);
+                    let (mut started, mut writer) = (false, false);
+                    loop {
+                        let n = match from_client.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if to_server.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                        pending.extend_from_slice(&chunk[..n]);
+                        loop {
+                            // Before the startup message: length, code, body; after: type,
+                            // length (counting itself), body.
+                            let header = if started { 5 } else { 8 };
+                            if pending.len() < header {
+                                break;
+                            }
+                            let at = usize::from(started);
+                            let len = u32::from_be_bytes(pending[at..at + 4].try_into().unwrap());
+                            let size = at + len as usize;
+                            if pending.len() < size {
+                                break;
+                            }
+                            let message: Vec<u8> = pending.drain(..size).collect();
+                            if started {
+                                if writer && message[0] == b'S' {
+                                    syncs.fetch_add(1, Ordering::SeqCst);
+                                }
+                            } else if message[4..8] != [0x04, 0xd2, 0x16, 0x2f] {
+                                // Not an SSLRequest (answered `N` with sslmode=disable): the
+                                // startup message, with the application name.
+                                started = true;
+                                writer = message
+                                    .windows(b"chat-gateway writer".len())
+                                    .any(|w| w == b"chat-gateway writer");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        SyncCounter { addr, writer_syncs }
+    }
+
+    fn writer_syncs(&self) -> usize {
+        self.writer_syncs.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_costs_its_writer_one_round_trip_and_no_test_of_the_connection_after_it() {
+    let db = database!();
+    let counter = SyncCounter::start(postgres_addr(&db.url).await).await;
+    let url = with_host(&db.url, counter.addr);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let app = TestApp::spawn_on_postgres(&format!("{url}{separator}sslmode=disable"), |_| {}).await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    // The first sends prepare the writer's statement on each connection.
+    for i in 0..8 {
+        alice.send_ok("r", &format!("warm {i}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = counter.writer_syncs();
+    for i in 0..20 {
+        alice.send_ok("r", &format!("message {i}")).await;
+    }
+    // A pool would test each connection given back to it after the ack, in the background.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let syncs = counter.writer_syncs() - before;
+    assert!(before > 0, "the proxy saw the writers' connections");
+    assert_eq!(
+        syncs, 20,
+        "20 sends one after another: one statement each, one round trip to Postgres, nothing more"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

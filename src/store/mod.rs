@@ -14,6 +14,7 @@ mod change_batch;
 pub mod changes;
 pub mod migrations;
 mod pg_changes;
+mod pg_conns;
 mod pg_sends;
 pub mod postgres;
 pub mod sqlite;

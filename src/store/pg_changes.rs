@@ -36,7 +36,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::NaiveDateTime;
-use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::change_batch::{self, Batch, Found, FoundRow};
@@ -281,7 +280,7 @@ async fn attempt(
     use_memory: bool,
 ) -> Result<Option<Vec<Result<Written, Refusal>>>, StoreError> {
     let known = &writes.known;
-    let pool: &PgPool = writes.live_writer_pool()?;
+    let mut writer = writes.writer().await?;
     let mut found: Vec<Option<Found>> = (0..reqs.len()).map(|_| None).collect();
     let mut from_memory = Vec::new();
     let mut unread: Vec<&ChangeRequest> = Vec::new();
@@ -308,10 +307,11 @@ async fn attempt(
         }
     }
     if !unread.is_empty() {
-        let rows: Vec<FoundRow> = bind_read(sqlx::query_as(READ_SQL), &unread)
-            .fetch_all(pool)
-            .await
-            .map_err(|e| writes.failed(e))?;
+        let rows: Result<Vec<FoundRow>, sqlx::Error> = bind_read(sqlx::query_as(READ_SQL), &unread)
+            .fetch_all(writer.conn())
+            .await;
+        writer.finish(&rows);
+        let rows = rows.map_err(|e| writes.failed(e))?;
         for (i, read) in unread_at
             .into_iter()
             .zip(change_batch::found(unread.len(), rows))
@@ -336,10 +336,12 @@ async fn attempt(
     if batch.is_empty() {
         return Ok(Some(batch.answers(&HashMap::new())));
     }
-    let bases: Vec<(String, i64)> = match bind_writes(sqlx::query_as(WRITE_SQL), &batch)
-        .fetch_all(pool)
-        .await
-    {
+    let bases = bind_writes(sqlx::query_as(WRITE_SQL), &batch)
+        .fetch_all(writer.conn())
+        .await;
+    writer.finish(&bases);
+    drop(writer);
+    let bases: Vec<(String, i64)> = match bases {
         Ok(bases) => bases,
         // An edit assumed new was a retry (its key is stored): decided again from the read,
         // which finds the key.

@@ -29,7 +29,6 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use chrono::NaiveDateTime;
-use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::postgres::{Writes, columns, utc};
@@ -281,8 +280,8 @@ async fn insert_many(
     } else {
         BATCH_SQL
     };
-    let pool: &PgPool = writes.live_writer_pool()?;
-    let rows: Vec<Row> = sqlx::query_as(sql)
+    let mut writer = writes.writer().await?;
+    let rows: Result<Vec<Row>, sqlx::Error> = sqlx::query_as(sql)
         .bind(&ids)
         .bind(&rooms)
         .bind(&senders)
@@ -292,9 +291,11 @@ async fn insert_many(
         .bind(&times)
         .bind(&keys)
         .bind(&replies)
-        .fetch_all(pool)
-        .await
-        .map_err(|e| writes.failed(e))?;
+        .fetch_all(writer.conn())
+        .await;
+    writer.finish(&rows);
+    drop(writer);
+    let rows = rows.map_err(|e| writes.failed(e))?;
     let mut by_ord: HashMap<i64, Inserted> =
         rows.into_iter().map(|r| (r.ord, r.inserted)).collect();
     let mut outcomes: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(msgs.len());

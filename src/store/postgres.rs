@@ -25,6 +25,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOpti
 use sqlx::{Connection, PgPool};
 
 use super::pg_changes::{Changes, Known};
+use super::pg_conns::{Lease, WriterConns};
 use super::pg_sends::Sends;
 use crate::health::Health;
 
@@ -61,7 +62,6 @@ pub const MAINTENANCE_SQL: &str =
 pub const MAINTENANCE_DOWN_SQL: &str =
     include_str!("../../migrations/postgres-maintenance/20261127000100_live_database.down.sql");
 
-/// How long the probe of an unreachable database waits for its `SELECT 1`.
 /// The writers' connection settings (the send writer's and the change writer's connections, see
 /// `pg_sends` and `pg_changes`). Their statements join a batch's arrays to the tables by key, and
 /// the right plan for them is always the same: a nested loop of index lookups, one per row of the
@@ -80,6 +80,7 @@ const WRITER_SETTINGS: [(&str, &str); 4] = [
 /// `database.write_interval_ms` until the gateway sets it (see [`PgStore::with_write_interval`]).
 const DEFAULT_WRITE_INTERVAL_MS: u64 = 2;
 
+/// How long the probe of an unreachable database waits for each `SELECT 1`.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// The index every history page and resume reads (see [`HISTORY_SQL`]).
@@ -439,8 +440,8 @@ pub(super) struct Writes {
     /// cannot open (sends answered promptly, `/readyz` at once).
     health: Arc<Health>,
     /// The writers' own connections: one per send batch in flight and one for the change writer
-    /// (see [`WRITER_SETTINGS`]).
-    writer_pool: PgPool,
+    /// (see [`WRITER_SETTINGS`] and `pg_conns`).
+    writers: Arc<WriterConns>,
     /// The messages the change writer need not read first (see `pg_changes`).
     pub(super) known: Known,
     /// Sends write outbox rows (side effects are configured: `queue.webhook_url`).
@@ -467,11 +468,11 @@ impl Writes {
         }
     }
 
-    /// The writers' connections, or `Unavailable` at once while the database is known to be
-    /// unreachable.
-    pub(super) fn live_writer_pool(&self) -> Result<&PgPool, StoreError> {
+    /// A writer's connection for one statement, or `Unavailable` at once while the database is
+    /// known to be unreachable.
+    pub(super) async fn writer(&self) -> Result<Lease<'_>, StoreError> {
         self.live_pool()?;
-        Ok(&self.writer_pool)
+        self.writers.lease().await.map_err(|e| self.failed(e))
     }
 
     /// Maps a failed statement, marking the database down when it could not be reached.
@@ -534,6 +535,7 @@ impl Writes {
         } else {
             INSERT_MESSAGE_SQL
         };
+        let mut writer = self.writer().await?;
         let stored: Result<Option<Inserted>, sqlx::Error> = sqlx::query_as(sql)
             .bind(&msg.id)
             .bind(&msg.room_id)
@@ -544,8 +546,10 @@ impl Writes {
             .bind(utc(&msg.created_at))
             .bind(&msg.client_msg_id)
             .bind(msg.reply.as_ref().map(|q| q.seq))
-            .fetch_optional(self.live_writer_pool()?)
+            .fetch_optional(writer.conn())
             .await;
+        writer.finish(&stored);
+        drop(writer);
         match stored {
             Ok(Some(inserted)) => Ok(inserted),
             Ok(None) => Err(StoreError::RoomNotFound),
@@ -630,7 +634,7 @@ async fn answers(pool: &PgPool, size: u32) -> bool {
 
 /// A failure that says the database cannot be reached (as opposed to an answer it gave): no
 /// connection could be had or it broke, or the server is shutting down or starting up.
-fn unreachable(e: &sqlx::Error) -> bool {
+pub(super) fn unreachable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -698,48 +702,37 @@ impl PgStore {
             .max_lifetime(None)
             .connect_with(options.clone())
             .await?;
-        let writers = u32::try_from(super::pg_sends::IN_FLIGHT + 1).unwrap_or(3);
-        let writer_pool = PgPoolOptions::new()
-            .max_connections(writers)
-            .acquire_timeout(acquire_timeout)
-            .test_before_acquire(false)
-            .min_connections(writers)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(
+        let writers = Arc::new(
+            WriterConns::open(
                 options
                     .application_name("chat-gateway writer")
                     .options(WRITER_SETTINGS),
+                super::pg_sends::IN_FLIGHT + 1,
+                acquire_timeout,
             )
-            .await?;
+            .await?,
+        );
         let counters = PgMetrics::default();
-        let probe_pools = [
-            (pool.clone(), max_connections.max(1)),
-            (writer_pool.clone(), writers),
-        ];
+        let (probe_pool, probe_writers) = (pool.clone(), writers.clone());
+        let pool_size = max_connections.max(1);
         let health = Health::new(
             "the database",
             counters.outages.clone(),
             Box::new(move || {
-                let pools = probe_pools.clone();
+                let (pool, writers) = (probe_pool.clone(), probe_writers.clone());
                 Box::pin(async move {
                     // A pool hands out its idle connections first, and each that died with the
-                    // database fails its one statement and is dropped: go through each pool's
-                    // until one answers, so that traffic does not meet them after the recovery
-                    // (each would find the database "down" again).
-                    for (pool, size) in &pools {
-                        if !answers(pool, *size).await {
-                            return false;
-                        }
-                    }
-                    true
+                    // database fails its one statement and is dropped: go through the pool's
+                    // until one answers, and through every writer's, so that traffic does not
+                    // meet them after the recovery (each would find the database "down" again).
+                    answers(&pool, pool_size).await && writers.answer(PROBE_TIMEOUT).await
                 })
             }),
         );
         let writes = Arc::new(Writes {
             pool: pool.clone(),
             health,
-            writer_pool,
+            writers,
             known: Known::new(),
             outbox: AtomicBool::new(false),
             batch_size: counters.send_batch_size.clone(),
@@ -846,7 +839,7 @@ impl PgStore {
     }
 
     pub async fn close(&self) {
-        self.writes.writer_pool.close().await;
+        self.writes.writers.close().await;
         self.pool.close().await;
     }
 }
