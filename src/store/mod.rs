@@ -12,6 +12,7 @@
 pub mod backfill;
 mod change_batch;
 pub mod changes;
+mod group;
 pub mod migrations;
 mod pg_changes;
 mod pg_conns;
@@ -277,57 +278,6 @@ pub(crate) async fn quote_replies<S: Store + ?Sized>(
         }
     }
     Ok(())
-}
-
-/// Hands `pending` (built around the answer's sender) to a writer's queue and waits for the
-/// answer. A full queue makes the caller wait (back-pressure, not an error); a writer that is
-/// gone is `Unavailable`, saying `what` stopped.
-pub(crate) async fn ask<P, R>(
-    queue: &tokio::sync::mpsc::Sender<P>,
-    pending: impl FnOnce(tokio::sync::oneshot::Sender<Result<R, StoreError>>) -> P,
-    what: &str,
-) -> Result<R, StoreError> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    queue
-        .send(pending(reply))
-        .await
-        .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-    answer
-        .await
-        .map_err(|_| StoreError::Unavailable(format!("{what} stopped")))?
-}
-
-/// The pacing of a group writer under load: when its previous batch started less than
-/// `interval` ago, waits out the rest (after a quiet spell, returns at once); then tops `batch`
-/// up, to `max` at most, with what arrived meanwhile. Returns when the batch starts.
-pub(crate) async fn pace<T>(
-    last_start: Option<tokio::time::Instant>,
-    interval: std::time::Duration,
-    queued: &mut tokio::sync::mpsc::Receiver<T>,
-    batch: &mut Vec<T>,
-    max: usize,
-) -> tokio::time::Instant {
-    if let Some(next) = last_start.map(|t| t + interval)
-        && next > tokio::time::Instant::now()
-    {
-        tokio::time::sleep_until(next).await;
-    }
-    top_up(queued, batch, max);
-    tokio::time::Instant::now()
-}
-
-/// Adds to `batch` what is waiting in `queued`, to `max` at most, without waiting.
-pub(crate) fn top_up<T>(
-    queued: &mut tokio::sync::mpsc::Receiver<T>,
-    batch: &mut Vec<T>,
-    max: usize,
-) {
-    while batch.len() < max {
-        match queued.try_recv() {
-            Ok(item) => batch.push(item),
-            Err(_) => break,
-        }
-    }
 }
 
 /// What the store knows about a user and a room.

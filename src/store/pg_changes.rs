@@ -36,10 +36,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::NaiveDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::change_batch::{self, Batch, Found, FoundRow};
 use super::changes::{ChangeOp, ChangeRequest, Refusal, Target, Written};
+use super::group::{self, Queued};
 use super::postgres::{CHANGE_KEY, Writes, columns, utc};
 use super::{Message, StoreError};
 
@@ -173,10 +174,7 @@ SELECT room, base FROM rooms"#;
 
 type Answer = Result<Written, StoreError>;
 
-struct Pending {
-    req: ChangeRequest,
-    reply: oneshot::Sender<Answer>,
-}
+type Pending = Queued<ChangeRequest, Written>;
 
 /// The queue changes wait in for the writer.
 pub struct Changes {
@@ -194,12 +192,7 @@ impl Changes {
     /// Queues a change and waits for its outcome (after its commit). Moderation is not queued:
     /// see the module docs.
     pub async fn write(&self, req: ChangeRequest) -> Answer {
-        super::ask(
-            &self.queue,
-            |reply| Pending { req, reply },
-            "the change writer",
-        )
-        .await
+        group::ask(&self.queue, req, "the change writer").await
     }
 }
 
@@ -212,7 +205,7 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
             return;
         }
         last_start = Some(
-            super::pace(
+            group::pace(
                 last_start,
                 writes.write_interval(),
                 &mut queued,
@@ -226,36 +219,27 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
 }
 
 /// Writes a batch and answers each of its changes.
-async fn write(writes: &Writes, mut batch: Vec<Pending>) {
-    // Callers that went away before their batch was taken need no answer: skipped.
-    batch.retain(|p| !p.reply.is_closed());
-    if batch.is_empty() {
+async fn write(writes: &Writes, mut queued: Vec<Pending>) {
+    let Some(batch) = group::Batch::take(&mut queued, &writes.change_batch_size) else {
         return;
-    }
-    writes.change_batch_size.observe(batch.len() as f64);
-    let reqs: Vec<&ChangeRequest> = batch.iter().map(|p| &p.req).collect();
-    match write_many(writes, &reqs).await {
-        Ok(Some(answers)) => {
-            for (p, answer) in batch.into_iter().zip(answers) {
-                let _ = p.reply.send(answer.map_err(StoreError::Refused));
-            }
-        }
-        Err(e @ (StoreError::Unavailable(_) | StoreError::Down)) => {
-            for p in batch {
-                let _ = p.reply.send(Err(e.clone()));
-            }
-        }
-        outcome => {
-            // The batch failed, or lost to another node's change twice: one change at a time.
-            if let Err(e) = &outcome {
-                tracing::warn!(error = %e, changes = batch.len(), "change batch failed; writing its changes one by one");
-            } else {
-                writes.change_batch_races.inc();
-            }
-            for p in batch {
+    };
+    let written = match write_many(writes, &batch.requests()).await {
+        Ok(Some(answers)) => Ok(answers
+            .into_iter()
+            .map(|a| a.map_err(StoreError::Refused))
+            .collect()),
+        Ok(None) => {
+            // Lost to another node's change twice: one change at a time.
+            writes.change_batch_races.inc();
+            for p in batch.into_requests() {
                 let _ = p.reply.send(writes.change_one(&p.req).await);
             }
+            return;
         }
+        Err(e) => Err(e),
+    };
+    for p in batch.answer(written, "change") {
+        let _ = p.reply.send(writes.change_one(&p.req).await);
     }
 }
 

@@ -29,8 +29,9 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use chrono::NaiveDateTime;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 
+use super::group::{self, Batch, Queued};
 use super::postgres::{Writes, columns, utc};
 use super::{Inserted, NewMessage, StoreError};
 
@@ -131,10 +132,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Row {
     }
 }
 
-struct Pending {
-    msg: NewMessage,
-    reply: oneshot::Sender<Result<Inserted, StoreError>>,
-}
+type Pending = Queued<NewMessage, Inserted>;
 
 /// The queue sends wait in for the writer.
 pub struct Sends {
@@ -151,12 +149,7 @@ impl Sends {
 
     /// Queues a send and waits for its outcome (after its commit).
     pub async fn insert(&self, msg: NewMessage) -> Result<Inserted, StoreError> {
-        super::ask(
-            &self.queue,
-            |reply| Pending { msg, reply },
-            "the send writer",
-        )
-        .await
+        group::ask(&self.queue, msg, "the send writer").await
     }
 }
 
@@ -176,7 +169,7 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
             return;
         }
         last_start = Some(
-            super::pace(
+            group::pace(
                 last_start,
                 writes.write_interval(),
                 &mut queued,
@@ -194,37 +187,17 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
 }
 
 /// Writes a batch and answers each of its sends.
-async fn write(writes: &Writes, mut batch: Vec<Pending>) {
-    // Callers that went away before their batch was taken need no answer: skipped.
-    batch.retain(|p| !p.reply.is_closed());
-    if batch.is_empty() {
+async fn write(writes: &Writes, mut queued: Vec<Pending>) {
+    let Some(batch) = Batch::take(&mut queued, &writes.batch_size) else {
         return;
-    }
-    writes.batch_size.observe(batch.len() as f64);
-    if batch.len() == 1 {
-        let p = batch.pop().expect("one send");
-        let _ = p.reply.send(writes.insert_one(&p.msg).await);
-        return;
-    }
-    let msgs: Vec<&NewMessage> = batch.iter().map(|p| &p.msg).collect();
-    match insert_many(writes, &msgs).await {
-        Ok(outcomes) => {
-            for (p, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = p.reply.send(outcome);
-            }
-        }
-        Err(e @ (StoreError::Unavailable(_) | StoreError::Down)) => {
-            for p in batch {
-                let _ = p.reply.send(Err(e.clone()));
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, sends = batch.len(), "group commit failed; writing its sends one by one");
-            for p in batch {
-                let outcome = writes.insert_one(&p.msg).await;
-                let _ = p.reply.send(outcome);
-            }
-        }
+    };
+    let written = if batch.len() == 1 {
+        Ok(vec![writes.insert_one(batch.requests()[0]).await])
+    } else {
+        insert_many(writes, &batch.requests()).await
+    };
+    for p in batch.answer(written, "send") {
+        let _ = p.reply.send(writes.insert_one(&p.req).await);
     }
 }
 

@@ -107,6 +107,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::change_batch::{self, FoundRow};
 use super::changes::{ChangeOp, Written};
+use super::group::{self, Batch, Queued};
 use super::{
     Access, CHANGE_COLUMNS, Change, ChangeRequest, ChangeRow, Changed, Event, Inserted, Message,
     NewMessage, OutboxEntry, ReadMark, Refusal, Room, RoomSummary, SqliteMetrics, Store,
@@ -367,16 +368,10 @@ async fn run_checkpoints(
 }
 
 /// A send waiting for the group writer, and where its outcome goes.
-struct PendingSend {
-    msg: NewMessage,
-    reply: oneshot::Sender<Result<Inserted, StoreError>>,
-}
+type PendingSend = Queued<NewMessage, Inserted>;
 
 /// A change waiting for the group writer, and where its outcome goes.
-struct PendingChange {
-    req: ChangeRequest,
-    reply: oneshot::Sender<Result<Written, StoreError>>,
-}
+type PendingChange = Queued<ChangeRequest, Written>;
 
 /// Counts a send in `sends_waiting` from the moment it asks for a place in the queue; a caller that
 /// gives up before getting one takes itself out again.
@@ -470,9 +465,9 @@ impl GroupWriter {
             if n == 0 {
                 return;
             }
-            // Paced under load (see `super::pace`), sends and changes alike.
+            // Paced under load (see `group::pace`), sends and changes alike.
             last_start = Some(
-                super::pace(
+                group::pace(
                     last_start,
                     self.interval,
                     &mut queued,
@@ -481,7 +476,7 @@ impl GroupWriter {
                 )
                 .await,
             );
-            super::top_up(&mut changes, &mut changed, self.batch);
+            group::top_up(&mut changes, &mut changed, self.batch);
             if !batch.is_empty() {
                 self.stats.sends_waiting.dec_by(batch.len() as i64);
                 self.commit(&mut batch).await;
@@ -493,35 +488,17 @@ impl GroupWriter {
     }
 
     /// Writes `batch` (emptying it) and answers every caller still waiting.
-    async fn commit(&self, batch: &mut Vec<PendingSend>) {
-        // Nobody is left to tell about these: not writing them is what their callers saw.
-        batch.retain(|send| !send.reply.is_closed());
-        if batch.is_empty() {
+    async fn commit(&self, queued: &mut Vec<PendingSend>) {
+        let Some(batch) = Batch::take(queued, &self.stats.send_batch_size) else {
             return;
-        }
-        self.stats.send_batch_size.observe(batch.len() as f64);
-        let msgs: Vec<&NewMessage> = batch.iter().map(|send| &send.msg).collect();
-        match self.write(&msgs).await {
-            Ok(outcomes) => {
-                for (send, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = send.reply.send(outcome);
-                }
-            }
-            Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
-                tracing::warn!(error = %e, sends = batch.len(), "group commit failed; writing its sends one by one");
-                for send in batch.drain(..) {
-                    let outcome = match self.write(&[&send.msg]).await {
-                        Ok(mut outcomes) => outcomes.pop().expect("one outcome per send"),
-                        Err(e) => Err(e),
-                    };
-                    let _ = send.reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                for send in batch.drain(..) {
-                    let _ = send.reply.send(Err(e.clone()));
-                }
-            }
+        };
+        let written = self.write(&batch.requests()).await;
+        for send in batch.answer(written, "send") {
+            let outcome = match self.write(&[&send.req]).await {
+                Ok(mut outcomes) => outcomes.pop().expect("one outcome per send"),
+                Err(e) => Err(e),
+            };
+            let _ = send.reply.send(outcome);
         }
     }
 
@@ -707,35 +684,21 @@ impl GroupWriter {
 
     /// Writes a batch of changes (emptying it) and answers every caller still waiting: one
     /// transaction for all of them; when it fails for any reason but `Unavailable`, one for each.
-    async fn commit_changes(&self, batch: &mut Vec<PendingChange>) {
-        batch.retain(|change| !change.reply.is_closed());
-        if batch.is_empty() {
+    async fn commit_changes(&self, queued: &mut Vec<PendingChange>) {
+        let Some(batch) = Batch::take(queued, &self.stats.change_batch_size) else {
             return;
-        }
-        self.stats.change_batch_size.observe(batch.len() as f64);
-        let reqs: Vec<&ChangeRequest> = batch.iter().map(|change| &change.req).collect();
+        };
         let answer = |a: Result<Written, Refusal>| a.map_err(StoreError::Refused);
-        match self.write_changes(&reqs).await {
-            Ok(answers) => {
-                for (change, a) in batch.drain(..).zip(answers) {
-                    let _ = change.reply.send(answer(a));
-                }
-            }
-            Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
-                tracing::warn!(error = %e, changes = batch.len(), "change batch failed; writing its changes one by one");
-                for change in batch.drain(..) {
-                    let outcome = match self.write_changes(&[&change.req]).await {
-                        Ok(mut answers) => answer(answers.pop().expect("one answer per change")),
-                        Err(e) => Err(e),
-                    };
-                    let _ = change.reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                for change in batch.drain(..) {
-                    let _ = change.reply.send(Err(e.clone()));
-                }
-            }
+        let written = self
+            .write_changes(&batch.requests())
+            .await
+            .map(|answers| answers.into_iter().map(answer).collect());
+        for change in batch.answer(written, "change") {
+            let outcome = match self.write_changes(&[&change.req]).await {
+                Ok(mut answers) => answer(answers.pop().expect("one answer per change")),
+                Err(e) => Err(e),
+            };
+            let _ = change.reply.send(outcome);
         }
     }
 
@@ -974,7 +937,7 @@ impl Store for SqliteStore {
         let waiting = Waiting::new(&self.stats.sends_waiting);
         // A full queue makes the caller wait here (back-pressure), it is not an error.
         self.sends
-            .send(PendingSend { msg, reply })
+            .send(Queued { req: msg, reply })
             .await
             .map_err(|_| closed())?;
         // Queued: the writer counts it out when it takes it.
@@ -1082,12 +1045,7 @@ impl Store for SqliteStore {
             req.client_change_id().map(str::to_string),
         );
         // Written by the group writer, in a batch with the other changes waiting.
-        let written = super::ask(
-            &self.changes,
-            |reply| PendingChange { req, reply },
-            "the group writer",
-        )
-        .await?;
+        let written = group::ask(&self.changes, req, "the group writer").await?;
         let mut changed = match written {
             Written::Changed(changed) => changed,
             Written::Stored => {
