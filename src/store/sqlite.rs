@@ -37,7 +37,9 @@
 //! batch's `(roomId, senderId, clientMsgId)` keys that are stored already; one
 //! `UPDATE "ChatRoom" ... RETURNING` moving each room's `lastSeq` by its number of new messages
 //! (and its `lastMessageAt`); one multi-row `INSERT` of the messages; one of their outbox rows
-//! (only with side effects configured, `SqliteOptions::outbox`); `COMMIT`.
+//! (only with side effects configured, `SqliteOptions::outbox`); `COMMIT`. They take two calls
+//! to the connection's thread, `BEGIN` with the read and the writes with the `COMMIT`
+//! (`READ_ORIGINALS`, `WRITE_SENDS`): each call is a hand-over between threads and back.
 //!
 //! A send after a quiet spell is written at once. Under load, a batch starts no sooner than
 //! `database.write_interval_ms` after the previous one started and takes everything that arrived
@@ -419,8 +421,9 @@ enum Plan {
     New { index: i64 },
 }
 
-/// One row of the messages bound as JSON: id, roomId, seq, senderId, senderName,
-/// senderAvatarUrl, content, createdAt, clientMsgId, replyToSeq.
+/// One row of the messages bound as JSON: id, roomId, the seq's offset from the room's new head
+/// (`index - n`, at most 0), senderId, senderName, senderAvatarUrl, content, createdAt,
+/// clientMsgId, replyToSeq.
 type Row<'a> = (
     &'a str,
     &'a str,
@@ -508,9 +511,25 @@ impl GroupWriter {
         &self,
         msgs: &[&NewMessage],
     ) -> Result<Vec<Result<Inserted, StoreError>>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let written = self.write_on(&mut conn, msgs).await;
+        if written.is_err() {
+            // Whatever failed, no transaction stays open on the writer (an error here means
+            // there was none left to roll back).
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        }
+        written
+    }
+
+    /// [`Self::write`] in two calls to the connection's thread: `BEGIN IMMEDIATE` with the read
+    /// of the stored originals ([`READ_ORIGINALS`]), then the writes and `COMMIT`
+    /// ([`WRITE_SENDS`]).
+    async fn write_on(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        msgs: &[&NewMessage],
+    ) -> Result<Vec<Result<Inserted, StoreError>>, StoreError> {
         let statements = &self.stats.write_statements;
-        statements.inc();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
 
         // The originals of keys stored before this batch.
         let mut keys: Vec<(&str, &str, &str)> = msgs
@@ -522,22 +541,15 @@ impl GroupWriter {
             .collect();
         keys.sort_unstable();
         keys.dedup();
-        let mut stored: HashMap<(String, String, String), Message> = HashMap::new();
-        if !keys.is_empty() {
-            statements.inc();
-            let originals: Vec<Message> = sqlx::query_as(concat!(
-                "SELECT ",
-                columns!(),
-                r#" FROM "ChatMessage" WHERE ("roomId", "senderId", "clientMsgId") IN
-                    (SELECT value->>0, value->>1, value->>2 FROM json_each(?))"#
-            ))
+        statements.inc_by(2);
+        let originals: Vec<Message> = sqlx::query_as(READ_ORIGINALS)
             .bind(json(&keys))
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await?;
-            for m in originals {
-                if let Some(id) = m.client_msg_id.clone() {
-                    stored.insert((m.room_id.clone(), m.sender_id.clone(), id), m);
-                }
+        let mut stored: HashMap<(String, String, String), Message> = HashMap::new();
+        for m in originals {
+            if let Some(id) = m.client_msg_id.clone() {
+                stored.insert((m.room_id.clone(), m.sender_id.clone(), id), m);
             }
         }
 
@@ -580,32 +592,9 @@ impl GroupWriter {
             });
         }
 
-        // Every room's numbers for the whole batch, in one statement: a room that gets n new
-        // messages moves its head by n; they take head - n + 1 ..= head. The same write moves
-        // its lastMessageAt (never backwards; the times are RFC 3339 text of one width, so they
-        // compare as text). Missing rooms return no row.
-        let mut first_seq: HashMap<String, i64> = HashMap::new();
-        if !per_room.is_empty() {
-            statements.inc();
-            let heads: Vec<(String, i64)> = sqlx::query_as(
-                r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + (n.value->>1),
-                     "lastMessageAt" = max(coalesce("lastMessageAt", n.value->>2), n.value->>2),
-                     "updatedAt" = max(coalesce("lastMessageAt", n.value->>2), n.value->>2)
-                   FROM json_each(?) AS n WHERE "ChatRoom".id = n.value->>0
-                   RETURNING id, "lastSeq""#,
-            )
-            .bind(json(&per_room))
-            .fetch_all(&mut *tx)
-            .await?;
-            let counts: HashMap<&str, i64> =
-                per_room.iter().map(|(room, n, _)| (*room, *n)).collect();
-            for (room, head) in heads {
-                let n = counts.get(room.as_str()).copied().unwrap_or(0);
-                first_seq.insert(room, head - n + 1);
-            }
-        }
-
-        let seq_of = |m: &NewMessage, index: i64| first_seq.get(&m.room_id).map(|s| s + index - 1);
+        // A room that gets n new messages moves its head by n; its messages take head - n + 1
+        // ..= head, each row carrying its offset from the new head (index - n).
+        let counts: HashMap<&str, i64> = per_room.iter().map(|(room, n, _)| (*room, *n)).collect();
         let rows: Vec<Row> = msgs
             .iter()
             .zip(&plans)
@@ -616,7 +605,7 @@ impl GroupWriter {
                 Some((
                     m.id.as_str(),
                     m.room_id.as_str(),
-                    seq_of(m, *index)?,
+                    index - counts.get(m.room_id.as_str()).copied().unwrap_or(0),
                     m.sender_id.as_str(),
                     m.sender_name.as_deref(),
                     m.sender_avatar_url.as_deref(),
@@ -627,33 +616,26 @@ impl GroupWriter {
                 ))
             })
             .collect();
-        if !rows.is_empty() {
-            statements.inc_by(if self.outbox { 2 } else { 1 });
-            let rows = json(&rows);
-            sqlx::query(
-                r#"INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName",
-                     "senderAvatarUrl", content, "contentType", status, "moderationStatus",
-                     "createdAt", "clientMsgId", "replyToSeq")
-                   SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
-                     value->>6, 'TEXT', 'SENT', 'APPROVED', value->>7, value->>8, value->>9
-                   FROM json_each(?) ORDER BY key"#,
-            )
-            .bind(&rows)
-            .execute(&mut *tx)
-            .await?;
-            // In sequence order, so the relay (which reads the outbox by id) queues them so.
-            if self.outbox {
-                sqlx::query(
-                    r#"INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
-                       SELECT value->>1, value->>2, value->>0, value->>7 FROM json_each(?) ORDER BY key"#,
-                )
-                .bind(&rows)
-                .execute(&mut *tx)
-                .await?;
-            }
+        let (sql, n) = if self.outbox {
+            (WRITE_SENDS_WITH_OUTBOX, 4)
+        } else {
+            (WRITE_SENDS, 3)
+        };
+        statements.inc_by(n);
+        let rows = json(&rows);
+        let mut write = sqlx::query_as(sql).bind(json(&per_room)).bind(&rows);
+        if self.outbox {
+            write = write.bind(&rows);
         }
-        statements.inc();
-        tx.commit().await?;
+        let heads: Vec<(String, i64)> = write.fetch_all(&mut *conn).await?;
+        let first_seq: HashMap<String, i64> = heads
+            .into_iter()
+            .map(|(room, head)| {
+                let n = counts.get(room.as_str()).copied().unwrap_or(0);
+                (room, head - n + 1)
+            })
+            .collect();
+        let seq_of = |m: &NewMessage, index: i64| first_seq.get(&m.room_id).map(|s| s + index - 1);
 
         let mut outcomes: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(msgs.len());
         for (m, plan) in msgs.iter().zip(plans) {
@@ -879,6 +861,50 @@ async fn message_by<'e, E: sqlx::SqliteExecutor<'e>>(
 /// A change batch's transaction and read (see [`super::change_batch`]): every request's message, the seq of a
 /// change stored under an edit's key and whether a reaction's row is there. The rows of `?`:
 /// `[room, seq or null, id or null, actor, clientChangeId, emoji]`.
+/// A send batch's first call: `BEGIN IMMEDIATE` and the originals of its keys stored before it.
+/// `?`: the keys, `[roomId, senderId, clientMsgId]` rows.
+const READ_ORIGINALS: &str = concat!(
+    "BEGIN IMMEDIATE;\nSELECT ",
+    columns!(),
+    r#" FROM "ChatMessage" WHERE ("roomId", "senderId", "clientMsgId") IN
+    (SELECT value->>0, value->>1, value->>2 FROM json_each(?))"#
+);
+
+/// A send batch's writes and `COMMIT`. First `?`: `[roomId, n, newest createdAt]` per room, whose
+/// head (`"lastSeq"`) moves by n, and its `lastMessageAt` (never backwards; the times are RFC
+/// 3339 text of one width, so they compare as text); returns each room's new head (missing rooms
+/// return no row). Second: the new messages ([`Row`]), each with its offset from its room's new
+/// head; a message of a missing room is not written. In arrival order, so the relay (which reads
+/// the outbox by id) queues them so.
+macro_rules! write_sends {
+    ($outbox:literal) => {
+        concat!(
+            r#"UPDATE "ChatRoom" SET "lastSeq" = "lastSeq" + (n.value->>1),
+    "lastMessageAt" = max(coalesce("lastMessageAt", n.value->>2), n.value->>2),
+    "updatedAt" = max(coalesce("lastMessageAt", n.value->>2), n.value->>2)
+    FROM json_each(?) AS n WHERE "ChatRoom".id = n.value->>0
+    RETURNING id, "lastSeq";
+INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl",
+    content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId", "replyToSeq")
+    SELECT j.value->>0, j.value->>1, r."lastSeq" + (j.value->>2), j.value->>3, j.value->>4,
+        j.value->>5, j.value->>6, 'TEXT', 'SENT', 'APPROVED', j.value->>7, j.value->>8,
+        j.value->>9
+    FROM json_each(?) AS j JOIN "ChatRoom" r ON r.id = j.value->>1 ORDER BY j.key;
+"#,
+            $outbox,
+            "COMMIT;"
+        )
+    };
+}
+const WRITE_SENDS: &str = write_sends!("");
+/// [`WRITE_SENDS`] with the messages' outbox rows (third `?`: the same messages).
+const WRITE_SENDS_WITH_OUTBOX: &str = write_sends!(
+    r#"INSERT INTO "ChatOutbox" ("roomId", seq, "messageId", "createdAt")
+    SELECT j.value->>1, r."lastSeq" + (j.value->>2), j.value->>0, j.value->>7
+    FROM json_each(?) AS j JOIN "ChatRoom" r ON r.id = j.value->>1 ORDER BY j.key;
+"#
+);
+
 const READ_CHANGES: &str = change_batch::read_sql!(
     r#"BEGIN IMMEDIATE;
 WITH input AS (
