@@ -513,12 +513,7 @@ impl GroupWriter {
     ) -> Result<Vec<Result<Inserted, StoreError>>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let written = self.write_on(&mut conn, msgs).await;
-        if written.is_err() {
-            // Whatever failed, no transaction stays open on the writer (an error here means
-            // there was none left to roll back).
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        }
-        written
+        rolled_back_if_failed(&mut conn, written).await
     }
 
     /// [`Self::write`] in two calls to the connection's thread: `BEGIN IMMEDIATE` with the read
@@ -695,12 +690,7 @@ impl GroupWriter {
     ) -> Result<Vec<Result<Written, Refusal>>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let written = self.write_changes_on(&mut conn, reqs).await;
-        if written.is_err() {
-            // Whatever failed, no transaction stays open on the writer (an error here means
-            // there was none left to roll back).
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        }
-        written
+        rolled_back_if_failed(&mut conn, written).await
     }
 
     async fn write_changes_on(
@@ -807,6 +797,18 @@ impl GroupWriter {
             .collect();
         Ok(batch.answers(&bases))
     }
+}
+
+/// Whatever failed on the writer connection, no transaction stays open on it (an error from the
+/// `ROLLBACK` means there was none left to roll back).
+async fn rolled_back_if_failed<T>(
+    conn: &mut sqlx::SqliteConnection,
+    written: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if written.is_err() {
+        let _ = sqlx::query("ROLLBACK").execute(conn).await;
+    }
+    written
 }
 
 /// The message as stored: the send's fields and its sequence number.
