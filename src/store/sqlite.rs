@@ -589,7 +589,7 @@ impl GroupWriter {
 
         // A room that gets n new messages moves its head by n; its messages take head - n + 1
         // ..= head, each row carrying its offset from the new head (index - n).
-        let counts: HashMap<&str, i64> = per_room.iter().map(|(room, n, _)| (*room, *n)).collect();
+        let new_in = |room: &str| room_index.get(room).map_or(0, |&r| per_room[r].1);
         let rows: Vec<Row> = msgs
             .iter()
             .zip(&plans)
@@ -600,7 +600,7 @@ impl GroupWriter {
                 Some((
                     m.id.as_str(),
                     m.room_id.as_str(),
-                    index - counts.get(m.room_id.as_str()).copied().unwrap_or(0),
+                    index - new_in(&m.room_id),
                     m.sender_id.as_str(),
                     m.sender_name.as_deref(),
                     m.sender_avatar_url.as_deref(),
@@ -626,8 +626,8 @@ impl GroupWriter {
         let first_seq: HashMap<String, i64> = heads
             .into_iter()
             .map(|(room, head)| {
-                let n = counts.get(room.as_str()).copied().unwrap_or(0);
-                (room, head - n + 1)
+                let first = head - new_in(&room) + 1;
+                (room, first)
             })
             .collect();
         let seq_of = |m: &NewMessage, index: i64| first_seq.get(&m.room_id).map(|s| s + index - 1);
@@ -860,9 +860,6 @@ async fn message_by<'e, E: sqlx::SqliteExecutor<'e>>(
     query.fetch_optional(db).await
 }
 
-/// A change batch's transaction and read (see [`super::change_batch`]): every request's message, the seq of a
-/// change stored under an edit's key and whether a reaction's row is there. The rows of `?`:
-/// `[room, seq or null, id or null, actor, clientChangeId, emoji]`.
 /// A send batch's first call: `BEGIN IMMEDIATE` and the originals of its keys stored before it.
 /// `?`: the keys, `[roomId, senderId, clientMsgId]` rows.
 const READ_ORIGINALS: &str = concat!(
@@ -907,6 +904,9 @@ const WRITE_SENDS_WITH_OUTBOX: &str = write_sends!(
 "#
 );
 
+/// A change batch's transaction and read (see [`super::change_batch`]): every request's message, the seq of a
+/// change stored under an edit's key and whether a reaction's row is there. The rows of `?`:
+/// `[room, seq or null, id or null, actor, clientChangeId, emoji]`.
 const READ_CHANGES: &str = change_batch::read_sql!(
     r#"BEGIN IMMEDIATE;
 WITH input AS (
