@@ -88,6 +88,7 @@ pub struct DatabaseSettings {
     pub write_queue: usize,
     pub write_interval_ms: u64,
     pub checkpoint_interval_ms: u64,
+    pub wal_limit_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -410,6 +411,9 @@ impl Settings {
                 "database.checkpoint_interval_ms",
                 "must be between 10 and 60000",
             );
+        }
+        if !(1..=1_048_576).contains(&self.database.wal_limit_mb) {
+            return fail("database.wal_limit_mb", "must be between 1 and 1048576");
         }
         if self.database.write_interval_ms > 1000 {
             return fail("database.write_interval_ms", "must be at most 1000");

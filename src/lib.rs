@@ -226,6 +226,7 @@ pub async fn open_store(
         write_queue: db.write_queue,
         write_interval: Duration::from_millis(db.write_interval_ms),
         checkpoint_interval: Duration::from_millis(db.checkpoint_interval_ms),
+        wal_limit_bytes: db.wal_limit_mb << 20,
         outbox: settings.side_effects(),
     };
     let store = SqliteStore::open_with(&path, &options)

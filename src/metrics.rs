@@ -315,6 +315,16 @@ impl Metrics {
             "SQLite checkpoints run by the background checkpointer",
             store.checkpoints.clone(),
         );
+        self.registry.register(
+            "store_wal_bytes",
+            "Bytes in the SQLite WAL since it last restarted from its beginning",
+            store.wal_bytes.clone(),
+        );
+        self.registry.register(
+            "store_wal_restarts",
+            "Times the SQLite checkpointer restarted the WAL from its beginning",
+            store.wal_restarts.clone(),
+        );
     }
 
     pub fn render(&self) -> String {

@@ -508,6 +508,11 @@ pub struct SqliteMetrics {
     pub wal_frames_pending: prometheus_client::metrics::gauge::Gauge,
     /// Checkpoints run by the background checkpointer.
     pub checkpoints: prometheus_client::metrics::counter::Counter,
+    /// The WAL's length in bytes (frames written since it last restarted), as of the last
+    /// checkpoint.
+    pub wal_bytes: prometheus_client::metrics::gauge::Gauge,
+    /// Times the checkpointer restarted the WAL from its beginning.
+    pub wal_restarts: prometheus_client::metrics::counter::Counter,
 }
 
 impl Default for SqliteMetrics {
@@ -524,6 +529,8 @@ impl Default for SqliteMetrics {
             sends_waiting: Default::default(),
             wal_frames_pending: Default::default(),
             checkpoints: Default::default(),
+            wal_bytes: Default::default(),
+            wal_restarts: Default::default(),
         }
     }
 }
