@@ -187,7 +187,7 @@ impl Default for SqliteOptions {
             write_queue: 4096,
             write_interval: Duration::from_millis(2),
             checkpoint_interval: Duration::from_millis(250),
-            wal_limit_bytes: 256 << 20,
+            wal_limit_bytes: 64 << 20,
             outbox: false,
         }
     }
