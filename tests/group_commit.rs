@@ -583,3 +583,63 @@ async fn the_write_ahead_log_stays_bounded_under_steady_sends() {
         "the WAL file reached {largest} bytes against a limit of 1 MiB"
     );
 }
+
+/// A read transaction left open (another process reading the file) holds the WAL's restart off,
+/// as it holds checkpoints: sends go on being acknowledged at once while the WAL grows past its
+/// limit, and once the reader ends the WAL restarts and falls back under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_left_open_holds_the_wal_restart_off_without_holding_up_sends() {
+    let app = TestApp::spawn_with(|s| {
+        s.database.checkpoint_interval_ms = 10;
+        s.database.wal_limit_mb = 1;
+        s.rate_limit.enabled = false;
+    })
+    .await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    alice.join("r", None).await;
+    let content = "x".repeat(1000);
+    alice.send_ok("r", &content).await;
+    let path = app.data_dir.path().join("chat.db");
+    let mut reader = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("open the gateway's database");
+    sqlx::raw_sql(r#"BEGIN; SELECT count(*) FROM "ChatMessage";"#)
+        .execute(&mut reader)
+        .await
+        .expect("a read transaction");
+    let held = app.metric("chat_store_wal_restarts_total").await;
+    for _ in 0..400 {
+        let started = Instant::now();
+        alice.send_ok("r", &content).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a send waited {:?} behind the held WAL",
+            started.elapsed()
+        );
+    }
+    let wal = std::fs::metadata(app.data_dir.path().join("chat.db-wal"))
+        .unwrap()
+        .len();
+    assert!(wal > 1 << 20, "the WAL ({wal} bytes) grew past its limit");
+    assert_eq!(
+        app.metric("chat_store_wal_restarts_total").await,
+        held,
+        "no restart while the reader is in the WAL"
+    );
+    sqlx::raw_sql("COMMIT").execute(&mut reader).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        alice.send_ok("r", "after the reader").await;
+        let restarts = app.metric("chat_store_wal_restarts_total").await;
+        let bytes = app.metric("chat_store_wal_bytes").await;
+        if restarts > held && bytes < (1 << 20) as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the WAL did not restart once the reader ended: {restarts} restarts, {bytes} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

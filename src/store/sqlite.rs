@@ -39,6 +39,8 @@
 //! group writer, between two batches, runs a checkpoint itself, copying the few frames committed
 //! since (about 5 ms during which no commit starts, as it is the only writer). The next commit then
 //! writes the WAL from its beginning, and `journal_size_limit` cuts the file back to the limit.
+//! A reader holding an old snapshot holds checkpoints back, and the restart with them: the flag is
+//! raised only when at most `RESTART_MOST_PENDING` frames are left for the writer to copy.
 //!
 //! # Sends: group commit
 //!
@@ -366,6 +368,11 @@ impl SqliteStore {
     }
 }
 
+/// Most WAL frames left to the writer's own checkpoint when the WAL is to restart (about 4 MiB,
+/// 10 ms of copying at most while no commit starts); usually it is the few hundred committed
+/// during the checkpointer's last pass.
+const RESTART_MOST_PENDING: i64 = 1024;
+
 /// Runs a `PASSIVE` checkpoint every `database.checkpoint_interval_ms` until `stop`: it copies
 /// what the WAL holds into the database file without blocking the writer (or waiting for readers).
 /// When the WAL has grown past its limit (bytes), it raises `wal_full` for the group writer, which
@@ -412,11 +419,17 @@ async fn run_checkpoints(
                         tracing::warn!(error = %e, "syncing the SQLite database file failed");
                     }
                     // Once more, to copy what was committed meanwhile: the writer's copy, which
-                    // holds up commits, is then only of what comes after this.
-                    let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                        .execute(&pool)
-                        .await;
-                    wal_full.store(true, Ordering::Relaxed);
+                    // holds up commits, is then only of what comes after this. Not while a reader
+                    // holds many frames back: the writer would have to copy them all.
+                    let again: Result<(i64, i64, i64), _> =
+                        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                            .fetch_one(&pool)
+                            .await;
+                    if let Ok((_, frames, copied)) = again
+                        && frames - copied <= RESTART_MOST_PENDING
+                    {
+                        wal_full.store(true, Ordering::Relaxed);
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed; retrying"),
