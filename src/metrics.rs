@@ -322,7 +322,7 @@ impl Metrics {
         );
         self.registry.register(
             "store_wal_restarts",
-            "Times the SQLite checkpointer restarted the WAL from its beginning",
+            "Times the SQLite WAL was made to restart from its beginning",
             store.wal_restarts.clone(),
         );
     }

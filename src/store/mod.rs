@@ -511,7 +511,8 @@ pub struct SqliteMetrics {
     /// The WAL's length in bytes (frames written since it last restarted), as of the last
     /// checkpoint.
     pub wal_bytes: prometheus_client::metrics::gauge::Gauge,
-    /// Times the checkpointer restarted the WAL from its beginning.
+    /// Times the WAL was made to restart from its beginning (the writer copied its last frames
+    /// with no reader in it).
     pub wal_restarts: prometheus_client::metrics::counter::Counter,
 }
 

@@ -173,8 +173,8 @@ pub struct SqliteOptions {
     pub write_interval: Duration,
     /// How often the background checkpointer copies the WAL into the database file.
     pub checkpoint_interval: Duration,
-    /// Past this size the checkpointer restarts the WAL from its beginning, and a restarted WAL
-    /// file is cut back to it (see "The WAL's size" in the module docs).
+    /// Past this size the WAL is made to restart from its beginning, and a restarted WAL file is
+    /// cut back to it (see "The WAL's size" in the module docs).
     pub wal_limit_bytes: u64,
     /// Sends write outbox rows for the side-effect worker (a webhook is configured).
     pub outbox: bool,
@@ -290,11 +290,9 @@ impl SqliteStore {
         let checkpoint_task = tokio::spawn(run_checkpoints(
             checkpointer.clone(),
             options.checkpoint_interval,
-            (
-                options.wal_limit_bytes,
-                wal_full.clone(),
-                path.to_path_buf(),
-            ),
+            options.wal_limit_bytes,
+            wal_full.clone(),
+            path.to_path_buf(),
             stats.clone(),
             stop.clone(),
         ));
@@ -380,7 +378,9 @@ const RESTART_MOST_PENDING: i64 = 1024;
 async fn run_checkpoints(
     pool: SqlitePool,
     every: Duration,
-    (wal_limit, wal_full, db_path): (u64, Arc<AtomicBool>, std::path::PathBuf),
+    wal_limit: u64,
+    wal_full: Arc<AtomicBool>,
+    db_path: std::path::PathBuf,
     stats: SqliteMetrics,
     stop: CancellationToken,
 ) {
