@@ -112,7 +112,8 @@ export default function () {
 
   const body = JSON.stringify({
     content: `load ${__VU}/${__ITER}`,
-    clientMsgId: `k6-${__VU}-${__ITER}-${Date.now()}`,
+    // Time first, as the SDK's keys (protocol section 6).
+    clientMsgId: `c-${Date.now().toString(16).padStart(12, '0')}-${__VU}-${__ITER}`,
   });
   const sent = http.post(url, body, {
     headers: Object.assign({ 'Content-Type': 'application/json' }, auth),

@@ -104,7 +104,8 @@ export default function () {
     function startSending() {
       const interval = Math.max(1, Math.round(1000 / RATE_PER_VU));
       socket.setInterval(function () {
-        const clientMsgId = `k6-${__VU}-${counter++}`;
+        // Time first, as the SDK's keys (protocol section 6): a commit's keys land together.
+        const clientMsgId = `c-${Date.now().toString(16).padStart(12, '0')}-${__VU}-${counter++}`;
         const at = Date.now();
         const content = `t=${at} from ${__VU} #${counter}`;
         mine[content] = at;

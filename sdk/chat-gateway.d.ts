@@ -412,7 +412,7 @@ export declare function connect(url?: string, options?: ClientOptions): ChatClie
 export declare const getClient: typeof connect;
 /** The absolute ws(s) URL that keys the client registry; relative URLs need a page. */
 export declare function normalizeUrl(url?: string): string;
-/** A random idempotency key. */
+/** A new idempotency key for a send: the time first (milliseconds, 12 hex digits), then random. */
 export declare function newClientMsgId(): string;
 /** Reconnect delay for a 0-based attempt: exponential, capped, equal jitter. */
 export declare function backoffDelay(

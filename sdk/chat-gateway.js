@@ -125,11 +125,13 @@ export class ChatGatewayError extends Error {
 }
 
 /**
- * A new idempotency key for a send. Random, so two tabs never collide.
+ * A new idempotency key for a send: the time first (milliseconds, 12 hex digits), then random, so
+ * two tabs never collide and keys sort by when they were made. Keys made at about the same time
+ * land together in the store's index of keys (proto-docs/protocol.md, section 6).
  * @returns {string}
  */
 export function newClientMsgId() {
-  return randomKey("c");
+  return randomKey(`c-${Date.now().toString(16).padStart(12, "0")}`);
 }
 
 /** A random key with `prefix`: a UUID where the runtime has one. */

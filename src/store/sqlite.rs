@@ -140,6 +140,7 @@ pub static MIGRATOR: super::migrations::Lazy = super::migrations::Lazy::new(|| {
         "20261206000004_no_time_index.sql",
         "20261206000005_message_changes.sql",
         "20261206000006_change_key_partial.sql",
+        "20261206000007_client_key_first.sql",
     )
     .migrator()
 });
@@ -1509,6 +1510,40 @@ mod tests {
                 .unwrap();
             assert_eq!(temp_store, 2, "temp_store = MEMORY");
         }
+    }
+
+    /// The send batch's read of stored originals finds each key through the key's own index,
+    /// whose first column is the key (`20261206000007_client_key_first.sql`): never a scan of a
+    /// room's messages.
+    #[tokio::test]
+    async fn the_send_batch_read_searches_the_key_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("chat.db"), 1)
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            &READ_ORIGINALS["BEGIN IMMEDIATE;\n".len()..]
+        ))
+        .bind("[]")
+        .fetch_all(&store.readers)
+        .await
+        .unwrap();
+        let steps: Vec<&str> = plan.iter().map(|(_, _, _, step)| step.as_str()).collect();
+        assert!(
+            steps.iter().any(|s| s.starts_with(
+                "SEARCH ChatMessage USING INDEX ChatMessage_clientMsgId_roomId_senderId_key \
+                 (clientMsgId=? AND roomId=? AND senderId=?)"
+            )),
+            "the key lookup does not search the key's index: {steps:?}"
+        );
+        assert!(
+            steps
+                .iter()
+                .all(|s| !s.starts_with("SCAN") || s.starts_with("SCAN json_each")),
+            "a scan in the send batch's read: {steps:?}"
+        );
     }
 
     /// The change batch's read finds every message, key and reaction row through an index: no

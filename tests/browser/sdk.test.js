@@ -151,6 +151,31 @@ test("a send whose ack is lost is retried after the reconnect and stored once", 
   assert.equal(sent.filter((f) => f.type === "join").at(-1).since, 1, "resumed from the last seen seq");
 });
 
+test("send keys begin with their time (protocol section 6): later sends sort after earlier ones", async () => {
+  const r = await page.evaluate(async () => {
+    const client = sdk.connect("/ws", { token: () => devToken("Kai") });
+    await client.join("keys", () => {});
+    const before = Date.now();
+    const keys = [];
+    for (let i = 0; i < 3; i++) {
+      const sending = client.send("keys", `key ${i}`);
+      keys.push(sending.clientMsgId);
+      await sending;
+      await new Promise((res) => setTimeout(res, 5));
+    }
+    return { before, after: Date.now(), keys };
+  });
+  for (const key of r.keys) {
+    const m = /^c-([0-9a-f]{12})-[0-9a-f-]{36}$/.exec(key);
+    assert.ok(m, `the key ${key} is c-<ms as 12 hex digits>-<uuid>`);
+    const at = parseInt(m[1], 16);
+    assert.ok(at >= r.before && at <= r.after, `the key's time ${at} is when it was sent`);
+  }
+  assert.deepEqual([...r.keys].sort(), r.keys, "keys made later sort later");
+  const sends = sent.filter((f) => f.type === "send").map((f) => f.clientMsgId);
+  assert.deepEqual(sends, r.keys, "the keys on the wire");
+});
+
 test("session_expiring: the token is refreshed on the same socket", async () => {
   const reasons = await page.evaluate(async () => {
     const reasons = [];

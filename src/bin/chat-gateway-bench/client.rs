@@ -135,6 +135,15 @@ pub(crate) struct Client {
     pub(crate) next_id: u64,
 }
 
+/// A send's idempotency key as the SDK makes them: the time first (milliseconds, fixed-width hex),
+/// so a store's index of keys takes each commit's new keys at one place.
+fn client_msg_id(user: usize, counter: u64) -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("c-{ms:012x}-u{user}-{counter}")
+}
+
 fn ws_config() -> WebSocketConfig {
     // Small buffers: thousands of sockets live in this one process.
     WebSocketConfig::default()
@@ -234,7 +243,7 @@ impl Client {
                             let t = at.duration_since(epoch).as_micros();
                             json!({"type": "send", "id": id, "room": rooms[room],
                                    "content": format!("t={t} u={user} n={counter}"),
-                                   "clientMsgId": format!("u{user}-{counter}")})
+                                   "clientMsgId": client_msg_id(user, counter)})
                         }
                         Cmd::Change { room, edit } => {
                             counter += 1;
