@@ -1512,25 +1512,32 @@ mod tests {
         }
     }
 
-    /// The send batch's read of stored originals finds each key through the key's own index,
-    /// whose first column is the key (`20261206000007_client_key_first.sql`): never a scan of a
-    /// room's messages.
-    #[tokio::test]
-    async fn the_send_batch_read_searches_the_key_index() {
+    /// The query plan of a batch's read (`sql` without its leading `BEGIN IMMEDIATE;`), its one
+    /// parameter an empty JSON array, on a freshly migrated database: one step per row.
+    async fn plan_after_begin(sql: &str) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("chat.db"), 1)
             .await
             .unwrap();
         store.migrate().await.unwrap();
-        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
-            "EXPLAIN QUERY PLAN {}",
-            &READ_ORIGINALS["BEGIN IMMEDIATE;\n".len()..]
-        ))
-        .bind("[]")
-        .fetch_all(&store.readers)
-        .await
-        .unwrap();
-        let steps: Vec<&str> = plan.iter().map(|(_, _, _, step)| step.as_str()).collect();
+        let read = sql
+            .strip_prefix("BEGIN IMMEDIATE;")
+            .expect("a batch's read");
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {read}"))
+                .bind("[]")
+                .fetch_all(&store.readers)
+                .await
+                .unwrap();
+        plan.into_iter().map(|(_, _, _, step)| step).collect()
+    }
+
+    /// The send batch's read of stored originals finds each key through the key's own index,
+    /// whose first column is the key (`20261206000007_client_key_first.sql`): never a scan of a
+    /// room's messages.
+    #[tokio::test]
+    async fn the_send_batch_read_searches_the_key_index() {
+        let steps = plan_after_begin(READ_ORIGINALS).await;
         assert!(
             steps.iter().any(|s| s.starts_with(
                 "SEARCH ChatMessage USING INDEX ChatMessage_clientMsgId_roomId_senderId_key \
@@ -1551,20 +1558,7 @@ mod tests {
     /// key lookup's index is partial, keyed rows only: usable because `= ?` implies NOT NULL.)
     #[tokio::test]
     async fn the_change_batch_read_searches_indexes_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("chat.db"), 1)
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
-        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
-            "EXPLAIN QUERY PLAN {}",
-            &READ_CHANGES["BEGIN IMMEDIATE;".len()..]
-        ))
-        .bind("[]")
-        .fetch_all(&store.readers)
-        .await
-        .unwrap();
-        let steps: Vec<&str> = plan.iter().map(|(_, _, _, step)| step.as_str()).collect();
+        let steps = plan_after_begin(READ_CHANGES).await;
         for step in &steps {
             assert!(
                 !step.starts_with("SCAN") || step.starts_with("SCAN json_each"),
