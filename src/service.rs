@@ -929,7 +929,9 @@ impl ChatService {
         }
     }
 
-    /// The user's rooms with read state and last message (two queries, whatever their number).
+    /// The user's rooms with read state and last message (two queries, whatever their number),
+    /// a last message that is a reply with its quote as history shows it (one more read for
+    /// each such room, at once).
     pub async fn my_rooms(
         &self,
         who: &Identity,
@@ -937,7 +939,18 @@ impl ChatService {
     ) -> Result<Vec<RoomSummary>, ChatError> {
         let max = self.settings.signals.max_rooms_listed;
         let limit = limit.unwrap_or(max).clamp(1, max);
-        Ok(self.store.my_rooms(&who.user_id, limit).await?)
+        let mut rooms = self.store.my_rooms(&who.user_id, limit).await?;
+        let quotes = rooms.iter_mut().filter_map(|summary| {
+            let last = summary.last_message.as_mut()?;
+            last.reply_to_seq?;
+            Some(crate::store::quote_replies(
+                &*self.store,
+                &summary.id,
+                std::slice::from_mut(last),
+            ))
+        });
+        futures::future::try_join_all(quotes).await?;
+        Ok(rooms)
     }
 
     /// Tells the room's other members (on every node) that `who` started or stopped typing.

@@ -412,6 +412,44 @@ async fn a_resume_replays_an_edit_a_delete_and_50_reaction_changes_exactly_once_
     );
 }
 
+on_both!(a_room_whose_last_message_is_a_reply_lists_it_with_its_quote);
+async fn a_room_whose_last_message_is_a_reply_lists_it_with_its_quote(backend: Backend) {
+    let Some((app, _db)) = gateway(backend, |_| {}).await else {
+        return;
+    };
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    alice.join("r", None).await;
+    bob.join("r", None).await;
+    let one = alice.send_ok("r", "lunch at noon?").await["seq"]
+        .as_i64()
+        .unwrap();
+    let reply = request_ok(
+        &mut bob,
+        json!({"type": "send", "room": "r", "content": "yes", "clientMsgId": "b1", "replyTo": one}),
+    )
+    .await;
+    let rooms = request_ok(&mut alice, json!({"type": "rooms"})).await;
+    let last = &rooms["rooms"][0]["lastMessage"];
+    assert_eq!(
+        last["seq"], reply["message"]["seq"],
+        "the reply is the newest"
+    );
+    assert_eq!(
+        last["replyTo"], reply["message"]["replyTo"],
+        "the room list quotes what the reply quotes, as history does: {last}"
+    );
+    assert_eq!(last["replyTo"]["excerpt"], "lunch at noon?");
+    // The quote follows its original, as history's does.
+    edit(&mut alice, "r", one, "lunch at one?").await;
+    let rooms = request_ok(&mut alice, json!({"type": "rooms"})).await;
+    assert_eq!(
+        rooms["rooms"][0]["lastMessage"]["replyTo"]["excerpt"],
+        "lunch at one?"
+    );
+}
+
 on_both!(bad_changes_get_their_codes_and_change_nothing);
 async fn bad_changes_get_their_codes_and_change_nothing(backend: Backend) {
     let Some((app, _db)) = gateway(backend, |s| {
