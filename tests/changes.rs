@@ -217,6 +217,16 @@ async fn gateway(
 }
 
 /// A test run on both backends: `<name>::sqlite` and `<name>::postgres_and_redis`.
+/// Room `r` with members alice and bob, each with a socket that has joined it.
+async fn alice_and_bob_in_r(app: &TestApp) -> (Client, Client) {
+    app.room("r", &["alice", "bob"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    alice.join("r", None).await;
+    bob.join("r", None).await;
+    (alice, bob)
+}
+
 macro_rules! on_both {
     ($name:ident) => {
         mod $name {
@@ -240,11 +250,7 @@ async fn edits_deletions_reactions_and_replies_arrive_once_in_order_and_history_
     let Some((app, _db)) = gateway(backend, |_| {}).await else {
         return;
     };
-    app.room("r", &["alice", "bob"]).await;
-    let mut alice = app.client("alice").await;
-    let mut bob = app.client("bob").await;
-    alice.join("r", None).await;
-    bob.join("r", None).await;
+    let (mut alice, mut bob) = alice_and_bob_in_r(&app).await;
     let mut screen = Screen::default();
 
     let first = alice.send_ok("r", "helo wrold").await;
@@ -417,11 +423,7 @@ async fn a_room_whose_last_message_is_a_reply_lists_it_with_its_quote(backend: B
     let Some((app, _db)) = gateway(backend, |_| {}).await else {
         return;
     };
-    app.room("r", &["alice", "bob"]).await;
-    let mut alice = app.client("alice").await;
-    let mut bob = app.client("bob").await;
-    alice.join("r", None).await;
-    bob.join("r", None).await;
+    let (mut alice, mut bob) = alice_and_bob_in_r(&app).await;
     let one = alice.send_ok("r", "lunch at noon?").await["seq"]
         .as_i64()
         .unwrap();
