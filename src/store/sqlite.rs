@@ -372,6 +372,17 @@ impl SqliteStore {
 /// during the checkpointer's last pass.
 const RESTART_MOST_PENDING: i64 = 1024;
 
+/// A `PASSIVE` checkpoint on `conn`: (busy, WAL frames, frames checkpointed); -1s when the
+/// database is not in WAL mode.
+async fn passive_checkpoint<'c, E>(conn: E) -> Result<(i64, i64, i64), sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(conn)
+        .await
+}
+
 /// Runs a `PASSIVE` checkpoint every `database.checkpoint_interval_ms` until `stop`: it copies
 /// what the WAL holds into the database file without blocking the writer (or waiting for readers).
 /// When the WAL has grown past its limit (bytes), it raises `wal_full` for the group writer, which
@@ -399,10 +410,7 @@ async fn run_checkpoints(
                 .await
                 .ok();
         }
-        // (busy, WAL frames, frames checkpointed); -1s when the database is not in WAL mode.
-        let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(&pool)
-            .await;
+        let done = passive_checkpoint(&pool).await;
         match done {
             Ok((_, frames, copied)) => {
                 stats.checkpoints.inc();
@@ -422,11 +430,7 @@ async fn run_checkpoints(
                     // Once more, to copy what was committed meanwhile: the writer's copy, which
                     // holds up commits, is then only of what comes after this. Not while a reader
                     // holds many frames back: the writer would have to copy them all.
-                    let again: Result<(i64, i64, i64), _> =
-                        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                            .fetch_one(&pool)
-                            .await;
-                    if let Ok((_, frames, copied)) = again
+                    if let Ok((_, frames, copied)) = passive_checkpoint(&pool).await
                         && frames - copied <= RESTART_MOST_PENDING
                     {
                         wal_full.store(true, Ordering::Relaxed);
@@ -569,12 +573,8 @@ impl GroupWriter {
     /// while no commit can add to it (this is the only writer): with every frame copied and no
     /// reader in the WAL, the next commit writes the WAL from its beginning.
     async fn let_wal_restart(&self) {
-        let done: Result<(i64, i64, i64), _> = match self.pool.acquire().await {
-            Ok(mut conn) => {
-                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                    .fetch_one(&mut *conn)
-                    .await
-            }
+        let done = match self.pool.acquire().await {
+            Ok(mut conn) => passive_checkpoint(&mut *conn).await,
             Err(e) => Err(e),
         };
         match done {
