@@ -171,7 +171,8 @@ async fn the_history_cache_is_shared_and_kept_current_on_every_node() {
     alice_a.send_ok("r", "one").await;
     let first = alice_b.history("r", None, None).await;
     assert_eq!(first["result"]["messages"].as_array().unwrap().len(), 1);
-    // The room's newest messages are in Redis: a list of entries and its header.
+    // The room's newest messages are in Redis: a list of entries, which reaches the room's start;
+    // and the header earlier versions read.
     let mut conn = redis_conn(&c.url).await;
     let header: String = redis::cmd("GET")
         .arg(format!("{}messages:{}:last", c.prefix, tag(&c.url, "r")))
@@ -179,15 +180,17 @@ async fn the_history_cache_is_shared_and_kept_current_on_every_node() {
         .await
         .unwrap();
     assert_eq!(header, "1 1");
+    let list = format!("{}messages:{}:list", c.prefix, tag(&c.url, "r"));
     let entries: Vec<String> = redis::cmd("LRANGE")
-        .arg(format!("{}messages:{}:list", c.prefix, tag(&c.url, "r")))
+        .arg(&list)
         .arg(0)
         .arg(-1)
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(entries.len(), 1);
-    assert!(entries[0].starts_with(r#"1 {"seq":1,"#), "{entries:?}");
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[0], "start");
+    assert!(entries[1].starts_with(r#"1 {"seq":1,"#), "{entries:?}");
     // Served from the cache on the other node.
     let again = alice_a.history("r", None, None).await;
     assert_eq!(again["result"], first["result"]);
@@ -198,6 +201,13 @@ async fn the_history_cache_is_shared_and_kept_current_on_every_node() {
     // A send on one node appends to the shared tail before its ack: the other node serves the
     // message from the cache.
     alice_a.send_ok("r", "two").await;
+    let last: String = redis::cmd("LINDEX")
+        .arg(&list)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(last.starts_with(r#"2+ {"seq":2,"#), "{last}");
     let after = alice_b.history("r", None, None).await;
     assert_eq!(
         seqs(after["result"]["messages"].as_array().unwrap()),
@@ -259,7 +269,7 @@ async fn two_nodes_sending_to_one_room_never_serve_a_page_missing_an_acknowledge
 }
 
 #[tokio::test]
-async fn out_of_order_appends_drop_the_shared_tail_and_a_stale_fill_is_refused() {
+async fn appends_out_of_order_are_served_in_order_never_with_a_hole_and_a_stale_fill_is_refused() {
     use chat_gateway::cache::redis::RedisHistoryCache;
     use chat_gateway::cache::{HistoryCache, Latest, Tail};
     use chat_gateway::protocol::MessageJson;
@@ -271,7 +281,7 @@ async fn out_of_order_appends_drop_the_shared_tail_and_a_stale_fill_is_refused()
         chat_gateway::redis_conn::RedisConn::connect(&settings.redis, "test", Default::default())
             .await
             .unwrap();
-    let cache = RedisHistoryCache::new(conn, Duration::from_secs(60), 5);
+    let cache = RedisHistoryCache::new(conn, Duration::from_secs(60), 10);
     let message = |seq: i64| MessageJson {
         seq,
         json: format!(r#"{{"seq":{seq}}}"#).into(),
@@ -307,10 +317,12 @@ async fn out_of_order_appends_drop_the_shared_tail_and_a_stale_fill_is_refused()
     cache.append("r", &message(4)).await;
     cache.append("r", &message(4)).await;
     assert_eq!(latest(&cache).await, Some(vec![1, 2, 3, 4]));
-    // 6 lands before 5: the tail is dropped, not left with a hole.
+    // 6 lands before 5 (two nodes): while 5 is missing the tail is not served, then it is, in
+    // order.
     cache.append("r", &message(6)).await;
+    assert_eq!(latest(&cache).await, None, "served without message 5");
     cache.append("r", &message(5)).await;
-    assert_eq!(latest(&cache).await, None);
+    assert_eq!(latest(&cache).await, Some(vec![2, 3, 4, 5, 6]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -527,9 +527,9 @@ impl RedisBroker {
     }
 }
 
-/// On Redis, the cache append and the publish of a message are one script on the room's keys
+/// On Redis, the cache append and the publish of a message are one pipeline on the room's keys
 /// and channel (one slot on a cluster): one round trip before the ack instead of two, and one
-/// command for Redis to read and answer instead of two.
+/// read for Redis instead of two.
 pub struct RedisAnnouncer {
     pub cache: Arc<crate::cache::redis::RedisHistoryCache>,
     pub broker: Arc<RedisBroker>,

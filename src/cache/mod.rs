@@ -13,7 +13,9 @@
 //! and before the ack: if the tail ends at `seq - 1` the message is appended; if it already holds
 //! `seq` (a read after the commit filled it) nothing changes; otherwise (a gap: appends from two
 //! nodes out of order, a message stored by something else) the tail is dropped and the next read
-//! refills it from the store. So a tail only ever holds a gap-free run of what the store held.
+//! refills it from the store. So a tail only ever serves a gap-free run of what the store held.
+//! (In Redis the append is plain commands that cannot look at the tail, so the reader makes that
+//! check instead, after putting the entries in order: see [`redis`].)
 //!
 //! **Races.** Each room has a *generation*, bumped by every append (before the ack). A miss takes
 //! the generation before the store is read; the tail read is stored only if the generation has not
