@@ -18,9 +18,10 @@
 //! whose start costs Redis more than the commands themselves. Appends from two nodes may land out
 //! of order, twice (a message a fill already read), or not at all (Redis failed); so a lookup
 //! reads the whole list and orders it by `seq`, drops repeats, and serves it only when every
-//! appended message follows the one before it (`seq - 1`), the oldest excepted. Anything else is
-//! a miss, and the fill that follows replaces the list. The messages a store read put there may
-//! have holes (the `seq`s of changes), which are the store's own.
+//! appended message follows the one before it (`seq - 1`), the oldest excepted (in a complete
+//! tail it must be the room's first, `seq` 1). Anything else is a miss, and the fill that follows
+//! replaces the list. The messages a store read put there may have holes (the `seq`s of
+//! changes), which are the store's own.
 //!
 //! Pages read from Redis are checked to be JSON before they are served (a miss otherwise).
 //!
@@ -218,7 +219,13 @@ fn decode_tail(entries: &[String]) -> Result<(Vec<MessageJson<&str>>, bool), Uns
         let (before, (message, appended)) = (&pair[0].0, &pair[1]);
         !appended || message.seq == before.seq + 1
     };
-    if !messages.windows(2).all(follows) {
+    // In a tail that reaches the room's start, an appended message with nothing before it must
+    // be the room's first.
+    let first_follows_start = match messages.first() {
+        Some((message, true)) if complete => message.seq == 1,
+        _ => true,
+    };
+    if !first_follows_start || !messages.windows(2).all(follows) {
         return Err(Unservable::Hole);
     }
     Ok((messages.into_iter().map(|(m, _)| m).collect(), complete))
@@ -445,6 +452,9 @@ mod tests {
         // after the fill, which the next send's entry cannot tell (the next read goes to the
         // store once, and its fill holds 4).
         assert_eq!(seqs(&["1 {}", "2 {}", "4+ {}"]), Err(Unservable::Hole));
+        // The first message of an empty room was lost; the tail reaches the start.
+        assert_eq!(seqs(&["start", "2+ {}"]), Err(Unservable::Hole));
+        assert_eq!(seqs(&["start", "1+ {}", "2+ {}"]), Ok((vec![1, 2], true)));
         // 6 landed early and 3-5 are not there yet: a page cut from the end would lack 6.
         assert_eq!(
             seqs(&["1 {}", "2 {}", "6+ {}", "3+ {}"]),
