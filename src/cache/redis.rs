@@ -67,8 +67,8 @@ end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1";
 
-/// KEYS: generation, the earlier versions' header, tail, and for a change the room's changed mark. ARGV:
-/// generation TTL (ms), and for a change the mark's TTL (ms).
+/// KEYS: generation, the earlier versions' header, tail, and for a change the room's changed
+/// mark. ARGV: generation TTL (ms), and for a change the mark's TTL (ms).
 const FORGET: &str = r"
 redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
