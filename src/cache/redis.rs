@@ -121,6 +121,9 @@ impl RedisHistoryCache {
         message: Option<&MessageJson>,
         publish: Option<(&str, &str, &[u8])>,
     ) -> redis::RedisResult<()> {
+        if message.is_none() && publish.is_none() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         if let Some(message) = message {
             let generation = self.room_key(room, "gen");
@@ -138,9 +141,6 @@ impl RedisHistoryCache {
         }
         if let Some((command, channel, payload)) = publish {
             pipe.cmd(command).arg(channel).arg(payload).ignore();
-        }
-        if message.is_none() && publish.is_none() {
-            return Ok(());
         }
         let mut conn = self.redis.conn.clone();
         self.redis.bounded(pipe.query_async(&mut conn)).await
@@ -201,7 +201,12 @@ enum Unservable {
 fn decode_tail(entries: &[String]) -> Result<(Vec<MessageJson<&str>>, bool), Unservable> {
     let complete = entries.first().is_some_and(|e| e == START);
     let mut messages = Vec::with_capacity(entries.len());
-    for entry in &entries[usize::from(complete)..] {
+    for entry in entries {
+        // `start` stands where seq 0 would: an appended message right after it must be seq 1.
+        if messages.is_empty() && complete {
+            messages.push((MessageJson { seq: 0, json: "" }, false));
+            continue;
+        }
         let (head, json) = entry.split_once(' ').ok_or(Unservable::Malformed)?;
         let (seq, appended) = match head.strip_suffix('+') {
             Some(seq) => (seq, true),
@@ -219,16 +224,11 @@ fn decode_tail(entries: &[String]) -> Result<(Vec<MessageJson<&str>>, bool), Uns
         let (before, (message, appended)) = (&pair[0].0, &pair[1]);
         !appended || message.seq == before.seq + 1
     };
-    // In a tail that reaches the room's start, an appended message with nothing before it must
-    // be the room's first.
-    let first_follows_start = match messages.first() {
-        Some((message, true)) if complete => message.seq == 1,
-        _ => true,
-    };
-    if !first_follows_start || !messages.windows(2).all(follows) {
+    if !messages.windows(2).all(follows) {
         return Err(Unservable::Hole);
     }
-    Ok((messages.into_iter().map(|(m, _)| m).collect(), complete))
+    let messages = messages.into_iter().skip(usize::from(complete));
+    Ok((messages.map(|(m, _)| m).collect(), complete))
 }
 
 #[async_trait]
