@@ -492,6 +492,69 @@ async fn a_lone_send_is_written_at_once_whatever_the_write_interval() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_one_after_another_are_never_held_for_the_write_interval() {
+    // Steady sends that each find the writer free: each is written at once, however soon after
+    // the one before it, and however long the interval.
+    let app = TestApp::spawn_with(|s| s.database.write_interval_ms = 1000).await;
+    app.room("r", &["alice"]).await;
+    let mut alice = app.client("alice").await;
+    for i in 0..5 {
+        let started = Instant::now();
+        alice.send_ok("r", &format!("message {i}")).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "send {i}, right after the one before it, took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        (app.metric(BATCHES).await, app.metric(BATCHED).await),
+        (5.0, 5.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_batch_of_several_sends_the_next_batch_waits_out_the_interval_and_takes_all_that_came()
+ {
+    let app = TestApp::spawn_with(|s| s.database.write_interval_ms = 1000).await;
+    app.room("r", &["alice", "bob", "carol"]).await;
+    let mut alice = app.client("alice").await;
+    let mut bob = app.client("bob").await;
+    let mut carol = app.client("carol").await;
+    // Under load: two sends queue behind a busy writer and are written together.
+    let lock = block_the_writer(&app, &mut alice, "r", 1.0).await;
+    let from_bob = queue_send(&app, &mut bob, "r", "bob's", "b1", 1.0).await;
+    let from_carol = queue_send(&app, &mut carol, "r", "carol's", "c1", 2.0).await;
+    lock.release().await;
+    message(&alice.reply_to("send-blocker").await);
+    message(&bob.reply_to(&from_bob).await);
+    message(&carol.reply_to(&from_carol).await);
+    assert_eq!(
+        (app.metric(BATCHES).await, app.metric(BATCHED).await),
+        (2.0, 3.0)
+    );
+    // Three sends right after it, one at a time: the writer waits out the interval since that
+    // batch, so all three are one commit.
+    let ids = [
+        start_send(&mut alice, "r", "one", "a2").await,
+        start_send(&mut bob, "r", "two", "b2").await,
+        start_send(&mut carol, "r", "three", "c2").await,
+    ];
+    let mut seqs = [
+        message(&alice.reply_to(&ids[0]).await)["seq"].as_i64(),
+        message(&bob.reply_to(&ids[1]).await)["seq"].as_i64(),
+        message(&carol.reply_to(&ids[2]).await)["seq"].as_i64(),
+    ];
+    // (Three sockets: the order they reach the writer in is theirs.)
+    seqs.sort_unstable();
+    assert_eq!(seqs, [Some(4), Some(5), Some(6)]);
+    assert_eq!(
+        (app.metric(BATCHES).await, app.metric(BATCHED).await),
+        (3.0, 6.0)
+    );
+}
+
 /// Checkpoints run beside the writer, on a connection of their own: after a burst of sends the
 /// write-ahead log is copied into the database file (no WAL frame left pending) without a send
 /// ever running a checkpoint itself, and the messages are all there.

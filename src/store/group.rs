@@ -38,23 +38,38 @@ pub(crate) async fn ask<Q, A>(
         .map_err(|_| StoreError::Unavailable(format!("{what} stopped")))?
 }
 
-/// The pacing of a group writer under load: when its previous batch started less than
-/// `interval` ago, waits out the rest (after a quiet spell, returns at once); then tops `batch`
-/// up, to `max` at most, with what arrived meanwhile. Returns when the batch starts.
-pub(crate) async fn pace<T>(
-    last_start: Option<tokio::time::Instant>,
-    interval: std::time::Duration,
-    queued: &mut mpsc::Receiver<T>,
-    batch: &mut Vec<T>,
-    max: usize,
-) -> tokio::time::Instant {
-    if let Some(next) = last_start.map(|t| t + interval)
-        && next > tokio::time::Instant::now()
-    {
-        tokio::time::sleep_until(next).await;
+/// The pacing of a group writer: batches grow with the load, and a writer that keeps up waits
+/// for nothing.
+///
+/// A writer is under load when its last batch took more than one request: they queued while it
+/// was busy. Then the next batch starts no sooner than the interval (`database.write_interval_ms`)
+/// after that one started, and takes everything that arrived meanwhile, so commits per request
+/// fall as the load rises. A batch of one (a send after a quiet spell, or steady sends that each
+/// find the writer free) ends the pacing: the next request is written as it comes. Requests that
+/// come faster than one per interval keep the writer paced, whatever the commit's speed.
+///
+/// (Pacing every batch that started within the interval of the one before held moderate steady
+/// traffic, each send finding the writer free, for most of the interval, for batches of one.)
+#[derive(Default)]
+pub(crate) struct Pacer {
+    /// When the last batch started, if it took more than one request.
+    loaded_since: Option<tokio::time::Instant>,
+}
+
+impl Pacer {
+    /// Before a batch is taken: waits out the interval if the writer is under load.
+    pub(crate) async fn wait(&self, interval: std::time::Duration) {
+        if let Some(next) = self.loaded_since.map(|t| t + interval)
+            && next > tokio::time::Instant::now()
+        {
+            tokio::time::sleep_until(next).await;
+        }
     }
-    top_up(queued, batch, max);
-    tokio::time::Instant::now()
+
+    /// A batch of `taken` requests starts now.
+    pub(crate) fn started(&mut self, taken: usize) {
+        self.loaded_since = (taken > 1).then(tokio::time::Instant::now);
+    }
 }
 
 /// Adds to `batch` what is waiting in `queued`, to `max` at most, without waiting.
@@ -131,4 +146,58 @@ impl<Q, A> Batch<Q, A> {
 /// A failure for want of the database: the same for every request of a batch.
 fn retriable(e: &StoreError) -> bool {
     matches!(e, StoreError::Unavailable(_) | StoreError::Down)
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::Pacer;
+
+    const INTERVAL: Duration = Duration::from_millis(2);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_keeps_up_waits_for_nothing() {
+        let mut pacer = Pacer::default();
+        for _ in 0..5 {
+            let before = Instant::now();
+            pacer.wait(INTERVAL).await;
+            assert_eq!(before.elapsed(), Duration::ZERO);
+            pacer.started(1);
+            // The next send comes well within the interval, and finds the writer free.
+            tokio::time::advance(Duration::from_micros(500)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_batch_of_several_the_next_waits_out_the_interval_then_pacing_ends() {
+        let mut pacer = Pacer::default();
+        let first = Instant::now();
+        pacer.started(3);
+        tokio::time::advance(Duration::from_micros(500)).await;
+        pacer.wait(INTERVAL).await;
+        // (The timer's resolution is a millisecond.)
+        let waited = first.elapsed();
+        assert!(
+            waited >= INTERVAL && waited <= INTERVAL + Duration::from_millis(1),
+            "the batch after a batch of 3 started {waited:?} after it"
+        );
+        // That batch took one request: the load is gone, the next is written at once.
+        pacer.started(1);
+        let before = Instant::now();
+        pacer.wait(INTERVAL).await;
+        assert_eq!(before.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_started_longer_ago_than_the_interval_holds_nothing() {
+        let mut pacer = Pacer::default();
+        pacer.started(10);
+        tokio::time::advance(INTERVAL * 2).await;
+        let before = Instant::now();
+        pacer.wait(INTERVAL).await;
+        assert_eq!(before.elapsed(), Duration::ZERO);
+    }
 }

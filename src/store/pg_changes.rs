@@ -26,9 +26,10 @@
 //! there: messages first, rooms last, each in a fixed order, so the change writer, the locking
 //! path and sends (rooms only) never wait for each other in a cycle.
 //!
-//! One batch at a time, and under load a batch starts no sooner than `database.write_interval_ms`
-//! after the previous one started, taking everything that arrived meanwhile: statements per
-//! change fall as traffic rises. A change after a quiet spell is written at once. Moderation
+//! One batch at a time, and under load (the previous batch took more than one change, see
+//! `group::Pacer`) a batch starts no sooner than `database.write_interval_ms` after the previous
+//! one started, taking everything that arrived meanwhile: statements per change fall as traffic
+//! rises. A change that finds the writer free is written at once. Moderation
 //! (rare, and written to a column the app may have made an enum type) always takes the locking
 //! path.
 
@@ -220,22 +221,15 @@ impl Changes {
 
 /// Takes what is waiting, one batch at a time, until every caller is gone.
 async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
-    let mut last_start: Option<tokio::time::Instant> = None;
+    let mut pacer = group::Pacer::default();
     loop {
         let mut batch = Vec::with_capacity(BATCH);
         if queued.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        last_start = Some(
-            group::pace(
-                last_start,
-                writes.write_interval(),
-                &mut queued,
-                &mut batch,
-                BATCH,
-            )
-            .await,
-        );
+        pacer.wait(writes.write_interval()).await;
+        group::top_up(&mut queued, &mut batch, BATCH);
+        pacer.started(batch.len());
         write(&writes, batch).await;
     }
 }

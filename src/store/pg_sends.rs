@@ -2,10 +2,11 @@
 //! for the node's send writer, which takes everything waiting (up to [`BATCH`]) and writes it in
 //! one statement, one round trip and one commit (one WAL flush), at most [`IN_FLIGHT`] batches at
 //! once, on the writers' connections (generic plans of index lookups: see
-//! `postgres::WRITER_SETTINGS`). A send after a quiet spell is a batch of one, written by the
-//! single-send statement at once; under load a batch starts no sooner than
-//! `database.write_interval_ms` after the previous one started and takes everything that arrived
-//! meanwhile, so batches grow with the load and commits (WAL flushes) per message fall.
+//! `postgres::WRITER_SETTINGS`). A send that finds the writer free is a batch of one, written by
+//! the single-send statement at once; under load (the previous batch took more than one send, see
+//! `group::Pacer`) a batch starts no sooner than `database.write_interval_ms` after the previous
+//! one started and takes everything that arrived meanwhile, so batches grow with the load and
+//! commits (WAL flushes) per message fall.
 //!
 //! A batch statement does what the single-send one does for every send of the batch:
 //! - a `clientMsgId` already stored answers with the original (`duplicate`); the same key twice in
@@ -157,7 +158,7 @@ impl Sends {
 /// is gone.
 async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
     let turns = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut last_start: Option<tokio::time::Instant> = None;
+    let mut pacer = group::Pacer::default();
     loop {
         let turn = turns
             .clone()
@@ -168,16 +169,9 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
         if queued.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        last_start = Some(
-            group::pace(
-                last_start,
-                writes.write_interval(),
-                &mut queued,
-                &mut batch,
-                BATCH,
-            )
-            .await,
-        );
+        pacer.wait(writes.write_interval()).await;
+        group::top_up(&mut queued, &mut batch, BATCH);
+        pacer.started(batch.len());
         let writes = writes.clone();
         tokio::spawn(async move {
             write(&writes, batch).await;

@@ -55,7 +55,8 @@
 //! to the connection's thread, `BEGIN` with the read and the writes with the `COMMIT`
 //! (`READ_ORIGINALS`, `WRITE_SENDS`): each call is a hand-over between threads and back.
 //!
-//! A send after a quiet spell is written at once. Under load, a batch starts no sooner than
+//! A send that finds the writer free is written at once. Under load (the previous batch took more
+//! than one request, see `group::Pacer`), a batch starts no sooner than
 //! `database.write_interval_ms` after the previous one started and takes everything that arrived
 //! meanwhile: transactions per second stay bounded and batches grow with the load, so statements
 //! per message fall as traffic rises (Postgres's `commit_delay` with `commit_siblings`, in spirit).
@@ -523,7 +524,7 @@ impl GroupWriter {
     ) {
         let mut batch = Vec::with_capacity(self.batch);
         let mut changed = Vec::new();
-        let mut last_start: Option<tokio::time::Instant> = None;
+        let mut pacer = group::Pacer::default();
         loop {
             let n = tokio::select! {
                 n = queued.recv_many(&mut batch, self.batch) => n,
@@ -544,18 +545,11 @@ impl GroupWriter {
             if n == 0 {
                 return;
             }
-            // Paced under load (see `group::pace`), sends and changes alike.
-            last_start = Some(
-                group::pace(
-                    last_start,
-                    self.interval,
-                    &mut queued,
-                    &mut batch,
-                    self.batch,
-                )
-                .await,
-            );
+            // Paced under load (see `group::Pacer`), sends and changes alike.
+            pacer.wait(self.interval).await;
+            group::top_up(&mut queued, &mut batch, self.batch);
             group::top_up(&mut changes, &mut changed, self.batch);
+            pacer.started(batch.len() + changed.len());
             if !batch.is_empty() {
                 self.stats.sends_waiting.dec_by(batch.len() as i64);
                 self.commit(&mut batch).await;
