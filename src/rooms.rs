@@ -32,7 +32,7 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use futures::task::AtomicWaker;
 use tokio::sync::{Notify, OnceCell};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::broker::{EventSink, PresenceDiff, Published, RoomEvent};
 use crate::membership::MembershipCache;
@@ -66,6 +66,9 @@ const MAX_AHEAD: i64 = 1_000_000;
 pub struct Closer {
     reason: OnceLock<(u16, &'static str)>,
     token: CancellationToken,
+    /// Set before the token is cancelled: what a hot loop checks after each wake-up instead of
+    /// polling the token's future (which takes its locks).
+    cancelled: AtomicBool,
     /// The peer went away without a close frame: nothing more is written to it.
     gone: AtomicBool,
 }
@@ -75,6 +78,7 @@ impl Closer {
         Self {
             reason: OnceLock::new(),
             token: CancellationToken::new(),
+            cancelled: AtomicBool::new(false),
             gone: AtomicBool::new(false),
         }
     }
@@ -82,7 +86,7 @@ impl Closer {
     /// The connection ended under the socket (reset, or closed without a close frame).
     pub fn peer_gone(&self) {
         self.gone.store(true, Ordering::Relaxed);
-        self.token.cancel();
+        self.cancel();
     }
 
     pub fn is_peer_gone(&self) -> bool {
@@ -91,15 +95,29 @@ impl Closer {
 
     pub fn close(&self, code: u16, reason: &'static str) {
         let _ = self.reason.set((code, reason));
+        self.cancel();
+    }
+
+    /// Ends the socket's tasks (without a reason: after a close frame, or when the socket fails).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
         self.token.cancel();
+    }
+
+    /// Whether [`Closer::cancel`] was called: one atomic read.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     pub fn reason(&self) -> Option<(u16, &'static str)> {
         self.reason.get().copied()
     }
 
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
+    /// Completes once the socket's tasks are to end ([`Closer::cancel`], directly or through a
+    /// close). The token itself stays inside, so nothing cancels it without setting the flag
+    /// that [`Closer::is_cancelled`] reads.
+    pub fn cancelled(&self) -> WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
     }
 }
 
@@ -271,21 +289,23 @@ pub struct OutboxReader {
 impl OutboxReader {
     /// The next frame, waiting for one; `None` once no sender is left and the queue is empty.
     pub async fn next(&self) -> Option<Utf8Bytes> {
-        std::future::poll_fn(|cx| {
-            if let Some(frame) = self.try_next() {
-                return Poll::Ready(Some(frame));
-            }
-            self.queue.writer.register(cx.waker());
-            // Again after registering: a push in between woke no one.
-            if let Some(frame) = self.try_next() {
-                return Poll::Ready(Some(frame));
-            }
-            if self.queue.senders.load(Ordering::Acquire) == 0 {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`OutboxReader::next`] as a poll: `Pending` registers the task to be woken by a push.
+    pub fn poll_next(&self, cx: &mut std::task::Context<'_>) -> Poll<Option<Utf8Bytes>> {
+        if let Some(frame) = self.try_next() {
+            return Poll::Ready(Some(frame));
+        }
+        self.queue.writer.register(cx.waker());
+        // Again after registering: a push in between woke no one.
+        if let Some(frame) = self.try_next() {
+            return Poll::Ready(Some(frame));
+        }
+        if self.queue.senders.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     }
 
     /// A frame already queued, if any. The caller calls [`OutboxReader::taken`] after a batch.
