@@ -503,24 +503,10 @@ mod tests {
 
     fn message(room: &str, seq: i64, content: &str) -> Message {
         Message {
-            id: format!("{room}-{seq}"),
             room_id: room.into(),
             seq,
-            sender_id: "u1".into(),
-            sender_name: None,
-            sender_avatar_url: None,
             content: content.into(),
-            content_type: "TEXT".into(),
-            status: "SENT".into(),
-            moderation_status: "APPROVED".into(),
-            created_at: chrono::Utc::now(),
-            client_msg_id: None,
-            edited_at: None,
-            deleted_at: None,
-            version: None,
-            reply_to_seq: None,
-            reactions: None,
-            reply: None,
+            ..crate::store::changes::tests::message()
         }
     }
 
