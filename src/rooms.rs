@@ -32,7 +32,7 @@ use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use futures::task::AtomicWaker;
 use tokio::sync::{Notify, OnceCell};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::broker::{EventSink, PresenceDiff, Published, RoomEvent};
 use crate::membership::MembershipCache;
@@ -116,8 +116,8 @@ impl Closer {
     /// Completes once the socket's tasks are to end ([`Closer::cancel`], directly or through a
     /// close). The token itself stays inside, so nothing cancels it without setting the flag
     /// that [`Closer::is_cancelled`] reads.
-    pub fn cancelled(&self) -> WaitForCancellationFutureOwned {
-        self.token.clone().cancelled_owned()
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
     }
 }
 

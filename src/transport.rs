@@ -778,85 +778,86 @@ async fn write_loop(
     last_seen: Arc<AtomicU64>,
     epoch: Instant,
 ) {
-    enum Next {
-        Closed,
-        Frame(Option<Utf8Bytes>),
-        Tick,
-    }
-    let closed = closer.cancelled();
-    tokio::pin!(closed);
-    let mut next_ping = TokioInstant::now() + heartbeat;
-    let tick = sleep_until(next_ping);
-    tokio::pin!(tick);
-    let mut registered = false;
-    // When the last ping was sent (ms since `epoch`).
-    let mut last_ping: Option<u64> = None;
-    loop {
-        // The gates are read at every poll: the close first, then the queue, then the heartbeat.
-        let next = std::future::poll_fn(|cx| {
-            if !registered {
-                // Once, with this task's waker: the close and the first tick wake it from now on.
-                registered = true;
-                if closed.as_mut().poll(cx).is_ready() {
+    // A block: the wait for the close borrows `closer`, which the goodbye then takes.
+    {
+        enum Next {
+            Closed,
+            Frame(Option<Utf8Bytes>),
+            Tick,
+        }
+        let closed = closer.cancelled();
+        tokio::pin!(closed);
+        let tick = sleep_until(TokioInstant::now() + heartbeat);
+        tokio::pin!(tick);
+        let mut registered = false;
+        // When the last ping was sent (ms since `epoch`).
+        let mut last_ping: Option<u64> = None;
+        loop {
+            // The gates are read at every poll: the close, then the queue, then the heartbeat.
+            let next = std::future::poll_fn(|cx| {
+                if !registered {
+                    // Once, with this task's waker: the close and the tick wake it from now on.
+                    registered = true;
+                    if closed.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Next::Closed);
+                    }
+                    let _ = tick.as_mut().poll(cx);
+                }
+                if closer.is_cancelled() && closed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Next::Closed);
                 }
-                let _ = tick.as_mut().poll(cx);
-            }
-            if closer.is_cancelled() && closed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Next::Closed);
-            }
-            if let Poll::Ready(frame) = queued.poll_next(cx) {
-                return Poll::Ready(Next::Frame(frame));
-            }
-            if TokioInstant::now() >= next_ping && tick.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Next::Tick);
-            }
-            Poll::Pending
-        })
-        .await;
-        match next {
-            Next::Closed | Next::Frame(None) => break,
-            Next::Frame(Some(frame)) => {
-                // What else is already queued goes out with it (no batch buffer is kept: an
-                // idle socket holds none).
-                let write = async {
-                    sink.feed(Message::Text(frame)).await?;
-                    for _ in 1..WRITE_BATCH {
-                        let Some(frame) = queued.try_next() else {
-                            break;
-                        };
+                if let Poll::Ready(frame) = queued.poll_next(cx) {
+                    return Poll::Ready(Next::Frame(frame));
+                }
+                if TokioInstant::now() >= tick.deadline() && tick.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Next::Tick);
+                }
+                Poll::Pending
+            })
+            .await;
+            match next {
+                Next::Closed | Next::Frame(None) => break,
+                Next::Frame(Some(frame)) => {
+                    // What else is already queued goes out with it (no batch buffer is kept: an
+                    // idle socket holds none).
+                    let write = async {
                         sink.feed(Message::Text(frame)).await?;
+                        for _ in 1..WRITE_BATCH {
+                            let Some(frame) = queued.try_next() else {
+                                break;
+                            };
+                            sink.feed(Message::Text(frame)).await?;
+                        }
+                        queued.taken();
+                        sink.flush().await
+                    };
+                    // The write first: a frame taken from the queue just as the socket is closed
+                    // (the error reply that explains the close) goes out if the socket takes it,
+                    // and is abandoned only while the peer is not reading.
+                    tokio::select! {
+                        biased;
+                        result = write => if result.is_err() { closer.cancel(); break },
+                        _ = &mut closed => break,
                     }
-                    queued.taken();
-                    sink.flush().await
-                };
-                // The write first: a frame taken from the queue just as the socket is closed (the
-                // error reply that explains the close) goes out if the socket takes it, and is
-                // abandoned only while the peer is not reading.
-                tokio::select! {
-                    biased;
-                    result = write => if result.is_err() { closer.cancel(); break },
-                    _ = &mut closed => break,
                 }
-            }
-            Next::Tick => {
-                let now_ms = epoch.elapsed().as_millis() as u64;
-                if let Some(pinged) = last_ping
-                    && last_seen.load(Ordering::Relaxed) < pinged
-                {
-                    closer.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
-                    break;
-                }
-                last_ping = Some(now_ms);
-                // The next tick a whole interval after this one ran, however late it was; the
-                // timer is registered again at the next poll.
-                next_ping = TokioInstant::now() + heartbeat;
-                tick.as_mut().reset(next_ping);
-                registered = false;
-                let ping = sink.send(Message::Ping(Default::default()));
-                tokio::select! {
-                    result = ping => if result.is_err() { closer.cancel(); break },
-                    _ = &mut closed => break,
+                Next::Tick => {
+                    let now_ms = epoch.elapsed().as_millis() as u64;
+                    if let Some(pinged) = last_ping
+                        && last_seen.load(Ordering::Relaxed) < pinged
+                    {
+                        closer.close(close::HEARTBEAT_TIMEOUT, "heartbeat timeout");
+                        break;
+                    }
+                    last_ping = Some(now_ms);
+                    // The next tick a whole interval after this one ran, however late it was; the
+                    // timer is registered again at the next poll.
+                    tick.as_mut().reset(TokioInstant::now() + heartbeat);
+                    registered = false;
+                    let ping = sink.send(Message::Ping(Default::default()));
+                    tokio::select! {
+                        result = ping => if result.is_err() { closer.cancel(); break },
+                        _ = &mut closed => break,
+                    }
                 }
             }
         }

@@ -70,6 +70,20 @@ impl Pacer {
     pub(crate) fn started(&mut self, taken: usize) {
         self.loaded_since = (taken > 1).then(tokio::time::Instant::now);
     }
+
+    /// For a writer of one queue: [`Pacer::wait`], then tops `batch` up (to `max` at most) with
+    /// what arrived meanwhile, and the batch starts.
+    pub(crate) async fn pace<T>(
+        &mut self,
+        interval: std::time::Duration,
+        queued: &mut mpsc::Receiver<T>,
+        batch: &mut Vec<T>,
+        max: usize,
+    ) {
+        self.wait(interval).await;
+        top_up(queued, batch, max);
+        self.started(batch.len());
+    }
 }
 
 /// Adds to `batch` what is waiting in `queued`, to `max` at most, without waiting.

@@ -227,9 +227,9 @@ async fn write_all(writes: Arc<Writes>, mut queued: mpsc::Receiver<Pending>) {
         if queued.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
-        pacer.wait(writes.write_interval()).await;
-        group::top_up(&mut queued, &mut batch, BATCH);
-        pacer.started(batch.len());
+        pacer
+            .pace(writes.write_interval(), &mut queued, &mut batch, BATCH)
+            .await;
         write(&writes, batch).await;
     }
 }
