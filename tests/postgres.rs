@@ -1329,16 +1329,17 @@ async fn concurrent_sends_are_written_in_group_commits_with_every_rule_of_a_sing
     }
     let mut per_room: HashMap<String, Vec<i64>> = HashMap::new();
     let mut by_key: HashMap<String, String> = HashMap::new();
+    let mut answers = vec![before.message.clone()];
     for send in sends {
         let (i, room, key, outcome) = send.await.unwrap();
+        if let Ok(inserted) = &outcome {
+            answers.push(inserted.message.clone());
+        }
         match (i % 10, outcome) {
             (9, Err(StoreError::RoomNotFound)) => {}
             (8, Ok(inserted)) => {
                 assert!(inserted.duplicate);
-                assert_eq!(
-                    inserted.message.id, before.message.id,
-                    "the stored original"
-                );
+                assert_eq!(inserted.message, before.message, "the stored original");
             }
             (_, Ok(inserted)) => {
                 let key = key.unwrap();
@@ -1375,6 +1376,20 @@ async fn concurrent_sends_are_written_in_group_commits_with_every_rule_of_a_sing
     .unwrap();
     assert_eq!(stored, distinct, "no key stored twice");
     assert_eq!(stored as usize, by_key.len() + 1);
+    // Every answer, fresh or repeated, single or batched, is the message as history reads it,
+    // field for field (the time in whole milliseconds, though the send's had microseconds).
+    let mut history = HashMap::new();
+    for room in &rooms {
+        for m in store.history(room, None, 1000).await.unwrap() {
+            history.insert((m.room_id.clone(), m.seq), m);
+        }
+    }
+    for answer in &answers {
+        assert_eq!(
+            Some(answer),
+            history.get(&(answer.room_id.clone(), answer.seq))
+        );
+    }
     // And they were written together: fewer commits than sends.
     let Some(StoreMetrics::Postgres(counted)) = store.metrics() else {
         panic!("the Postgres store counts its batches");

@@ -21,7 +21,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::postgres::PgDatabaseError;
 
 pub use changes::{Change, ChangeRequest, Changed, Refusal, Target};
@@ -135,6 +135,7 @@ pub struct NewMessage {
     pub sender_name: Option<String>,
     pub sender_avatar_url: Option<String>,
     pub content: String,
+    /// Kept in whole milliseconds by both stores (cut, not rounded).
     pub created_at: DateTime<Utc>,
     pub client_msg_id: Option<String>,
     /// The message it replies to (checked by the service: a visible message of the room), and
@@ -149,14 +150,31 @@ pub struct Inserted {
     pub duplicate: bool,
 }
 
-/// A Postgres send's answer row: the message's columns and `duplicate`.
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Inserted {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        use sqlx::Row;
-        Ok(Self {
-            duplicate: row.try_get("duplicate")?,
-            message: sqlx::FromRow::from_row(row)?,
-        })
+impl NewMessage {
+    /// The message as a fresh send stores it: its fields, the defaults of a new message, and the
+    /// sequence number the store gave it. Both stores answer a fresh send with it instead of
+    /// reading back what they just wrote.
+    pub fn stored(&self, seq: i64) -> Message {
+        Message {
+            id: self.id.clone(),
+            room_id: self.room_id.clone(),
+            seq,
+            sender_id: self.sender_id.clone(),
+            sender_name: self.sender_name.clone(),
+            sender_avatar_url: self.sender_avatar_url.clone(),
+            content: self.content.clone(),
+            content_type: "TEXT".into(),
+            status: "SENT".into(),
+            moderation_status: "APPROVED".into(),
+            created_at: self.created_at.trunc_subsecs(3),
+            client_msg_id: self.client_msg_id.clone(),
+            edited_at: None,
+            deleted_at: None,
+            version: None,
+            reply_to_seq: self.reply.as_ref().map(|q| q.seq),
+            reactions: None,
+            reply: self.reply.clone(),
+        }
     }
 }
 

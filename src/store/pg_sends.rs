@@ -33,7 +33,7 @@ use chrono::NaiveDateTime;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::group::{self, Batch, Queued};
-use super::postgres::{Writes, columns, utc};
+use super::postgres::{Answer, Writes, columns, seq_only, utc};
 use super::{Inserted, NewMessage, StoreError};
 
 /// Most sends in one statement.
@@ -52,7 +52,8 @@ macro_rules! fields {
 
 /// A batch of sends in one statement. `$1` ids, `$2` rooms, `$3` senders, `$4` names, `$5`
 /// avatars, `$6` contents, `$7` times (UTC), `$8` clientMsgIds, `$9` replyToSeqs, one element per send, in arrival
-/// order (`ord`). Returns `(ord, duplicate, message)` for every send that was stored or found.
+/// order (`ord`). Returns `(ord, duplicate, …)` for every send that was stored or found: a stored
+/// send's new `seq`, or a repeat's original (`postgres::Answer`).
 macro_rules! batch_sql {
     ($outbox:literal) => {
         concat!(
@@ -91,14 +92,12 @@ message AS (
     SELECT in_id, in_room, in_seq, in_sender, in_name, in_avatar, in_content, 'TEXT', 'SENT',
         'APPROVED', in_at, in_cmid, in_reply
     FROM numbered ORDER BY in_room, in_seq
-    RETURNING "#,
-            columns!(),
-            r#"
+    RETURNING id, "roomId", seq, "createdAt"
 )"#,
             $outbox,
             r#"
 SELECT n.ord, false AS duplicate, "#,
-            fields!(),
+            seq_only!(),
             r#" FROM message m JOIN numbered n ON n.in_id = m.id
 UNION ALL
 SELECT ord, true AS duplicate, "#,
@@ -120,7 +119,7 @@ outbox AS (
 /// One send of a batch: its place in the batch, and what the store answered.
 struct Row {
     ord: i64,
-    inserted: Inserted,
+    answer: Answer,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Row {
@@ -128,7 +127,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Row {
         use sqlx::Row as _;
         Ok(Self {
             ord: row.try_get("ord")?,
-            inserted: sqlx::FromRow::from_row(row)?,
+            answer: sqlx::FromRow::from_row(row)?,
         })
     }
 }
@@ -263,12 +262,14 @@ async fn insert_many(
     writer.finish(&rows);
     drop(writer);
     let rows = rows.map_err(|e| writes.failed(e))?;
-    let mut by_ord: HashMap<i64, Inserted> =
-        rows.into_iter().map(|r| (r.ord, r.inserted)).collect();
+    let mut by_ord: HashMap<i64, Answer> = rows.into_iter().map(|r| (r.ord, r.answer)).collect();
     let mut outcomes: Vec<Result<Inserted, StoreError>> = Vec::with_capacity(msgs.len());
     for plan in plans {
         let outcome = match plan {
-            Plan::Written(ord) => by_ord.remove(&ord).ok_or(StoreError::RoomNotFound),
+            Plan::Written(ord) => by_ord
+                .remove(&ord)
+                .map(|answer| answer.inserted(written[ord as usize - 1]))
+                .ok_or(StoreError::RoomNotFound),
             Plan::SameAs(first) => match &outcomes[first] {
                 Ok(Inserted { message, .. }) => Ok(Inserted {
                     message: message.clone(),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgPoolOptions};
@@ -95,6 +95,51 @@ macro_rules! columns {
 }
 pub(super) use columns;
 
+/// [`columns!`] for a fresh send's answer row: only its `seq` (the gateway has the rest, see
+/// [`NewMessage::stored`]); the others are NULL, in [`columns!`]' order, so that the row can share
+/// a `UNION ALL` with a repeat's, which carries the original.
+macro_rules! seq_only {
+    () => {
+        r#"NULL AS id, NULL AS "roomId", seq, NULL AS "senderId", NULL AS "senderName", NULL AS "senderAvatarUrl", NULL AS content, NULL AS "contentType", NULL AS status, NULL AS "moderationStatus", NULL AS "createdAt", NULL AS "clientMsgId", NULL AS "editedAt", NULL AS "deletedAt", NULL AS version, NULL AS "replyToSeq", NULL AS reactions"#
+    };
+}
+pub(super) use seq_only;
+
+/// A send's answer row: `duplicate`, then either the new message's `seq` ([`seq_only!`]) or, for
+/// a repeat of a stored `clientMsgId`, the original's columns.
+pub(super) enum Answer {
+    Stored(i64),
+    /// Boxed: repeats are rare, and the batch holds an answer per send.
+    Duplicate(Box<Message>),
+}
+
+impl Answer {
+    /// What the send of `msg` is answered with.
+    pub(super) fn inserted(self, msg: &NewMessage) -> Inserted {
+        match self {
+            Answer::Stored(seq) => Inserted {
+                message: msg.stored(seq),
+                duplicate: false,
+            },
+            Answer::Duplicate(message) => Inserted {
+                message: *message,
+                duplicate: true,
+            },
+        }
+    }
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Answer {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(if row.try_get("duplicate")? {
+            Answer::Duplicate(Box::new(sqlx::FromRow::from_row(row)?))
+        } else {
+            Answer::Stored(row.try_get("seq")?)
+        })
+    }
+}
+
 /// A page of history: a keyset read walking [`SEQ_INDEX`] backwards from `$2` (exclusive), no JOIN,
 /// no OFFSET, no sort. `$1` room, `$2` before, `$3` limit. The EXPLAIN test runs this very text.
 pub const HISTORY_SQL: &str = concat!(
@@ -122,7 +167,8 @@ const FIND_BY_CLIENT_MSG_ID_SQL: &str = concat!(
 /// Two concurrent first sends of one clientMsgId both get past `existing` (same snapshot); the
 /// second then fails on the unique key, rolling back its allocation, and
 /// [`PgStore::insert_message`] answers it with the original. With side effects configured, the
-/// outbox row is written by the same statement ([`INSERT_MESSAGE_WITH_OUTBOX_SQL`]).
+/// outbox row is written by the same statement ([`INSERT_MESSAGE_WITH_OUTBOX_SQL`]). Answers with
+/// one [`Answer`] row: the new `seq`, or the original of a repeat.
 macro_rules! insert_message_sql {
     ($outbox:literal) => {
         concat!(
@@ -140,13 +186,13 @@ message AS (
     INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl",
         content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId", "replyToSeq")
     SELECT $1, $2, "lastSeq", $3, $4, $5, $6, 'TEXT', 'SENT', 'APPROVED', $7, $8, $9 FROM room
-    RETURNING "#,
-            columns!(),
-            r#"
+    RETURNING "roomId", seq, id
 )"#,
             $outbox,
             r#"
-SELECT false AS duplicate, * FROM message
+SELECT false AS duplicate, "#,
+            seq_only!(),
+            r#" FROM message
 UNION ALL
 SELECT true AS duplicate, * FROM existing"#
         )
@@ -536,7 +582,7 @@ impl Writes {
             INSERT_MESSAGE_SQL
         };
         let mut writer = self.writer().await?;
-        let stored: Result<Option<Inserted>, sqlx::Error> = sqlx::query_as(sql)
+        let stored: Result<Option<Answer>, sqlx::Error> = sqlx::query_as(sql)
             .bind(&msg.id)
             .bind(&msg.room_id)
             .bind(&msg.sender_id)
@@ -551,7 +597,7 @@ impl Writes {
         writer.finish(&stored);
         drop(writer);
         match stored {
-            Ok(Some(inserted)) => Ok(inserted),
+            Ok(Some(answer)) => Ok(answer.inserted(msg)),
             Ok(None) => Err(StoreError::RoomNotFound),
             Err(sqlx::Error::Database(e)) if e.constraint() == Some(CLIENT_MSG_ID_KEY) => {
                 let client_msg_id = msg.client_msg_id.as_deref().unwrap_or_default();
@@ -660,9 +706,10 @@ fn race(e: &sqlx::Error) -> Option<&'static str> {
     }
 }
 
-/// `TIMESTAMP(3)` columns hold UTC without a zone.
+/// `TIMESTAMP(3)` columns hold UTC without a zone, in whole milliseconds: cut here as SQLite's
+/// text is (Postgres would round), so that a value is stored as the gateway answers it.
 pub(super) fn utc(t: &DateTime<Utc>) -> NaiveDateTime {
-    t.naive_utc()
+    t.trunc_subsecs(3).naive_utc()
 }
 
 /// Postgres text cannot hold U+0000; refusing it here gives the client a clear reason.

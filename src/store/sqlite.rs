@@ -740,7 +740,7 @@ impl GroupWriter {
                 },
                 Plan::New { index } => match seq_of(m, index) {
                     Some(seq) => Ok(Inserted {
-                        message: stored_message(m, seq),
+                        message: m.stored(seq),
                         duplicate: false,
                     }),
                     None => Err(StoreError::RoomNotFound),
@@ -901,30 +901,6 @@ async fn rolled_back_if_failed<T>(
         let _ = sqlx::query("ROLLBACK").execute(conn).await;
     }
     written
-}
-
-/// The message as stored: the send's fields and its sequence number.
-fn stored_message(m: &NewMessage, seq: i64) -> Message {
-    Message {
-        id: m.id.clone(),
-        room_id: m.room_id.clone(),
-        seq,
-        sender_id: m.sender_id.clone(),
-        sender_name: m.sender_name.clone(),
-        sender_avatar_url: m.sender_avatar_url.clone(),
-        content: m.content.clone(),
-        content_type: "TEXT".into(),
-        status: "SENT".into(),
-        moderation_status: "APPROVED".into(),
-        created_at: m.created_at,
-        client_msg_id: m.client_msg_id.clone(),
-        edited_at: None,
-        deleted_at: None,
-        version: None,
-        reply_to_seq: m.reply.as_ref().map(|q| q.seq),
-        reactions: None,
-        reply: m.reply.clone(),
-    }
 }
 
 /// A message by seq or id, in any state, without its quote.
