@@ -1,0 +1,6 @@
+-- bare-batch-of-3.sql with one rule of the batch statement added: the answer rows (ord, duplicate, seq).
+\set room random(1, 100)
+WITH input AS (SELECT * FROM unnest(ARRAY[gen_random_uuid()::text,gen_random_uuid()::text,gen_random_uuid()::text]::text[], ARRAY['r' || ((:room + 0) % 100 + 1),'r' || ((:room + 7) % 100 + 1),'r' || ((:room + 14) % 100 + 1)]::text[], ARRAY[gen_random_uuid()::text,gen_random_uuid()::text,gen_random_uuid()::text]::text[]) WITH ORDINALITY AS t(in_id, in_room, in_cmid, ord)),
+rooms AS (UPDATE "ChatRoom" r SET "lastSeq" = r."lastSeq" + 1, "lastMessageAt" = now()::timestamp, "updatedAt" = now()::timestamp WHERE r.id IN (SELECT in_room FROM input) RETURNING r.id, r."lastSeq"),
+message AS (INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId") SELECT in_id, in_room, rooms."lastSeq", 'u0', 'name', 'https://example.com/avatars/0123456789012345678901234567890123456789.png', 'hello world some content of eighty chars or so, hello world some content', 'TEXT', 'SENT', 'APPROVED', now()::timestamp, in_cmid FROM input JOIN rooms ON rooms.id = input.in_room RETURNING id, seq)
+SELECT i.ord, false AS duplicate, m.seq FROM message m JOIN input i ON i.in_id = m.id;

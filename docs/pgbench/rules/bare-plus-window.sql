@@ -1,0 +1,7 @@
+-- bare-batch-of-3.sql with one rule of the batch statement added: several messages per room numbered in arrival order (counts, numbered).
+\set room random(1, 100)
+WITH input AS (SELECT * FROM unnest(ARRAY[gen_random_uuid()::text,gen_random_uuid()::text,gen_random_uuid()::text]::text[], ARRAY['r' || ((:room + 0) % 100 + 1),'r' || ((:room + 7) % 100 + 1),'r' || ((:room + 14) % 100 + 1)]::text[], ARRAY[gen_random_uuid()::text,gen_random_uuid()::text,gen_random_uuid()::text]::text[]) WITH ORDINALITY AS t(in_id, in_room, in_cmid, ord)),
+counts AS (SELECT in_room AS room, count(*) AS n FROM input GROUP BY in_room),
+rooms AS (UPDATE "ChatRoom" r SET "lastSeq" = r."lastSeq" + c.n, "lastMessageAt" = now()::timestamp, "updatedAt" = now()::timestamp FROM counts c WHERE r.id = c.room RETURNING r.id AS room, r."lastSeq" - c.n AS base),
+numbered AS (SELECT i.*, rooms.base + row_number() OVER (PARTITION BY i.in_room ORDER BY i.ord) AS in_seq FROM input i JOIN rooms ON rooms.room = i.in_room)
+INSERT INTO "ChatMessage" (id, "roomId", seq, "senderId", "senderName", "senderAvatarUrl", content, "contentType", status, "moderationStatus", "createdAt", "clientMsgId") SELECT in_id, in_room, in_seq, 'u0', 'name', 'https://example.com/avatars/0123456789012345678901234567890123456789.png', 'hello world some content of eighty chars or so, hello world some content', 'TEXT', 'SENT', 'APPROVED', now()::timestamp, in_cmid FROM numbered ORDER BY in_room, in_seq;
