@@ -538,9 +538,10 @@ mod tests {
         for seq in 1..=640 {
             known.remember(&message("r1", seq, &content));
         }
+        let key = ("r1".to_string(), 0);
         let weight: u64 = (1..=640)
             .filter_map(|seq| known.get("r1", seq))
-            .map(|m| m.content.len() as u64 + 256)
+            .map(|m| quick_cache::Weighter::weight(&ByContent, &key, &m))
             .sum();
         assert!(weight <= KNOWN_BYTES, "{weight} bytes remembered");
         assert!(known.get("r1", 640).is_some());
